@@ -1,0 +1,143 @@
+"""The core's own plugin: core config keys, family-neutral defaults, and the JSONL training log.
+
+Registered first and its defaults ``trylast``, so any installed plugin overrides them. It uses
+the same ``@hookimpl`` as third-party plugins and keeps heavy imports inside the hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tuner.core import hookimpl
+from tuner.core.config import NO_QUANTIZATION
+from tuner.core.types import ConfigKey
+
+CORE_KEYS = (
+    # what and where
+    ConfigKey("model_type", "str", "lora", "Only LoRA training is supported.", choices=("lora",)),
+    ConfigKey("model_family", "str", None, "Model family; the same as --plugin."),
+    ConfigKey("model_flavour", "str", None, "Family flavour (e.g. chroma: base, hd, flash)."),
+    ConfigKey("pretrained_model_name_or_path", "str", None,
+              "Hub id or local diffusers folder; overrides the flavour."),
+    ConfigKey("revision", "str", None, "Hub revision (branch, tag or commit) of the model."),
+    ConfigKey("output_dir", "path", "output", "Where the LoRA, checkpoints, samples and logs go."),
+    ConfigKey("data_dir", "path", None, "Folder of images with same-stem .txt captions.",
+              aliases=("instance_data_dir",)),
+    ConfigKey("cache_dir", "path", None, "Latent and text caches (default: $XDG_CACHE_HOME/tuner)."),
+    ConfigKey("resolution", "int", 512, "Square training size in pixels.", minimum=16, multiple_of=16),
+    # LoRA
+    ConfigKey("network_rank", "int", 16, "LoRA rank.", aliases=("lora_rank",), minimum=1),
+    ConfigKey("lora_alpha", "float", None, "LoRA alpha (default: the rank, i.e. scale 1).", minimum=0),
+    ConfigKey("lora_dropout", "float", 0.0, "Dropout on the LoRA input.", minimum=0),
+    ConfigKey("base_model_precision", "str", NO_QUANTIZATION,
+              "Quantize the frozen denoiser: no_change or a precision a plugin offers (int8-quanto, nf4-bnb)."),
+    # loop
+    ConfigKey("train_batch_size", "int", 1, "Images per step per process.", minimum=1),
+    ConfigKey("gradient_accumulation_steps", "int", 1, "Micro-batches per optimizer step.", minimum=1),
+    ConfigKey("max_train_steps", "int", 1000, "Optimizer steps.", minimum=1),
+    ConfigKey("seed", "int", 42, "Seed for data order, noise, sigmas and LoRA init."),
+    ConfigKey("learning_rate", "float", 1e-4, "AdamW learning rate.", minimum=0),
+    ConfigKey("lr_scheduler", "str", "constant", "Learning-rate schedule.", choices=("constant", "cosine")),
+    ConfigKey("lr_warmup_steps", "int", 0, "Linear warm-up steps.", minimum=0),
+    ConfigKey("max_grad_norm", "float", 1.0, "Gradient clipping norm (0 disables).", minimum=0),
+    ConfigKey("adam_beta1", "float", 0.9, "AdamW beta1."),
+    ConfigKey("adam_beta2", "float", 0.999, "AdamW beta2."),
+    ConfigKey("adam_weight_decay", "float", 1e-2, "AdamW weight decay.", minimum=0),
+    ConfigKey("adam_epsilon", "float", 1e-8, "AdamW epsilon.", minimum=0),
+    ConfigKey("mixed_precision", "str", "bf16", "accelerate precision.", choices=("no", "fp16", "bf16")),
+    ConfigKey("gradient_checkpointing", "bool", True, "Recompute block activations in backward."),
+    ConfigKey("offload_during_startup", "bool", False,
+              "Keep the denoiser on the CPU until caching (and quantization) is done."),
+    ConfigKey("dataloader_num_workers", "int", 0, "Worker processes reading cached items.", minimum=0),
+    # flow matching
+    ConfigKey("flow_sigmoid_scale", "float", 1.0, "Scale of the logit-normal sigma density.", minimum=0),
+    ConfigKey("flow_schedule_shift", "float", None, "Static sigma shift s (s > 1: more noise).", minimum=0),
+    ConfigKey("flow_schedule_auto_shift", "bool", False, "Resolution-dependent sigma shift."),
+    # validation
+    ConfigKey("validation_prompt", "str", None, "One validation prompt."),
+    ConfigKey("validation_prompts", "str_list", None, "Several validation prompts."),
+    ConfigKey("validation_negative_prompt", "str", None, "Negative prompt for real CFG."),
+    ConfigKey("validation_steps", "int", 0, "Validate every N steps (0: only at the end).", minimum=0),
+    ConfigKey("validation_num_inference_steps", "int", 20, "Sampler steps per image.", minimum=1),
+    ConfigKey("validation_seed", "int", None, "Seed of the first validation image (default: seed)."),
+    ConfigKey("validation_resolution", "int", None, "Validation size (default: resolution).",
+              minimum=16, multiple_of=16),
+    ConfigKey("validation_init_image", "path", None, "Image for img2img validation (families that support it)."),
+    # saving
+    ConfigKey("checkpointing_steps", "int", 0, "Save the LoRA every N steps (0: only at the end).", minimum=0),
+)
+
+
+@hookimpl
+def register_config_keys(register):
+    for key in CORE_KEYS:
+        register(key)
+
+
+@hookimpl
+def check_config(config, warn):
+    config.set_default("lora_alpha", float(config.network_rank))
+    if config.flow_schedule_shift is not None and config.flow_schedule_auto_shift:
+        raise config.error("flow_schedule_shift", "set either flow_schedule_shift or flow_schedule_auto_shift, not both")
+    if config.validation_prompt and config.validation_prompts:
+        warn("both validation_prompt and validation_prompts are set; validating with all of them")
+
+
+def validation_prompts(config) -> list[str]:
+    prompts = [config.validation_prompt] if config.validation_prompt else []
+    return prompts + list(config.validation_prompts or [])
+
+
+@hookimpl(trylast=True)
+def encode_images(vae, pixels, config):
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+@hookimpl(trylast=True)
+def sample_sigmas(config, batch_size, latent_shape, generator):
+    from tuner.core import flow
+
+    sigmas = flow.logit_normal(batch_size, generator, config.flow_sigmoid_scale)
+    if config.flow_schedule_auto_shift:
+        # packed 2x2 sequence length of the latent
+        seq_len = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+        sigmas = flow.shift_sigmas(sigmas, flow.resolution_shift(seq_len))
+    elif config.flow_schedule_shift is not None:
+        sigmas = flow.shift_sigmas(sigmas, config.flow_schedule_shift)
+    return flow.clamp_open_unit(sigmas)
+
+
+@hookimpl(trylast=True)
+def export_lora(export, config):
+    from tuner.core.lora import diffusers_layout
+
+    return {"pytorch_lora_weights.safetensors": diffusers_layout(export)}
+
+
+class JsonlLog:
+    """Appends one JSON object per optimizer step to ``output_dir/train_log.jsonl``."""
+
+    def __init__(self) -> None:
+        self.file: Any = None
+        self.started = 0.0
+
+    @hookimpl
+    def training_event(self, event):
+        if event.name == "run_start":
+            path = Path(event.config.output_dir) / "train_log.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = path.open("w", encoding="utf-8")
+            self.started = time.monotonic()
+        elif event.name == "step_end" and self.file is not None:
+            record = {"step": event.step, **event.data, "elapsed_s": round(time.monotonic() - self.started, 3)}
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        elif event.name == "run_end" and self.file is not None:
+            self.file.close()
+            self.file = None
+

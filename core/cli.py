@@ -1,0 +1,158 @@
+"""The ``tuner`` command line. Importing it must not import torch: heavy work happens inside commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from tuner.core.errors import ConfigError, PluginError, TunerError
+
+app = typer.Typer(
+    name="tuner",
+    help="LoRA training for flow-matching diffusion transformers (Chroma 1, Flux.1), extended by plugins.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+PLUGIN_OPTION = typer.Option(None, "--plugin", "-p", help="Model family (see `tuner plugins`).")
+SET_OPTION = typer.Option(None, "--set", help="Override a config key: --set key=value (repeatable).")
+
+
+def _host(family: str | None):
+    from tuner.core.plugins import PluginHost
+
+    return PluginHost(family)
+
+
+def _load_config(plugin: str | None, config_path: Path | None, overrides: list[str] | None, require_family=True):
+    """Read the file and overrides, pick the family, and validate: returns (host, config)."""
+    from tuner.core.config import build_config, parse_overrides, read_config_file
+
+    raw: dict[str, Any] = read_config_file(config_path) if config_path else {}
+    raw.update(parse_overrides(overrides or []))
+    family = plugin or raw.get("model_family")
+    if family is None:
+        from tuner.core.plugins import PluginHost
+
+        known = ", ".join(sorted(PluginHost().families)) or "none installed"
+        raise PluginError(f"choose a model family with --plugin NAME or model_family in the config ({known})")
+    host = _host(str(family))
+    config = build_config(host, raw, str(config_path) if config_path else "--set")
+    return host, config
+
+
+@app.command()
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help="Config file (.yaml, .json or .jsonc)."),
+    plugin: Optional[str] = PLUGIN_OPTION,
+    set_: Optional[list[str]] = SET_OPTION,
+) -> None:
+    """Train a LoRA: cache latents and captions, train, validate, save."""
+    host, cfg = _load_config(plugin, config, set_)
+    from tuner.core.train import run as train
+
+    result = train(host, cfg)
+    typer.echo(f"saved {result.lora_files[-1]} after {result.steps} steps (final loss {result.losses[-1]:.4f})")
+    if result.validation_dirs:
+        typer.echo(f"validation images: {result.validation_dirs[-1]}")
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="One JSON object per plugin.")) -> None:
+    """List installed plugins with their distribution, version, families, precisions and hooks."""
+    host = _host(None)
+    rows = []
+    for record in host.records:
+        rows.append(
+            {
+                "name": record.name,
+                "distribution": record.distribution,
+                "version": record.version,
+                "families": sorted(f.name for f in host.families.values() if f.plugin == record.name),
+                "precisions": sorted(p.name for p in host.precisions.values() if p.plugin == record.name),
+                "hooks": host.hooks_of(record.name),
+                "error": record.error,
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    for row in rows:
+        provides = ", ".join([f"family {f}" for f in row["families"]] + [f"precision {p}" for p in row["precisions"]])
+        typer.echo(f"{row['name']:<12} {row['distribution']} {row['version']}" + (f"  [{provides}]" if provides else ""))
+        if row["error"]:
+            typer.echo(f"    failed to import: {row['error']}")
+        else:
+            typer.echo(f"    hooks: {', '.join(row['hooks'])}")
+
+
+@app.command()
+def keys(plugin: str = typer.Option(..., "--plugin", "-p", help="Model family.")) -> None:
+    """List the config keys a family accepts, with defaults, aliases and the plugin that owns each."""
+    host = _host(plugin)
+    for key in sorted(host.config_keys().values(), key=lambda k: k.name):
+        aliases = f" (alias: {', '.join(key.aliases)})" if key.aliases else ""
+        choices = f" [{'|'.join(key.choices)}]" if key.choices else ""
+        typer.echo(f"{key.name}{aliases}: {key.kind}{choices} = {key.default!r}  <{key.owner}>\n    {key.help}")
+
+
+@app.command()
+def sigmas(
+    plugin: Optional[str] = PLUGIN_OPTION,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file whose sampling to show."),
+    samples: int = typer.Option(100_000, "--samples", "-n", min=1, help="How many sigmas to draw."),
+    bins: int = typer.Option(20, "--bins", min=1, max=1000, help="Histogram bins over [0, 1]."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"edges": [...], "counts": [...]}.'),
+    set_: Optional[list[str]] = SET_OPTION,
+) -> None:
+    """Show the distribution of training noise levels (sigma) a config trains with."""
+    host, cfg = _load_config(plugin, config, set_)
+    import torch
+
+    from tuner.core import flow
+
+    latent = cfg.resolution // 8
+    drawn = host.provide(
+        "sample_sigmas",
+        config=cfg,
+        batch_size=samples,
+        latent_shape=(samples, 16, latent, latent),
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    edges, counts = flow.histogram(drawn, bins)
+    if as_json:
+        typer.echo(json.dumps({"edges": edges, "counts": counts}))
+        return
+    typer.echo(f"sigma distribution of {cfg.model_family} ({samples} samples, seed {cfg.seed})")
+    peak = max(counts) or 1
+    for lo, hi, count in zip(edges, edges[1:], counts):
+        typer.echo(f"{lo:4.2f}-{hi:4.2f} {'#' * round(40 * count / peak):<40} {100 * count / samples:5.1f}%")
+
+
+def _register_plugin_commands() -> None:
+    try:
+        host = _host(None)
+    except TunerError:
+        return  # `tuner plugins` reports the problem
+    host.hook.register_commands(app=app)
+
+
+def main() -> None:
+    _register_plugin_commands()
+    try:
+        app()
+    except (TunerError, ConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,262 @@
+"""Run configuration: YAML, JSON or JSON with comments, checked against the keys plugins offer.
+
+Every error is one line naming the file and key (and the closest valid key for a typo).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from tuner.core.errors import ConfigError, warn_user
+from tuner.core.types import ConfigKey
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tuner.core.plugins import PluginHost
+
+NO_QUANTIZATION = "no_change"
+
+
+class Config:
+    """Validated settings of one run. Read values as attributes: ``config.learning_rate``."""
+
+    def __init__(self, values: dict[str, Any], keys: dict[str, ConfigKey], explicit: set[str], source: str):
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "_keys", keys)
+        object.__setattr__(self, "_explicit", explicit)
+        object.__setattr__(self, "source", source)
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        raise AttributeError(f"config has no key {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Config is read-only; use set_default() in check_config")
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._values
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._values.get(name, default)
+
+    def is_set(self, name: str) -> bool:
+        """True when the user set the key (in the file or with --set), not just its default."""
+        return name in self._explicit
+
+    def set_default(self, name: str, value: Any) -> None:
+        """Fill a derived value for a key the user left unset (for check_config hooks)."""
+        if name not in self._explicit:
+            self._values[name] = value
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {message}")
+
+
+# -- reading files ------------------------------------------------------------------------------
+
+
+def _strip_json_comments(text: str) -> str:
+    """Remove // and /* */ comments and trailing commas outside strings (JSONC, as the seed writes)."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    in_string = False
+    while i < n:
+        c = text[i]
+        if in_string:
+            out.append(c)
+            if c == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 2
+                continue
+            if c == '"':
+                in_string = False
+            i += 1
+        elif c == '"':
+            in_string = True
+            out.append(c)
+            i += 1
+        elif text.startswith("//", i):
+            while i < n and text[i] != "\n":
+                i += 1
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            # keep line numbers right for error messages
+            chunk = text[i : (n if end < 0 else end + 2)]
+            out.append("\n" * chunk.count("\n"))
+            i = n if end < 0 else end + 2
+        else:
+            out.append(c)
+            i += 1
+    return re.sub(r",(\s*[}\]])", r"\1", "".join(out))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a .yaml/.yml, .json or .jsonc file into a dict; one-line errors with line numbers."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonc"):
+        try:
+            data = json.loads(_strip_json_comments(text))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    else:
+        raise ConfigError(f"config file {path}: unknown extension {suffix!r}; use .yaml, .yml, .json or .jsonc")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs; values are read as YAML scalars (``true``, ``1e-4``, ``[a, b]``)."""
+    import yaml
+
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        try:
+            result[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            result[key] = raw
+    return result
+
+
+# -- checking -----------------------------------------------------------------------------------
+
+
+def _check_value(key: ConfigKey, value: Any, where: str) -> Any:
+    """Return the value coerced to the key's kind, or raise a one-line ConfigError."""
+    name = key.name
+    if value is None:
+        if key.nullable or key.default is None:
+            return None
+        raise ConfigError(f"{where}: {name}: must not be null (default {key.default!r})")
+    kind = key.kind
+    want = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+            "path": "a path", "str_list": "a list of strings", "str_or_list": "a string or a list of strings"}[kind]
+    bad = ConfigError(f"{where}: {name}: expected {want}, got {value!r}")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise bad
+        value = int(value)
+    elif kind == "float":
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        value = float(value)
+    elif kind in ("str", "path"):
+        if not isinstance(value, str):
+            raise bad
+    elif kind == "str_list":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad
+    elif kind == "str_or_list":
+        if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise bad
+    if key.choices is not None and isinstance(value, str) and value not in key.choices:
+        close = difflib.get_close_matches(value, key.choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}: {name}: {value!r} is not one of {', '.join(key.choices)}{hint}")
+    if key.minimum is not None and isinstance(value, (int, float)) and value < key.minimum:
+        raise ConfigError(f"{where}: {name}: must be at least {key.minimum:g}, got {value!r}")
+    if key.multiple_of and isinstance(value, int) and value % key.multiple_of:
+        raise ConfigError(f"{where}: {name}: must be a multiple of {key.multiple_of}, got {value}")
+    return value
+
+
+def validate(raw: Mapping[str, Any], keys: dict[str, ConfigKey], source: str) -> Config:
+    """Resolve aliases, refuse unknown keys, check kinds and fill defaults."""
+    alias_of = {alias: k.name for k in keys.values() for alias in k.aliases}
+    values: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for given, value in raw.items():
+        name = alias_of.get(given, given)
+        if name not in keys:
+            close = difflib.get_close_matches(given, list(keys) + list(alias_of), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else "; `tuner keys --plugin NAME` lists them"
+            raise ConfigError(f"{source}: unknown key {given!r}{hint}")
+        if name in given_as:
+            raise ConfigError(f"{source}: {given_as[name]!r} and {given!r} are the same key ({name}); keep one")
+        values[name] = _check_value(keys[name], value, source)
+        given_as[name] = given
+    for name, key in keys.items():
+        if name not in values:
+            values[name] = list(key.default) if isinstance(key.default, (list, tuple)) else key.default
+    return Config(values, keys, set(given_as), source)
+
+
+def build_config(
+    host: PluginHost,
+    raw: Mapping[str, Any],
+    source: str,
+    warn: Any = None,
+) -> Config:
+    """Validate ``raw`` for the host's family: keys, flavour, precision, then every check_config hook."""
+    warn = warn or warn_user
+    family = host.family
+    config = validate(raw, host.config_keys(), source)
+    if family is not None:
+        if config.model_family not in (None, family.name):
+            raise config.error(
+                "model_family", f"{config.model_family!r} contradicts --plugin {family.name}; drop one of them"
+            )
+        config._values["model_family"] = family.name
+        flavour = config.model_flavour or family.default_flavour
+        if flavour not in family.flavours:
+            raise config.error(
+                "model_flavour",
+                f"unknown flavour {flavour!r} for {family.name}; choose one of {', '.join(family.flavours)}",
+            )
+        config._values["model_flavour"] = flavour
+    precision = config.base_model_precision
+    if precision != NO_QUANTIZATION and precision not in host.precisions:
+        known = ", ".join([NO_QUANTIZATION, *sorted(host.precisions)])
+        raise config.error("base_model_precision", f"unknown precision {precision!r}; choose one of {known}")
+    host.hook.check_config(config=config, warn=warn)
+    return config
+
+
+def model_source(config: Config, family_flavours: Mapping[str, str]) -> str:
+    """The hub id or local folder to load: ``pretrained_model_name_or_path`` beats the flavour."""
+    return config.pretrained_model_name_or_path or family_flavours[config.model_flavour]

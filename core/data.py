@@ -1,0 +1,70 @@
+"""The dataset: a folder of images with same-stem ``.txt`` captions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tuner.core.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Item:
+    image: Path
+    caption: str
+
+
+def scan_dataset(data_dir: str | Path, warn: Callable[[str], None]) -> list[Item]:
+    """List the images under ``data_dir`` (recursively) with their captions, sorted by path.
+
+    A missing caption trains with an empty caption (one warning with the count); an unreadable
+    caption file is read with replacement characters. An empty folder is an error.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data_dir {root} is not a folder")
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise DataError(f"data_dir {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    items, uncaptioned = [], []
+    for image in images:
+        caption_file = image.with_suffix(".txt")
+        if caption_file.is_file():
+            raw = caption_file.read_bytes()
+            try:
+                caption = raw.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                warn(f"caption {caption_file} is not UTF-8; undecodable bytes were replaced")
+                caption = raw.decode("utf-8", errors="replace")
+            caption = " ".join(caption.split())
+        else:
+            uncaptioned.append(image.name)
+            caption = ""
+        items.append(Item(image, caption))
+    if uncaptioned:
+        shown = ", ".join(uncaptioned[:3]) + (" ..." if len(uncaptioned) > 3 else "")
+        warn(f"{len(uncaptioned)} image(s) in {root} have no .txt caption and train with an empty caption: {shown}")
+    return items
+
+
+def load_image(path: Path, resolution: int):
+    """Read an image as a ``[3, R, R]`` float tensor in [-1, 1]: shorter side resized to R, center-cropped.
+
+    Raises ``OSError``/``ValueError`` for an unreadable file (the caller skips it).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        scale = resolution / min(img.size)
+        size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BICUBIC)
+        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -1,0 +1,26 @@
+"""Errors that reach the user as one line (the CLI prints ``error: <message>`` and exits 2)."""
+
+from __future__ import annotations
+
+
+class TunerError(Exception):
+    """Base class of every error meant for the user; its message is one self-contained line."""
+
+
+class ConfigError(TunerError):
+    """A config file, key or value is wrong. The message names the file and key."""
+
+
+class PluginError(TunerError):
+    """A plugin is missing, broken or conflicts with another. The message names its distribution."""
+
+
+class DataError(TunerError):
+    """The dataset or a cache is unusable. The message names the folder or file."""
+
+
+def warn_user(message: str) -> None:
+    """Print a one-line warning for the user on stderr."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)

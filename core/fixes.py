@@ -1,0 +1,40 @@
+"""Workarounds for bugs in the libraries tuner builds on, each in one place with the test that shows it.
+
+* diffusers 0.42 ``ChromaTransformer2DModel``: with ``enable_gradient_checkpointing()`` the
+  single-stream blocks are called without ``attention_mask``, so padding is attended under
+  checkpointing (tests/test_masking.py::test_diffusers_checkpointing_drops_the_mask shows it).
+  :func:`checkpoint_blocks` checkpoints each transformer block by wrapping its ``forward``
+  instead, which passes every argument through; the model's own flag stays off.
+* diffusers ``ChromaPipeline`` turns the prompt mask into a float 0/1 tensor, which attention adds
+  as a bias instead of masking (tests/test_masking.py::test_pipeline_float_mask_does_not_mask).
+  Families hand the pipeline precomputed embeddings with boolean masks instead
+  (:func:`tuner.plugins.fluxlike.pipeline_text_inputs`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> int:
+    """Recompute each repeated block's activations in backward; returns how many blocks were wrapped.
+
+    Blocks are the classes the diffusers model lists in ``_repeated_blocks`` (or ``_no_split_modules``).
+    """
+    block_classes = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or [])
+    wrapped = 0
+    for module in model.modules():
+        if type(module).__name__ in block_classes and not getattr(module, "_tuner_checkpointed", False):
+            module.forward = functools.partial(_checkpointed_forward, module.forward)
+            module._tuner_checkpointed = True
+            wrapped += 1
+    return wrapped
+
+
+def _checkpointed_forward(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)

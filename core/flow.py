@@ -1,0 +1,56 @@
+"""Flow-matching arithmetic shared by every family: noise levels, noisy inputs, targets, loss.
+
+    noisy = (1 - sigma) * x0 + sigma * noise,  target = noise - x0,  loss = mean MSE (fp32)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def logit_normal(batch_size: int, generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """sigma = sigmoid(N(0, 1) * scale): the Flux/SD3 default density on (0, 1)."""
+    return torch.sigmoid(torch.randn(batch_size, generator=generator) * scale)
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Time shift s*sigma / (1 + (s-1)*sigma); shift > 1 moves mass towards noise."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def resolution_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """exp(mu) with mu linear in the packed image sequence length (diffusers' ``calculate_shift``)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    mu = image_seq_len * slope + (base_shift - slope * base_seq_len)
+    return math.exp(mu)
+
+
+def clamp_open_unit(sigmas: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Keep sigma strictly inside (0, 1) so neither the clean nor the pure-noise end is degenerate."""
+    return sigmas.clamp(eps, 1 - eps)
+
+
+def noisy_and_target(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
+    return (1 - s) * latents + s * noise, noise - latents
+
+
+def flow_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE in fp32, mean per sample then over the batch."""
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    return per_sample.mean()
+
+
+def histogram(samples: torch.Tensor, bins: int = 20) -> tuple[list[float], list[int]]:
+    """Counts of samples in ``bins`` equal bins over [0, 1]: (edges, counts)."""
+    counts = torch.histc(samples.float(), bins=bins, min=0.0, max=1.0)
+    edges = torch.linspace(0, 1, bins + 1)
+    return [round(float(e), 6) for e in edges], [int(c) for c in counts]

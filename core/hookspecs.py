@@ -1,0 +1,245 @@
+"""The contract between tuner's core and its plugins: every hook, in the order a run meets them.
+
+Three shapes of hook (see ``docs/plugin-hooks.md`` for when each fires during a run):
+
+* **register** hooks are called on every installed plugin; the plugin calls ``register(...)`` once
+  per thing it offers, so the host knows which plugin offered what.
+* **provide** hooks are ``firstresult``: the first non-``None`` answer wins and the rest are not
+  called. Only the selected model family and non-family plugins (quantizers, trackers,
+  extensions) take part in a run, so a family answers its own provide hooks; the core answers a
+  few of them with defaults registered ``trylast``, which any plugin overrides.
+* **contribute** hooks collect the answers of every plugin in the run.
+
+A plugin may wrap any hook with ``@hookimpl(wrapper=True)`` to modify another plugin's answer
+(for example trimming the LoRA targets of a family).
+
+Implementations must not give their parameters default values (pluggy never overrides them) and
+may accept any subset of a hook's parameters. This module imports neither torch nor diffusers:
+annotation types are imported only for type checkers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from tuner.core import hookspec
+
+if TYPE_CHECKING:  # pragma: no cover - import-cheap module
+    import torch
+    import typer
+
+    from tuner.core.config import Config
+    from tuner.core.types import (
+        ConfigKey,
+        FamilyInfo,
+        LoraExport,
+        PrecisionInfo,
+        TrainEvent,
+        ValidationRequest,
+    )
+
+# --------------------------------------------------------------------------------------------
+# Registration: called on every installed plugin, when the host is built.
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def register_families(register: Callable[[FamilyInfo], None]) -> None:
+    """Offer model families.
+
+    Called once when a plugin host is built, on every installed plugin. Call
+    ``register(FamilyInfo(...))`` for the family this plugin implements (at most one family per
+    plugin: the family's provide hooks are this plugin's hooks). A plugin that registers no
+    family (a quantizer, a tracker, an extension) takes part in every run.
+
+    Two plugins registering the same family name is an error naming both distributions.
+    """
+
+
+@hookspec
+def register_config_keys(register: Callable[[ConfigKey], None]) -> None:
+    """Offer config keys.
+
+    Called when a run's config is validated, on the core and on every plugin of that run (so a
+    family's keys exist only when that family is selected). Call ``register(ConfigKey(...))`` once
+    per key; a key's ``aliases`` are accepted in files and on ``--set`` and renamed to the key.
+    A key offered twice is an error naming both plugins.
+    """
+
+
+@hookspec
+def register_precisions(register: Callable[[PrecisionInfo], None]) -> None:
+    """Offer base-model precisions for ``base_model_precision`` (quantization backends).
+
+    Called on every installed plugin when the host is built. Call ``register(PrecisionInfo(...))``
+    for each precision name this plugin can apply through :func:`quantize_model`.
+    """
+
+
+@hookspec
+def register_commands(app: typer.Typer) -> None:
+    """Add sub-commands to the ``tuner`` command line.
+
+    Called on every installed plugin when the CLI starts, with the root ``typer.Typer`` app. Keep
+    the command's heavy imports inside the command function: this runs on every ``tuner`` call.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def check_config(config: Config, warn: Callable[[str], None]) -> None:
+    """Validate relations between keys after every key has its type checked.
+
+    Called once per run on every plugin of the run, after types, choices and aliases are
+    resolved. Raise :class:`tuner.core.errors.ConfigError` with a one-line message naming the key
+    for a setting that cannot work, or call ``warn(message)`` for one that is ignored. May set
+    derived values with ``config.set_default(key, value)``.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Model loading
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def load_model(config: Config, component: str, dtype: torch.dtype) -> Any:
+    """Load one component of the selected family's model.
+
+    Called lazily, only when the component is needed: ``"transformer"`` (the denoiser that gets
+    the LoRA; load it with weights in ``dtype``), ``"vae"`` (needed to cache latents and to decode
+    validation images), ``"text_encoders"`` (anything :func:`encode_prompts` accepts; only loaded
+    when a caption or prompt is missing from the cache) and ``"scheduler"`` (the inference
+    scheduler used for validation). Returns the component; stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def quantize_model(model: Any, precision: str, keep_high_precision: list[str], config: Config) -> Any:
+    """Quantize the frozen denoiser in place to ``precision`` (a name from :func:`register_precisions`).
+
+    Called after :func:`load_model` for the transformer, before LoRA layers are added, when
+    ``base_model_precision`` is not ``no_change``. ``keep_high_precision`` lists full module paths
+    (from :func:`high_precision_modules`) that must not be quantized. Returns the model; stops
+    at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def high_precision_modules(transformer: Any, config: Config) -> list[str]:
+    """Full module paths of the denoiser that quantization must leave in high precision.
+
+    Called by the quantization step. The family answers (embedders, output projection, norms);
+    stops at the first non-None result.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Data and caches
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def cache_fingerprint(config: Config, kind: str) -> dict[str, Any]:
+    """Settings that change what a cache of ``kind`` (``"latents"`` or ``"text"``) holds.
+
+    Called on every plugin of the run when caches are opened; all answers are merged into the
+    cache's key, so a cache is reused only when the model and these settings match. Return a
+    JSON-serializable dict, or None.
+    """
+
+
+@hookspec(firstresult=True)
+def encode_prompts(text_encoders: Any, prompts: list[str], config: Config) -> dict[str, torch.Tensor]:
+    """Encode a batch of captions or prompts for caching.
+
+    Called only for texts missing from the text cache. Returns a dict of tensors whose first
+    dimension is ``len(prompts)``; it must include ``"attention_mask"`` (bool, ``[B, tokens]``)
+    for families that mask text attention. Each row is cached and later handed back, batched, to
+    :func:`predict_flow` and :func:`generate_images`. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def encode_images(vae: Any, pixels: torch.Tensor, config: Config) -> torch.Tensor:
+    """Encode images (``[B, 3, H, W]`` in ``[-1, 1]``) to the normalized latents the denoiser trains on.
+
+    Called only for images missing from the latent cache. The core's default uses the VAE's
+    latent mean with its ``shift_factor`` and ``scaling_factor``. Stops at the first non-None
+    result.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def lora_target_modules(config: Config, transformer: Any) -> list[str]:
+    """The peft ``target_modules`` for the denoiser's LoRA (dotted suffixes or full names).
+
+    Called once per run after the transformer is loaded. A wrapper may trim or extend the list.
+    The core refuses a list that matches no module. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def sample_sigmas(
+    config: Config, batch_size: int, latent_shape: tuple[int, ...], generator: torch.Generator
+) -> torch.Tensor:
+    """Draw one noise level sigma in (0, 1) per sample: a float32 tensor of shape ``[batch_size]``.
+
+    Called every training step (and by ``tuner sigmas``). Draw only from ``generator`` so runs
+    are reproducible. The core's default is logit-normal with the static or resolution-dependent
+    shift. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def predict_flow(
+    transformer: Any,
+    noisy_latents: torch.Tensor,
+    sigmas: torch.Tensor,
+    text: dict[str, torch.Tensor],
+    config: Config,
+) -> torch.Tensor:
+    """Run the denoiser and return its velocity prediction in the shape of ``noisy_latents``.
+
+    Called every training step inside autocast. ``text`` holds the batched tensors that
+    :func:`encode_prompts` cached. The family packs latents, builds position ids and attention
+    masks here. The core computes ``loss = mse(prediction, noise - latents)``. Stops at the first
+    non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def generate_images(request: ValidationRequest) -> list[Any]:
+    """Render validation images (PIL) with the training transformer, one per prompt and seed.
+
+    Called every ``validation_steps`` and at the end of a run, under ``torch.no_grad`` with the
+    transformer in eval mode. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def export_lora(export: LoraExport, config: Config) -> dict[str, dict[str, torch.Tensor]]:
+    """Convert the trained adapter to the files to write: ``{file name: {key: tensor}}``.
+
+    Called at every save. The core's default writes ``pytorch_lora_weights.safetensors`` in
+    diffusers layout with per-module ``.alpha`` tensors (which both diffusers and ComfyUI read).
+    Stops at the first non-None result.
+    """
+
+
+@hookspec
+def training_event(event: TrainEvent) -> None:
+    """Observe the run: called on every plugin at ``run_start``, ``step_end``, ``validation``,
+    ``save`` and ``run_end`` (``event.name``), on the main process only.
+
+    Use it for loggers and trackers. The core's JSONL log is such a plugin.
+    """

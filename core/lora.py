@@ -1,0 +1,98 @@
+"""LoRA adapters on the denoiser: target resolution, peft wiring, and the diffusers/ComfyUI file layout."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Iterable
+
+import torch
+
+from tuner.core.errors import ConfigError
+from tuner.core.types import LoraExport
+
+# safetensors metadata key of tuner's own training record. Deliberately not diffusers'
+# `lora_adapter_metadata`: diffusers refuses a file carrying both that and `.alpha` tensors.
+METADATA_KEY = "tuner_training"
+TRANSFORMER_PREFIX = "transformer."
+
+
+def resolve_targets(
+    model: torch.nn.Module, patterns: Iterable[str], exclude_prefixes: Iterable[str] = ()
+) -> list[str]:
+    """Full names of the Linear modules that peft would match with ``target_modules=patterns``.
+
+    A pattern matches a module whose name equals it or ends with ``.<pattern>`` (peft's rule).
+    Modules under any of ``exclude_prefixes`` are dropped.
+    """
+    patterns = list(patterns)
+    excluded = tuple(p.rstrip(".") + "." for p in exclude_prefixes)
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.startswith(excluded):
+            continue
+        if any(name == p or name.endswith("." + p) for p in patterns):
+            found.append(name)
+    return found
+
+
+def add_lora(transformer: torch.nn.Module, targets: list[str], config: Any) -> None:
+    """Freeze the base and add a peft LoRA adapter on exactly ``targets`` (full module names)."""
+    from peft import LoraConfig
+
+    if not targets:
+        raise ConfigError(f"{config.source}: the LoRA targets match no Linear module of the model")
+    transformer.requires_grad_(False)
+    lora_config = LoraConfig(
+        r=config.network_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        # anchored full names, so a name is never matched as a suffix of another
+        target_modules="^(" + "|".join(re.escape(t) for t in targets) + ")$",
+        init_lora_weights=True,
+    )
+    transformer.add_adapter(lora_config)
+    for param in transformer.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # adapters train in fp32 over a bf16/quantized base
+
+
+def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def export_from(transformer: torch.nn.Module, config: Any, metadata: dict[str, Any]) -> LoraExport:
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(transformer)
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    return LoraExport(
+        state_dict=state,
+        rank=config.network_rank,
+        alphas={m: float(config.lora_alpha) for m in modules},
+        metadata=metadata,
+    )
+
+
+def diffusers_layout(export: LoraExport) -> dict[str, torch.Tensor]:
+    """``transformer.<module>.lora_A/B.weight`` plus a scalar ``transformer.<module>.alpha`` per module.
+
+    diffusers reads the ``.alpha`` tensors as network alphas and ComfyUI scales by alpha/rank from
+    them (it ignores file metadata), so the strength survives a reload in both when alpha != rank.
+    """
+    tensors = {TRANSFORMER_PREFIX + k: v for k, v in export.state_dict.items()}
+    for module, alpha in export.alphas.items():
+        tensors[f"{TRANSFORMER_PREFIX}{module}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return tensors
+
+
+def file_metadata(export: LoraExport) -> dict[str, str]:
+    return {"format": "pt", METADATA_KEY: json.dumps(export.metadata, sort_keys=True)}
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata() or {}
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}

@@ -1,0 +1,201 @@
+"""The plugin host: one pluggy manager per run, built from the ``tuner`` entry-point group.
+
+Bundled plugins are found through the same entry points as third-party ones. Each entry point is
+loaded on its own so one broken package is reported (with its distribution) instead of taking
+the CLI down. A run registers the core's defaults, every plugin that offers no family, and the
+one selected family plugin, so a family's provide hooks answer only for that family.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Iterable
+
+import pluggy
+
+from tuner.core import ENTRY_POINT_GROUP, PROJECT_NAME, hookspecs
+from tuner.core.errors import PluginError
+from tuner.core.types import ConfigKey, FamilyInfo, PrecisionInfo
+
+CORE_PLUGIN_NAME = "core"
+
+
+@dataclass
+class PluginRecord:
+    """An installed plugin as the host found it."""
+
+    name: str
+    distribution: str
+    version: str
+    module: ModuleType | object | None
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"plugin {self.name!r} (distribution {self.distribution} {self.version})"
+
+
+def _load_entry_points() -> list[PluginRecord]:
+    records = []
+    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        dist = getattr(ep, "dist", None)
+        dist_name = dist.name if dist is not None else "?"
+        version = dist.version if dist is not None else "?"
+        try:
+            module = ep.load()
+        except Exception as exc:  # a broken third-party plugin must not take the CLI down
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            if os.environ.get("TUNER_STRICT_PLUGINS") == "1":
+                raise PluginError(
+                    f"plugin {ep.name!r} from distribution {dist_name} {version} failed to import: {error}"
+                ) from exc
+            records.append(PluginRecord(ep.name, dist_name, version, None, error))
+            continue
+        records.append(PluginRecord(ep.name, dist_name, version, module))
+    return records
+
+
+class PluginHost:
+    """A fresh plugin manager and what its plugins registered.
+
+    ``family=None`` builds a catalogue of everything installed (for ``tuner plugins``);
+    naming a family builds the manager for a run of that family.
+    ``extra_plugins`` are ``(name, plugin object)`` pairs registered like installed ones (tests,
+    embedding); ``entry_points=False`` skips installed plugins except the core's defaults.
+    """
+
+    def __init__(
+        self,
+        family: str | None = None,
+        *,
+        extra_plugins: Iterable[tuple[str, object]] = (),
+        entry_points: bool = True,
+    ) -> None:
+        from tuner.core import builtin
+
+        self.pm = pluggy.PluginManager(PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.records: list[PluginRecord] = [
+            PluginRecord(CORE_PLUGIN_NAME, "tuner", _tuner_version(), builtin),
+            PluginRecord("jsonl-log", "tuner", _tuner_version(), builtin.JsonlLog()),
+        ]
+        if entry_points:
+            self.records += _load_entry_points()
+        self.records += [PluginRecord(n, "(registered in process)", "-", p) for n, p in extra_plugins]
+        self.broken = [r for r in self.records if r.error]
+        for record in self.records:
+            if record.module is not None:
+                self._register(record)
+
+        self.families: dict[str, FamilyInfo] = self._collect("register_families", FamilyInfo)
+        self.precisions: dict[str, PrecisionInfo] = self._collect("register_precisions", PrecisionInfo)
+        self.family: FamilyInfo | None = None
+        if family is not None:
+            self.family = self.family_info(family)
+            for name in {f.plugin for f in self.families.values()} - {self.family.plugin}:
+                self.pm.unregister(name=name)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"{self._label(exc.plugin)}: {exc}") from None
+
+    # -- building -----------------------------------------------------------------------------
+
+    def _register(self, record: PluginRecord) -> None:
+        try:
+            self.pm.register(record.module, name=record.name)
+        except ValueError as exc:
+            raise PluginError(f"{record.label} cannot be registered: {exc}") from None
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"{record.label} has an invalid hook: {exc}") from None
+
+    def _record(self, name: str) -> PluginRecord:
+        return next(r for r in self.records if r.name == name)
+
+    def _label(self, plugin: object) -> str:
+        name = self.pm.get_name(plugin) if not isinstance(plugin, str) else plugin
+        try:
+            return self._record(name).label
+        except StopIteration:
+            return f"plugin {name!r}"
+
+    def _collect(self, hook_name: str, cls: type) -> dict[str, Any]:
+        """Call a register hook plugin by plugin so each offered item knows its owner."""
+        found: dict[str, Any] = {}
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            record = self._record(impl.plugin_name)
+            offered: list[Any] = []
+            impl.function(register=offered.append)
+            for item in offered:
+                if not isinstance(item, cls):
+                    raise PluginError(f"{record.label}: {hook_name} registered {item!r}, expected {cls.__name__}")
+                if item.name in found:
+                    other = self._record(found[item.name].plugin)
+                    raise PluginError(
+                        f"{cls.__name__[:-4].lower()} {item.name!r} is registered twice: by {other.label} "
+                        f"and by {record.label}; uninstall one or set TUNER_DISABLE_PLUGINS"
+                    )
+                found[item.name] = _with_owner(item, record)
+        return found
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def family_info(self, name: str) -> FamilyInfo:
+        if name not in self.families:
+            known = ", ".join(sorted(self.families)) or "none"
+            hint = "".join(
+                f"; plugin {r.name!r} ({r.distribution}) failed to import: {r.error}" for r in self.broken
+            )
+            raise PluginError(f"unknown model family {name!r}; installed families: {known}{hint}")
+        return self.families[name]
+
+    def config_keys(self) -> dict[str, ConfigKey]:
+        """Every key the plugins of this run offer, keyed by name (aliases resolved separately)."""
+        keys: dict[str, ConfigKey] = {}
+        for impl in self.pm.hook.register_config_keys.get_hookimpls():
+            offered: list[ConfigKey] = []
+            impl.function(register=offered.append)
+            for key in offered:
+                if key.name in keys:
+                    raise PluginError(
+                        f"config key {key.name!r} is offered by plugin {keys[key.name].owner!r} "
+                        f"and by plugin {impl.plugin_name!r}"
+                    )
+                keys[key.name] = _with_owner(key, self._record(impl.plugin_name))
+        return keys
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def provide(self, hook_name: str, **kwargs: Any) -> Any:
+        """Call a firstresult hook and fail with a clear message when no plugin answers."""
+        result = getattr(self.pm.hook, hook_name)(**kwargs)
+        if result is None:
+            who = self.family.name if self.family else "no family selected"
+            raise PluginError(f"no plugin answered hook {hook_name!r} (model family: {who})")
+        return result
+
+    def hooks_of(self, name: str) -> list[str]:
+        plugin = self.pm.get_plugin(name)
+        if plugin is None:
+            return []
+        return sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
+
+
+def _with_owner(item: Any, record: PluginRecord) -> Any:
+    from dataclasses import replace
+
+    fields = {"plugin": record.name, "distribution": record.distribution}
+    if isinstance(item, ConfigKey):
+        fields = {"owner": record.name}
+    return replace(item, **fields)
+
+
+def _tuner_version() -> str:
+    from tuner.core import __version__
+
+    return __version__

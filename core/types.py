@@ -1,0 +1,109 @@
+"""Plain records passed through hooks. Import-cheap: no torch at module level."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from tuner.core.config import Config
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """A model family a plugin implements.
+
+    ``flavours`` maps a ``model_flavour`` value to the hub id (or local folder) it loads;
+    ``default_flavour`` is used when the config sets none.
+    """
+
+    name: str
+    description: str
+    flavours: dict[str, str]
+    default_flavour: str
+    # tensors every cached text encoding must hold; a cache missing one is refused (rebuild it)
+    required_text_keys: tuple[str, ...] = ()
+    plugin: str = ""  # filled in by the host
+    distribution: str = ""  # filled in by the host
+
+
+@dataclass(frozen=True)
+class PrecisionInfo:
+    """A ``base_model_precision`` value a quantization plugin applies."""
+
+    name: str
+    description: str
+    requires: tuple[str, ...] = ()  # importable module names the backend needs
+    install_hint: str = ""
+    plugin: str = ""
+    distribution: str = ""
+
+
+# Value kinds a ConfigKey can hold.
+KINDS = ("str", "int", "float", "bool", "str_list", "str_or_list", "path")
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One config key: its kind, default, allowed values and help text.
+
+    ``kind`` is one of ``KINDS``. ``choices`` restricts the value (for ``str_or_list`` it
+    restricts the string form only). ``nullable`` allows ``null``. ``minimum`` bounds numbers.
+    ``multiple_of`` constrains ints. ``check`` may reject a value by returning a message.
+    """
+
+    name: str
+    kind: str
+    default: Any = None
+    help: str = ""
+    aliases: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
+    nullable: bool = False
+    minimum: float | None = None
+    multiple_of: int | None = None
+    owner: str = ""  # plugin that offered the key; filled in by the host
+
+
+@dataclass
+class ValidationRequest:
+    """Everything :func:`generate_images` needs to render one validation round."""
+
+    transformer: Any
+    vae: Any
+    scheduler: Any
+    prompts: list[str]
+    text: list[dict[str, torch.Tensor]]  # one cached encoding per prompt, batch dim 1
+    negative_text: dict[str, torch.Tensor] | None  # batch dim 1
+    seeds: list[int]
+    width: int
+    height: int
+    num_inference_steps: int
+    config: Config
+    device: Any = None
+
+
+@dataclass
+class LoraExport:
+    """The trained adapter as handed to :func:`export_lora`.
+
+    ``state_dict`` holds peft names without prefix (``transformer_blocks.0.attn.to_q.lora_A.weight``),
+    ``alphas`` the lora_alpha per adapted module path, ``metadata`` tuner's training record.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    rank: int
+    alphas: dict[str, float]
+    metadata: dict[str, Any]
+
+
+@dataclass
+class TrainEvent:
+    """What :func:`training_event` observers see. ``data`` depends on ``name``."""
+
+    name: str  # run_start | step_end | validation | save | run_end
+    step: int
+    config: Config
+    data: dict[str, Any] = field(default_factory=dict)
+    log: Callable[[str], None] = print

@@ -1,0 +1,1 @@
+"""NF4 base quantization through bitsandbytes (skeleton: the precision is registered)."""

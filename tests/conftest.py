@@ -1,0 +1,93 @@
+"""Shared fixtures: a tiny random Chroma written in diffusers layout, a small dataset, run helpers.
+
+Everything runs on the CPU in fp32, offline. diffusers is imported once per session.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _examples_module():
+    spec = importlib.util.spec_from_file_location("build_examples", REPO / "examples" / "build_examples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma(tmp_path_factory) -> Path:
+    """A random miniature Chroma pipeline saved with save_pretrained (loaded via from_pretrained)."""
+    from tuner.plugins.chroma.tiny import build_tiny_chroma
+
+    return build_tiny_chroma(tmp_path_factory.mktemp("models") / "tiny-chroma", seed=0)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data") / "shapes"
+    _examples_module().build_dataset(folder)
+    return folder
+
+
+@pytest.fixture
+def one_image_dir(tmp_path, shapes_dir) -> Path:
+    """A dataset of a single captioned image: an overfit batch."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    for suffix in (".png", ".txt"):
+        (folder / f"00_red_circle{suffix}").write_bytes((shapes_dir / f"00_red_circle{suffix}").read_bytes())
+    return folder
+
+
+def base_settings(model: Path, data: Path, tmp_path: Path) -> dict[str, Any]:
+    return {
+        "model_family": "chroma",
+        "pretrained_model_name_or_path": str(model),
+        "data_dir": str(data),
+        "output_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+        "resolution": 64,
+        "tokenizer_max_length": 16,
+        "network_rank": 4,
+        "lora_alpha": 8,
+        "learning_rate": 1e-3,
+        "train_batch_size": 1,
+        "max_train_steps": 4,
+        "mixed_precision": "no",
+        "gradient_checkpointing": False,
+        "seed": 0,
+    }
+
+
+def make_host(*extra_plugins: tuple[str, object], family: str = "chroma"):
+    from tuner.core.plugins import PluginHost
+
+    return PluginHost(family, extra_plugins=extra_plugins)
+
+
+def make_config(host, settings: dict[str, Any], warnings: list[str] | None = None):
+    from tuner.core.config import build_config
+
+    return build_config(host, settings, "test.yaml", warn=(warnings.append if warnings is not None else None))
+
+
+def train(settings: dict[str, Any], *extra_plugins: tuple[str, object], warnings: list[str] | None = None):
+    """Run training through the plugin host, the way `tuner run` does; returns (result, host, config)."""
+    from tuner.core.train import Trainer
+
+    host = make_host(*extra_plugins)
+    config = make_config(host, settings, warnings)
+    sink = warnings.append if warnings is not None else (lambda message: None)
+    return Trainer(host, config, warn=sink).train(), host, config

@@ -1,0 +1,127 @@
+"""Plugin discovery and the host, used the way a third-party package would use them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tuner.core import hookimpl
+from tuner.core.errors import PluginError
+from tuner.core.plugins import PluginHost
+from tuner.core.types import FamilyInfo
+
+
+def test_bundled_plugins_are_found_through_entry_points():
+    host = PluginHost()
+    by_name = {r.name: r for r in host.records}
+    for name in ("chroma", "flux", "quant_int8", "quant_nf4"):
+        assert by_name[name].distribution == "tuner"
+        assert by_name[name].error is None
+    assert set(host.families) == {"chroma", "flux"}
+    assert host.families["chroma"].plugin == "chroma"
+    assert set(host.precisions) == {"int8-quanto", "int4-quanto", "nf4-bnb"}
+    assert host.families["chroma"].flavours == {
+        "base": "lodestones/Chroma1-Base",
+        "hd": "lodestones/Chroma1-HD",
+        "flash": "lodestones/Chroma1-Flash",
+    }
+
+
+def test_a_run_host_holds_only_the_selected_family():
+    host = PluginHost("chroma")
+    assert host.pm.get_plugin("chroma") is not None
+    assert host.pm.get_plugin("flux") is None
+    assert host.pm.get_plugin("quant_nf4") is not None  # non-family plugins take part in every run
+    assert "chroma_sigma_remap" in host.config_keys()
+    assert "chroma_sigma_remap" not in PluginHost("flux").config_keys()
+
+
+def test_unknown_family_lists_installed_ones():
+    with pytest.raises(PluginError, match=r"unknown model family 'sd9'; installed families: chroma, flux"):
+        PluginHost("sd9")
+
+
+def test_two_plugins_registering_one_family_is_an_error_naming_both():
+    class Impostor:
+        @hookimpl
+        def register_families(self, register):
+            register(FamilyInfo("chroma", "another chroma", {"base": "x/y"}, "base"))
+
+    with pytest.raises(PluginError, match=r"registered twice: by plugin 'chroma' \(distribution tuner .*\) and by plugin 'impostor'"):
+        PluginHost(extra_plugins=[("impostor", Impostor())])
+
+
+def test_a_misspelled_hook_fails_loudly_naming_the_plugin():
+    class Typo:
+        @hookimpl
+        def sample_sigma(self, config):  # not a hook: sample_sigmas
+            return None
+
+    with pytest.raises(PluginError, match="plugin 'typo'.*sample_sigma"):
+        PluginHost("chroma", extra_plugins=[("typo", Typo())])
+
+
+def test_a_provide_hook_with_no_answer_is_a_clear_error():
+    host = PluginHost("flux")
+    with pytest.raises(PluginError, match="no plugin answered hook 'predict_flow' \\(model family: flux\\)"):
+        host.provide("predict_flow", transformer=None, noisy_latents=None, sigmas=None, text={}, config=None)
+
+
+def test_importing_the_cli_and_hook_modules_does_not_import_torch():
+    code = (
+        "import sys, tuner.core.cli, tuner.core.hookspecs, tuner.core.config\n"
+        "from tuner.core.plugins import PluginHost; PluginHost('chroma')\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft', 'accelerate') if m in sys.modules]\n"
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_tuner_plugins_lists_versions_and_hooks():
+    out = subprocess.run(
+        [sys.executable, "-m", "tuner.core.cli", "plugins", "--json"], capture_output=True, text=True, check=True
+    )
+    rows = {row["name"]: row for row in json.loads(out.stdout)}
+    assert rows["chroma"]["families"] == ["chroma"]
+    assert rows["chroma"]["version"] and rows["chroma"]["distribution"] == "tuner"
+    assert {"load_model", "sample_sigmas", "predict_flow", "generate_images"} <= set(rows["chroma"]["hooks"])
+    assert rows["quant_nf4"]["precisions"] == ["nf4-bnb"]
+
+
+def test_unknown_plugin_on_the_command_line_is_one_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data_dir: x\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "tuner.core.cli", "run", "--plugin", "nope", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: unknown model family 'nope'; installed families: chroma, flux"]
+
+
+def test_plugin_commands_are_added_to_the_cli(tmp_path):
+    """register_commands: a plugin's command appears on the typer app."""
+    import typer
+    from typer.testing import CliRunner
+
+    class Extra:
+        @hookimpl
+        def register_commands(self, app):
+            @app.command("hello")
+            def hello(name: str = "world"):
+                typer.echo(f"hello {name}")
+
+    app = typer.Typer()
+
+    @app.callback()
+    def root():
+        pass
+
+    PluginHost(extra_plugins=[("extra", Extra())]).hook.register_commands(app=app)
+    result = CliRunner().invoke(app, ["hello", "--name", "tuner"])
+    assert result.output.strip() == "hello tuner"

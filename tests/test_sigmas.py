@@ -1,0 +1,91 @@
+"""Where the sigma density puts its mass, drawn through the plugin manager as a run does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tuner.core import flow
+
+from .conftest import make_config, make_host
+
+N = 200_000
+
+
+def draw(settings: dict, family: str = "chroma", resolution: int = 512) -> torch.Tensor:
+    host = make_host(family=family)
+    config = make_config(host, {"data_dir": "d", "resolution": resolution, **settings})
+    latent = resolution // 8
+    return host.provide(
+        "sample_sigmas",
+        config=config,
+        batch_size=N,
+        latent_shape=(N, 16, latent, latent),
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def fraction(s: torch.Tensor, lo: float, hi: float) -> float:
+    return float(((s >= lo) & (s < hi)).float().mean())
+
+
+def test_chroma_default_covers_the_middle_and_has_heavier_tails():
+    chroma = draw({})
+    plain = flow.logit_normal(N, torch.Generator().manual_seed(0))
+    assert chroma.min() > 0 and chroma.max() < 1
+    # the middle band that every sampler passes through is trained
+    assert fraction(chroma, 0.25, 0.75) > 0.40
+    for band in [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (0.6, 0.7)]:
+        assert fraction(chroma, *band) > 0.05, band
+    # both tails are visited far more often than under plain logit-normal (~1.4% each)
+    assert fraction(chroma, 0.0, 0.1) > 4 * fraction(plain, 0.0, 0.1)
+    assert fraction(chroma, 0.9, 1.0) > 4 * fraction(plain, 0.9, 1.0)
+    # symmetric U shape: the remap branches are mirror images
+    assert abs(fraction(chroma, 0, 0.5) - 0.5) < 0.01
+
+
+def test_simpletuner_threshold_rule_never_trains_the_middle():
+    st = draw({"chroma_sigma_remap": "threshold"})
+    assert fraction(st, 0.25, 0.75) == 0.0
+    assert float(st.median()) > 0.9  # shift 3 pushes almost everything to high noise
+
+
+def test_core_default_shift_and_auto_shift_match_diffusers():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    for seq_len in (256, 1024, 4096):
+        assert flow.resolution_shift(seq_len) == pytest.approx(torch.e ** calculate_shift(seq_len), rel=1e-9)
+    plain = draw({}, family="flux")
+    shifted = draw({"flow_schedule_shift": 3.0}, family="flux")
+    assert torch.allclose(shifted, flow.clamp_open_unit(flow.shift_sigmas(plain, 3.0)), atol=1e-6)
+    auto = draw({"flow_schedule_auto_shift": True}, family="flux", resolution=1024)
+    s = flow.resolution_shift((1024 // 16) ** 2)
+    assert torch.allclose(auto, flow.clamp_open_unit(flow.shift_sigmas(plain, s)), atol=1e-6)
+
+
+def test_tuner_sigmas_json(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("chroma_sigma_remap: threshold\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "tuner.core.cli", "sigmas", "--plugin", "chroma", "--config", str(config),
+         "--samples", "5000", "--bins", "8", "--json"],
+        capture_output=True, text=True, check=True,
+    )
+    histogram = json.loads(out.stdout)
+    assert histogram["edges"] == [i / 8 for i in range(9)]
+    assert len(histogram["counts"]) == 8 and sum(histogram["counts"]) == 5000
+    assert histogram["counts"][2:6] == [0, 0, 0, 0]  # [0.25, 0.75) is empty under the threshold rule
+
+
+def test_tuner_sigmas_text_histogram():
+    out = subprocess.run(
+        [sys.executable, "-m", "tuner.core.cli", "sigmas", "--plugin", "chroma", "--samples", "2000", "--bins", "4"],
+        capture_output=True, text=True, check=True,
+    )
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("sigma distribution of chroma (2000 samples")
+    assert len(lines) == 5 and lines[1].startswith("0.00-0.25 #")
