@@ -20,20 +20,24 @@ CORE_KEYS = (
     ConfigKey("model_type", "str", "lora", "Only LoRA training is supported.", choices=("lora",)),
     ConfigKey("model_family", "str", None, "Model family; the same as --plugin."),
     ConfigKey("model_flavour", "str", None, "Family flavour (e.g. chroma: base, hd, flash)."),
-    ConfigKey("pretrained_model_name_or_path", "str", None,
-              "Hub id or local diffusers folder; overrides the flavour."),
+    ConfigKey("pretrained_model_name_or_path", "str", None, "Hub id or local diffusers folder; overrides the flavour."),
     ConfigKey("revision", "str", None, "Hub revision (branch, tag or commit) of the model."),
     ConfigKey("output_dir", "path", "output", "Where the LoRA, checkpoints, samples and logs go."),
-    ConfigKey("data_dir", "path", None, "Folder of images with same-stem .txt captions.",
-              aliases=("instance_data_dir",)),
+    ConfigKey(
+        "data_dir", "path", None, "Folder of images with same-stem .txt captions.", aliases=("instance_data_dir",)
+    ),
     ConfigKey("cache_dir", "path", None, "Latent and text caches (default: $XDG_CACHE_HOME/tuner)."),
     ConfigKey("resolution", "int", 512, "Square training size in pixels.", minimum=16, multiple_of=16),
     # LoRA
     ConfigKey("network_rank", "int", 16, "LoRA rank.", aliases=("lora_rank",), minimum=1),
     ConfigKey("lora_alpha", "float", None, "LoRA alpha (default: the rank, i.e. scale 1).", minimum=0),
     ConfigKey("lora_dropout", "float", 0.0, "Dropout on the LoRA input.", minimum=0),
-    ConfigKey("base_model_precision", "str", NO_QUANTIZATION,
-              "Quantize the frozen denoiser: no_change or a precision a plugin offers (int8-quanto, nf4-bnb)."),
+    ConfigKey(
+        "base_model_precision",
+        "str",
+        NO_QUANTIZATION,
+        "Quantize the frozen denoiser: no_change or a precision a plugin offers (int8-quanto, nf4-bnb).",
+    ),
     # loop
     ConfigKey("train_batch_size", "int", 1, "Images per step per process.", minimum=1),
     ConfigKey("gradient_accumulation_steps", "int", 1, "Micro-batches per optimizer step.", minimum=1),
@@ -49,8 +53,12 @@ CORE_KEYS = (
     ConfigKey("adam_epsilon", "float", 1e-8, "AdamW epsilon.", minimum=0),
     ConfigKey("mixed_precision", "str", "bf16", "accelerate precision.", choices=("no", "fp16", "bf16")),
     ConfigKey("gradient_checkpointing", "bool", True, "Recompute block activations in backward."),
-    ConfigKey("offload_during_startup", "bool", False,
-              "Keep the denoiser on the CPU until caching (and quantization) is done."),
+    ConfigKey(
+        "offload_during_startup",
+        "bool",
+        False,
+        "Keep the denoiser on the CPU until caching (and quantization) is done.",
+    ),
     ConfigKey("dataloader_num_workers", "int", 0, "Worker processes reading cached items.", minimum=0),
     # flow matching
     ConfigKey("flow_sigmoid_scale", "float", 1.0, "Scale of the logit-normal sigma density.", minimum=0),
@@ -63,8 +71,9 @@ CORE_KEYS = (
     ConfigKey("validation_steps", "int", 0, "Validate every N steps (0: only at the end).", minimum=0),
     ConfigKey("validation_num_inference_steps", "int", 20, "Sampler steps per image.", minimum=1),
     ConfigKey("validation_seed", "int", None, "Seed of the first validation image (default: seed)."),
-    ConfigKey("validation_resolution", "int", None, "Validation size (default: resolution).",
-              minimum=16, multiple_of=16),
+    ConfigKey(
+        "validation_resolution", "int", None, "Validation size (default: resolution).", minimum=16, multiple_of=16
+    ),
     ConfigKey("validation_init_image", "path", None, "Image for img2img validation (families that support it)."),
     # saving
     ConfigKey("checkpointing_steps", "int", 0, "Save the LoRA every N steps (0: only at the end).", minimum=0),
@@ -81,7 +90,9 @@ def register_config_keys(register):
 def check_config(config, warn):
     config.set_default("lora_alpha", float(config.network_rank))
     if config.flow_schedule_shift is not None and config.flow_schedule_auto_shift:
-        raise config.error("flow_schedule_shift", "set either flow_schedule_shift or flow_schedule_auto_shift, not both")
+        raise config.error(
+            "flow_schedule_shift", "set either flow_schedule_shift or flow_schedule_auto_shift, not both"
+        )
     if config.validation_prompt and config.validation_prompts:
         warn("both validation_prompt and validation_prompts are set; validating with all of them")
 
@@ -140,4 +151,3 @@ class JsonlLog:
         elif event.name == "run_end" and self.file is not None:
             self.file.close()
             self.file = None
-

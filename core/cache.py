@@ -13,9 +13,10 @@ import gc
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from tuner.core.config import model_source
 from tuner.core.data import Item, load_image
@@ -94,7 +95,9 @@ def _model_identity(config: Config, host: PluginHost, component: str) -> dict[st
     identity: dict[str, Any] = {"family": host.family.name, "source": source, "revision": config.revision}
     folder = Path(source)
     if folder.is_dir():  # a local model: its files' sizes and times stand for its weights
-        files = sorted(p for p in (folder / component).rglob("*") if p.is_file()) if (folder / component).is_dir() else []
+        files = (
+            sorted(p for p in (folder / component).rglob("*") if p.is_file()) if (folder / component).is_dir() else []
+        )
         identity["source"] = str(folder.resolve())
         identity["files"] = [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     return identity
@@ -155,7 +158,7 @@ def prepare_caches(
                 encoded = host.provide(
                     "encode_images", vae=vae, pixels=torch.stack(pixels).to(device, dtype), config=config
                 )
-                for item, latent in zip(chunk, encoded):
+                for item, latent in zip(chunk, encoded, strict=True):
                     latents.save(image_key(item.image), {"latents": latent.float()})
         del vae
         gc.collect()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -49,8 +49,8 @@ def _load_config(plugin: str | None, config_path: Path | None, overrides: list[s
 @app.command()
 def run(
     config: Path = typer.Option(..., "--config", "-c", help="Config file (.yaml, .json or .jsonc)."),
-    plugin: Optional[str] = PLUGIN_OPTION,
-    set_: Optional[list[str]] = SET_OPTION,
+    plugin: str | None = PLUGIN_OPTION,
+    set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Train a LoRA: cache latents and captions, train, validate, save."""
     host, cfg = _load_config(plugin, config, set_)
@@ -84,7 +84,9 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="One JSON object 
         return
     for row in rows:
         provides = ", ".join([f"family {f}" for f in row["families"]] + [f"precision {p}" for p in row["precisions"]])
-        typer.echo(f"{row['name']:<12} {row['distribution']} {row['version']}" + (f"  [{provides}]" if provides else ""))
+        typer.echo(
+            f"{row['name']:<12} {row['distribution']} {row['version']}" + (f"  [{provides}]" if provides else "")
+        )
         if row["error"]:
             typer.echo(f"    failed to import: {row['error']}")
         else:
@@ -103,12 +105,12 @@ def keys(plugin: str = typer.Option(..., "--plugin", "-p", help="Model family.")
 
 @app.command()
 def sigmas(
-    plugin: Optional[str] = PLUGIN_OPTION,
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Config file whose sampling to show."),
+    plugin: str | None = PLUGIN_OPTION,
+    config: Path | None = typer.Option(None, "--config", "-c", help="Config file whose sampling to show."),
     samples: int = typer.Option(100_000, "--samples", "-n", min=1, help="How many sigmas to draw."),
     bins: int = typer.Option(20, "--bins", min=1, max=1000, help="Histogram bins over [0, 1]."),
     as_json: bool = typer.Option(False, "--json", help='Print {"edges": [...], "counts": [...]}.'),
-    set_: Optional[list[str]] = SET_OPTION,
+    set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Show the distribution of training noise levels (sigma) a config trains with."""
     host, cfg = _load_config(plugin, config, set_)
@@ -130,7 +132,7 @@ def sigmas(
         return
     typer.echo(f"sigma distribution of {cfg.model_family} ({samples} samples, seed {cfg.seed})")
     peak = max(counts) or 1
-    for lo, hi, count in zip(edges, edges[1:], counts):
+    for lo, hi, count in zip(edges, edges[1:], counts, strict=False):
         typer.echo(f"{lo:4.2f}-{hi:4.2f} {'#' * round(40 * count / peak):<40} {100 * count / samples:5.1f}%")
 
 

@@ -9,8 +9,9 @@ import difflib
 import json
 import math
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from tuner.core.errors import ConfigError, warn_user
 from tuner.core.types import ConfigKey
@@ -164,8 +165,15 @@ def _check_value(key: ConfigKey, value: Any, where: str) -> Any:
             return None
         raise ConfigError(f"{where}: {name}: must not be null (default {key.default!r})")
     kind = key.kind
-    want = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-            "path": "a path", "str_list": "a list of strings", "str_or_list": "a string or a list of strings"}[kind]
+    want = {
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+        "str": "a string",
+        "path": "a path",
+        "str_list": "a list of strings",
+        "str_or_list": "a string or a list of strings",
+    }[kind]
     bad = ConfigError(f"{where}: {name}: expected {want}, got {value!r}")
     if kind == "bool":
         if not isinstance(value, bool):

@@ -1,6 +1,6 @@
 """Flow-matching arithmetic shared by every family: noise levels, noisy inputs, targets, loss.
 
-    noisy = (1 - sigma) * x0 + sigma * noise,  target = noise - x0,  loss = mean MSE (fp32)
+noisy = (1 - sigma) * x0 + sigma * noise,  target = noise - x0,  loss = mean MSE (fp32)
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ def clamp_open_unit(sigmas: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return sigmas.clamp(eps, 1 - eps)
 
 
-def noisy_and_target(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def noisy_and_target(
+    latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     s = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
     return (1 - s) * latents + s * noise, noise - latents
 

@@ -20,7 +20,8 @@ annotation types are imported only for type checkers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tuner.core import hookspec
 

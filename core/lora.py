@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -17,9 +18,7 @@ METADATA_KEY = "tuner_training"
 TRANSFORMER_PREFIX = "transformer."
 
 
-def resolve_targets(
-    model: torch.nn.Module, patterns: Iterable[str], exclude_prefixes: Iterable[str] = ()
-) -> list[str]:
+def resolve_targets(model: torch.nn.Module, patterns: Iterable[str], exclude_prefixes: Iterable[str] = ()) -> list[str]:
     """Full names of the Linear modules that peft would match with ``target_modules=patterns``.
 
     A pattern matches a module whose name equals it or ends with ``.<pattern>`` (peft's rule).

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 
@@ -146,9 +147,7 @@ class PluginHost:
     def family_info(self, name: str) -> FamilyInfo:
         if name not in self.families:
             known = ", ".join(sorted(self.families)) or "none"
-            hint = "".join(
-                f"; plugin {r.name!r} ({r.distribution}) failed to import: {r.error}" for r in self.broken
-            )
+            hint = "".join(f"; plugin {r.name!r} ({r.distribution}) failed to import: {r.error}" for r in self.broken)
             raise PluginError(f"unknown model family {name!r}; installed families: {known}{hint}")
         return self.families[name]
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -81,9 +82,7 @@ class Trainer:
         prompts = validation_prompts(self.config)
         extra = prompts + [self.config.validation_negative_prompt or ""] if prompts else []
         with self.accelerator.main_process_first():
-            prepared = prepare_caches(
-                self.host, self.config, items, extra, self.device, self.weight_dtype, self.warn
-            )
+            prepared = prepare_caches(self.host, self.config, items, extra, self.device, self.weight_dtype, self.warn)
         if len(prepared.entries) < self.config.train_batch_size:
             raise DataError(
                 f"data_dir {self.config.data_dir} has {len(prepared.entries)} usable image(s), "
@@ -304,12 +303,14 @@ class Trainer:
         model.train(was_training)
         folder = self.output_dir / "validation" / f"step_{step:06d}"
         paths = [folder / f"{i:02d}.png" for i in range(len(images))]
-        for path, image in zip(paths, images):
+        for path, image in zip(paths, images, strict=True):
             atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
         atomic_write(folder / "grid.png", lambda tmp: image_grid(images).save(tmp, format="PNG"))
         atomic_write(
             folder / "prompts.txt",
-            lambda tmp: Path(tmp).write_text("".join(f"{i:02d} seed {s}: {p}\n" for i, (p, s) in enumerate(zip(prompts, request.seeds)))),
+            lambda tmp: Path(tmp).write_text(
+                "".join(f"{i:02d} seed {s}: {p}\n" for i, (p, s) in enumerate(zip(prompts, request.seeds, strict=True)))
+            ),
         )
         self.emit("validation", step, folder=str(folder), images=[str(p) for p in paths])
         return [folder]

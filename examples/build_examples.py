@@ -20,7 +20,9 @@ BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15)}
 SHAPES = ("circle", "square", "triangle")
 
 
-def draw_shape(shape: str, colour: tuple[int, int, int], background: tuple[int, int, int], size: int = 128) -> Image.Image:
+def draw_shape(
+    shape: str, colour: tuple[int, int, int], background: tuple[int, int, int], size: int = 128
+) -> Image.Image:
     image = Image.new("RGB", (size, size), background)
     pen = ImageDraw.Draw(image)
     lo, hi = size * 0.22, size * 0.78

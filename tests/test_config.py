@@ -71,15 +71,27 @@ def test_overrides_are_yaml_scalars():
         ({"learning_rat": 1e-4}, r"test.yaml: unknown key 'learning_rat'; did you mean 'learning_rate'\?"),
         ({"network_rank": "big"}, r"test.yaml: network_rank: expected an integer, got 'big'"),
         ({"gradient_checkpointing": "yes"}, r"gradient_checkpointing: expected true or false"),
-        ({"model_flavour": "turbo"}, r"model_flavour: unknown flavour 'turbo' for chroma; choose one of base, hd, flash"),
-        ({"mixed_precision": "bf15"}, r"mixed_precision: 'bf15' is not one of no, fp16, bf16 \(did you mean 'bf16'\?\)"),
+        (
+            {"model_flavour": "turbo"},
+            r"model_flavour: unknown flavour 'turbo' for chroma; choose one of base, hd, flash",
+        ),
+        (
+            {"mixed_precision": "bf15"},
+            r"mixed_precision: 'bf15' is not one of no, fp16, bf16 \(did you mean 'bf16'\?\)",
+        ),
         ({"resolution": 500}, r"resolution: must be a multiple of 16, got 500"),
         ({"flux_lora_target": "everything"}, r"flux_lora_target: 'everything' is not one of"),
-        ({"base_model_precision": "int3"}, r"base_model_precision: unknown precision 'int3'; choose one of no_change, int4-quanto, int8-quanto, nf4-bnb"),
+        (
+            {"base_model_precision": "int3"},
+            r"base_model_precision: unknown precision 'int3'; choose one of no_change, int4-quanto, int8-quanto, nf4-bnb",
+        ),
         ({"flux_fast_schedule": True}, r"flux_fast_schedule: must stay off for Chroma"),
         ({"validation_init_image": "x.png"}, r"validation_init_image: Chroma is text-to-image only"),
         ({"model_family": "flux"}, r"model_family: 'flux' contradicts --plugin chroma"),
-        ({"lora_rank": 4, "network_rank": 8}, r"'lora_rank' and 'network_rank' are the same key \(network_rank\); keep one"),
+        (
+            {"lora_rank": 4, "network_rank": 8},
+            r"'lora_rank' and 'network_rank' are the same key \(network_rank\); keep one",
+        ),
         ({"model_type": "full"}, r"model_type: 'full' is not one of lora"),
     ],
 )
@@ -133,4 +145,6 @@ def test_cli_config_error_is_one_line(tmp_path):
         text=True,
     )
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [f"error: {path}: unknown key 'netwrk_rank'; did you mean 'network_rank'?"]
+    assert out.stderr.strip().splitlines() == [
+        f"error: {path}: unknown key 'netwrk_rank'; did you mean 'network_rank'?"
+    ]

@@ -126,8 +126,17 @@ def render(host, config, transformer, text, negative, mask_dtype=torch.bool):
     scheduler = host.provide("load_model", config=config, component="scheduler", dtype=torch.float32)
     cast = lambda t: {**t, "attention_mask": t["attention_mask"].to(mask_dtype)}  # noqa: E731
     request = ValidationRequest(
-        transformer=transformer, vae=vae, scheduler=scheduler, prompts=["p"], text=[cast(text)],
-        negative_text=cast(negative), seeds=[7], width=64, height=64, num_inference_steps=4, config=config,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        prompts=["p"],
+        text=[cast(text)],
+        negative_text=cast(negative),
+        seeds=[7],
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        config=config,
     )
     with torch.no_grad():
         return np.asarray(host.provide("generate_images", request=request)[0], dtype=np.int16)
@@ -150,15 +159,28 @@ def test_pipeline_float_mask_does_not_mask(host, config):
     transformer = fresh_transformer(host, config)
     text, changed = text_pair(0)
     float_mask = text["attention_mask"].float()
-    pipe = ChromaPipeline(scheduler=host.provide("load_model", config=config, component="scheduler", dtype=None),
-                          vae=host.provide("load_model", config=config, component="vae", dtype=torch.float32),
-                          text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe = ChromaPipeline(
+        scheduler=host.provide("load_model", config=config, component="scheduler", dtype=None),
+        vae=host.provide("load_model", config=config, component="vae", dtype=torch.float32),
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+    )
     pipe.set_progress_bar_config(disable=True)
     outputs = []
     for t in (text, changed):
-        outputs.append(pipe(prompt_embeds=t["prompt_embeds"], prompt_attention_mask=float_mask, guidance_scale=1.0,
-                            num_inference_steps=2, height=64, width=64, output_type="pt",
-                            generator=torch.Generator().manual_seed(0)).images)
+        outputs.append(
+            pipe(
+                prompt_embeds=t["prompt_embeds"],
+                prompt_attention_mask=float_mask,
+                guidance_scale=1.0,
+                num_inference_steps=2,
+                height=64,
+                width=64,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(0),
+            ).images
+        )
     assert not torch.allclose(outputs[0], outputs[1], atol=1e-4)
 
 

@@ -50,7 +50,9 @@ def test_two_plugins_registering_one_family_is_an_error_naming_both():
         def register_families(self, register):
             register(FamilyInfo("chroma", "another chroma", {"base": "x/y"}, "base"))
 
-    with pytest.raises(PluginError, match=r"registered twice: by plugin 'chroma' \(distribution tuner .*\) and by plugin 'impostor'"):
+    with pytest.raises(
+        PluginError, match=r"registered twice: by plugin 'chroma' \(distribution tuner .*\) and by plugin 'impostor'"
+    ):
         PluginHost(extra_plugins=[("impostor", Impostor())])
 
 

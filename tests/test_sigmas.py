@@ -71,9 +71,24 @@ def test_tuner_sigmas_json(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("chroma_sigma_remap: threshold\n")
     out = subprocess.run(
-        [sys.executable, "-m", "tuner.core.cli", "sigmas", "--plugin", "chroma", "--config", str(config),
-         "--samples", "5000", "--bins", "8", "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "tuner.core.cli",
+            "sigmas",
+            "--plugin",
+            "chroma",
+            "--config",
+            str(config),
+            "--samples",
+            "5000",
+            "--bins",
+            "8",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     histogram = json.loads(out.stdout)
     assert histogram["edges"] == [i / 8 for i in range(9)]
@@ -84,7 +99,9 @@ def test_tuner_sigmas_json(tmp_path):
 def test_tuner_sigmas_text_histogram():
     out = subprocess.run(
         [sys.executable, "-m", "tuner.core.cli", "sigmas", "--plugin", "chroma", "--samples", "2000", "--bins", "4"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("sigma distribution of chroma (2000 samples")

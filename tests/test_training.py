@@ -59,8 +59,14 @@ def predict(host, config, transformer, entry):
     noisy = torch.randn(2, 16, 8, 8, generator=g)
     text = {k: v.unsqueeze(0).expand(2, *v.shape) for k, v in entry.items()}
     with torch.no_grad():
-        return host.provide("predict_flow", transformer=transformer, noisy_latents=noisy,
-                            sigmas=torch.tensor([0.3, 0.8]), text=text, config=config)
+        return host.provide(
+            "predict_flow",
+            transformer=transformer,
+            noisy_latents=noisy,
+            sigmas=torch.tensor([0.3, 0.8]),
+            text=text,
+            config=config,
+        )
 
 
 def test_loss_falls_on_an_overfit_batch(tiny_chroma, one_image_dir, tmp_path):
@@ -142,9 +148,14 @@ def test_second_run_reuses_caches_and_never_calls_the_encoders(tiny_chroma, shap
 
 def test_outputs_log_checkpoints_validation_and_events(tiny_chroma, shapes_dir, tmp_path):
     settings = base_settings(tiny_chroma, shapes_dir, tmp_path)
-    settings.update(max_train_steps=4, checkpointing_steps=2, validation_steps=2,
-                    validation_prompts=["a red circle", "a blue square"], validation_num_inference_steps=3,
-                    gradient_accumulation_steps=2)
+    settings.update(
+        max_train_steps=4,
+        checkpointing_steps=2,
+        validation_steps=2,
+        validation_prompts=["a red circle", "a blue square"],
+        validation_num_inference_steps=3,
+        gradient_accumulation_steps=2,
+    )
     counter = CallCounter()
     result, _, _ = train(settings, ("counter", counter))
     out = tmp_path / "out"
@@ -162,8 +173,18 @@ def test_outputs_log_checkpoints_validation_and_events(tiny_chroma, shapes_dir, 
         assert Image.open(folder / "00.png").size == (64, 64)
         assert Image.open(folder / "grid.png").size == (128, 64)
         assert "01 seed 1: a blue square" in (folder / "prompts.txt").read_text()
-    assert counter.events == ["run_start", "step_end", "step_end", "save", "validation", "step_end", "step_end",
-                              "save", "validation", "run_end"]
+    assert counter.events == [
+        "run_start",
+        "step_end",
+        "step_end",
+        "save",
+        "validation",
+        "step_end",
+        "step_end",
+        "save",
+        "validation",
+        "run_end",
+    ]
 
 
 def test_validation_is_reproducible(tiny_chroma, shapes_dir, tmp_path):
@@ -187,8 +208,11 @@ def test_lora_targets(tiny_chroma, shapes_dir, tmp_path):
     assert len(targets("context")) == 4
     big = targets("all+ffs+embedder")
     assert "x_embedder" in big and "proj_out" in big and not any("distilled_guidance_layer" in n for n in big)
-    assert targets(["to_q"]) == ["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_q",
-                                 "single_transformer_blocks.1.attn.to_q"]
+    assert targets(["to_q"]) == [
+        "transformer_blocks.0.attn.to_q",
+        "single_transformer_blocks.0.attn.to_q",
+        "single_transformer_blocks.1.attn.to_q",
+    ]
     with pytest.raises(ConfigError, match="flux_lora_target \\['nothing'\\] matches no Linear module"):
         targets(["nothing"])
     with pytest.raises(ConfigError, match="distilled_guidance_layer \\(the approximator\\), which tuner never adapts"):

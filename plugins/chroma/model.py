@@ -37,7 +37,9 @@ def load(config: Any, component: str, dtype: torch.dtype) -> Any:
         if component == "transformer":
             from diffusers import ChromaTransformer2DModel
 
-            return ChromaTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype, **common)
+            return ChromaTransformer2DModel.from_pretrained(
+                source, subfolder="transformer", torch_dtype=dtype, **common
+            )
         if component == "vae":
             from diffusers import AutoencoderKL
 
@@ -73,7 +75,9 @@ def encode_prompts(encoders: T5Encoder, prompts: list[str], config: Any) -> dict
     return {"prompt_embeds": embeds, "attention_mask": fl.keep_first_pad(tokenizer_mask.bool())}
 
 
-def lora_targets(config: Any, transformer: torch.nn.Module, presets: dict[str, list[str]], approximator: str) -> list[str]:
+def lora_targets(
+    config: Any, transformer: torch.nn.Module, presets: dict[str, list[str]], approximator: str
+) -> list[str]:
     value = config.flux_lora_target
     patterns = presets[value] if isinstance(value, str) else value
     if not isinstance(value, str):
@@ -85,7 +89,9 @@ def lora_targets(config: Any, transformer: torch.nn.Module, presets: dict[str, l
             )
     names = resolve_targets(transformer, patterns, exclude_prefixes=[approximator])
     if not names:
-        raise ConfigError(f"{config.source}: flux_lora_target {value!r} matches no Linear module of the Chroma transformer")
+        raise ConfigError(
+            f"{config.source}: flux_lora_target {value!r} matches no Linear module of the Chroma transformer"
+        )
     return names
 
 
@@ -132,7 +138,7 @@ def generate_images(request: Any) -> list[Any]:
         else {}
     )
     images = []
-    for text, seed in zip(request.text, request.seeds):
+    for text, seed in zip(request.text, request.seeds, strict=True):
         out = pipe(
             **fl.pipeline_text_inputs(text, config.flux_t5_padding),
             **negative,

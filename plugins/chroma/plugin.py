@@ -31,14 +31,23 @@ KEYS = (
     *shared.GUIDANCE_KEYS,
     shared.FAST_SCHEDULE,
     ConfigKey("tokenizer_max_length", "int", 512, "T5 tokens per caption.", minimum=1),
-    ConfigKey("validation_guidance_real", "float", 4.0,
-              "CFG scale at validation (1.0: a single pass, no negative prompt).",
-              aliases=("validation_guidance",), minimum=0),
-    ConfigKey("chroma_sigma_remap", "str", "random",
-              "How sigmas are remapped to heavier tails: 'random' picks sigma^2 or 1-(1-sigma)^2 per sample "
-              "(covers all of (0,1)); 'threshold' is SimpleTuner's rule (shift 3, branch at 0.5; "
-              "never trains sigma in [0.25, 0.75)).",
-              choices=("random", "threshold")),
+    ConfigKey(
+        "validation_guidance_real",
+        "float",
+        4.0,
+        "CFG scale at validation (1.0: a single pass, no negative prompt).",
+        aliases=("validation_guidance",),
+        minimum=0,
+    ),
+    ConfigKey(
+        "chroma_sigma_remap",
+        "str",
+        "random",
+        "How sigmas are remapped to heavier tails: 'random' picks sigma^2 or 1-(1-sigma)^2 per sample "
+        "(covers all of (0,1)); 'threshold' is SimpleTuner's rule (shift 3, branch at 0.5; "
+        "never trains sigma in [0.25, 0.75)).",
+        choices=("random", "threshold"),
+    ),
 )
 
 IGNORED_BY_CHROMA = ("flux_guidance_mode", "flux_guidance_value", "flux_guidance_min", "flux_guidance_max")
@@ -108,7 +117,9 @@ def lora_target_modules(config, transformer):
 
 @hookimpl
 def high_precision_modules(transformer):
-    return [name for name, _ in transformer.named_modules() if name in HIGH_PRECISION or name.startswith(f"{APPROXIMATOR}.")]
+    return [
+        name for name, _ in transformer.named_modules() if name in HIGH_PRECISION or name.startswith(f"{APPROXIMATOR}.")
+    ]
 
 
 @hookimpl

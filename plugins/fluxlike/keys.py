@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from tuner.core.types import ConfigKey
 
-ATTENTION = ["to_k", "to_q", "to_v", "to_qkv", "add_qkv_proj", "add_k_proj", "add_q_proj", "add_v_proj",
-             "to_out.0", "to_add_out"]
+ATTENTION = [
+    "to_k",
+    "to_q",
+    "to_v",
+    "to_qkv",
+    "add_qkv_proj",
+    "add_k_proj",
+    "add_q_proj",
+    "add_v_proj",
+    "to_out.0",
+    "to_add_out",
+]
 CONTEXT = ["add_k_proj", "add_q_proj", "add_v_proj", "add_qkv_proj", "to_add_out"]
 CONTEXT_FFS = ["ff_context.net.0.proj", "ff_context.net.2"]
 # `proj_out` matches the single blocks' output and the root output projection (as SimpleTuner).
@@ -41,12 +51,16 @@ T5_PADDING = ConfigKey(
 )
 
 GUIDANCE_KEYS = (
-    ConfigKey("flux_guidance_mode", "str", "constant", "Training guidance value: constant or random-range.",
-              choices=("constant", "random-range")),
+    ConfigKey(
+        "flux_guidance_mode",
+        "str",
+        "constant",
+        "Training guidance value: constant or random-range.",
+        choices=("constant", "random-range"),
+    ),
     ConfigKey("flux_guidance_value", "float", 1.0, "Guidance value with flux_guidance_mode constant."),
     ConfigKey("flux_guidance_min", "float", 1.0, "Lower bound of random-range guidance."),
     ConfigKey("flux_guidance_max", "float", 4.0, "Upper bound of random-range guidance."),
 )
 
 FAST_SCHEDULE = ConfigKey("flux_fast_schedule", "bool", False, "Schnell's four-level sigma schedule.")
-

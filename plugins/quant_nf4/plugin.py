@@ -9,8 +9,14 @@ from tuner.core.types import PrecisionInfo
 
 @hookimpl
 def register_precisions(register):
-    register(PrecisionInfo("nf4-bnb", "NF4 weights with double quantization (bitsandbytes)",
-                           ("bitsandbytes",), "pip install bitsandbytes"))
+    register(
+        PrecisionInfo(
+            "nf4-bnb",
+            "NF4 weights with double quantization (bitsandbytes)",
+            ("bitsandbytes",),
+            "pip install bitsandbytes",
+        )
+    )
 
 
 @hookimpl

@@ -1,0 +1,67 @@
+"""The README's example: the bundled config trains from the command line, and the bundled tiny
+model is exactly what examples/build_examples.py makes (random weights, seed 0)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from .conftest import REPO
+
+
+def test_example_config_trains_from_the_command_line(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "tuner.core.cli",
+        "run",
+        "--plugin",
+        "chroma",
+        "--config",
+        "examples/chroma-tiny.yaml",
+        "--set",
+        f"output_dir={tmp_path / 'out'}",
+        "--set",
+        f"cache_dir={tmp_path / 'cache'}",
+        "--set",
+        "max_train_steps=3",
+        "--set",
+        "validation_steps=0",
+        "--set",
+        "checkpointing_steps=0",
+        "--set",
+        "validation_num_inference_steps=2",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "saved" in out.stdout and "after 3 steps" in out.stdout
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert len((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in (tmp_path / "out" / "validation" / "step_000003").iterdir()) == [
+        "00.png",
+        "01.png",
+        "grid.png",
+        "prompts.txt",
+    ]
+
+
+def test_bundled_tiny_model_is_reproducible(tiny_chroma):
+    bundled = REPO / "examples" / "models" / "tiny-chroma"
+    for component in ("transformer", "vae", "text_encoder"):
+        assert json.loads((bundled / component / "config.json").read_text()) | {
+            "_diffusers_version": 0,
+            "transformers_version": 0,
+        } == json.loads((tiny_chroma / component / "config.json").read_text()) | {
+            "_diffusers_version": 0,
+            "transformers_version": 0,
+        }
+        weights = next((bundled / component).glob("*.safetensors")).name
+        ours, theirs = load_file(bundled / component / weights), load_file(tiny_chroma / component / weights)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), component
