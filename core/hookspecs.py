@@ -1,6 +1,6 @@
 """The contract between tuner's core and its plugins: every hook, in the order a run meets them.
 
-Three shapes of hook (see ``docs/plugin-hooks.md`` for when each fires during a run):
+Three shapes of hook (``docs/plugins.md`` shows when each fires during a run):
 
 * **register** hooks are called on every installed plugin; the plugin calls ``register(...)`` once
   per thing it offers, so the host knows which plugin offered what.

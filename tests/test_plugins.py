@@ -127,3 +127,31 @@ def test_plugin_commands_are_added_to_the_cli(tmp_path):
     PluginHost(extra_plugins=[("extra", Extra())]).hook.register_commands(app=app)
     result = CliRunner().invoke(app, ["hello", "--name", "tuner"])
     assert result.output.strip() == "hello tuner"
+
+
+def _fake_distribution(root, module_source: str):
+    """An installed third-party distribution (dist-info + module) in ``root``, found through sys.path."""
+    (root / "broken_family.py").write_text(module_source)
+    info = root / "broken_family-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-family\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text("[tuner]\nbroken = broken_family\n")
+    return {**__import__("os").environ, "PYTHONPATH": str(root)}
+
+
+def test_a_broken_third_party_plugin_is_reported_and_others_keep_working(tmp_path):
+    env = _fake_distribution(tmp_path, "raise ImportError('needs libfoo')\n")
+    out = subprocess.run([sys.executable, "-m", "tuner.core.cli", "plugins"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0
+    assert "broken       broken-family 0.3" in out.stdout
+    assert "failed to import: ImportError: needs libfoo" in out.stdout
+    assert "chroma       tuner" in out.stdout
+
+    strict = {**env, "TUNER_STRICT_PLUGINS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "tuner.core.cli", "plugins"], capture_output=True, text=True, env=strict
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "error: plugin 'broken' from distribution broken-family 0.3 failed to import: ImportError: needs libfoo"
+    )

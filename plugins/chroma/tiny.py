@@ -41,8 +41,12 @@ def build_tokenizer():
     return T5Tokenizer(vocab=pieces)
 
 
-def build_tiny_chroma(folder: str | Path, seed: int = 0) -> Path:
-    """Write a random miniature Chroma pipeline (all five components) to ``folder``."""
+def build_tiny_chroma(folder: str | Path, seed: int = 0, **transformer: int | tuple[int, ...]) -> Path:
+    """Write a random miniature Chroma pipeline (all five components) to ``folder``.
+
+    Keyword arguments override the transformer's config (benchmarks use a mid-size one); keep
+    ``joint_attention_dim`` at 32, the miniature T5's width.
+    """
     import torch
     from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
     from transformers import T5Config, T5EncoderModel
@@ -50,7 +54,7 @@ def build_tiny_chroma(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    transformer = ChromaTransformer2DModel(**TRANSFORMER)
+    transformer = ChromaTransformer2DModel(**{**TRANSFORMER, **transformer})
     text_encoder = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer),
