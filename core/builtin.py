@@ -113,14 +113,7 @@ def encode_images(vae, pixels, config):
 def sample_sigmas(config, batch_size, latent_shape, generator):
     from tuner.core import flow
 
-    sigmas = flow.logit_normal(batch_size, generator, config.flow_sigmoid_scale)
-    if config.flow_schedule_auto_shift:
-        # packed 2x2 sequence length of the latent
-        seq_len = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
-        sigmas = flow.shift_sigmas(sigmas, flow.resolution_shift(seq_len))
-    elif config.flow_schedule_shift is not None:
-        sigmas = flow.shift_sigmas(sigmas, config.flow_schedule_shift)
-    return flow.clamp_open_unit(sigmas)
+    return flow.sample_shifted_logit_normal(config, batch_size, latent_shape, generator)
 
 
 @hookimpl(trylast=True)

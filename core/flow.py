@@ -33,6 +33,34 @@ def resolution_shift(
     return math.exp(mu)
 
 
+def sample_shifted_logit_normal(
+    config,
+    batch_size: int,
+    latent_shape: tuple[int, ...],
+    generator: torch.Generator,
+    shift_constants: dict | None = None,
+) -> torch.Tensor:
+    """Logit-normal sigmas (``flow_sigmoid_scale``) with the static (``flow_schedule_shift``) or
+    resolution-dependent (``flow_schedule_auto_shift``) shift. ``shift_constants`` are a scheduler
+    config's ``base_image_seq_len``/``max_image_seq_len``/``base_shift``/``max_shift`` (diffusers'
+    defaults when absent). The sequence length is that of 2x2-packed latents."""
+    sigmas = logit_normal(batch_size, generator, config.flow_sigmoid_scale)
+    if config.flow_schedule_auto_shift:
+        constants = shift_constants or {}
+        seq_len = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+        shift = resolution_shift(
+            seq_len,
+            constants.get("base_image_seq_len", 256),
+            constants.get("max_image_seq_len", 4096),
+            constants.get("base_shift", 0.5),
+            constants.get("max_shift", 1.15),
+        )
+        sigmas = shift_sigmas(sigmas, shift)
+    elif config.flow_schedule_shift is not None:
+        sigmas = shift_sigmas(sigmas, config.flow_schedule_shift)
+    return clamp_open_unit(sigmas)
+
+
 def clamp_open_unit(sigmas: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Keep sigma strictly inside (0, 1) so neither the clean nor the pure-noise end is degenerate."""
     return sigmas.clamp(eps, 1 - eps)

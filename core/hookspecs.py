@@ -208,13 +208,15 @@ def predict_flow(
     sigmas: torch.Tensor,
     text: dict[str, torch.Tensor],
     config: Config,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     """Run the denoiser and return its velocity prediction in the shape of ``noisy_latents``.
 
     Called every training step inside autocast. ``text`` holds the batched tensors that
     :func:`encode_prompts` cached. The family packs latents, builds position ids and attention
-    masks here. The core computes ``loss = mse(prediction, noise - latents)``. Stops at the first
-    non-None result.
+    masks here; any random draw it needs (a guidance value per sample) comes from ``generator``.
+    The core computes ``loss = mse(prediction, noise - latents)``. Stops at the first non-None
+    result.
     """
 
 

@@ -237,6 +237,7 @@ class Trainer:
                 sigmas=sigmas.to(self.device),
                 text=text,
                 config=self.config,
+                generator=generator,
             )
         return flow.flow_loss(prediction, target), sigmas
 

@@ -1,4 +1,4 @@
-"""Rebuild the bundled example assets: the tiny random Chroma and the shapes dataset.
+"""Rebuild the bundled example assets: the tiny random Chroma and Flux, and the shapes dataset.
 
     python examples/build_examples.py
 
@@ -49,13 +49,15 @@ def build_dataset(folder: Path) -> None:
 
 def main() -> None:
     from tuner.plugins.chroma.tiny import build_tiny_chroma
+    from tuner.plugins.flux.tiny import build_tiny_flux
 
     build_dataset(HERE / "data" / "shapes")
-    model = HERE / "models" / "tiny-chroma"
-    if model.exists():
-        shutil.rmtree(model)
-    build_tiny_chroma(model, seed=0)
-    print(f"wrote {HERE / 'data' / 'shapes'} and {model}")
+    for name, build in (("tiny-chroma", build_tiny_chroma), ("tiny-flux", build_tiny_flux)):
+        model = HERE / "models" / name
+        if model.exists():
+            shutil.rmtree(model)
+        build(model, seed=0)
+        print(f"wrote {model}")
 
 
 if __name__ == "__main__":

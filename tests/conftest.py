@@ -35,6 +35,22 @@ def tiny_chroma(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A random miniature Flux.1 dev (guidance embedding) in diffusers layout."""
+    from tuner.plugins.flux.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell(tmp_path_factory) -> Path:
+    """A random miniature Flux.1 schnell: no guidance embedding."""
+    from tuner.plugins.flux.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-schnell", seed=0, guidance_embeds=False)
+
+
+@pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data") / "shapes"
     _examples_module().build_dataset(folder)
@@ -51,9 +67,9 @@ def one_image_dir(tmp_path, shapes_dir) -> Path:
     return folder
 
 
-def base_settings(model: Path, data: Path, tmp_path: Path) -> dict[str, Any]:
+def base_settings(model: Path, data: Path, tmp_path: Path, family: str = "chroma") -> dict[str, Any]:
     return {
-        "model_family": "chroma",
+        "model_family": family,
         "pretrained_model_name_or_path": str(model),
         "data_dir": str(data),
         "output_dir": str(tmp_path / "out"),
@@ -87,7 +103,7 @@ def train(settings: dict[str, Any], *extra_plugins: tuple[str, object], warnings
     """Run training through the plugin host, the way `tuner run` does; returns (result, host, config)."""
     from tuner.core.train import Trainer
 
-    host = make_host(*extra_plugins)
+    host = make_host(*extra_plugins, family=settings.get("model_family", "chroma"))
     config = make_config(host, settings, warnings)
     sink = warnings.append if warnings is not None else (lambda message: None)
     return Trainer(host, config, warn=sink).train(), host, config

@@ -8,22 +8,24 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from .conftest import REPO
 
 
-def test_example_config_trains_from_the_command_line(tmp_path):
+@pytest.mark.parametrize("family", ["chroma", "flux"])
+def test_example_config_trains_from_the_command_line(tmp_path, family):
     command = [
         sys.executable,
         "-m",
         "tuner.core.cli",
         "run",
         "--plugin",
-        "chroma",
+        family,
         "--config",
-        "examples/chroma-tiny.yaml",
+        f"examples/{family}-tiny.yaml",
         "--set",
         f"output_dir={tmp_path / 'out'}",
         "--set",
@@ -51,17 +53,25 @@ def test_example_config_trains_from_the_command_line(tmp_path):
     ]
 
 
-def test_bundled_tiny_model_is_reproducible(tiny_chroma):
-    bundled = REPO / "examples" / "models" / "tiny-chroma"
-    for component in ("transformer", "vae", "text_encoder"):
+@pytest.mark.parametrize(
+    ("name", "components"),
+    [
+        ("tiny-chroma", ("transformer", "vae", "text_encoder")),
+        ("tiny-flux", ("transformer", "vae", "text_encoder", "text_encoder_2")),
+    ],
+)
+def test_bundled_tiny_model_is_reproducible(request, name, components):
+    built = request.getfixturevalue(name.replace("-", "_"))
+    bundled = REPO / "examples" / "models" / name
+    for component in components:
         assert json.loads((bundled / component / "config.json").read_text()) | {
             "_diffusers_version": 0,
             "transformers_version": 0,
-        } == json.loads((tiny_chroma / component / "config.json").read_text()) | {
+        } == json.loads((built / component / "config.json").read_text()) | {
             "_diffusers_version": 0,
             "transformers_version": 0,
         }
         weights = next((bundled / component).glob("*.safetensors")).name
-        ours, theirs = load_file(bundled / component / weights), load_file(tiny_chroma / component / weights)
+        ours, theirs = load_file(bundled / component / weights), load_file(built / component / weights)
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), component

@@ -53,7 +53,13 @@ def predict(host, config, transformer, text, grad=False):
     sigmas = torch.tensor([0.6])
     with torch.set_grad_enabled(grad):
         return host.provide(
-            "predict_flow", transformer=transformer, noisy_latents=noisy, sigmas=sigmas, text=text, config=config
+            "predict_flow",
+            transformer=transformer,
+            noisy_latents=noisy,
+            sigmas=sigmas,
+            text=text,
+            config=config,
+            generator=torch.Generator().manual_seed(0),
         )
 
 

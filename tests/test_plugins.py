@@ -67,9 +67,14 @@ def test_a_misspelled_hook_fails_loudly_naming_the_plugin():
 
 
 def test_a_provide_hook_with_no_answer_is_a_clear_error():
-    host = PluginHost("flux")
-    with pytest.raises(PluginError, match="no plugin answered hook 'predict_flow' \\(model family: flux\\)"):
-        host.provide("predict_flow", transformer=None, noisy_latents=None, sigmas=None, text={}, config=None)
+    class Bare:  # a family that implements no provide hook
+        @hookimpl
+        def register_families(self, register):
+            register(FamilyInfo("bare", "no hooks", {"base": "x/y"}, "base"))
+
+    host = PluginHost("bare", extra_plugins=[("bare", Bare())])
+    with pytest.raises(PluginError, match="no plugin answered hook 'predict_flow' \\(model family: bare\\)"):
+        host.provide("predict_flow", transformer=None, noisy_latents=None, sigmas=None, text={}, config=None, generator=None)
 
 
 def test_importing_the_cli_and_hook_modules_does_not_import_torch():

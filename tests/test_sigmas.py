@@ -9,15 +9,24 @@ import sys
 import pytest
 import torch
 
-from tuner.core import flow
+from tuner.core import flow, hookimpl
+from tuner.core.types import FamilyInfo
 
 from .conftest import make_config, make_host
 
 N = 200_000
 
 
+class BareFamily:
+    """A family that leaves sigma sampling to the core's default."""
+
+    @hookimpl
+    def register_families(self, register):
+        register(FamilyInfo("bare", "test family", {"base": "none"}, "base"))
+
+
 def draw(settings: dict, family: str = "chroma", resolution: int = 512) -> torch.Tensor:
-    host = make_host(family=family)
+    host = make_host(("bare", BareFamily()), family=family)
     config = make_config(host, {"data_dir": "d", "resolution": resolution, **settings})
     latent = resolution // 8
     return host.provide(
@@ -59,10 +68,10 @@ def test_core_default_shift_and_auto_shift_match_diffusers():
 
     for seq_len in (256, 1024, 4096):
         assert flow.resolution_shift(seq_len) == pytest.approx(torch.e ** calculate_shift(seq_len), rel=1e-9)
-    plain = draw({}, family="flux")
-    shifted = draw({"flow_schedule_shift": 3.0}, family="flux")
+    plain = draw({}, family="bare")
+    shifted = draw({"flow_schedule_shift": 3.0}, family="bare")
     assert torch.allclose(shifted, flow.clamp_open_unit(flow.shift_sigmas(plain, 3.0)), atol=1e-6)
-    auto = draw({"flow_schedule_auto_shift": True}, family="flux", resolution=1024)
+    auto = draw({"flow_schedule_auto_shift": True}, family="bare", resolution=1024)
     s = flow.resolution_shift((1024 // 16) ** 2)
     assert torch.allclose(auto, flow.clamp_open_unit(flow.shift_sigmas(plain, s)), atol=1e-6)
 

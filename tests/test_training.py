@@ -66,6 +66,7 @@ def predict(host, config, transformer, entry):
             sigmas=torch.tensor([0.3, 0.8]),
             text=text,
             config=config,
+            generator=torch.Generator().manual_seed(0),
         )
 
 

@@ -112,7 +112,7 @@ def sample_sigmas(config, batch_size, generator):
 def lora_target_modules(config, transformer):
     from tuner.plugins.chroma import model
 
-    return model.lora_targets(config, transformer, PRESETS, APPROXIMATOR)
+    return model.lora_targets(config, transformer)
 
 
 @hookimpl

@@ -1,19 +1,18 @@
-"""Flux.1's hooks. For now the family is registered (flavours, shared keys) so it is listed and
-selectable; loading is not implemented yet and says so in one line."""
+"""Flux.1's hooks: CLIP-L (pooled) + T5-XXL, a guidance embedding in dev, logit-normal sigmas with
+static or resolution-dependent shift (or schnell's fast schedule), optional attention masking."""
 
 from __future__ import annotations
 
 from tuner.core import hookimpl
-from tuner.core.errors import PluginError
-from tuner.core.types import FamilyInfo
+from tuner.core.types import ConfigKey, FamilyInfo
 from tuner.plugins.fluxlike import keys as shared
 
 FAMILY = FamilyInfo(
     name="flux",
-    description="Flux.1 dev / schnell (CLIP-L + T5-XXL) [not trainable yet]",
+    description="Flux.1 dev / schnell (CLIP-L + T5-XXL)",
     flavours={"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"},
     default_flavour="dev",
-    required_text_keys=("prompt_embeds", "attention_mask", "pooled_prompt_embeds"),
+    required_text_keys=("prompt_embeds", "pooled_prompt_embeds", "attention_mask"),
 )
 
 PRESETS = {
@@ -21,6 +20,30 @@ PRESETS = {
     "tiny": ["single_transformer_blocks.7.proj_out", "single_transformer_blocks.20.proj_out"],
     "nano": ["single_transformer_blocks.7.proj_out"],
 }
+T5_TOKENS = {"dev": 512, "schnell": 256}
+HIGH_PRECISION = ["x_embedder", "context_embedder", "proj_out", "norm_out"]
+
+KEYS = (
+    shared.lora_target_key(PRESETS),
+    shared.T5_PADDING,
+    *shared.GUIDANCE_KEYS,
+    shared.FAST_SCHEDULE,
+    ConfigKey("tokenizer_max_length", "int", None, "T5 tokens per caption (default: 512 dev, 256 schnell).", minimum=1),
+    ConfigKey(
+        "flux_attention_masked_training",
+        "bool",
+        False,
+        "Mask T5 padding in the transformer's attention (off in Flux's own training).",
+    ),
+    ConfigKey("validation_guidance", "float", 3.5, "Distilled guidance at validation (dev).", minimum=0),
+    ConfigKey(
+        "validation_guidance_real",
+        "float",
+        1.0,
+        "Real CFG scale at validation; > 1 runs a second pass with the negative prompt.",
+        minimum=0,
+    ),
+)
 
 
 @hookimpl
@@ -30,10 +53,86 @@ def register_families(register):
 
 @hookimpl
 def register_config_keys(register):
-    for key in (shared.lora_target_key(PRESETS), shared.T5_PADDING, *shared.GUIDANCE_KEYS, shared.FAST_SCHEDULE):
+    for key in KEYS:
         register(key)
 
 
 @hookimpl
-def load_model(config, component):
-    raise PluginError("the flux family is registered but cannot train yet; use --plugin chroma")
+def check_config(config, warn):
+    config.set_default("tokenizer_max_length", T5_TOKENS.get(config.model_flavour, 512))
+    if config.tokenizer_max_length > 512:
+        raise config.error(
+            "tokenizer_max_length", f"T5 in Flux takes at most 512 tokens, got {config.tokenizer_max_length}"
+        )
+    if config.flux_guidance_mode == "random-range" and config.flux_guidance_min > config.flux_guidance_max:
+        raise config.error(
+            "flux_guidance_min", f"{config.flux_guidance_min} is above flux_guidance_max {config.flux_guidance_max}"
+        )
+    if config.flux_fast_schedule and (config.flow_schedule_shift is not None or config.flow_schedule_auto_shift):
+        warn(f"{config.source}: flow_schedule_shift/flow_schedule_auto_shift are ignored with flux_fast_schedule")
+    if config.flux_fast_schedule and config.model_flavour != "schnell":
+        warn(
+            f"{config.source}: flux_fast_schedule is meant for schnell; this run trains flavour {config.model_flavour}"
+        )
+    if config.flux_attention_masked_training and config.validation_guidance_real > 1:
+        raise config.error(
+            "validation_guidance_real",
+            "real CFG at validation cannot mask the negative prompt's padding (FluxPipeline passes one mask to "
+            "both passes); set it to 1.0 or turn off flux_attention_masked_training",
+        )
+    if config.validation_init_image:
+        raise config.error("validation_init_image", "img2img validation is not supported for Flux yet")
+
+
+@hookimpl
+def cache_fingerprint(config, kind):
+    if kind == "text":
+        return {"tokenizer_max_length": config.tokenizer_max_length, "text_encoding": "flux-clip-t5-v1"}
+    return None
+
+
+@hookimpl
+def load_model(config, component, dtype):
+    from tuner.plugins.flux import model
+
+    return model.load(config, component, dtype)
+
+
+@hookimpl
+def encode_prompts(text_encoders, prompts, config):
+    from tuner.plugins.flux import model
+
+    return model.encode_prompts(text_encoders, prompts, config)
+
+
+@hookimpl
+def sample_sigmas(config, batch_size, latent_shape, generator):
+    from tuner.plugins.flux import model
+
+    return model.sample_sigmas(config, batch_size, latent_shape, generator)
+
+
+@hookimpl
+def lora_target_modules(config, transformer):
+    from tuner.plugins.fluxlike import model
+
+    return model.lora_targets(config, transformer, PRESETS, "flux")
+
+
+@hookimpl
+def high_precision_modules(transformer):
+    return [name for name, _ in transformer.named_modules() if name in HIGH_PRECISION or ".norm" in name]
+
+
+@hookimpl
+def predict_flow(transformer, noisy_latents, sigmas, text, config, generator):
+    from tuner.plugins.flux import model
+
+    return model.predict_flow(transformer, noisy_latents, sigmas, text, config, generator)
+
+
+@hookimpl
+def generate_images(request):
+    from tuner.plugins.flux import model
+
+    return model.generate_images(request)

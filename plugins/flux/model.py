@@ -1,0 +1,166 @@
+"""Flux.1's heavy side: two text encoders, guidance, sigma schedules and FluxPipeline validation."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tuner.core import flow
+from tuner.core.config import model_source
+from tuner.core.errors import PluginError
+from tuner.plugins.flux.plugin import FAMILY
+from tuner.plugins.fluxlike import latents as fl
+from tuner.plugins.fluxlike import model as shared
+
+# schnell's distillation schedule: sigma 1.0 seven times in ten, else 0.75, 0.5 or 0.25
+FAST_SCHEDULE = (1.0,) * 7 + (0.75, 0.5, 0.25)
+
+
+@dataclass
+class ClipT5Encoders:
+    clip_tokenizer: Any
+    clip: Any
+    t5_tokenizer: Any
+    t5: Any
+
+    def to(self, device: Any) -> ClipT5Encoders:
+        self.clip.to(device)
+        self.t5.to(device)
+        return self
+
+
+def load(config: Any, component: str, dtype: torch.dtype) -> Any:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    source = model_source(config, FAMILY.flavours)
+    kw = {"revision": config.revision} if config.revision else {}
+
+    def text_encoders() -> ClipT5Encoders:
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        return ClipT5Encoders(
+            AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
+            CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw).eval(),
+            AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw),
+            T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", dtype=dtype, **kw).eval(),
+        )
+
+    return shared.load_component(
+        "flux",
+        source,
+        component,
+        {
+            "transformer": lambda: FluxTransformer2DModel.from_pretrained(
+                source, subfolder="transformer", torch_dtype=dtype, **kw
+            ),
+            "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw),
+            "text_encoders": text_encoders,
+            "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+        },
+    )
+
+
+def encode_prompts(encoders: ClipT5Encoders, prompts: list[str], config: Any) -> dict[str, torch.Tensor]:
+    """As FluxPipeline encodes: CLIP's pooled output, and T5 run without a mask."""
+    device = encoders.t5.device
+    clip_tokens = encoders.clip_tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=encoders.clip_tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    pooled = encoders.clip(clip_tokens.input_ids.to(device), output_hidden_states=False).pooler_output
+    t5_tokens = encoders.t5_tokenizer(
+        prompts, padding="max_length", max_length=config.tokenizer_max_length, truncation=True, return_tensors="pt"
+    )
+    embeds = encoders.t5(t5_tokens.input_ids.to(device), output_hidden_states=False)[0]
+    return {
+        "prompt_embeds": embeds,
+        "pooled_prompt_embeds": pooled,
+        "attention_mask": t5_tokens.attention_mask.to(device).bool(),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _scheduler_constants(source: str, revision: str | None) -> dict[str, Any]:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    try:
+        return dict(FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler", revision=revision))
+    except (OSError, ValueError) as exc:
+        raise PluginError(f"flux: cannot read the scheduler config of {source!r}: {str(exc).splitlines()[0]}") from None
+
+
+def sample_sigmas(
+    config: Any, batch_size: int, latent_shape: tuple[int, ...], generator: torch.Generator
+) -> torch.Tensor:
+    if config.flux_fast_schedule:
+        index = torch.randint(len(FAST_SCHEDULE), (batch_size,), generator=generator)
+        return torch.tensor(FAST_SCHEDULE)[index]
+    constants = None
+    if config.flow_schedule_auto_shift:  # diffusers' calculate_shift constants, from the model itself
+        constants = _scheduler_constants(model_source(config, FAMILY.flavours), config.revision)
+    return flow.sample_shifted_logit_normal(config, batch_size, latent_shape, generator, constants)
+
+
+def guidance_values(config: Any, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    if config.flux_guidance_mode == "random-range":
+        low, high = config.flux_guidance_min, config.flux_guidance_max
+        return low + (high - low) * torch.rand(batch_size, generator=generator)
+    return torch.full((batch_size,), float(config.flux_guidance_value))
+
+
+def predict_flow(transformer, noisy_latents, sigmas, text, config, generator) -> torch.Tensor:
+    batch, device = noisy_latents.shape[0], noisy_latents.device
+    embeds, text_mask = fl.conditioning(text, config.flux_t5_padding)
+    extra: dict[str, Any] = {"pooled_projections": text["pooled_prompt_embeds"].to(noisy_latents.dtype)}
+    if shared.unwrap(transformer).config.guidance_embeds:  # dev has a guidance embedding, schnell none
+        extra["guidance"] = guidance_values(config, batch, generator).to(device)
+    if config.flux_attention_masked_training:
+        tokens = (noisy_latents.shape[-2] // 2) * (noisy_latents.shape[-1] // 2)
+        extra["joint_attention_kwargs"] = {"attention_mask": fl.joint_mask(text_mask, tokens)[:, None, None, :]}
+    return shared.predict_packed(transformer, noisy_latents, sigmas, embeds, **extra)
+
+
+def generate_images(request: Any) -> list[Any]:
+    """FluxPipeline: ``validation_guidance`` as distilled guidance (dev), ``validation_guidance_real`` > 1
+    as real CFG with the negative prompt."""
+    from diffusers import FluxPipeline
+
+    config = request.config
+    pipe = FluxPipeline(
+        scheduler=request.scheduler,
+        vae=request.vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=request.transformer,
+    )
+    negative: dict[str, Any] = {}
+    if config.validation_guidance_real > 1 and request.negative_text is not None:
+        negative = {
+            "negative_prompt_embeds": fl.conditioning(request.negative_text, config.flux_t5_padding)[0],
+            "negative_pooled_prompt_embeds": request.negative_text["pooled_prompt_embeds"],
+        }
+
+    def per_prompt(text: dict[str, torch.Tensor]) -> dict[str, Any]:
+        embeds, mask = fl.conditioning(text, config.flux_t5_padding)
+        inputs = {"prompt_embeds": embeds, "pooled_prompt_embeds": text["pooled_prompt_embeds"], **negative}
+        if config.flux_attention_masked_training:  # only without real CFG (check_config)
+            joint = fl.joint_mask(mask, shared.image_tokens(request.height, request.width))
+            inputs["joint_attention_kwargs"] = {"attention_mask": joint[:, None, None, :]}
+        return inputs
+
+    return shared.render(
+        pipe,
+        request,
+        per_prompt,
+        guidance_scale=config.validation_guidance,
+        true_cfg_scale=config.validation_guidance_real,
+        max_sequence_length=config.tokenizer_max_length,
+    )

@@ -1,0 +1,92 @@
+"""Heavy code the Flux lineage shares: loading, LoRA targets, packed prediction, pipeline rendering."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tuner.core.errors import ConfigError, PluginError
+from tuner.core.lora import resolve_targets
+from tuner.plugins.fluxlike import latents as fl
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The diffusers model inside a DDP/compile wrapper (to read its config)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def load_component(family: str, source: str, component: str, loaders: dict[str, Callable[[], Any]]) -> Any:
+    """Call the loader of ``component`` (a ``from_pretrained`` call) with one-line errors."""
+    if component not in loaders:
+        raise PluginError(f"{family}: unknown model component {component!r}")
+    try:
+        return loaders[component]()
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PluginError(f"{family}: cannot load the {component} of {source!r}: {first}") from None
+
+
+def lora_targets(
+    config: Any, transformer: torch.nn.Module, presets: dict[str, list[str]], family: str, never: str | None = None
+) -> list[str]:
+    """Full module names for ``flux_lora_target`` (a preset or a list), never under ``never``."""
+    value = config.flux_lora_target
+    patterns = presets[value] if isinstance(value, str) else value
+    if never and not isinstance(value, str):
+        touched = [n for n in resolve_targets(transformer, patterns) if n.startswith(never + ".")]
+        if touched:
+            raise ConfigError(
+                f"{config.source}: flux_lora_target matches {touched[0]} in {never} (the approximator), "
+                f"which tuner never adapts: LoRAs on it break {family.capitalize()}; remove that entry"
+            )
+    names = resolve_targets(transformer, patterns, exclude_prefixes=[never] if never else [])
+    if not names:
+        raise ConfigError(
+            f"{config.source}: flux_lora_target {value!r} matches no Linear module of the {family} transformer"
+        )
+    return names
+
+
+def predict_packed(
+    transformer: torch.nn.Module, noisy_latents: torch.Tensor, sigmas: torch.Tensor, embeds: torch.Tensor, **extra: Any
+) -> torch.Tensor:
+    """Pack the latents, add position ids, call the transformer, unpack its velocity prediction."""
+    _, _, h, w = noisy_latents.shape
+    dtype, device = noisy_latents.dtype, noisy_latents.device
+    prediction = transformer(
+        hidden_states=fl.pack(noisy_latents),
+        encoder_hidden_states=embeds.to(dtype),
+        timestep=sigmas.to(dtype),
+        img_ids=fl.image_ids(h, w, device, dtype),
+        txt_ids=fl.text_ids(embeds.shape[1], device, dtype),
+        return_dict=False,
+        **extra,
+    )[0]
+    return fl.unpack(prediction, h, w)
+
+
+def image_tokens(height: int, width: int) -> int:
+    """Packed image tokens of a ``height`` x ``width`` image (8x VAE, 2x2 patches)."""
+    return (height // 16) * (width // 16)
+
+
+def render(pipe: Any, request: Any, per_prompt: Callable[[dict[str, torch.Tensor]], dict[str, Any]], **shared: Any):
+    """One image per prompt and seed through a diffusers pipeline with precomputed embeddings."""
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for text, seed in zip(request.text, request.seeds, strict=True):
+        out = pipe(
+            **per_prompt(text),
+            **shared,
+            num_inference_steps=request.num_inference_steps,
+            height=request.height,
+            width=request.width,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pil",
+        )
+        images.append(out.images[0])
+    return images
