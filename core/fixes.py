@@ -9,6 +9,11 @@
   as a bias instead of masking (tests/test_masking.py::test_pipeline_float_mask_does_not_mask).
   Families hand the pipeline precomputed embeddings with boolean masks instead
   (:func:`tuner.plugins.fluxlike.pipeline_text_inputs`).
+* bitsandbytes 0.50 ``Linear4bit`` on a CPU with avx512bf16: the first forward in eval mode
+  without gradients (validation) repacks the NF4 weights in place into a bf16 kernel format, which
+  changes the frozen base and raises for ``in_features`` below the block size 64
+  (tests/test_quantization.py::test_bitsandbytes_cpu_repack_bug). The NF4 plugin turns the repack
+  off per layer (``support_avx512bf16_for_cpu = False``) in ``tuner.plugins.quant_nf4.quantizer``.
 """
 
 from __future__ import annotations

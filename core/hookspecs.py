@@ -120,13 +120,16 @@ def load_model(config: Config, component: str, dtype: torch.dtype) -> Any:
 
 
 @hookspec(firstresult=True)
-def quantize_model(model: Any, precision: str, keep_high_precision: list[str], config: Config) -> Any:
-    """Quantize the frozen denoiser in place to ``precision`` (a name from :func:`register_precisions`).
+def quantize_model(model: Any, unit: str, precision: str, exclude: list[str], config: Config) -> Any:
+    """Quantize, in place, the plain ``nn.Linear`` layers inside ``model.get_submodule(unit)``.
 
-    Called after :func:`load_model` for the transformer, before LoRA layers are added, when
-    ``base_model_precision`` is not ``no_change``. ``keep_high_precision`` lists full module paths
-    (from :func:`high_precision_modules`) that must not be quantized. Returns the model; stops
-    at the first non-None result.
+    Called when ``base_model_precision`` is not ``no_change``, once per loading unit (each
+    transformer block, then each other top-level part) right after that unit's weights are read,
+    so only one unit is ever held in high precision. ``model`` is the whole denoiser (set any
+    root attribute a library needs on it), ``precision`` a name this plugin registered with
+    :func:`register_precisions`, ``exclude`` the full module paths (from
+    :func:`high_precision_modules`) to leave untouched, including everything under them. Return
+    ``model`` when this plugin handled the precision, else None; stops at the first non-None result.
     """
 
 
@@ -134,8 +137,10 @@ def quantize_model(model: Any, precision: str, keep_high_precision: list[str], c
 def high_precision_modules(transformer: Any, config: Config) -> list[str]:
     """Full module paths of the denoiser that quantization must leave in high precision.
 
-    Called by the quantization step. The family answers (embedders, output projection, norms);
-    stops at the first non-None result.
+    Called once before a quantized load, with the denoiser built on the meta device (module
+    names are there, weights are not). The family answers (embedders, output projection, norms,
+    Chroma's approximator); everything under a listed path stays unquantized. Stops at the first
+    non-None result.
     """
 
 

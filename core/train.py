@@ -92,16 +92,12 @@ class Trainer:
 
     def load_transformer(self) -> torch.nn.Module:
         config, host = self.config, self.host
-        transformer = host.provide("load_model", config=config, component="transformer", dtype=self.weight_dtype)
-        if config.base_model_precision != NO_QUANTIZATION:
-            keep = host.hook.high_precision_modules(transformer=transformer, config=config) or []
-            transformer = host.provide(
-                "quantize_model",
-                model=transformer,
-                precision=config.base_model_precision,
-                keep_high_precision=keep,
-                config=config,
-            )
+        if config.base_model_precision == NO_QUANTIZATION:
+            transformer = host.provide("load_model", config=config, component="transformer", dtype=self.weight_dtype)
+        else:  # streamed block by block, each block quantized as it arrives
+            from tuner.core.quantize import load_quantized
+
+            transformer = load_quantized(host, config, self.weight_dtype)
         transformer.to(self.device)
         patterns = host.provide("lora_target_modules", config=config, transformer=transformer)
         self.targets = resolve_targets(transformer, patterns)

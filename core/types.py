@@ -26,6 +26,9 @@ class FamilyInfo:
     default_flavour: str
     # tensors every cached text encoding must hold; a cache missing one is refused (rebuild it)
     required_text_keys: tuple[str, ...] = ()
+    # the diffusers class of the denoiser and its subfolder: lets the core stream and quantize it
+    transformer_class: str = ""
+    transformer_subfolder: str = "transformer"
     plugin: str = ""  # filled in by the host
     distribution: str = ""  # filled in by the host
 

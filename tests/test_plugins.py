@@ -74,7 +74,9 @@ def test_a_provide_hook_with_no_answer_is_a_clear_error():
 
     host = PluginHost("bare", extra_plugins=[("bare", Bare())])
     with pytest.raises(PluginError, match="no plugin answered hook 'predict_flow' \\(model family: bare\\)"):
-        host.provide("predict_flow", transformer=None, noisy_latents=None, sigmas=None, text={}, config=None, generator=None)
+        host.provide(
+            "predict_flow", transformer=None, noisy_latents=None, sigmas=None, text={}, config=None, generator=None
+        )
 
 
 def test_importing_the_cli_and_hook_modules_does_not_import_torch():

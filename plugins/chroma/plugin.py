@@ -17,6 +17,7 @@ FAMILY = FamilyInfo(
         "flash": "lodestones/Chroma1-Flash",
     },
     default_flavour="base",
+    transformer_class="diffusers.ChromaTransformer2DModel",
     required_text_keys=("prompt_embeds", "attention_mask"),
 )
 

@@ -12,6 +12,7 @@ FAMILY = FamilyInfo(
     description="Flux.1 dev / schnell (CLIP-L + T5-XXL)",
     flavours={"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"},
     default_flavour="dev",
+    transformer_class="diffusers.FluxTransformer2DModel",
     required_text_keys=("prompt_embeds", "pooled_prompt_embeds", "attention_mask"),
 )
 

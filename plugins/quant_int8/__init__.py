@@ -1,1 +1,1 @@
-"""int8 / int4 base quantization through optimum-quanto (skeleton: precisions are registered)."""
+"""int8 / int4 weight quantization of the frozen denoiser through optimum-quanto."""

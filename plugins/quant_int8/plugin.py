@@ -1,23 +1,28 @@
-"""Registers ``int8-quanto`` and ``int4-quanto``. Quantizing is not implemented yet and says so."""
+"""Registers ``int8-quanto`` and ``int4-quanto``. Import-cheap: quanto is imported when quantizing."""
 
 from __future__ import annotations
 
 from tuner.core import hookimpl
-from tuner.core.errors import PluginError
 from tuner.core.types import PrecisionInfo
 
-PRECISIONS = ("int8-quanto", "int4-quanto")
+HINT = "install it with: pip install optimum-quanto  (or: pip install 'tuner[quanto]')"
+PRECISIONS = {"int8-quanto": "qint8", "int4-quanto": "qint4"}
 
 
 @hookimpl
 def register_precisions(register):
-    hint = "pip install optimum-quanto"
-    register(PrecisionInfo("int8-quanto", "int8 weights (optimum-quanto)", ("optimum.quanto",), hint))
-    register(PrecisionInfo("int4-quanto", "int4 weights (optimum-quanto)", ("optimum.quanto",), hint))
+    register(
+        PrecisionInfo("int8-quanto", "int8 weights, per-channel scales (optimum-quanto)", ("optimum.quanto",), HINT)
+    )
+    register(
+        PrecisionInfo("int4-quanto", "int4 weights, group-wise scales (optimum-quanto)", ("optimum.quanto",), HINT)
+    )
 
 
 @hookimpl
-def quantize_model(precision):
-    if precision in PRECISIONS:
-        raise PluginError(f"base_model_precision {precision} is registered but not implemented yet; use no_change")
-    return None
+def quantize_model(model, unit, precision, exclude):
+    if precision not in PRECISIONS:
+        return None
+    from tuner.plugins.quant_int8 import quantizer
+
+    return quantizer.quantize(model, unit, PRECISIONS[precision], exclude)

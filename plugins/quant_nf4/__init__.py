@@ -1,1 +1,1 @@
-"""NF4 base quantization through bitsandbytes (skeleton: the precision is registered)."""
+"""NF4 weight quantization (with double quantization) of the frozen denoiser through bitsandbytes."""

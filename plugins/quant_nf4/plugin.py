@@ -1,9 +1,8 @@
-"""Registers ``nf4-bnb``. Quantizing is not implemented yet and says so."""
+"""Registers ``nf4-bnb``. Import-cheap: bitsandbytes is imported when quantizing."""
 
 from __future__ import annotations
 
 from tuner.core import hookimpl
-from tuner.core.errors import PluginError
 from tuner.core.types import PrecisionInfo
 
 
@@ -14,13 +13,15 @@ def register_precisions(register):
             "nf4-bnb",
             "NF4 weights with double quantization (bitsandbytes)",
             ("bitsandbytes",),
-            "pip install bitsandbytes",
+            "install it with: pip install bitsandbytes  (or: pip install 'tuner[bnb]')",
         )
     )
 
 
 @hookimpl
-def quantize_model(precision):
-    if precision == "nf4-bnb":
-        raise PluginError("base_model_precision nf4-bnb is registered but not implemented yet; use no_change")
-    return None
+def quantize_model(model, unit, precision, exclude):
+    if precision != "nf4-bnb":
+        return None
+    from tuner.plugins.quant_nf4 import quantizer
+
+    return quantizer.quantize(model, unit, exclude)
