@@ -75,8 +75,30 @@ CORE_KEYS = (
         "validation_resolution", "int", None, "Validation size (default: resolution).", minimum=16, multiple_of=16
     ),
     ConfigKey("validation_init_image", "path", None, "Image for img2img validation (families that support it)."),
-    # saving
-    ConfigKey("checkpointing_steps", "int", 0, "Save the LoRA every N steps (0: only at the end).", minimum=0),
+    # saving, resuming, surviving
+    ConfigKey(
+        "checkpointing_steps",
+        "int",
+        0,
+        "Save a full-state checkpoint (LoRA, optimizer, scheduler, RNG, data position) every N steps.",
+        minimum=0,
+    ),
+    ConfigKey("checkpoints_total_limit", "int", None, "Keep only the newest N checkpoints.", minimum=1),
+    ConfigKey(
+        "resume_from_checkpoint",
+        "str",
+        None,
+        "'latest' (the newest intact checkpoint in output_dir) or a checkpoint folder.",
+    ),
+    ConfigKey(
+        "divergence_skip_limit",
+        "int",
+        3,
+        "Non-finite steps in a row (each skipped) before rolling back to the last good checkpoint.",
+        minimum=1,
+    ),
+    ConfigKey("divergence_lr_factor", "float", 0.5, "Learning-rate factor applied at each rollback.", minimum=0),
+    ConfigKey("divergence_max_rollbacks", "int", 2, "Rollbacks before the run stops as diverged.", minimum=0),
 )
 
 
@@ -135,10 +157,17 @@ class JsonlLog:
         if event.name == "run_start":
             path = Path(event.config.output_dir) / "train_log.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
+            resumed = event.data.get("resumed_step")
+            kept = []
+            if resumed is not None and path.exists():  # drop what the interrupted run logged after it
+                kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resumed]
             self.file = path.open("w", encoding="utf-8")
+            self.file.writelines(line + "\n" for line in kept)
             self.started = time.monotonic()
-        elif event.name == "step_end" and self.file is not None:
+        elif event.name in ("step_end", "skip", "rollback") and self.file is not None:
             record = {"step": event.step, **event.data, "elapsed_s": round(time.monotonic() - self.started, 3)}
+            if event.name != "step_end":
+                record["event"] = event.name
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         elif event.name == "run_end" and self.file is not None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from tuner.core.errors import ConfigError, PluginError, TunerError
+from tuner.core.errors import ConfigError, Interrupted, PluginError, TunerError
 
 app = typer.Typer(
     name="tuner",
@@ -148,6 +148,9 @@ def main() -> None:
     _register_plugin_commands()
     try:
         app()
+    except Interrupted as exc:
+        typer.echo(str(exc), err=True)
+        sys.exit(130)
     except (TunerError, ConfigError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

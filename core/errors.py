@@ -19,6 +19,14 @@ class DataError(TunerError):
     """The dataset or a cache is unusable. The message names the folder or file."""
 
 
+class Interrupted(TunerError):
+    """Ctrl-C during training: a checkpoint was saved and the run stopped cleanly (exit 130)."""
+
+
+class Diverged(TunerError):
+    """Non-finite losses or gradients that the configured rollbacks could not cure."""
+
+
 def warn_user(message: str) -> None:
     """Print a one-line warning for the user on stderr."""
     import sys

@@ -1,25 +1,30 @@
 """The training loop: caches, model, LoRA, then steps on accelerate. No model family in here.
 
-Read it top to bottom: every family-specific step is a hook call on ``host``.
+Read it top to bottom: every family-specific step is a hook call on ``host``. Every random draw
+of a micro-batch (sigmas, noise, dropout, guidance) is seeded from (seed, micro-step, rank), and
+the data order is a function of the micro-step too, so a resumed run continues exactly as an
+uninterrupted one and N processes see what one process with the same global batch would.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tuner.core import __version__, flow
+from tuner.core import __version__, checkpoint, flow
 from tuner.core.builtin import validation_prompts
 from tuner.core.cache import CachedDataset, PreparedData, collate, prepare_caches, text_key
 from tuner.core.config import NO_QUANTIZATION, Config, model_source
 from tuner.core.data import scan_dataset
-from tuner.core.errors import ConfigError, DataError, warn_user
+from tuner.core.errors import ConfigError, DataError, Diverged, Interrupted, TunerError, warn_user
 from tuner.core.fixes import checkpoint_blocks
 from tuner.core.io import atomic_write, save_safetensors
 from tuner.core.lora import add_lora, export_from, file_metadata, lora_parameters, resolve_targets
@@ -39,6 +44,55 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     lora_files: list[Path] = field(default_factory=list)
     validation_dirs: list[Path] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+    resumed_from: Path | None = None
+    rollbacks: int = 0
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, micro-batches consumed, and the guard's state."""
+
+    step: int = 0
+    micro_step: int = 0
+    lr_scale: float = 1.0
+    rollbacks: int = 0
+
+
+def step_seed(*parts: int) -> int:
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value * 1_000_003 + int(part) + 0x632BE59BD9B4E019) % (1 << 63)
+    return value
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """Endless batches of dataset indices for one process.
+
+    Global micro-batch k holds ``local_batch * processes`` indices from epoch ``k // per_epoch``'s
+    permutation (seeded by seed and epoch); process r takes its slice. A sampler starting at k
+    yields what an uninterrupted one would from k on.
+    """
+
+    def __init__(self, size: int, local_batch: int, processes: int, rank: int, seed: int, start: int):
+        self.size, self.local, self.rank, self.seed, self.start = size, local_batch, rank, seed, start
+        self.global_batch = local_batch * processes
+        self.per_epoch = size // self.global_batch
+        self._epoch, self._perm = -1, None
+
+    def indices(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(step_seed(self.seed, epoch, 0xDA7A))
+            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator)
+        batch = self._perm[j * self.global_batch : (j + 1) * self.global_batch]
+        return batch[self.rank * self.local : (self.rank + 1) * self.local].tolist()
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            yield self.indices(k)
+            k += 1
 
 
 class Trainer:
@@ -51,15 +105,14 @@ class Trainer:
             raise config.error("mixed_precision", "fp16 needs a CUDA GPU; use bf16 or no")
         self.host, self.config, self.warn = host, config, warn
         self.output_dir = Path(config.output_dir)
-        self.accelerator = Accelerator(
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-        )
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
         self.device = self.accelerator.device
         self.components: dict[str, Any] = {}  # vae / scheduler, loaded lazily for validation
         self.targets: list[str] = []
         self.model: torch.nn.Module | None = None  # the trained transformer, after train()
+        self.position = Position()
+        self.interrupted = False
 
     # -- events -------------------------------------------------------------------------------
 
@@ -83,10 +136,11 @@ class Trainer:
         extra = prompts + [self.config.validation_negative_prompt or ""] if prompts else []
         with self.accelerator.main_process_first():
             prepared = prepare_caches(self.host, self.config, items, extra, self.device, self.weight_dtype, self.warn)
-        if len(prepared.entries) < self.config.train_batch_size:
+        global_batch = self.config.train_batch_size * self.accelerator.num_processes
+        if len(prepared.entries) < global_batch:
             raise DataError(
-                f"data_dir {self.config.data_dir} has {len(prepared.entries)} usable image(s), "
-                f"fewer than train_batch_size {self.config.train_batch_size}"
+                f"data_dir {self.config.data_dir} has {len(prepared.entries)} usable image(s), fewer than one "
+                f"global batch ({self.config.train_batch_size} x {self.accelerator.num_processes} processes)"
             )
         return prepared
 
@@ -109,18 +163,10 @@ class Trainer:
         transformer.train()
         return transformer
 
-    # -- the run ------------------------------------------------------------------------------
-
-    def train(self) -> TrainResult:
-        from accelerate.utils import set_seed
+    def make_optimizer(self, params: list[torch.nn.Parameter]) -> tuple[torch.optim.Optimizer, Any]:
         from diffusers.optimization import get_scheduler
-        from tqdm.auto import tqdm
 
-        config, accelerator = self.config, self.accelerator
-        set_seed(config.seed)
-        prepared = self.prepare_data()
-        transformer = self.load_transformer()
-        params = lora_parameters(transformer)
+        config = self.config
         optimizer = torch.optim.AdamW(
             params,
             lr=config.learning_rate,
@@ -128,114 +174,318 @@ class Trainer:
             weight_decay=config.adam_weight_decay,
             eps=config.adam_epsilon,
         )
-        loader = torch.utils.data.DataLoader(
-            CachedDataset(prepared),
-            batch_size=config.train_batch_size,
-            shuffle=True,
-            drop_last=True,
-            collate_fn=collate,
-            num_workers=config.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(config.seed),
-        )
-        processes = accelerator.num_processes
-        lr_scheduler = get_scheduler(
+        scheduler = get_scheduler(
             "cosine" if config.lr_scheduler == "cosine" else "constant_with_warmup",
             optimizer=optimizer,
-            num_warmup_steps=config.lr_warmup_steps * processes,
-            num_training_steps=config.max_train_steps * processes,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=config.max_train_steps,
         )
-        transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
+        return optimizer, scheduler
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        config, accelerator = self.config, self.accelerator
+        torch.manual_seed(config.seed)  # LoRA initialisation
+        prepared = self.prepare_data()
+        transformer = self.load_transformer()
+        params = lora_parameters(transformer)
+        optimizer, lr_scheduler = self.make_optimizer(params)
+        transformer, optimizer = accelerator.prepare(transformer, optimizer)
+        model = accelerator.unwrap_model(transformer)
+        self.model = model
 
         result = TrainResult(self.output_dir, 0)
+        if accelerator.is_main_process:
+            checkpoint.prune(self.output_dir, 0)  # leftovers of saves cut off by a crash
+        self.initial = self.snapshot(model, optimizer, lr_scheduler)  # rollback target before any checkpoint
+        result.resumed_from = self.maybe_resume(model, optimizer, lr_scheduler)
+        dataset = CachedDataset(prepared)
+        processes = accelerator.num_processes
         effective_batch = config.train_batch_size * config.gradient_accumulation_steps * processes
         self.log(
             f"training {len(prepared.entries)} images, {len(self.targets)} LoRA modules, "
             f"{sum(p.numel() for p in params):,} trainable parameters, effective batch {effective_batch}"
+            + (f" ({processes} processes)" if processes > 1 else "")
         )
-        self.emit("run_start", 0, images=len(prepared.entries), targets=len(self.targets))
-        generator = torch.Generator().manual_seed(config.seed + accelerator.process_index)
-        batches = _forever(loader)
+        self.emit(
+            "run_start",
+            self.position.step,
+            images=len(prepared.entries),
+            targets=len(self.targets),
+            effective_batch=effective_batch,
+            resumed_step=self.position.step if result.resumed_from else None,
+        )
         progress = tqdm(
             total=config.max_train_steps,
+            initial=self.position.step,
             disable=not accelerator.is_local_main_process,
             desc="steps",
             mininterval=0.1 if sys.stderr.isatty() else 5.0,  # keep redirected logs readable
         )
-        step, micro_losses, micro_sigmas = 0, [], []
-        while step < config.max_train_steps:
-            batch = next(batches)
-            with accelerator.accumulate(transformer):
-                loss, sigmas = self.training_loss(transformer, batch, generator)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
+        previous_handler = signal.signal(signal.SIGINT, self._on_interrupt) if _main_thread() else None
+        try:
+            batches = self.batches(dataset)
+            consecutive_bad = 0
+            while self.position.step < config.max_train_steps:
+                loss, sigmas, grad_norm = self.optimizer_step(transformer, params, optimizer, batches)
+                if loss is None:  # non-finite: skipped
+                    consecutive_bad += 1
+                    self.emit("skip", self.position.step, consecutive=consecutive_bad)
+                    self.log(f"step {self.position.step + 1}: non-finite loss or gradient, step skipped")
+                    if consecutive_bad >= config.divergence_skip_limit:
+                        self.rollback(model, optimizer, lr_scheduler, consecutive_bad)
+                        result.rollbacks = self.position.rollbacks
+                        progress.n = self.position.step
+                        batches, consecutive_bad = self.batches(dataset), 0
+                    continue
+                consecutive_bad = 0
                 lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(loss.detach().float().item())
-            micro_sigmas += sigmas.tolist()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            step_loss = sum(micro_losses) / len(micro_losses)
-            result.losses.append(step_loss)
-            if not math.isfinite(step_loss):
-                raise DataError(f"loss became {step_loss} at step {step}; lower learning_rate or check the data")
-            lr = lr_scheduler.get_last_lr()[0]
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            self.emit(
-                "step_end",
-                step,
-                loss=step_loss,
-                lr=lr,
-                sigma=sum(micro_sigmas) / len(micro_sigmas),
-                sigmas=[round(s, 5) for s in micro_sigmas],
-                grad_norm=None if grad_norm is None else float(grad_norm),
-            )
-            micro_losses, micro_sigmas = [], []
-            last = step == config.max_train_steps
-            if config.checkpointing_steps and step % config.checkpointing_steps == 0 and not last:
-                result.lora_files += self.save_lora(transformer, self.output_dir / f"checkpoint-{step}", step)
-            if config.validation_steps and step % config.validation_steps == 0 and not last:
-                result.validation_dirs += self.validate(transformer, prepared, step)
-        progress.close()
-        result.steps = step
-        result.lora_files += self.save_lora(transformer, self.output_dir, step)
-        result.validation_dirs += self.validate(transformer, prepared, step)
+                self.position.step += 1
+                step = self.position.step
+                result.losses.append(loss)
+                lr = lr_scheduler.get_last_lr()[0]
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                self.emit(
+                    "step_end",
+                    step,
+                    loss=loss,
+                    lr=lr,
+                    sigma=sum(sigmas) / len(sigmas),
+                    sigmas=[round(s, 5) for s in sigmas],
+                    grad_norm=grad_norm,
+                )
+                last = step == config.max_train_steps
+                if self._interrupt_requested():
+                    saved = self.save_checkpoint(model, optimizer, lr_scheduler)
+                    raise Interrupted(
+                        f"interrupted at step {step}; saved {saved}; continue with --set resume_from_checkpoint=latest"
+                    )
+                if config.checkpointing_steps and step % config.checkpointing_steps == 0 and not last:
+                    result.checkpoints.append(self.save_checkpoint(model, optimizer, lr_scheduler))
+                if config.validation_steps and step % config.validation_steps == 0 and not last:
+                    result.validation_dirs += self.validate(model, prepared, step)
+        finally:
+            progress.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+        result.steps = self.position.step
+        if config.checkpointing_steps:  # the final state too, so a finished run can be extended
+            result.checkpoints.append(self.save_checkpoint(model, optimizer, lr_scheduler))
+        result.lora_files += self.save_lora(model, self.output_dir, self.position.step)
+        result.validation_dirs += self.validate(model, prepared, self.position.step)
         accelerator.wait_for_everyone()
-        self.model = accelerator.unwrap_model(transformer)
-        self.emit("run_end", step, lora_files=[str(p) for p in result.lora_files])
+        self.emit("run_end", self.position.step, lora_files=[str(p) for p in result.lora_files])
         accelerator.end_training()
         return result
 
-    def training_loss(
-        self, transformer: torch.nn.Module, batch: dict[str, Any], generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One micro-batch: draw sigmas and noise, ask the family for the prediction, flow-matching loss."""
-        latents = batch["latents"].to(self.device, torch.float32)
-        sigmas = self.host.provide(
-            "sample_sigmas",
-            config=self.config,
-            batch_size=latents.shape[0],
-            latent_shape=tuple(latents.shape),
-            generator=generator,
+    def batches(self, dataset: CachedDataset):
+        sampler = ShardedBatches(
+            len(dataset),
+            self.config.train_batch_size,
+            self.accelerator.num_processes,
+            self.accelerator.process_index,
+            self.config.seed,
+            self.position.micro_step,
         )
-        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.config.dataloader_num_workers
+        )
+        return iter(loader)
+
+    def optimizer_step(self, transformer, params, optimizer, batches) -> tuple[float | None, list[float], float | None]:
+        """``gradient_accumulation_steps`` micro-batches, then one optimizer step unless anything is
+        non-finite (then the gradients are dropped and the loss returned is None)."""
+        config, accelerator = self.config, self.accelerator
+        accumulation = config.gradient_accumulation_steps
+        losses, sigmas = [], []
+        for index in range(accumulation):
+            batch = next(batches)
+            syncing = index == accumulation - 1
+            with nullcontext() if syncing else accelerator.no_sync(transformer):
+                loss, drawn = self.training_loss(transformer, batch, self.position.micro_step)
+                accelerator.backward(loss / accumulation)
+            self.position.micro_step += 1
+            losses.append(loss.detach().float())
+            sigmas += drawn.tolist()
+        step_loss = torch.stack(losses).mean()
+        if accelerator.num_processes > 1:
+            step_loss = accelerator.reduce(step_loss.to(self.device), reduction="mean")
+        limit = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(params, limit)
+        if not (torch.isfinite(step_loss) and torch.isfinite(torch.as_tensor(grad_norm))):
+            optimizer.zero_grad(set_to_none=True)
+            return None, sigmas, None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(step_loss), sigmas, float(grad_norm)
+
+    def training_loss(
+        self, transformer: torch.nn.Module, batch: dict[str, Any], micro_step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch: sigmas and noise drawn for the whole global batch (this process takes its
+        slice), the family's prediction, and the flow-matching loss."""
+        config, accelerator = self.config, self.accelerator
+        rollbacks = self.position.rollbacks
+        latents = batch["latents"].to(self.device, torch.float32)
+        local = latents.shape[0]
+        global_shape = (local * accelerator.num_processes, *latents.shape[1:])
+        shared = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x5EED))
+        sigmas = self.host.provide(
+            "sample_sigmas", config=config, batch_size=global_shape[0], latent_shape=global_shape, generator=shared
+        )
+        noise = torch.randn(global_shape, generator=shared)
+        mine = slice(accelerator.process_index * local, (accelerator.process_index + 1) * local)
+        sigmas, noise = sigmas[mine], noise[mine].to(self.device)
+        rank = accelerator.process_index
+        own = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x10CA1, rank))
+        torch.manual_seed(step_seed(config.seed, micro_step, rollbacks, 0xD409, rank))  # LoRA dropout
         noisy, target = flow.noisy_and_target(latents, noise, sigmas.to(self.device))
         text = {k: v.to(self.device) for k, v in batch["text"].items()}
-        with self.accelerator.autocast():
+        with accelerator.autocast():
             prediction = self.host.provide(
                 "predict_flow",
                 transformer=transformer,
                 noisy_latents=noisy.to(self.weight_dtype),
                 sigmas=sigmas.to(self.device),
                 text=text,
-                config=self.config,
-                generator=generator,
+                config=config,
+                generator=own,
             )
         return flow.flow_loss(prediction, target), sigmas
+
+    # -- interruption, checkpoints, resume, rollback ------------------------------------------
+
+    def _on_interrupt(self, signum, frame) -> None:
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        self.log("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+
+    def _interrupt_requested(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.interrupted
+        flag = torch.tensor(float(self.interrupted), device=self.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+
+    def snapshot(self, model, optimizer, lr_scheduler) -> dict[str, Any]:
+        return {
+            "adapter": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": checkpoint.optimizer_state(optimizer),
+            "scheduler": lr_scheduler.state_dict(),
+            "position": Position(),
+        }
+
+    def save_checkpoint(self, model, optimizer, lr_scheduler) -> Path:
+        accelerator = self.accelerator
+        folder = self.output_dir / f"checkpoint-{self.position.step}"
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            export = export_from(model, self.config, self.metadata(self.position.step))
+            lora = self.host.provide("export_lora", export=export, config=self.config)
+            opt_tensors, opt_state = checkpoint.optimizer_state(optimizer)
+            rng_tensors, rng_scalars = checkpoint.rng_state()
+            files = {name: (tensors, file_metadata(export)) for name, tensors in lora.items()}
+            files["adapter.safetensors"] = (
+                {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                None,
+            )
+            files["optimizer.safetensors"] = (opt_tensors, None)
+            files["rng.safetensors"] = (rng_tensors, None)
+            state = {
+                "tuner_version": __version__,
+                "position": vars(self.position),
+                "optimizer": opt_state,
+                "scheduler": lr_scheduler.state_dict(),
+                "rng": rng_scalars,
+                "resume_settings": checkpoint.resume_settings(self.config, self.targets),
+                "config": self.config.to_dict(),
+            }
+            checkpoint.write_checkpoint(folder, files, state, lambda: self._last_good(folder))
+            checkpoint.prune(self.output_dir, self.config.checkpoints_total_limit or 0)
+            self.emit("save", self.position.step, files=[str(folder / name) for name in files], checkpoint=str(folder))
+        accelerator.wait_for_everyone()
+        return folder
+
+    def _last_good(self, writing: Path) -> str:
+        good = [p for _, p in checkpoint.checkpoints(self.output_dir) if p != writing and checkpoint.verify(p) is None]
+        return good[-1].name if good else "no earlier checkpoint"
+
+    def restore(self, model, optimizer, lr_scheduler, folder: Path) -> None:
+        state, tensors = checkpoint.read_checkpoint(folder)
+        checkpoint.check_resume_settings(state["resume_settings"], self.config, self.targets, folder)
+        self._load(
+            model,
+            optimizer,
+            lr_scheduler,
+            tensors["adapter"],
+            (tensors["optimizer"], state["optimizer"]),
+            state["scheduler"],
+            Position(**state["position"]),
+        )
+        checkpoint.restore_rng(tensors["rng"], state["rng"])
+
+    def _load(self, model, optimizer, lr_scheduler, adapter, optimizer_state, scheduler_state, position) -> None:
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in adapter.items():
+                parameters[name].copy_(value.to(parameters[name].device))
+        checkpoint.restore_optimizer(optimizer, *optimizer_state)
+        lr_scheduler.load_state_dict(scheduler_state)
+        self.position = position
+
+    def maybe_resume(self, model, optimizer, lr_scheduler) -> Path | None:
+        wanted = self.config.resume_from_checkpoint
+        if not wanted:
+            return None
+        if wanted == "latest":
+            folder = checkpoint.latest_valid(self.output_dir, self.warn)
+            if folder is None:
+                self.warn(f"resume_from_checkpoint: latest: no checkpoint in {self.output_dir}; starting at step 0")
+                return None
+        else:
+            folder = Path(wanted)
+            if not folder.is_dir():
+                raise self.config.error("resume_from_checkpoint", f"{folder} is not a checkpoint folder")
+        self.restore(model, optimizer, lr_scheduler, folder)
+        self.log(f"resumed from {folder} at step {self.position.step}")
+        return folder
+
+    def rollback(self, model, optimizer, lr_scheduler, consecutive: int) -> None:
+        config = self.config
+        rollbacks, scale = self.position.rollbacks, self.position.lr_scale
+        if rollbacks >= config.divergence_max_rollbacks:
+            raise Diverged(
+                f"training diverged: {consecutive} non-finite steps in a row at step {self.position.step + 1} "
+                f"after {rollbacks} rollback(s); lower learning_rate (now x{scale:g}), check the data, or raise "
+                "divergence_max_rollbacks"
+            )
+        folder = checkpoint.latest_valid(self.output_dir, self.warn)
+        if folder is not None:
+            self.restore(model, optimizer, lr_scheduler, folder)
+        else:
+            start = self.initial
+            self._load(
+                model, optimizer, lr_scheduler, start["adapter"], start["optimizer"], start["scheduler"], Position()
+            )
+        self.position.rollbacks = rollbacks + 1
+        self.position.lr_scale = scale * config.divergence_lr_factor
+        lr_scheduler.base_lrs = [group["initial_lr"] * self.position.lr_scale for group in optimizer.param_groups]
+        for group, base, factor in zip(
+            optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(lr_scheduler.last_epoch)
+        target = folder.name if folder is not None else "the start"
+        self.log(f"rolled back to {target} (step {self.position.step}); learning rate x{self.position.lr_scale:g}")
+        self.emit(
+            "rollback",
+            self.position.step,
+            to=target,
+            lr_scale=self.position.lr_scale,
+            rollbacks=self.position.rollbacks,
+        )
 
     # -- outputs ------------------------------------------------------------------------------
 
@@ -257,17 +507,24 @@ class Trainer:
             "base_model_precision": config.base_model_precision,
         }
 
-    def save_lora(self, transformer: torch.nn.Module, folder: Path, step: int) -> list[Path]:
+    def save_lora(self, model: torch.nn.Module, folder: Path, step: int) -> list[Path]:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return []
-        export = export_from(self.accelerator.unwrap_model(transformer), self.config, self.metadata(step))
+        export = export_from(model, self.config, self.metadata(step))
         files = self.host.provide("export_lora", export=export, config=self.config)
-        written = [save_safetensors(folder / name, tensors, file_metadata(export)) for name, tensors in files.items()]
+        try:
+            written = [
+                save_safetensors(folder / name, tensors, file_metadata(export)) for name, tensors in files.items()
+            ]
+        except OSError as exc:
+            raise TunerError(
+                f"cannot write the LoRA to {folder}: {exc}; {self._last_good(folder)} in {self.output_dir} is intact"
+            ) from None
         self.emit("save", step, files=[str(p) for p in written])
         return written
 
-    def validate(self, transformer: torch.nn.Module, prepared: PreparedData, step: int) -> list[Path]:
+    def validate(self, model: torch.nn.Module, prepared: PreparedData, step: int) -> list[Path]:
         config = self.config
         prompts = validation_prompts(config)
         if not prompts or not self.accelerator.is_main_process:
@@ -276,7 +533,6 @@ class Trainer:
             if component not in self.components:
                 loaded = self.host.provide("load_model", config=config, component=component, dtype=self.weight_dtype)
                 self.components[component] = loaded.to(self.device) if component == "vae" else loaded
-        model = self.accelerator.unwrap_model(transformer)
         first_seed = config.seed if config.validation_seed is None else config.validation_seed
         size = config.validation_resolution or config.resolution
         request = ValidationRequest(
@@ -295,8 +551,10 @@ class Trainer:
         )
         was_training = model.training
         model.eval()
+        rng = torch.get_rng_state()  # validation must not disturb the training's random stream
         with torch.no_grad(), self.accelerator.autocast():
             images = self.host.provide("generate_images", request=request)
+        torch.set_rng_state(rng)
         model.train(was_training)
         folder = self.output_dir / "validation" / f"step_{step:06d}"
         paths = [folder / f"{i:02d}.png" for i in range(len(images))]
@@ -313,9 +571,10 @@ class Trainer:
         return [folder]
 
 
-def _forever(loader):
-    while True:
-        yield from loader
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _batched(entry: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:

@@ -183,9 +183,10 @@ def test_outputs_log_checkpoints_validation_and_events(tiny_chroma, shapes_dir, 
         "step_end",
         "step_end",
         "save",
+        "save",
         "validation",
         "run_end",
-    ]
+    ]  # checkpoint-2; then checkpoint-4 and the final LoRA
 
 
 def test_validation_is_reproducible(tiny_chroma, shapes_dir, tmp_path):

@@ -1,0 +1,233 @@
+"""Full-state checkpoints that are written atomically, verified on load, and never unpickled.
+
+A checkpoint folder ``checkpoint-N`` holds:
+
+* ``pytorch_lora_weights.safetensors``: the LoRA as of step N, usable on its own;
+* ``adapter.safetensors``: the trainable parameters by their names in the model;
+* ``optimizer.safetensors``: the optimizer's tensors (per-parameter state);
+* ``rng.safetensors``: the torch CPU/CUDA generator states and numpy's key;
+* ``state.json``: step, data position, optimizer param groups and scalar state, LR scheduler,
+  python/numpy RNG scalars, the divergence guard's state and the settings a resume must match;
+* ``manifest.json`` (written last): size and sha256 of every file.
+
+Everything is written to a hidden ``.checkpoint-N.partial-*`` folder, each file fsynced, and the
+folder renamed into place; a checkpoint whose manifest does not verify (a kill -9 during a save,
+a truncated copy) is skipped on resume, never loaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tuner.core.errors import ConfigError, TunerError
+from tuner.core.io import atomic_write, save_safetensors
+
+MANIFEST = "manifest.json"
+STATE = "state.json"
+NAME = re.compile(r"^checkpoint-(\d+)$")
+# settings that define the adapter: a resume with any of them changed is refused
+RESUME_KEYS = (
+    "model_family",
+    "model_flavour",
+    "pretrained_model_name_or_path",
+    "revision",
+    "network_rank",
+    "lora_alpha",
+    "flux_lora_target",
+    "base_model_precision",
+)
+
+
+class DiskFullError(TunerError):
+    """The disk filled up while writing; the message names the last good checkpoint."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1, sort_keys=True)))
+
+
+# -- capturing and restoring state ----------------------------------------------------------------
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss = random.getstate()
+    scalars = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, list(internal), gauss]}
+    return tensors, scalars
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    kind, pos, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = scalars["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *saved["scalars"].items()]:
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# -- writing, finding, loading ---------------------------------------------------------------------
+
+
+def write_checkpoint(
+    folder: Path,
+    files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None]],
+    state: dict[str, Any],
+    last_good: Callable[[], str],
+) -> Path:
+    """Write safetensors ``files`` and ``state`` to ``folder`` atomically (all or nothing)."""
+    folder = Path(folder)
+    partial = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    try:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        for name, (tensors, metadata) in files.items():
+            save_safetensors(partial / name, tensors, metadata)
+        _write_json(partial / STATE, state)
+        manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(partial.iterdir())}
+        _write_json(partial / MANIFEST, manifest)
+        if folder.exists():  # saving the same step again: move the old one aside first
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            os.replace(folder, old)
+            os.replace(partial, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, folder)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"disk full while writing {folder.name} in {folder.parent}; {last_good()} is intact; "
+                "free some space and resume with resume_from_checkpoint: latest"
+            ) from None
+        raise TunerError(f"cannot write {folder}: {exc}") from None
+    return folder
+
+
+def verify(folder: Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (the save was cut off)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        return "unreadable manifest"
+    for name, expected in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its manifest"
+    return None
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoint folders in ``output_dir`` by step, oldest first (not verified)."""
+    found = []
+    if Path(output_dir).is_dir():
+        for path in Path(output_dir).iterdir():
+            match = NAME.match(path.name)
+            if match and path.is_dir():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_valid(output_dir: Path, warn: Callable[[str], None]) -> Path | None:
+    for _, path in reversed(checkpoints(output_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warn(f"skipping {path}: {problem}")
+    return None
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    from safetensors.torch import load_file
+
+    problem = verify(folder)
+    if problem is not None:
+        raise TunerError(f"checkpoint {folder} is damaged: {problem}; pick another or delete it")
+    state = json.loads((folder / STATE).read_text())
+    tensors = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors")}
+    return state, tensors
+
+
+def prune(output_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (and leftovers of cut-off saves)."""
+    removed = []
+    for path in Path(output_dir).glob(".checkpoint-*.partial-*"):
+        shutil.rmtree(path, ignore_errors=True)
+    if keep > 0:
+        for _, path in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def resume_settings(config: Any, targets: list[str]) -> dict[str, Any]:
+    return {**{key: config.get(key) for key in RESUME_KEYS}, "targets": targets}
+
+
+def check_resume_settings(saved: dict[str, Any], config: Any, targets: list[str], folder: Path) -> None:
+    now = resume_settings(config, targets)
+    differing = [key for key in now if saved.get(key) != now[key]]
+    if differing:
+        detail = ", ".join(
+            f"{key} ({saved.get(key)!r} -> {now[key]!r})" if key != "targets" else "LoRA targets" for key in differing
+        )
+        raise ConfigError(
+            f"{config.source}: resume_from_checkpoint: {folder.name} was trained with different {detail}; "
+            "use the same settings or a new output_dir"
+        )

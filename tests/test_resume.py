@@ -1,0 +1,248 @@
+"""Runs that survive: exact resume, damaged checkpoints, retention, Ctrl-C, a full disk, divergence."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tuner.core import checkpoint, hookimpl
+from tuner.core.errors import ConfigError, Diverged, Interrupted, TunerError
+from tuner.core.train import Trainer
+
+from .conftest import REPO, base_settings, make_config, make_host, train
+
+
+def settings_for(tiny_chroma, shapes_dir, tmp_path, **extra):
+    settings = base_settings(tiny_chroma, shapes_dir, tmp_path)
+    settings.update(
+        max_train_steps=10,
+        train_batch_size=2,
+        gradient_accumulation_steps=2,
+        lora_dropout=0.1,
+        lr_scheduler="cosine",
+        lr_warmup_steps=3,
+        learning_rate=5e-3,
+        checkpointing_steps=3,
+    )
+    settings.update(extra)
+    return settings
+
+
+class StopAt:
+    """Plays the user's Ctrl-C at a given step, through the training_event hook."""
+
+    def __init__(self, step):
+        self.step, self.trainer = step, None
+
+    @hookimpl
+    def training_event(self, event):
+        if event.name == "step_end" and event.step == self.step:
+            self.trainer.interrupted = True
+
+
+def run_trainer(settings, *plugins, warnings=None):
+    host = make_host(*plugins)
+    trainer = Trainer(host, make_config(host, settings), warn=(warnings.append if warnings is not None else print))
+    for _, plugin in plugins:
+        if isinstance(plugin, StopAt):
+            plugin.trainer = trainer
+    return trainer, trainer.train()
+
+
+def log_rows(folder):
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_chroma, shapes_dir, tmp_path):
+    straight, _, _ = train(settings_for(tiny_chroma, shapes_dir, tmp_path / "a"))
+
+    settings = settings_for(tiny_chroma, shapes_dir, tmp_path / "b")
+    with pytest.raises(Interrupted, match=r"interrupted at step 6; saved .*checkpoint-6"):
+        run_trainer(settings, ("stop", StopAt(6)))
+    assert [r["step"] for r in log_rows(tmp_path / "b" / "out")] == [1, 2, 3, 4, 5, 6]
+    _, resumed = run_trainer({**settings, "resume_from_checkpoint": "latest"})
+    assert resumed.resumed_from.name == "checkpoint-6"
+    assert resumed.losses == straight.losses[6:]  # bit-identical, steps 7-10
+    rows = log_rows(tmp_path / "b" / "out")
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert [r["loss"] for r in rows] == straight.losses
+    a = load_file(tmp_path / "a" / "out" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "b" / "out" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_damaged_checkpoints_are_skipped_and_leftovers_cleaned(tiny_chroma, shapes_dir, tmp_path):
+    settings = settings_for(tiny_chroma, shapes_dir, tmp_path, max_train_steps=6)
+    train(settings)
+    out = tmp_path / "out"
+    assert [step for step, _ in checkpoint.checkpoints(out)] == [3, 6]
+    assert all(checkpoint.verify(path) is None for _, path in checkpoint.checkpoints(out))
+    optimizer_file = out / "checkpoint-6" / "optimizer.safetensors"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])  # cut off mid-write
+    (out / ".checkpoint-9.partial-4242").mkdir()  # a save killed before its rename
+    warnings: list[str] = []
+    _, result = run_trainer({**settings, "resume_from_checkpoint": "latest", "max_train_steps": 7}, warnings=warnings)
+    assert result.resumed_from.name == "checkpoint-3"
+    assert any("skipping" in w and "checkpoint-6" in w and "does not match its manifest" in w for w in warnings)
+    assert not (out / ".checkpoint-9.partial-4242").exists()
+    assert checkpoint.verify(out / "checkpoint-6") is None  # the resumed run saved step 6 anew
+    (out / "checkpoint-7" / "adapter.safetensors").write_bytes(b"garbage")
+    with pytest.raises(TunerError, match="checkpoint .*checkpoint-7 is damaged: adapter.safetensors does not match"):
+        run_trainer({**settings, "resume_from_checkpoint": str(out / "checkpoint-7")})
+
+
+def test_only_the_newest_checkpoints_are_kept(tiny_chroma, shapes_dir, tmp_path):
+    train(
+        settings_for(
+            tiny_chroma, shapes_dir, tmp_path, max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2
+        )
+    )
+    assert [step for step, _ in checkpoint.checkpoints(tmp_path / "out")] == [4, 5]
+
+
+def test_resume_with_a_different_adapter_is_refused(tiny_chroma, shapes_dir, tmp_path):
+    settings = settings_for(tiny_chroma, shapes_dir, tmp_path, max_train_steps=3)
+    train(settings)
+    changed = {**settings, "resume_from_checkpoint": "latest", "network_rank": 8, "flux_lora_target": "context"}
+    with pytest.raises(ConfigError) as info:
+        train(changed)
+    message = str(info.value)
+    assert (
+        "checkpoint-3 was trained with different network_rank (4 -> 8), flux_lora_target ('all' -> 'context')"
+        in message
+    )
+    assert "LoRA targets" in message and "\n" not in message
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_last_good_checkpoint(
+    tiny_chroma, shapes_dir, tmp_path, monkeypatch
+):
+    real = checkpoint.save_safetensors
+    calls = {"n": 0}
+
+    def filling_up(path, tensors, metadata=None):
+        if "checkpoint-6" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 2:  # fails part-way through the second checkpoint
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint, "save_safetensors", filling_up)
+    with pytest.raises(
+        checkpoint.DiskFullError, match="disk full while writing checkpoint-6 .*; checkpoint-3 is intact"
+    ):
+        train(settings_for(tiny_chroma, shapes_dir, tmp_path, max_train_steps=8))
+    out = tmp_path / "out"
+    assert [step for step, _ in checkpoint.checkpoints(out)] == [3]
+    assert checkpoint.verify(out / "checkpoint-3") is None
+    assert not list(out.glob(".checkpoint-*"))
+
+
+class PoisonSteps:
+    """Injects NaN into the prediction of chosen micro-steps, through a wrapper on predict_flow."""
+
+    def __init__(self, poisoned):
+        self.poisoned, self.calls = poisoned, 0
+
+    @hookimpl(wrapper=True)
+    def predict_flow(self):
+        prediction = yield
+        self.calls += 1
+        return prediction * float("nan") if self.calls in self.poisoned else prediction
+
+
+def test_nan_steps_are_skipped_then_rolled_back_with_a_lower_learning_rate(tiny_chroma, shapes_dir, tmp_path):
+    settings = settings_for(
+        tiny_chroma,
+        shapes_dir,
+        tmp_path,
+        gradient_accumulation_steps=1,
+        max_train_steps=8,
+        lr_scheduler="constant",
+        lr_warmup_steps=0,
+        divergence_skip_limit=2,
+    )
+    single_bad = PoisonSteps({5})  # one bad step: skipped, no rollback
+    _, result = run_trainer(settings, ("poison", single_bad))
+    assert result.steps == 8 and result.rollbacks == 0
+    skips = [r for r in log_rows(tmp_path / "out") if r.get("event") == "skip"]
+    assert len(skips) == 1 and skips[0]["step"] == 4
+
+    settings["output_dir"] = str(tmp_path / "out2")
+    _, result = run_trainer(settings, ("poison", PoisonSteps({8, 9})))  # two in a row after checkpoint-6
+    assert result.steps == 8 and result.rollbacks == 1
+    rows = log_rows(tmp_path / "out2")
+    rollback = next(r for r in rows if r.get("event") == "rollback")
+    assert rollback["to"] == "checkpoint-6" and rollback["lr_scale"] == 0.5
+    after = [r for r in rows[rows.index(rollback) + 1 :] if "lr" in r]  # the log keeps the undone step 7 too
+    assert [r["step"] for r in after] == [7, 8]
+    assert all(r["lr"] == pytest.approx(settings["learning_rate"] * 0.5) for r in after)
+
+
+def test_persistent_nan_stops_with_a_clear_message(tiny_chroma, shapes_dir, tmp_path):
+    settings = settings_for(
+        tiny_chroma,
+        shapes_dir,
+        tmp_path,
+        gradient_accumulation_steps=1,
+        max_train_steps=8,
+        divergence_skip_limit=2,
+        divergence_max_rollbacks=1,
+    )
+    with pytest.raises(Diverged, match=r"training diverged: 2 non-finite steps in a row .* after 1 rollback"):
+        run_trainer(settings, ("poison", PoisonSteps(set(range(1, 100)))))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_chroma, shapes_dir, tmp_path):
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "tuner.core.cli",
+        "run",
+        "--plugin",
+        "chroma",
+        "--config",
+        "examples/chroma-tiny.yaml",
+        "--set",
+        f"pretrained_model_name_or_path={tiny_chroma}",
+        "--set",
+        f"data_dir={shapes_dir}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        f"cache_dir={tmp_path / 'cache'}",
+        "--set",
+        "max_train_steps=100000",
+        "--set",
+        "resolution=64",
+        "--set",
+        "validation_steps=0",
+        "--set",
+        "checkpointing_steps=0",
+        "--set",
+        "validation_prompts=[]",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = out / "train_log.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted at step" in stderr and "resume_from_checkpoint=latest" in stderr
+    saved = checkpoint.latest_valid(out, print)
+    assert saved is not None and checkpoint.verify(saved) is None
+    steps = json.loads((saved / "state.json").read_text())["position"]["step"]
+    assert steps >= 5 and saved.name == f"checkpoint-{steps}"
