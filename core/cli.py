@@ -34,7 +34,8 @@ def _load_config(plugin: str | None, config_path: Path | None, overrides: list[s
     from tuner.core.config import build_config, parse_overrides, read_config_file
 
     raw: dict[str, Any] = read_config_file(config_path) if config_path else {}
-    raw.update(parse_overrides(overrides or []))
+    overridden = parse_overrides(overrides or [])
+    raw.update(overridden)
     family = plugin or raw.get("model_family")
     if family is None:
         from tuner.core.plugins import PluginHost
@@ -42,7 +43,9 @@ def _load_config(plugin: str | None, config_path: Path | None, overrides: list[s
         known = ", ".join(sorted(PluginHost().families)) or "none installed"
         raise PluginError(f"choose a model family with --plugin NAME or model_family in the config ({known})")
     host = _host(str(family))
-    config = build_config(host, raw, str(config_path) if config_path else "--set")
+    config = build_config(
+        host, raw, str(config_path) if config_path else "--set", origins=dict.fromkeys(overridden, "--set")
+    )
     return host, config
 
 
@@ -57,7 +60,9 @@ def run(
     from tuner.core.train import run as train
 
     result = train(host, cfg)
-    typer.echo(f"saved {result.lora_files[-1]} after {result.steps} steps (final loss {result.losses[-1]:.4f})")
+    if result.lora_files:  # the main process wrote them; the others have nothing to report
+        final = f" (final loss {result.losses[-1]:.4f})" if result.losses else ""
+        typer.echo(f"saved {result.lora_files[-1]} after {result.steps} steps{final}")
     if result.validation_dirs:
         typer.echo(f"validation images: {result.validation_dirs[-1]}")
 

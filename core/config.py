@@ -192,6 +192,9 @@ def _check_value(key: ConfigKey, value: Any, where: str) -> Any:
             raise bad
         value = float(value)
     elif kind in ("str", "path"):
+        if isinstance(value, bool) and key.choices:  # YAML 1.1 reads an unquoted no/yes as a bool
+            spelled = [c for c in key.choices if c in (("yes", "true", "on") if value else ("no", "false", "off"))]
+            value = spelled[0] if spelled else value
         if not isinstance(value, str):
             raise bad
     elif kind == "str_list":
@@ -213,20 +216,26 @@ def _check_value(key: ConfigKey, value: Any, where: str) -> Any:
     return value
 
 
-def validate(raw: Mapping[str, Any], keys: dict[str, ConfigKey], source: str) -> Config:
-    """Resolve aliases, refuse unknown keys, check kinds and fill defaults."""
+def validate(
+    raw: Mapping[str, Any], keys: dict[str, ConfigKey], source: str, origins: Mapping[str, str] | None = None
+) -> Config:
+    """Resolve aliases, refuse unknown keys, check kinds and fill defaults.
+
+    ``origins`` names where a key came from when not the file (``--set``), for error messages."""
+    origins = origins or {}
     alias_of = {alias: k.name for k in keys.values() for alias in k.aliases}
     values: dict[str, Any] = {}
     given_as: dict[str, str] = {}
     for given, value in raw.items():
         name = alias_of.get(given, given)
+        where = origins.get(given, source)
         if name not in keys:
             close = difflib.get_close_matches(given, list(keys) + list(alias_of), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else "; `tuner keys --plugin NAME` lists them"
-            raise ConfigError(f"{source}: unknown key {given!r}{hint}")
+            raise ConfigError(f"{where}: unknown key {given!r}{hint}")
         if name in given_as:
-            raise ConfigError(f"{source}: {given_as[name]!r} and {given!r} are the same key ({name}); keep one")
-        values[name] = _check_value(keys[name], value, source)
+            raise ConfigError(f"{where}: {given_as[name]!r} and {given!r} are the same key ({name}); keep one")
+        values[name] = _check_value(keys[name], value, where)
         given_as[name] = given
     for name, key in keys.items():
         if name not in values:
@@ -239,11 +248,12 @@ def build_config(
     raw: Mapping[str, Any],
     source: str,
     warn: Any = None,
+    origins: Mapping[str, str] | None = None,
 ) -> Config:
     """Validate ``raw`` for the host's family: keys, flavour, precision, then every check_config hook."""
     warn = warn or warn_user
     family = host.family
-    config = validate(raw, host.config_keys(), source)
+    config = validate(raw, host.config_keys(), source, origins)
     if family is not None:
         if config.model_family not in (None, family.name):
             raise config.error(

@@ -105,7 +105,16 @@ class Trainer:
             raise config.error("mixed_precision", "fp16 needs a CUDA GPU; use bf16 or no")
         self.host, self.config, self.warn = host, config, warn
         self.output_dir = Path(config.output_dir)
-        self.accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        # cpu=True on a machine without an accelerator, so `torchrun`/`accelerate launch` start
+        # gloo processes there too (accelerate only picks multi-CPU when told it is on the CPU)
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not _has_accelerator_device())
+        sharded = str(self.accelerator.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED")
+        if sharded and config.checkpointing_steps:
+            raise config.error(
+                "checkpointing_steps",
+                f"full-state checkpoints are not supported under {self.accelerator.distributed_type} yet "
+                "(they would read sharded tensors); set it to 0 (the final LoRA is still saved)",
+            )
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
         self.device = self.accelerator.device
         self.components: dict[str, Any] = {}  # vae / scheduler, loaded lazily for validation
@@ -569,6 +578,13 @@ class Trainer:
         )
         self.emit("validation", step, folder=str(folder), images=[str(p) for p in paths])
         return [folder]
+
+
+def _has_accelerator_device() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return (
+        torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu is not None and xpu.is_available())
+    )
 
 
 def _main_thread() -> bool:

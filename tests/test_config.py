@@ -57,6 +57,37 @@ def test_simpletuner_aliases(host):
     assert (config.network_rank, config.flux_t5_padding, config.validation_guidance_real) == (4, "zero", 3.0)
 
 
+def test_unquoted_no_in_yaml_means_the_choice_no(host, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data_dir: d\nmixed_precision: no\n")  # YAML 1.1 reads this as false
+    assert make_config(host, read_config_file(path)).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="gradient_checkpointing: expected true or false, got 'no'"):
+        make_config(host, {**MINIMAL, "gradient_checkpointing": "no"})
+
+
+def test_cli_names_set_as_the_origin_of_a_bad_override(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("data_dir: d\n")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tuner.core.cli",
+            "run",
+            "--plugin",
+            "chroma",
+            "--config",
+            str(path),
+            "--set",
+            "network_rank=big",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --set: network_rank: expected an integer, got 'big'"
+
+
 def test_overrides_are_yaml_scalars():
     assert parse_overrides(["network_rank=8", "gradient_checkpointing=false", "validation_prompts=[a, b]"]) == {
         "network_rank": 8,

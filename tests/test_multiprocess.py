@@ -1,0 +1,89 @@
+"""Two CPU processes (DDP over gloo, launched by accelerate) train what one process does with the
+same global batch; only the main process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from .conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(tiny_chroma, shapes_dir, tmp_path, name, processes, batch):
+    out = tmp_path / name
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "tuner.core.cli",
+        ]
+        if processes > 1
+        else [sys.executable, "-m", "tuner.core.cli"]
+    )
+    settings = {
+        "pretrained_model_name_or_path": tiny_chroma,
+        "data_dir": shapes_dir,
+        "output_dir": out,
+        "cache_dir": tmp_path / "cache",
+        "resolution": 64,
+        "train_batch_size": batch,
+        "max_train_steps": 5,
+        "gradient_accumulation_steps": 2,
+        "checkpointing_steps": 0,
+        "validation_steps": 0,
+        "validation_prompts": "[]",
+        "learning_rate": 5e-3,
+        "mixed_precision": "no",
+    }
+    overrides = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [*launcher, "run", "--plugin", "chroma", "--config", "examples/chroma-tiny.yaml", *overrides]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_dir, tmp_path):
+    single, _ = run(tiny_chroma, shapes_dir, tmp_path, "one", processes=1, batch=4)
+    double, done = run(tiny_chroma, shapes_dir, tmp_path, "two", processes=2, batch=2)
+    assert "effective batch 8 (2 processes)" in done.stdout
+    assert done.stdout.count("saved ") == 1  # only the main process reports and writes
+    a = load_file(single / "pytorch_lora_weights.safetensors")
+    b = load_file(double / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    losses = [
+        [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
+        for folder in (single, double)
+    ]
+    assert len(losses[0]) == len(losses[1]) == 5
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5, rtol=1e-4)
+    assert sorted(p.name for p in double.iterdir()) == ["pytorch_lora_weights.safetensors", "train_log.jsonl"]
