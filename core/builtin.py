@@ -83,6 +83,18 @@ CORE_KEYS = (
         "Save a full-state checkpoint (LoRA, optimizer, scheduler, RNG, data position) every N steps.",
         minimum=0,
     ),
+    ConfigKey(
+        "lora_format",
+        "str_or_list",
+        "diffusers",
+        "LoRA file format(s) to write: diffusers, comfyui, both, or a list; each is reloaded and checked.",
+    ),
+    ConfigKey(
+        "report_to",
+        "str_or_list",
+        "tensorboard",
+        "Trackers fed by training events: tensorboard (when installed), none, or a tracker plugin's name.",
+    ),
     ConfigKey("checkpoints_total_limit", "int", None, "Keep only the newest N checkpoints.", minimum=1),
     ConfigKey(
         "resume_from_checkpoint",
@@ -138,11 +150,27 @@ def sample_sigmas(config, batch_size, latent_shape, generator):
     return flow.sample_shifted_logit_normal(config, batch_size, latent_shape, generator)
 
 
+@hookimpl
+def lora_formats():
+    return ["diffusers"]
+
+
 @hookimpl(trylast=True)
-def export_lora(export, config):
+def export_lora(export, lora_format):
+    if lora_format != "diffusers":
+        return None
     from tuner.core.lora import diffusers_layout
 
     return {"pytorch_lora_weights.safetensors": diffusers_layout(export)}
+
+
+@hookimpl(trylast=True)
+def read_lora(path, lora_format, transformer, family):
+    if lora_format != "diffusers":
+        return None
+    from tuner.core.selftest import read_with_diffusers
+
+    return read_with_diffusers(path, transformer, family)
 
 
 class JsonlLog:
@@ -173,3 +201,53 @@ class JsonlLog:
         elif event.name == "run_end" and self.file is not None:
             self.file.close()
             self.file = None
+
+
+def trackers(config) -> list[str]:
+    value = config.report_to
+    return [] if value in ("none", None) else [value] if isinstance(value, str) else list(value)
+
+
+class TensorBoardLog:
+    """Loss, learning rate, grad norm, sigma histogram and validation images to TensorBoard, through
+    accelerate's tracker, in ``output_dir/logs``. On by default when tensorboard is installed."""
+
+    def __init__(self) -> None:
+        self.tracker: Any = None
+
+    @hookimpl
+    def training_event(self, event):
+        if event.name == "run_start":
+            self.tracker = None
+            if "tensorboard" not in trackers(event.config):
+                return
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+                if event.config.is_set("report_to"):
+                    event.log("warning: report_to: tensorboard is not installed (pip install tensorboard)")
+                return
+            from accelerate.tracking import TensorBoardTracker
+
+            self.tracker = TensorBoardTracker("tuner", Path(event.config.output_dir) / "logs")
+            self.tracker.start()
+        elif self.tracker is None:
+            return
+        elif event.name == "step_end":
+            import torch
+
+            data = event.data
+            scalars = {"loss": data["loss"], "lr": data["lr"], "sigma_mean": data["sigma"]}
+            if data.get("grad_norm") is not None:
+                scalars["grad_norm"] = data["grad_norm"]
+            self.tracker.log(scalars, step=event.step)
+            self.tracker.writer.add_histogram("sigma", torch.tensor(data["sigmas"]), event.step)
+        elif event.name == "validation":
+            import numpy as np
+            from PIL import Image
+
+            images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in event.data["images"]])
+            self.tracker.writer.add_images("validation", images, event.step, dataformats="NHWC")
+        elif event.name == "run_end":
+            self.tracker.finish()
+            self.tracker = None

@@ -62,7 +62,7 @@ def run(
     result = train(host, cfg)
     if result.lora_files:  # the main process wrote them; the others have nothing to report
         final = f" (final loss {result.losses[-1]:.4f})" if result.losses else ""
-        typer.echo(f"saved {result.lora_files[-1]} after {result.steps} steps{final}")
+        typer.echo(f"saved {', '.join(map(str, result.lora_files))} after {result.steps} steps{final}")
     if result.validation_dirs:
         typer.echo(f"validation images: {result.validation_dirs[-1]}")
 
@@ -139,6 +139,52 @@ def sigmas(
     peak = max(counts) or 1
     for lo, hi, count in zip(edges, edges[1:], counts, strict=False):
         typer.echo(f"{lo:4.2f}-{hi:4.2f} {'#' * round(40 * count / peak):<40} {100 * count / samples:5.1f}%")
+
+
+@app.command("check-lora")
+def check_lora(
+    file: Path = typer.Argument(..., help="LoRA .safetensors file (diffusers, kohya or ComfyUI layout)."),
+    plugin: str = typer.Option(..., "--plugin", "-p", help="Model family the LoRA is for."),
+    model: str | None = typer.Option(None, "--model", help="Base model (hub id or folder); default: the flavour."),
+    flavour: str | None = typer.Option(None, "--flavour", help="Model flavour when --model is not given."),
+    lora_format: str = typer.Option("auto", "--format", help="auto, diffusers (also kohya) or comfyui."),
+) -> None:
+    """Load a LoRA the way its runtime does and list every key that runtime would ignore."""
+    from tuner.core.config import build_config
+
+    if not file.is_file():
+        raise PluginError(f"{file} does not exist")
+    host = _host(plugin)
+    raw = {k: v for k, v in {"pretrained_model_name_or_path": model, "model_flavour": flavour}.items() if v}
+    config = build_config(host, raw, "check-lora", warn=lambda m: None)
+    import torch
+    from safetensors import safe_open
+
+    from tuner.core.errors import DataError
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:
+        raise DataError(f"{file} is not a readable safetensors file: {exc}") from None
+    if lora_format == "auto":
+        lora_format = "comfyui" if any(k.startswith("diffusion_model.") for k in keys) else "diffusers"
+    transformer = host.provide("load_model", config=config, component="transformer", dtype=torch.float32)
+    reading = host.provide(
+        "read_lora", path=str(file), lora_format=lora_format, transformer=transformer, family=host.family, config=config
+    )
+    changed = sum(1 for delta in reading.deltas.values() if delta.abs().max() > 0)
+    typer.echo(f"{file}: {lora_format} layout, {len(keys)} keys; {changed} modules of {plugin} receive a change")
+    for key in reading.unmatched:
+        typer.echo(f"  not loaded: {key}")
+    if reading.unmatched or not changed:
+        typer.echo(
+            f"FAIL: {len(reading.unmatched)} keys would be ignored"
+            if reading.unmatched
+            else "FAIL: the file changes nothing"
+        )
+        raise typer.Exit(1)
+    typer.echo("OK: every key loads")
 
 
 def _register_plugin_commands() -> None:

@@ -32,3 +32,9 @@ def warn_user(message: str) -> None:
     import sys
 
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover - import-cheap module
         ConfigKey,
         FamilyInfo,
         LoraExport,
+        LoraReading,
         PrecisionInfo,
         TrainEvent,
         ValidationRequest,
@@ -234,20 +235,45 @@ def generate_images(request: ValidationRequest) -> list[Any]:
     """
 
 
-@hookspec(firstresult=True)
-def export_lora(export: LoraExport, config: Config) -> dict[str, dict[str, torch.Tensor]]:
-    """Convert the trained adapter to the files to write: ``{file name: {key: tensor}}``.
+@hookspec
+def lora_formats(config: Config) -> list[str]:
+    """Names of the LoRA file formats this plugin writes for the run's family (``lora_format`` values).
 
-    Called at every save. The core's default writes ``pytorch_lora_weights.safetensors`` in
-    diffusers layout with per-module ``.alpha`` tensors (which both diffusers and ComfyUI read).
-    Stops at the first non-None result.
+    Called once when a run starts, on every plugin of the run; the answers are merged and an
+    unknown ``lora_format`` is refused before training.
+    """
+
+
+@hookspec(firstresult=True)
+def export_lora(
+    export: LoraExport, config: Config, lora_format: str, transformer: Any
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Convert the trained adapter to the files of ``lora_format``: ``{file name: {key: tensor}}``.
+
+    Called at every save, once per format in ``lora_format``; return None for a format this
+    plugin does not write. The core writes ``diffusers`` (``pytorch_lora_weights.safetensors``:
+    diffusers names with per-module ``.alpha`` tensors, which diffusers and ComfyUI both read);
+    the Flux lineage writes ``comfyui`` (BFL names, fused qkv). Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def read_lora(path: str, lora_format: str, transformer: Any, family: FamilyInfo, config: Config) -> LoraReading:
+    """Read a LoRA file the way its target runtime does, as weight deltas per transformer module.
+
+    Called by the self-test after every final save and by ``tuner check-lora``. ``lora_format``
+    is ``diffusers`` (also kohya and other layouts diffusers converts), ``comfyui``, or a format a
+    plugin registered. Must not change ``transformer``'s own adapters. Stops at the first non-None
+    result.
     """
 
 
 @hookspec
 def training_event(event: TrainEvent) -> None:
-    """Observe the run: called on every plugin at ``run_start``, ``step_end``, ``validation``,
-    ``save`` and ``run_end`` (``event.name``), on the main process only.
+    """Observe the run: called on every plugin, on the main process only, at ``run_start``,
+    ``step_end``, ``skip`` (a non-finite step was dropped), ``rollback``, ``validation``, ``save``
+    and ``run_end`` (``event.name``; ``event.data`` holds the details).
 
-    Use it for loggers and trackers. The core's JSONL log is such a plugin.
+    Use it for loggers and trackers: the core's JSONL log and TensorBoard tracker are such plugins,
+    and a wandb or other tracker is a package implementing this hook.
     """

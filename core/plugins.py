@@ -82,6 +82,7 @@ class PluginHost:
         self.records: list[PluginRecord] = [
             PluginRecord(CORE_PLUGIN_NAME, "tuner", _tuner_version(), builtin),
             PluginRecord("jsonl-log", "tuner", _tuner_version(), builtin.JsonlLog()),
+            PluginRecord("tensorboard-log", "tuner", _tuner_version(), builtin.TensorBoardLog()),
         ]
         if entry_points:
             self.records += _load_entry_points()

@@ -122,6 +122,16 @@ class Trainer:
         self.model: torch.nn.Module | None = None  # the trained transformer, after train()
         self.position = Position()
         self.interrupted = False
+        self.formats = self._lora_formats()
+
+    def _lora_formats(self) -> list[str]:
+        value = self.config.lora_format
+        wanted = ["diffusers", "comfyui"] if value == "both" else [value] if isinstance(value, str) else list(value)
+        known = sorted({f for answer in self.host.hook.lora_formats(config=self.config) for f in answer or []})
+        unknown = [f for f in wanted if f not in known]
+        if unknown or not wanted:
+            raise self.config.error("lora_format", f"{unknown or wanted!r}: choose from {', '.join(known)} or both")
+        return wanted
 
     # -- events -------------------------------------------------------------------------------
 
@@ -393,7 +403,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             export = export_from(model, self.config, self.metadata(self.position.step))
-            lora = self.host.provide("export_lora", export=export, config=self.config)
+            lora = {name: tensors for files in self.exported(export, model).values() for name, tensors in files.items()}
             opt_tensors, opt_state = checkpoint.optimizer_state(optimizer)
             rng_tensors, rng_scalars = checkpoint.rng_state()
             files = {name: (tensors, file_metadata(export)) for name, tensors in lora.items()}
@@ -516,22 +526,36 @@ class Trainer:
             "base_model_precision": config.base_model_precision,
         }
 
+    def exported(self, export: Any, model: torch.nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        """``{format: {file name: tensors}}`` for every requested format."""
+        return {
+            fmt: self.host.provide("export_lora", export=export, config=self.config, lora_format=fmt, transformer=model)
+            for fmt in self.formats
+        }
+
     def save_lora(self, model: torch.nn.Module, folder: Path, step: int) -> list[Path]:
+        """Write the final LoRA in every format, then reread each file as its runtime would."""
+        from tuner.core.selftest import self_test
+
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return []
         export = export_from(model, self.config, self.metadata(step))
-        files = self.host.provide("export_lora", export=export, config=self.config)
+        written: dict[str, list[Path]] = {}
         try:
-            written = [
-                save_safetensors(folder / name, tensors, file_metadata(export)) for name, tensors in files.items()
-            ]
+            for fmt, files in self.exported(export, model).items():
+                written[fmt] = [
+                    save_safetensors(folder / name, tensors, file_metadata(export)) for name, tensors in files.items()
+                ]
         except OSError as exc:
             raise TunerError(
                 f"cannot write the LoRA to {folder}: {exc}; {self._last_good(folder)} in {self.output_dir} is intact"
             ) from None
-        self.emit("save", step, files=[str(p) for p in written])
-        return written
+        paths = [p for group in written.values() for p in group]
+        self.emit("save", step, files=[str(p) for p in paths])
+        self_test(self.host, self.config, model, written)
+        self.log(f"self-test passed: {', '.join(p.name for p in paths)} reload as trained")
+        return paths
 
     def validate(self, model: torch.nn.Module, prepared: PreparedData, step: int) -> list[Path]:
         config = self.config

@@ -29,6 +29,8 @@ class FamilyInfo:
     # the diffusers class of the denoiser and its subfolder: lets the core stream and quantize it
     transformer_class: str = ""
     transformer_subfolder: str = "transformer"
+    # the diffusers pipeline class whose load_lora_weights is the reference reader of diffusers LoRAs
+    pipeline_class: str = ""
     plugin: str = ""  # filled in by the host
     distribution: str = ""  # filled in by the host
 
@@ -100,6 +102,18 @@ class LoraExport:
     rank: int
     alphas: dict[str, float]
     metadata: dict[str, Any]
+
+
+@dataclass
+class LoraReading:
+    """A LoRA file as its runtime would apply it, per module of the transformer.
+
+    ``deltas`` maps a module name to the weight change the runtime adds (``scale * B @ A``);
+    ``unmatched`` lists the file's keys the runtime would not load.
+    """
+
+    deltas: dict[str, torch.Tensor]
+    unmatched: list[str]
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 from tuner.core import hookimpl
 from tuner.core.types import ConfigKey, FamilyInfo
 from tuner.plugins.fluxlike import keys as shared
+from tuner.plugins.fluxlike.hooks import export_lora, lora_formats, read_lora  # noqa: F401 (the ComfyUI format)
 
 FAMILY = FamilyInfo(
     name="chroma",
@@ -18,6 +19,7 @@ FAMILY = FamilyInfo(
     },
     default_flavour="base",
     transformer_class="diffusers.ChromaTransformer2DModel",
+    pipeline_class="diffusers.ChromaPipeline",
     required_text_keys=("prompt_embeds", "attention_mask"),
 )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from tuner.core import hookimpl
 from tuner.core.types import ConfigKey, FamilyInfo
 from tuner.plugins.fluxlike import keys as shared
+from tuner.plugins.fluxlike.hooks import export_lora, lora_formats, read_lora  # noqa: F401 (the ComfyUI format)
 
 FAMILY = FamilyInfo(
     name="flux",
@@ -13,6 +14,7 @@ FAMILY = FamilyInfo(
     flavours={"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"},
     default_flavour="dev",
     transformer_class="diffusers.FluxTransformer2DModel",
+    pipeline_class="diffusers.FluxPipeline",
     required_text_keys=("prompt_embeds", "pooled_prompt_embeds", "attention_mask"),
 )
 

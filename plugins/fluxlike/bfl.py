@@ -1,0 +1,167 @@
+"""The ComfyUI LoRA layout of the Flux lineage: BFL module names under ``diffusion_model.``.
+
+ComfyUI loads Flux and Chroma LoRAs by the original (BFL) weight names, where q/k/v are one fused
+``qkv`` weight and a single block's q/k/v/mlp input projections are one ``linear1`` weight. A LoRA
+trained on the separate diffusers modules is written there exactly, as a block LoRA of rank
+k*r: ``A = cat(A_1..A_k)`` and ``B`` block-diagonal, with ``alpha`` scaled by k so that ComfyUI's
+``alpha / rank`` stays the trained ``alpha / r``. A file with diffusers module names under
+``diffusion_model.`` (what the reference trainer writes) loads nothing in ComfyUI.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from tuner.core.errors import PluginError
+
+PREFIX = "diffusion_model."
+DOUBLE = {
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+}
+DOUBLE_FUSED = {
+    "attn.to_q": ("img_attn.qkv", 0),
+    "attn.to_k": ("img_attn.qkv", 1),
+    "attn.to_v": ("img_attn.qkv", 2),
+    "attn.add_q_proj": ("txt_attn.qkv", 0),
+    "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+}
+SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
+SINGLE_FUSED = {"attn.to_q": 0, "attn.to_k": 1, "attn.to_v": 2, "proj_mlp": 3}
+ROOT = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+}
+SWAPPED = {"norm_out.linear"}  # BFL orders this output (shift, scale), diffusers (scale, shift)
+BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a diffusers module's output rows live in a BFL weight."""
+
+    target: str  # BFL module name
+    start: int
+    rows: int
+    total: int  # rows of the BFL weight
+    swapped: bool = False
+
+
+def places(transformer: torch.nn.Module) -> dict[str, Place]:
+    """Every Linear of a Flux/Chroma transformer that has a BFL name, with its row range there."""
+    linears = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".lora_" not in name:
+            linears[name.removesuffix(".base_layer")] = module  # peft keeps the original at .base_layer
+    found: dict[str, Place] = {}
+    fused: dict[str, list[tuple[int, str]]] = {}
+    for name, module in linears.items():
+        rows = module.out_features
+        match = BLOCK.match(name)
+        if match is None:
+            if name in ROOT:
+                found[name] = Place(ROOT[name], 0, rows, rows, name in SWAPPED)
+            continue
+        kind, index, rest = match.groups()
+        if kind == "transformer_blocks":
+            if rest in DOUBLE:
+                found[name] = Place(f"double_blocks.{index}.{DOUBLE[rest]}", 0, rows, rows)
+            elif rest in DOUBLE_FUSED:
+                target, order = DOUBLE_FUSED[rest]
+                fused.setdefault(f"double_blocks.{index}.{target}", []).append((order, name))
+        elif rest in SINGLE:
+            found[name] = Place(f"single_blocks.{index}.{SINGLE[rest]}", 0, rows, rows)
+        elif rest in SINGLE_FUSED:
+            fused.setdefault(f"single_blocks.{index}.linear1", []).append((SINGLE_FUSED[rest], name))
+    for target, members in fused.items():
+        members.sort()
+        total = sum(linears[name].out_features for _, name in members)
+        start = 0
+        for _, name in members:
+            found[name] = Place(target, start, linears[name].out_features, total)
+            start += linears[name].out_features
+    return found
+
+
+def _swap_halves(rows: torch.Tensor) -> torch.Tensor:
+    first, second = rows.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def export_comfyui(
+    state_dict: dict[str, torch.Tensor], alphas: dict[str, float], rank: int, transformer: torch.nn.Module
+) -> dict[str, torch.Tensor]:
+    """peft LoRA tensors (diffusers names) -> ComfyUI keys on BFL names, fused where BFL fuses."""
+    where = places(transformer)
+    groups: dict[str, list[str]] = {}
+    for module in alphas:
+        if module not in where:
+            raise PluginError(
+                f"comfyui LoRA format: module {module} has no ComfyUI (BFL) name; "
+                "drop it from flux_lora_target or use lora_format: diffusers"
+            )
+        groups.setdefault(where[module].target, []).append(module)
+    out: dict[str, torch.Tensor] = {}
+    for target, members in groups.items():
+        members.sort(key=lambda m: where[m].start)
+        down = torch.cat([state_dict[f"{m}.lora_A.weight"] for m in members], dim=0)
+        up = torch.zeros(where[members[0]].total, down.shape[0], dtype=down.dtype)
+        for k, module in enumerate(members):
+            place = where[module]
+            block = state_dict[f"{module}.lora_B.weight"]
+            up[place.start : place.start + place.rows, k * rank : (k + 1) * rank] = (
+                _swap_halves(block) if place.swapped else block
+            )
+        key = PREFIX + target
+        out[f"{key}.lora_A.weight"] = down
+        out[f"{key}.lora_B.weight"] = up
+        out[f"{key}.alpha"] = torch.tensor(alphas[members[0]] * len(members), dtype=torch.float32)
+    return out
+
+
+def read_comfyui(
+    tensors: dict[str, torch.Tensor], transformer: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Read a file the way ComfyUI does: match each LoRA to a BFL weight of this model, delta =
+    alpha/rank * up @ down, then express the deltas per diffusers module. Returns (deltas, unmatched)."""
+    where = places(transformer)
+    members: dict[str, list[str]] = {}
+    for module, place in where.items():
+        members.setdefault(place.target, []).append(module)
+    deltas: dict[str, torch.Tensor] = {}
+    unmatched = []
+    names = {k.rsplit(".lora_", 1)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in tensors}
+    for name in sorted(names):
+        target = name.removeprefix(PREFIX)
+        down, up = tensors.get(f"{name}.lora_A.weight"), tensors.get(f"{name}.lora_B.weight")
+        if down is None:
+            down, up = tensors.get(f"{name}.lora_down.weight"), tensors.get(f"{name}.lora_up.weight")
+        if not name.startswith(PREFIX) or target not in members or down is None or up is None:
+            unmatched += [k for k in tensors if k.startswith(name + ".")]
+            continue
+        alpha = tensors.get(f"{name}.alpha")
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        fused = scale * (up.float() @ down.float())
+        for module in members[target]:
+            place = where[module]
+            rows = fused[place.start : place.start + place.rows]
+            deltas[module] = _swap_halves(rows) if place.swapped else rows
+    return deltas, sorted(unmatched)

@@ -1,0 +1,138 @@
+"""LoRA files that load: diffusers and ComfyUI layouts, the self-test after every save, check-lora."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tuner.core import hookimpl
+from tuner.core.selftest import SelfTestFailed, adapter_deltas
+from tuner.core.train import Trainer
+
+from .conftest import REPO, base_settings, make_config, make_host
+
+
+def trained(tmp_path, model, data, family="chroma", *plugins, **extra):
+    settings = base_settings(model, data, tmp_path, family)
+    settings.update(
+        max_train_steps=4,
+        learning_rate=5e-3,
+        lora_alpha=12,
+        network_rank=4,
+        lora_format="both",
+        flux_lora_target="all+ffs",
+    )
+    settings.update(extra)
+    host = make_host(*plugins, family=family)
+    trainer = Trainer(host, make_config(host, settings), warn=lambda m: None)
+    return trainer, trainer.train()
+
+
+def check_lora(path, model, family="chroma"):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "tuner.core.cli",
+        "check-lora",
+        str(path),
+        "--plugin",
+        family,
+        "--model",
+        str(model),
+    ]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+
+
+def test_both_formats_are_written_and_pass_their_self_test(tiny_chroma, shapes_dir, tmp_path):
+    trainer, result = trained(tmp_path, tiny_chroma, shapes_dir)
+    names = sorted(p.name for p in result.lora_files)
+    assert names == ["pytorch_lora_weights.safetensors", "pytorch_lora_weights_comfyui.safetensors"]
+    comfy = load_file(tmp_path / "out" / "pytorch_lora_weights_comfyui.safetensors")
+    assert all(k.startswith("diffusion_model.") for k in comfy)
+    # fused q/k/v (+mlp in single blocks) as a block LoRA of rank k*r, alpha scaled by k
+    qkv = "diffusion_model.double_blocks.0.img_attn.qkv"
+    assert comfy[f"{qkv}.lora_A.weight"].shape == (12, 32) and comfy[f"{qkv}.lora_B.weight"].shape == (96, 12)
+    assert float(comfy[f"{qkv}.alpha"]) == 36.0
+    linear1 = "diffusion_model.single_blocks.1.linear1"
+    assert comfy[f"{linear1}.lora_A.weight"].shape == (16, 32) and float(comfy[f"{linear1}.alpha"]) == 48.0
+    assert {
+        "diffusion_model.final_layer.linear.alpha",
+        "diffusion_model.single_blocks.0.linear2.alpha",
+        "diffusion_model.double_blocks.0.txt_mlp.2.alpha",
+    } <= set(comfy)
+    # ComfyUI's arithmetic on the fused weight: rows of k equal the trained k delta
+    deltas = adapter_deltas(trainer.model)
+    fused = (
+        float(comfy[f"{linear1}.alpha"]) / 16 * comfy[f"{linear1}.lora_B.weight"] @ comfy[f"{linear1}.lora_A.weight"]
+    )
+    torch.testing.assert_close(fused[32:64], deltas["single_transformer_blocks.1.attn.to_k"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused[96:], deltas["single_transformer_blocks.1.proj_mlp"], atol=1e-6, rtol=1e-5)
+
+
+def test_flux_comfyui_file_covers_modulation_and_passes_the_self_test(tiny_flux, shapes_dir, tmp_path):
+    _, result = trained(
+        tmp_path, tiny_flux, shapes_dir, "flux", flux_lora_target=["to_q", "norm1.linear", "norm_out.linear"]
+    )
+    comfy = load_file(tmp_path / "out" / "pytorch_lora_weights_comfyui.safetensors")
+    assert {
+        "diffusion_model.double_blocks.0.img_mod.lin.alpha",
+        "diffusion_model.final_layer.adaLN_modulation.1.alpha",
+    } <= set(comfy)
+
+
+class BreakExport:
+    """A faulty format converter, injected through the plugin manager."""
+
+    def __init__(self, how):
+        self.how = how
+
+    @hookimpl(wrapper=True)
+    def export_lora(self, lora_format):
+        files = yield
+        if files is None or lora_format != "diffusers":
+            return files
+        tensors = dict(files["pytorch_lora_weights.safetensors"])
+        if self.how == "rename":
+            key = next(k for k in tensors if k.endswith("to_q.lora_A.weight"))
+            tensors[key.replace("to_q", "to_qq")] = tensors.pop(key)
+        else:  # forget the alphas: diffusers then assumes alpha = rank
+            tensors = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+        return {"pytorch_lora_weights.safetensors": tensors}
+
+
+@pytest.mark.parametrize(("how", "message"), [("rename", "does not load key .*to_qq"), ("alpha", "off by")])
+def test_the_self_test_fails_the_run_loudly(tiny_chroma, shapes_dir, tmp_path, how, message):
+    with pytest.raises(SelfTestFailed, match=f"LoRA self-test failed: .*{message}"):
+        trained(tmp_path, tiny_chroma, shapes_dir, "chroma", ("break", BreakExport(how)), lora_format="diffusers")
+
+
+def test_check_lora_accepts_good_files_and_flags_renamed_keys(tiny_chroma, shapes_dir, tmp_path):
+    _, result = trained(tmp_path, tiny_chroma, shapes_dir)
+    diffusers_file = tmp_path / "out" / "pytorch_lora_weights.safetensors"
+    comfy_file = tmp_path / "out" / "pytorch_lora_weights_comfyui.safetensors"
+    for good in (diffusers_file, comfy_file):
+        out = check_lora(good, tiny_chroma)
+        assert out.returncode == 0, out.stdout + out.stderr[-1500:]
+        assert "OK: every key loads" in out.stdout
+
+    tensors = load_file(diffusers_file)
+    key = "transformer.transformer_blocks.0.attn.to_k.lora_B.weight"
+    tensors[key.replace("to_k", "to_kk")] = tensors.pop(key)
+    renamed = tmp_path / "renamed.safetensors"
+    save_file(tensors, renamed)
+    out = check_lora(renamed, tiny_chroma)
+    assert out.returncode == 1
+    assert "not loaded: transformer.transformer_blocks.0.attn.to_kk.lora_B.weight" in out.stdout
+
+    # what the reference trainer writes as "comfyui": diffusers names under diffusion_model.
+    reference = {k.replace("transformer.", "diffusion_model.", 1): v for k, v in load_file(diffusers_file).items()}
+    wrong = tmp_path / "reference_comfyui.safetensors"
+    save_file(reference, wrong)
+    out = check_lora(wrong, tiny_chroma)
+    assert out.returncode == 1 and f"FAIL: {len(reference)} keys would be ignored" in out.stdout
