@@ -86,4 +86,4 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_
     ]
     assert len(losses[0]) == len(losses[1]) == 5
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5, rtol=1e-4)
-    assert sorted(p.name for p in double.iterdir()) == ["pytorch_lora_weights.safetensors", "train_log.jsonl"]
+    assert sorted(p.name for p in double.iterdir()) == ["logs", "pytorch_lora_weights.safetensors", "train_log.jsonl"]
