@@ -68,11 +68,16 @@ def run(
 
 
 @app.command()
-def plugins(as_json: bool = typer.Option(False, "--json", help="One JSON object per plugin.")) -> None:
+def plugins(
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per plugin."),
+    show_all: bool = typer.Option(False, "--all", help="Also list plugins disabled by TUNER_*_PLUGINS."),
+) -> None:
     """List installed plugins with their distribution, version, families, precisions and hooks."""
     host = _host(None)
     rows = []
     for record in host.records:
+        if record.disabled and not show_all:
+            continue
         rows.append(
             {
                 "name": record.name,
@@ -82,6 +87,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="One JSON object 
                 "precisions": sorted(p.name for p in host.precisions.values() if p.plugin == record.name),
                 "hooks": host.hooks_of(record.name),
                 "error": record.error,
+                "disabled": record.disabled,
             }
         )
     if as_json:
@@ -92,7 +98,9 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="One JSON object 
         typer.echo(
             f"{row['name']:<12} {row['distribution']} {row['version']}" + (f"  [{provides}]" if provides else "")
         )
-        if row["error"]:
+        if row["disabled"]:
+            typer.echo("    disabled (TUNER_LOAD_PLUGINS / TUNER_DISABLE_PLUGINS)")
+        elif row["error"]:
             typer.echo(f"    failed to import: {row['error']}")
         else:
             typer.echo(f"    hooks: {', '.join(row['hooks'])}")

@@ -60,7 +60,9 @@ def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in transformer.parameters() if p.requires_grad]
 
 
-def export_from(transformer: torch.nn.Module, config: Any, metadata: dict[str, Any]) -> LoraExport:
+def export_from(
+    transformer: torch.nn.Module, config: Any, metadata: dict[str, Any], alpha_in: str = "tensors"
+) -> LoraExport:
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(transformer)
@@ -70,6 +72,7 @@ def export_from(transformer: torch.nn.Module, config: Any, metadata: dict[str, A
         rank=config.network_rank,
         alphas={m: float(config.lora_alpha) for m in modules},
         metadata=metadata,
+        alpha_in=alpha_in,
     )
 
 
@@ -80,13 +83,30 @@ def diffusers_layout(export: LoraExport) -> dict[str, torch.Tensor]:
     them (it ignores file metadata), so the strength survives a reload in both when alpha != rank.
     """
     tensors = {TRANSFORMER_PREFIX + k: v for k, v in export.state_dict.items()}
-    for module, alpha in export.alphas.items():
-        tensors[f"{TRANSFORMER_PREFIX}{module}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    if export.alpha_in == "tensors":
+        for module, alpha in export.alphas.items():
+            tensors[f"{TRANSFORMER_PREFIX}{module}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return tensors
 
 
 def file_metadata(export: LoraExport) -> dict[str, str]:
-    return {"format": "pt", METADATA_KEY: json.dumps(export.metadata, sort_keys=True)}
+    """tuner's training record; for families whose diffusers loader reads alpha from
+    ``lora_adapter_metadata`` (and never both: diffusers refuses a file with both), that too."""
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(export.metadata, sort_keys=True)}
+    if export.alpha_in == "metadata":
+        modules = sorted(export.alphas)
+        alphas = {export.alphas[m] for m in modules}
+        peft_config = {
+            "r": export.rank,
+            "lora_alpha": alphas.pop() if len(alphas) == 1 else export.rank,
+            "alpha_pattern": {} if len({export.alphas[m] for m in modules}) == 1 else dict(export.alphas),
+            "rank_pattern": {},
+            "target_modules": modules,
+            "use_dora": False,
+            "lora_bias": False,
+        }
+        metadata["lora_adapter_metadata"] = json.dumps({f"transformer.{k}": v for k, v in peft_config.items()})
+    return metadata
 
 
 def read_metadata(path: str) -> dict[str, Any]:

@@ -33,18 +33,31 @@ class PluginRecord:
     version: str
     module: ModuleType | object | None
     error: str | None = None
+    disabled: bool = False
 
     @property
     def label(self) -> str:
         return f"plugin {self.name!r} (distribution {self.distribution} {self.version})"
 
 
+def _names(variable: str) -> set[str] | None:
+    value = os.environ.get(variable)
+    return None if value is None else {n.strip() for n in value.split(",") if n.strip()}
+
+
 def _load_entry_points() -> list[PluginRecord]:
+    """Import each entry point on its own. TUNER_LOAD_PLUGINS (distributions or plugin names,
+    comma-separated; empty: none) and TUNER_DISABLE_PLUGINS choose which are loaded."""
+    only, disabled = _names("TUNER_LOAD_PLUGINS"), _names("TUNER_DISABLE_PLUGINS") or set()
     records = []
     for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         dist = getattr(ep, "dist", None)
         dist_name = dist.name if dist is not None else "?"
         version = dist.version if dist is not None else "?"
+        names = {ep.name, dist_name}
+        if (only is not None and not names & only) or names & disabled:
+            records.append(PluginRecord(ep.name, dist_name, version, None, disabled=True))
+            continue
         try:
             module = ep.load()
         except Exception as exc:  # a broken third-party plugin must not take the CLI down
@@ -103,6 +116,8 @@ class PluginHost:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"{self._label(exc.plugin)}: {exc}") from None
+        if os.environ.get("TUNER_TRACE_PLUGINS") == "1":
+            self._trace()
 
     # -- building -----------------------------------------------------------------------------
 
@@ -142,6 +157,30 @@ class PluginHost:
                     )
                 found[item.name] = _with_owner(item, record)
         return found
+
+    def _trace(self) -> None:
+        """Print every hook call, and for provide hooks which plugin answered, on stderr."""
+        import sys
+
+        def traced(hook_name: str, plugin_name: str, function: Any, firstresult: bool) -> Any:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                result = function(*args, **kwargs)
+                if firstresult and result is not None:
+                    print(f"tuner-trace: {hook_name} answered by {plugin_name}: {_summary(result)}", file=sys.stderr)
+                elif not firstresult:
+                    print(f"tuner-trace: {hook_name} called on {plugin_name}", file=sys.stderr)
+                return result
+
+            return call
+
+        for name in dir(self.pm.hook):
+            caller = getattr(self.pm.hook, name)
+            if not hasattr(caller, "get_hookimpls") or caller.spec is None:
+                continue
+            firstresult = bool(caller.spec.opts.get("firstresult"))
+            for impl in caller.get_hookimpls():
+                if not impl.hookwrapper and not impl.wrapper:
+                    impl.function = traced(name, impl.plugin_name, impl.function, firstresult)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -184,6 +223,15 @@ class PluginHost:
         if plugin is None:
             return []
         return sorted(c.name for c in self.pm.get_hookcallers(plugin) or [])
+
+
+def _summary(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    if shape is not None:
+        return f"{type(value).__name__}{tuple(shape)}"
+    if isinstance(value, (list, tuple, dict)):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
 
 
 def _with_owner(item: Any, record: PluginRecord) -> Any:

@@ -11,6 +11,8 @@ runtime would not load, or a delta that differs (a wrong alpha, a misplaced slic
 
 from __future__ import annotations
 
+import inspect
+import json
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ def read_with_diffusers(path: str, transformer: torch.nn.Module, family: FamilyI
     ``lora_adapter_metadata`` taken into account), then apply it the way peft does
     (``alpha / r * B @ A``) to the transformer's modules. Needs module names only, so it works on
     a quantized model and on an empty skeleton. Keys that would reach no module are reported."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from tuner.core.quantize import import_object
@@ -52,26 +55,35 @@ def read_with_diffusers(path: str, transformer: torch.nn.Module, family: FamilyI
     # diffusers raises on a lora_A without its lora_B (or the reverse): report those, read the rest
     incomplete = _incomplete_pairs(list(tensors))
     usable = {k: v for k, v in tensors.items() if k not in incomplete}
+    reads_alphas = "return_alphas" in inspect.signature(pipeline_cls.lora_state_dict).parameters
     try:
-        state_dict, alphas, metadata = pipeline_cls.lora_state_dict(
-            usable, return_alphas=True, return_lora_metadata=True
-        )
+        if reads_alphas:  # Flux-style loaders turn .alpha tensors into network alphas
+            state_dict, alphas, metadata = pipeline_cls.lora_state_dict(
+                usable, return_alphas=True, return_lora_metadata=True
+            )
+        else:  # others (SD3) pass network_alphas=None: .alpha tensors are not read
+            state_dict, metadata = pipeline_cls.lora_state_dict(usable, return_lora_metadata=True)
+            alphas = None
     except Exception as exc:  # a file diffusers cannot read at all
         raise SelfTestFailed(f"{path}: diffusers cannot read it: {first_line(exc)}") from None
+    if metadata is None:  # a dict input carries no file metadata; read it from the file
+        with safe_open(path, framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("lora_adapter_metadata")
+        metadata = json.loads(raw) if raw else None
     linears = {
         name.removesuffix(".base_layer")
         for name, module in transformer.named_modules()
         if isinstance(module, torch.nn.Linear) and ".lora_" not in name
     }
-    config = metadata or {}
+    config = {k.removeprefix("transformer."): v for k, v in (metadata or {}).items()}
     deltas: dict[str, torch.Tensor] = {}
     unmatched = sorted(incomplete)
     for key in state_dict:
         if key.startswith(("text_encoder.", "text_encoder_2.")):
             continue  # loaded into a text encoder by diffusers; not the transformer's business
         module = _module_of(key)
-        if not key.startswith("transformer.") or module not in linears:
-            unmatched.append(key)  # diffusers would load this into nothing
+        if not key.startswith("transformer.") or module not in linears or key.endswith(".alpha"):
+            unmatched.append(key)  # diffusers would load this into nothing (or ignore it)
             continue
         if ".lora_A." not in key:
             continue  # B is read together with its A

@@ -402,7 +402,7 @@ class Trainer:
         folder = self.output_dir / f"checkpoint-{self.position.step}"
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            export = export_from(model, self.config, self.metadata(self.position.step))
+            export = export_from(model, self.config, self.metadata(self.position.step), self.host.family.lora_alpha_in)
             lora = {name: tensors for files in self.exported(export, model).values() for name, tensors in files.items()}
             opt_tensors, opt_state = checkpoint.optimizer_state(optimizer)
             rng_tensors, rng_scalars = checkpoint.rng_state()
@@ -540,7 +540,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return []
-        export = export_from(model, self.config, self.metadata(step))
+        export = export_from(model, self.config, self.metadata(step), self.host.family.lora_alpha_in)
         written: dict[str, list[Path]] = {}
         try:
             for fmt, files in self.exported(export, model).items():

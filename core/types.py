@@ -29,8 +29,12 @@ class FamilyInfo:
     # the diffusers class of the denoiser and its subfolder: lets the core stream and quantize it
     transformer_class: str = ""
     transformer_subfolder: str = "transformer"
-    # the diffusers pipeline class whose load_lora_weights is the reference reader of diffusers LoRAs
+    # the diffusers pipeline class whose LoRA loader is the reference reader of diffusers LoRAs
     pipeline_class: str = ""
+    # where that loader reads lora_alpha: "tensors" (a scalar .alpha per module, which ComfyUI
+    # reads too; Flux and Chroma) or "metadata" (diffusers' lora_adapter_metadata; SD3 ignores
+    # .alpha tensors)
+    lora_alpha_in: str = "tensors"
     plugin: str = ""  # filled in by the host
     distribution: str = ""  # filled in by the host
 
@@ -102,6 +106,7 @@ class LoraExport:
     rank: int
     alphas: dict[str, float]
     metadata: dict[str, Any]
+    alpha_in: str = "tensors"  # the family's FamilyInfo.lora_alpha_in
 
 
 @dataclass

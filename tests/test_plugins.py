@@ -20,7 +20,7 @@ def test_bundled_plugins_are_found_through_entry_points():
     for name in ("chroma", "flux", "quant_int8", "quant_nf4"):
         assert by_name[name].distribution == "tuner"
         assert by_name[name].error is None
-    assert set(host.families) == {"chroma", "flux"}
+    assert {"chroma", "flux"} <= set(host.families)  # plus any installed third-party family (tuner-sd3)
     assert host.families["chroma"].plugin == "chroma"
     assert set(host.precisions) == {"int8-quanto", "int4-quanto", "nf4-bnb"}
     assert host.families["chroma"].flavours == {
@@ -104,11 +104,7 @@ def test_tuner_plugins_lists_versions_and_hooks():
 def test_unknown_plugin_on_the_command_line_is_one_line(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("data_dir: x\n")
-    out = subprocess.run(
-        [sys.executable, "-m", "tuner.core.cli", "run", "--plugin", "nope", "--config", str(config)],
-        capture_output=True,
-        text=True,
-    )
+    out = _cli("run", "--plugin", "nope", "--config", str(config), TUNER_LOAD_PLUGINS="tuner")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: unknown model family 'nope'; installed families: chroma, flux"]
 
@@ -162,3 +158,31 @@ def test_a_broken_third_party_plugin_is_reported_and_others_keep_working(tmp_pat
     assert out.stderr.strip() == (
         "error: plugin 'broken' from distribution broken-family 0.3 failed to import: ImportError: needs libfoo"
     )
+
+
+def _cli(*args, **env):
+    return subprocess.run(
+        [sys.executable, "-m", "tuner.core.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, **env},
+    )
+
+
+def test_tuner_load_plugins_empty_means_none_and_disabled_ones_show_with_all():
+    out = _cli("plugins", "--json", TUNER_LOAD_PLUGINS="")
+    assert {row["name"] for row in json.loads(out.stdout)} == {"core", "jsonl-log", "tensorboard-log"}
+    listed = {row["name"]: row for row in json.loads(_cli("plugins", "--json", "--all", TUNER_LOAD_PLUGINS="").stdout)}
+    assert listed["chroma"]["disabled"] is True and listed["chroma"]["hooks"] == []
+
+
+def test_tuner_disable_plugins_removes_a_family():
+    out = _cli("sigmas", "--plugin", "flux", TUNER_DISABLE_PLUGINS="flux")
+    assert out.returncode == 2 and "unknown model family 'flux'; installed families: chroma" in out.stderr
+    assert _cli("sigmas", "--plugin", "chroma", "--samples", "10", TUNER_DISABLE_PLUGINS="flux").returncode == 0
+
+
+def test_tuner_trace_plugins_prints_which_plugin_answered():
+    out = _cli("sigmas", "--plugin", "chroma", "--samples", "10", TUNER_TRACE_PLUGINS="1")
+    assert "tuner-trace: sample_sigmas answered by chroma: Tensor(10,)" in out.stderr
+    assert "tuner-trace: check_config called on core" in out.stderr

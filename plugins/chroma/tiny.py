@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuner.plugins.fluxlike import tiny
+from tuner.plugins.fluxlike.tiny import transformer_config
+from tuner.testing import tiny
 
 
 def build_tiny_chroma(folder: str | Path, seed: int = 0, **transformer: int | tuple[int, ...]) -> Path:
@@ -23,7 +24,7 @@ def build_tiny_chroma(folder: str | Path, seed: int = 0, **transformer: int | tu
 
     torch.manual_seed(seed)
     tokenizer = tiny.t5_tokenizer()
-    config = tiny.transformer_config(approximator_num_channels=8, approximator_hidden_dim=32, approximator_layers=1)
+    config = transformer_config(approximator_num_channels=8, approximator_hidden_dim=32, approximator_layers=1)
     pipe = ChromaPipeline(
         transformer=ChromaTransformer2DModel(**{**config, **transformer}),
         text_encoder=tiny.t5_encoder(len(tokenizer)),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuner.plugins.fluxlike import tiny
+from tuner.plugins.fluxlike.tiny import transformer_config
+from tuner.testing import tiny
 
 
 def build_tiny_flux(folder: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
@@ -17,7 +18,7 @@ def build_tiny_flux(folder: str | Path, seed: int = 0, guidance_embeds: bool = T
     t5_tokenizer, clip_tokenizer = tiny.t5_tokenizer(), tiny.clip_tokenizer()
     pipe = FluxPipeline(
         transformer=FluxTransformer2DModel(
-            **tiny.transformer_config(pooled_projection_dim=tiny.TEXT_WIDTH, guidance_embeds=guidance_embeds)
+            **transformer_config(pooled_projection_dim=tiny.TEXT_WIDTH, guidance_embeds=guidance_embeds)
         ),
         text_encoder=tiny.clip_encoder(len(clip_tokenizer)),
         tokenizer=clip_tokenizer,

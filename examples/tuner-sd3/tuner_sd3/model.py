@@ -1,0 +1,104 @@
+"""SD3's heavy side, through diffusers: loading, the pipeline's own prompt encoding, prediction,
+validation with StableDiffusion3Pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tuner.core.config import model_source
+from tuner.core.errors import ConfigError, PluginError
+from tuner.core.lora import resolve_targets
+from tuner_sd3.plugin import FAMILY, PRESETS
+
+
+def load(config: Any, component: str, dtype: torch.dtype) -> Any:
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    source = model_source(config, FAMILY.flavours)
+    kw = {"revision": config.revision} if config.revision else {}
+    loaders = {
+        "transformer": lambda: SD3Transformer2DModel.from_pretrained(
+            source, subfolder="transformer", torch_dtype=dtype, **kw
+        ),
+        "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw),
+        "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+        # the three text encoders and tokenizers, held by a pipeline so its encode_prompt does the work
+        "text_encoders": lambda: StableDiffusion3Pipeline.from_pretrained(
+            source, transformer=None, vae=None, torch_dtype=dtype, **kw
+        ),
+    }
+    if component not in loaders:
+        raise PluginError(f"sd3: unknown model component {component!r}")
+    try:
+        return loaders[component]()
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PluginError(f"sd3: cannot load the {component} of {source!r}: {first}") from None
+
+
+def encode_prompts(pipe: Any, prompts: list[str], config: Any) -> dict[str, torch.Tensor]:
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=prompts,
+        prompt_2=None,
+        prompt_3=None,
+        device=pipe.text_encoder.device,
+        do_classifier_free_guidance=False,
+        max_sequence_length=config.tokenizer_max_length,
+    )
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+def lora_targets(config: Any, transformer: torch.nn.Module) -> list[str]:
+    value = config.sd3_lora_target
+    names = resolve_targets(transformer, PRESETS[value] if isinstance(value, str) else value)
+    if not names:
+        raise ConfigError(f"{config.source}: sd3_lora_target {value!r} matches no Linear module of the SD3 transformer")
+    return names
+
+
+def predict_flow(transformer, noisy_latents, sigmas, text) -> torch.Tensor:
+    dtype = noisy_latents.dtype
+    return transformer(
+        hidden_states=noisy_latents,  # SD3 patchifies inside the model
+        encoder_hidden_states=text["prompt_embeds"].to(dtype),
+        pooled_projections=text["pooled_prompt_embeds"].to(dtype),
+        timestep=sigmas.to(dtype) * 1000,  # SD3 takes timesteps in [0, 1000]
+        return_dict=False,
+    )[0]
+
+
+def generate_images(request: Any) -> list[Any]:
+    import inspect
+
+    from diffusers import StableDiffusion3Pipeline
+
+    config = request.config
+    components = {n: None for n in inspect.signature(StableDiffusion3Pipeline.__init__).parameters if n != "self"}
+    pipe = StableDiffusion3Pipeline(
+        **{**components, "transformer": request.transformer, "scheduler": request.scheduler, "vae": request.vae}
+    )
+    pipe.set_progress_bar_config(disable=True)
+    negative = request.negative_text
+    images = []
+    for text, seed in zip(request.text, request.seeds, strict=True):
+        out = pipe(
+            prompt_embeds=text["prompt_embeds"],
+            pooled_prompt_embeds=text["pooled_prompt_embeds"],
+            negative_prompt_embeds=negative["prompt_embeds"],
+            negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"],
+            guidance_scale=config.validation_guidance,
+            num_inference_steps=request.num_inference_steps,
+            height=request.height,
+            width=request.width,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pil",
+        )
+        images.append(out.images[0])
+    return images

@@ -1,0 +1,120 @@
+"""Random miniature model components for tests and examples, built offline: T5 and CLIP encoders
+with in-memory tokenizers, the 16-channel VAE with an 8x downscale, a flow-matching scheduler.
+Public API for plugin authors (tuner's own Chroma and Flux miniatures are built from these)."""
+
+from __future__ import annotations
+
+# Words the miniature tokenizers know; any other word becomes <unk> (T5) or is spelled out (CLIP).
+VOCABULARY = (
+    "a an the of on in with and photo picture drawing image small big large tiny "
+    "red green blue yellow orange purple white black gray pink brown cyan "
+    "circle square triangle ring cross stripe stripes dot dots shape shapes "
+    "background centered left right top bottom corner two three several bright dark "
+    "cat dog tree house sky sun moon flower car person face blurry sharp detailed"
+).split()
+
+TEXT_WIDTH = 32  # d_model of the miniature T5 and CLIP: the transformers' joint/pooled dims
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + word, -float(i + 1)) for i, word in enumerate(VOCABULARY)]
+    return T5Tokenizer(vocab=pieces)
+
+
+def t5_encoder(vocab_size: int, width: int = TEXT_WIDTH):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=width,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+
+
+def clip_tokenizer():
+    """A byte-pair CLIP tokenizer over single letters plus whole-word merges for VOCABULARY."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase:
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in VOCABULARY:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            if (parts[0], parts[1]) not in merges:
+                merges.append((parts[0], parts[1]))
+            vocab.setdefault(merged, len(vocab))
+            parts = [merged, *parts[2:]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def clip_encoder(vocab_size: int, with_projection: bool = False, width: int = TEXT_WIDTH):
+    """A one-layer CLIP text encoder; ``with_projection`` gives ``CLIPTextModelWithProjection``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=width,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+
+
+def vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def scheduler():
+    """The Flux/Chroma inference scheduler: resolution-dependent shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
