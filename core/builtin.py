@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +115,26 @@ CORE_KEYS = (
 )
 
 
+# the central settings `tuner configure` asks for (families mark their own with ask=True)
+ASKED = {
+    "model_flavour",
+    "data_dir",
+    "output_dir",
+    "resolution",
+    "network_rank",
+    "learning_rate",
+    "train_batch_size",
+    "max_train_steps",
+    "mixed_precision",
+    "base_model_precision",
+    "validation_prompts",
+}
+
+
 @hookimpl
 def register_config_keys(register):
     for key in CORE_KEYS:
-        register(key)
+        register(replace(key, ask=key.name in ASKED))
 
 
 @hookimpl

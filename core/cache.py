@@ -174,9 +174,13 @@ def prepare_caches(
     if missing_texts:
         encoders = host.provide("load_model", config=config, component="text_encoders", dtype=dtype)
         encoders = encoders.to(device) if hasattr(encoders, "to") else encoders
+        # captions in batches; prompts (validation) one at a time, as `tuner sample` encodes them,
+        # so that a recipe reproduces the validation images bit for bit
+        captions = [t for t in missing_texts if t not in extra_texts]
+        batches = [captions[i : i + TEXT_BATCH] for i in range(0, len(captions), TEXT_BATCH)]
+        batches += [[t] for t in missing_texts if t in extra_texts]
         with torch.no_grad():
-            for start in range(0, len(missing_texts), TEXT_BATCH):
-                batch = missing_texts[start : start + TEXT_BATCH]
+            for batch in batches:
                 encoded = host.provide("encode_prompts", text_encoders=encoders, prompts=batch, config=config)
                 for row, t in enumerate(batch):
                     text.save(text_key(t), {name: value[row] for name, value in encoded.items()})

@@ -149,6 +149,87 @@ def sigmas(
         typer.echo(f"{lo:4.2f}-{hi:4.2f} {'#' * round(40 * count / peak):<40} {100 * count / samples:5.1f}%")
 
 
+@app.command()
+def configure(
+    plugin: str | None = PLUGIN_OPTION,
+    output: Path = typer.Option(Path("config.yaml"), "--output", "-o", help="Config file to write."),
+    defaults: bool = typer.Option(False, "--defaults", help="Take every default without asking."),
+) -> None:
+    """Ask for the central settings (family, flavour, rank, rate, precision, data, ...) and write a config."""
+    from tuner.core.wizard import run_wizard, write_config
+
+    def ask(question: str, default: str) -> str:
+        return typer.prompt(question, default=default, show_default=bool(default))
+
+    host, settings = run_wizard(plugin, ask, typer.echo, defaults)
+    path = write_config(host, settings, output)
+    typer.echo(f"wrote {path}; train with: tuner run --config {path}")
+
+
+@app.command()
+def sample(
+    plugin: str | None = PLUGIN_OPTION,
+    config: Path | None = typer.Option(None, "--config", "-c", help="The run's config file."),
+    recipe: Path | None = typer.Option(None, "--recipe", help="recipe.json written beside a trained LoRA."),
+    lora: str | None = typer.Option(None, "--lora", help="LoRA file to apply (default: the recipe's)."),
+    prompt: list[str] | None = typer.Option(None, "--prompt", help="Prompt (repeatable)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the first image."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Sampler steps."),
+    guidance: float | None = typer.Option(None, "--guidance", help="Guidance scale (the family's validation key)."),
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Negative prompt."),
+    scale: float = typer.Option(1.0, "--lora-scale", help="LoRA strength."),
+    out: Path = typer.Option(Path("samples"), "--out", help="Folder for the PNGs."),
+    set_: list[str] | None = SET_OPTION,
+) -> None:
+    """Render images with the same pipeline, masks and settings validation used."""
+    from tuner.core.config import build_config, parse_overrides, read_config_file
+    from tuner.core.sampling import recipe_settings
+
+    raw: dict[str, Any] = read_config_file(config) if config else {}
+    prompts, seeds = list(prompt or []), None
+    if recipe:
+        try:
+            saved = json.loads(Path(recipe).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--recipe {recipe}: cannot read it: {exc}") from None
+        raw.update(recipe_settings(saved))
+        plugin = plugin or saved["family"]
+        lora = lora or saved["lora_file"]
+        prompts = prompts or saved["prompts"]
+        seeds = None if prompt or seed is not None else saved["seeds"]
+        scale = saved.get("lora_scale", scale) if scale == 1.0 else scale
+    family = plugin or raw.get("model_family")
+    if family is None:
+        raise PluginError("choose a model family with --plugin NAME, a config or a recipe")
+    host = _host(str(family))
+    for key, value in (
+        ("validation_num_inference_steps", steps),
+        ("validation_negative_prompt", negative_prompt),
+        (host.family.guidance_key, guidance),
+    ):
+        if value is not None:
+            raw[key] = value
+    raw.update(parse_overrides(set_ or []))
+    raw.pop("validation_prompts", None)
+    raw.pop("validation_prompt", None)
+    cfg = build_config(host, raw, str(config or recipe or "--set"))
+    if not prompts:
+        raise ConfigError("give at least one --prompt (or a --recipe)")
+    if seeds is None:
+        first = seed if seed is not None else cfg.seed
+        seeds = [first + i for i in range(len(prompts))]
+    from tuner.core.io import atomic_write
+    from tuner.core.sampling import render
+
+    size = cfg.validation_resolution or cfg.resolution
+    images = render(host, cfg, prompts, seeds, lora, size, scale)
+    out.mkdir(parents=True, exist_ok=True)
+    for index, (image, used_seed) in enumerate(zip(images, seeds, strict=True)):
+        path = out / f"{index:02d}_seed{used_seed}.png"
+        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        typer.echo(f"wrote {path}")
+
+
 @app.command("check-lora")
 def check_lora(
     file: Path = typer.Argument(..., help="LoRA .safetensors file (diffusers, kohya or ComfyUI layout)."),

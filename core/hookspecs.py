@@ -268,6 +268,17 @@ def read_lora(path: str, lora_format: str, transformer: Any, family: FamilyInfo,
     """
 
 
+@hookspec(firstresult=True)
+def recipe_snippet(recipe: dict[str, Any]) -> str:
+    """Python code that reproduces the validation images of ``recipe`` with diffusers alone.
+
+    Called when a LoRA is saved with validation prompts; the snippet goes into the README of the
+    output folder next to ``recipe.json``. ``recipe`` holds the base model, LoRA file and scale,
+    prompts, negative prompt, seeds, size, steps, guidance and scheduler config. Stops at the first
+    non-None result.
+    """
+
+
 @hookspec
 def training_event(event: TrainEvent) -> None:
     """Observe the run: called on every plugin, on the main process only, at ``run_start``,

@@ -295,7 +295,10 @@ class Trainer:
         if config.checkpointing_steps:  # the final state too, so a finished run can be extended
             result.checkpoints.append(self.save_checkpoint(model, optimizer, lr_scheduler))
         result.lora_files += self.save_lora(model, self.output_dir, self.position.step)
-        result.validation_dirs += self.validate(model, prepared, self.position.step)
+        final_validation = self.validate(model, prepared, self.position.step)
+        result.validation_dirs += final_validation
+        if final_validation and result.lora_files:
+            self.write_recipe(result.lora_files)
         accelerator.wait_for_everyone()
         self.emit("run_end", self.position.step, lora_files=[str(p) for p in result.lora_files])
         accelerator.end_training()
@@ -557,6 +560,23 @@ class Trainer:
         self.log(f"self-test passed: {', '.join(p.name for p in paths)} reload as trained")
         return paths
 
+    def validation_seeds(self, count: int) -> list[int]:
+        first = self.config.seed if self.config.validation_seed is None else self.config.validation_seed
+        return [first + i for i in range(count)]
+
+    def write_recipe(self, lora_files: list[Path]) -> Path:
+        """recipe.json and a README with a diffusers snippet, so the previews can be reproduced."""
+        from tuner.core.sampling import make_recipe, write_recipe
+
+        config = self.config
+        prompts = validation_prompts(config)
+        lora = next((p for p in lora_files if p.name == LORA_FILE), lora_files[0])
+        size = config.validation_resolution or config.resolution
+        recipe = make_recipe(
+            self.host, config, lora, self.components["scheduler"], prompts, self.validation_seeds(len(prompts)), size
+        )
+        return write_recipe(self.output_dir, recipe, self.host.hook.recipe_snippet(recipe=recipe))
+
     def validate(self, model: torch.nn.Module, prepared: PreparedData, step: int) -> list[Path]:
         config = self.config
         prompts = validation_prompts(config)
@@ -566,7 +586,6 @@ class Trainer:
             if component not in self.components:
                 loaded = self.host.provide("load_model", config=config, component=component, dtype=self.weight_dtype)
                 self.components[component] = loaded.to(self.device) if component == "vae" else loaded
-        first_seed = config.seed if config.validation_seed is None else config.validation_seed
         size = config.validation_resolution or config.resolution
         request = ValidationRequest(
             transformer=model,
@@ -575,7 +594,7 @@ class Trainer:
             prompts=prompts,
             text=[_batched(prepared.text.load(text_key(p)), self.device) for p in prompts],
             negative_text=_batched(prepared.text.load(text_key(config.validation_negative_prompt or "")), self.device),
-            seeds=[first_seed + i for i in range(len(prompts))],
+            seeds=self.validation_seeds(len(prompts)),
             width=size,
             height=size,
             num_inference_steps=config.validation_num_inference_steps,

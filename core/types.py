@@ -35,6 +35,8 @@ class FamilyInfo:
     # reads too; Flux and Chroma) or "metadata" (diffusers' lora_adapter_metadata; SD3 ignores
     # .alpha tensors)
     lora_alpha_in: str = "tensors"
+    # the config key `tuner sample --guidance` sets (the scale validation samples with)
+    guidance_key: str = "validation_guidance"
     plugin: str = ""  # filled in by the host
     distribution: str = ""  # filled in by the host
 
@@ -73,6 +75,7 @@ class ConfigKey:
     nullable: bool = False
     minimum: float | None = None
     multiple_of: int | None = None
+    ask: bool = False  # `tuner configure` asks for it (central settings)
     owner: str = ""  # plugin that offered the key; filled in by the host
 
 

@@ -19,6 +19,7 @@ FAMILY = FamilyInfo(
     },
     default_flavour="base",
     transformer_class="diffusers.ChromaTransformer2DModel",
+    guidance_key="validation_guidance_real",
     pipeline_class="diffusers.ChromaPipeline",
     required_text_keys=("prompt_embeds", "attention_mask"),
 )
@@ -41,6 +42,7 @@ KEYS = (
         "CFG scale at validation (1.0: a single pass, no negative prompt).",
         aliases=("validation_guidance",),
         minimum=0,
+        ask=True,
     ),
     ConfigKey(
         "chroma_sigma_remap",
@@ -137,3 +139,10 @@ def generate_images(request):
     from tuner.plugins.chroma import model
 
     return model.generate_images(request)
+
+
+@hookimpl
+def recipe_snippet(recipe):
+    from tuner.plugins.chroma import snippet
+
+    return snippet.render(recipe)

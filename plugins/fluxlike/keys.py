@@ -38,6 +38,7 @@ def lora_target_key(presets: dict[str, list[str]], default: str = "all") -> Conf
         default,
         "LoRA targets: a preset name or a list of module names/suffixes.",
         choices=tuple(presets),
+        ask=True,
     )
 
 

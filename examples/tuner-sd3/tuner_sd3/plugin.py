@@ -28,7 +28,12 @@ SD3_SHIFT = 3.0
 
 KEYS = (
     ConfigKey(
-        "sd3_lora_target", "str_or_list", "all", "LoRA targets: a preset or module names.", choices=tuple(PRESETS)
+        "sd3_lora_target",
+        "str_or_list",
+        "all",
+        "LoRA targets: a preset or module names.",
+        choices=tuple(PRESETS),
+        ask=True,  # `tuner configure` asks for it
     ),
     ConfigKey("tokenizer_max_length", "int", 256, "T5 tokens per caption.", minimum=1),
     ConfigKey("validation_guidance", "float", 5.0, "CFG scale at validation (1.0: a single pass).", minimum=0),

@@ -1,0 +1,149 @@
+"""Rendering images outside training with exactly what validation used: `tuner sample` and recipes.
+
+A recipe (``output_dir/recipe.json``, written with every final LoRA that has validation prompts)
+records the base model, the LoRA file and scale, prompts, negative prompt, seeds, size, steps,
+guidance and the settings that shape sampling. ``tuner sample --recipe recipe.json`` renders the
+same images through the same hooks; the README beside it carries a diffusers-only snippet.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuner.core import __version__
+from tuner.core.config import model_source
+from tuner.core.io import atomic_write
+from tuner.core.types import ValidationRequest
+
+RECIPE = "recipe.json"
+# settings that change how an image is rendered, copied into recipes
+SAMPLING_KEYS = (
+    "model_family",
+    "model_flavour",
+    "pretrained_model_name_or_path",
+    "revision",
+    "mixed_precision",
+    "tokenizer_max_length",
+    "flux_t5_padding",
+    "flux_attention_masked_training",
+    "validation_guidance",
+    "validation_guidance_real",
+    "resolution",
+    "cache_dir",
+)
+
+
+def make_recipe(
+    host: Any, config: Any, lora_file: Path, scheduler: Any, prompts: list[str], seeds: list[int], size: int
+) -> dict[str, Any]:
+    family = host.family
+    return {
+        "tuner_version": __version__,
+        "family": family.name,
+        "pipeline_class": family.pipeline_class,
+        "base_model": model_source(config, family.flavours),
+        "lora_file": str(Path(lora_file).resolve()),
+        "lora_scale": 1.0,
+        "prompts": prompts,
+        "negative_prompt": config.validation_negative_prompt or "",
+        "seeds": seeds,
+        "width": size,
+        "height": size,
+        "steps": config.validation_num_inference_steps,
+        "guidance_key": family.guidance_key,
+        "guidance": config.get(family.guidance_key),
+        "scheduler": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
+        "settings": {key: config.get(key) for key in SAMPLING_KEYS if key in config},
+    }
+
+
+def write_recipe(folder: Path, recipe: dict[str, Any], snippet: str | None) -> Path:
+    path = atomic_write(folder / RECIPE, lambda tmp: Path(tmp).write_text(json.dumps(recipe, indent=1)))
+    lines = [
+        f"# LoRA trained with tuner {recipe['tuner_version']}",
+        "",
+        f"Base model `{recipe['base_model']}` ({recipe['family']}), LoRA `{Path(recipe['lora_file']).name}`.",
+        "Reproduce the validation images with tuner:",
+        "",
+        "```bash",
+        f"tuner sample --recipe {path}",
+        "```",
+    ]
+    if snippet:
+        lines += ["", "or with diffusers alone:", "", "```python", snippet.rstrip(), "```"]
+    atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return path
+
+
+def recipe_settings(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The config a recipe samples with."""
+    settings = {k: v for k, v in recipe["settings"].items() if v is not None}
+    settings.update(
+        {
+            "validation_num_inference_steps": recipe["steps"],
+            "validation_negative_prompt": recipe["negative_prompt"],
+            "validation_resolution": recipe["width"],
+            recipe["guidance_key"]: recipe["guidance"],
+        }
+    )
+    return settings
+
+
+def apply_lora(transformer: torch.nn.Module, lora_file: str, family: Any, scale: float = 1.0) -> None:
+    """Load a LoRA onto the transformer as a user's diffusers pipeline would (load_lora_weights)."""
+    import inspect
+
+    from tuner.core.quantize import import_object
+
+    pipeline_cls = import_object(family.pipeline_class)
+    components = {n: None for n in inspect.signature(pipeline_cls.__init__).parameters if n != "self"}
+    pipe = pipeline_cls(**{**components, "transformer": transformer})
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its notice about the absent text encoder is noise here
+    try:
+        pipe.load_lora_weights(lora_file, adapter_name="sample")
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    if scale != 1.0:
+        transformer.set_adapters(["sample"], weights=[scale])
+
+
+def render(
+    host: Any, config: Any, prompts: list[str], seeds: list[int], lora: str | None, size: int, scale: float = 1.0
+) -> list[Any]:
+    """Load the base, apply the LoRA, encode, and render through the family's generate_images."""
+    dtype = torch.bfloat16 if config.mixed_precision == "bf16" and torch.cuda.is_available() else torch.float32
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    load = lambda component: host.provide("load_model", config=config, component=component, dtype=dtype)  # noqa: E731
+    encoders = load("text_encoders")
+    encoders = encoders.to(device) if hasattr(encoders, "to") else encoders
+    texts = [*prompts, config.validation_negative_prompt or ""]
+    with torch.no_grad():  # one text per batch, as training cached its validation prompts
+        encoded = [host.provide("encode_prompts", text_encoders=encoders, prompts=[t], config=config) for t in texts]
+    del encoders
+    text, negative = encoded[:-1], encoded[-1]
+    transformer = load("transformer").to(device)
+    if lora:
+        apply_lora(transformer, lora, host.family, scale)
+    request = ValidationRequest(
+        transformer=transformer.eval(),
+        vae=load("vae").to(device),
+        scheduler=load("scheduler"),
+        prompts=prompts,
+        text=text,
+        negative_text=negative,
+        seeds=seeds,
+        width=size,
+        height=size,
+        num_inference_steps=config.validation_num_inference_steps,
+        config=config,
+        device=device,
+    )
+    with torch.no_grad():
+        return host.provide("generate_images", request=request)

@@ -1,0 +1,54 @@
+"""tuner configure: answers from stdin, bad answers asked again, a config tuner run accepts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from tuner.core.config import build_config, read_config_file
+from tuner.core.plugins import PluginHost
+
+
+def configure(answers: str, *args: str):
+    return subprocess.run(
+        [sys.executable, "-m", "tuner.core.cli", "configure", *args], input=answers, capture_output=True, text=True
+    )
+
+
+def test_piped_answers_write_a_config_that_tuner_run_accepts(tmp_path):
+    path = tmp_path / "mine.yaml"
+    # family, flavour, data_dir, output_dir, resolution (bad, then good), rank (bad, then good), the rest default
+    answers = "chroma\nturbo\nhd\n/data/set\n\n500\n512\nabc\n8\n\n\n\n\n\na cat; a dog\n\n3.5\n"
+    out = configure(answers, "--output", str(path))
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert "resolution: must be a multiple of 16, got 500; try again" in out.stdout
+    assert "network_rank: expected an integer, got 'abc'; try again" in out.stdout
+    assert "model_flavour: 'turbo' is not one of base, hd, flash; try again" in out.stdout
+    settings = yaml.safe_load(path.read_text())
+    assert settings == {
+        "model_type": "lora",
+        "model_family": "chroma",
+        "model_flavour": "hd",
+        "data_dir": "/data/set",
+        "network_rank": 8,
+        "validation_prompts": ["a cat", "a dog"],
+        "validation_guidance_real": 3.5,
+    }
+    config = build_config(PluginHost("chroma"), read_config_file(path), str(path), warn=lambda m: None)
+    assert config.network_rank == 8 and config.model_flavour == "hd"
+
+
+def test_defaults_without_questions(tmp_path):
+    path = tmp_path / "flux.yaml"
+    out = configure("", "--plugin", "flux", "--defaults", "--output", str(path))
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert yaml.safe_load(path.read_text()) == {"model_type": "lora", "model_family": "flux", "model_flavour": "dev"}
+
+
+def test_a_third_party_familys_keys_are_asked_without_changes_to_the_wizard(tmp_path):
+    out = configure("\n/data\n" + "\n" * 20, "--plugin", "sd3", "--output", str(tmp_path / "sd3.yaml"))
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert "sd3_lora_target [attention|all|all+ffs]" in out.stdout
+    assert "model_flavour [3.5-medium|3.5-large|3-medium]" in out.stdout

@@ -1,0 +1,115 @@
+"""tuner sample and recipes: the validation images, reproduced exactly with tuner and with diffusers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import REPO, base_settings, train
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_chroma, shapes_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    settings = base_settings(tiny_chroma, shapes_dir, tmp)
+    settings.update(
+        max_train_steps=6,
+        learning_rate=5e-3,
+        lora_alpha=12,
+        validation_prompts=["a red circle on a white background", "a blue square"],
+        validation_negative_prompt="blurry",
+        validation_num_inference_steps=3,
+        validation_seed=7,
+    )
+    train(settings)
+    return tmp / "out"
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def cli(*args, cwd=REPO):
+    out = subprocess.run(
+        [sys.executable, "-m", "tuner.core.cli", *args], capture_output=True, text=True, env=ENV, cwd=cwd
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+def test_the_recipe_records_what_validation_used(trained_run):
+    recipe = json.loads((trained_run / "recipe.json").read_text())
+    assert recipe["prompts"] == ["a red circle on a white background", "a blue square"]
+    assert recipe["seeds"] == [7, 8] and recipe["steps"] == 3 and recipe["negative_prompt"] == "blurry"
+    assert recipe["guidance_key"] == "validation_guidance_real" and recipe["guidance"] == 4.0
+    assert recipe["width"] == 64 and recipe["lora_file"].endswith("pytorch_lora_weights.safetensors")
+    assert "tuner sample --recipe" in (trained_run / "README.md").read_text()
+
+
+def test_tuner_sample_with_the_recipe_reproduces_validation_exactly(trained_run, tmp_path):
+    cli("sample", "--recipe", str(trained_run / "recipe.json"), "--out", str(tmp_path))
+    for index, seed in enumerate((7, 8)):
+        ours = (tmp_path / f"{index:02d}_seed{seed}.png").read_bytes()
+        assert ours == (trained_run / "validation" / "step_000006" / f"{index:02d}.png").read_bytes()
+
+
+def test_the_readme_snippet_reproduces_validation_with_diffusers_alone(trained_run, tmp_path):
+    snippet = re.search(r"```python\n(.*?)```", (trained_run / "README.md").read_text(), re.S).group(1)
+    assert "tuner" not in snippet.replace("tuner_training", "")  # diffusers only
+    subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, check=True, env=ENV, capture_output=True)
+    for index, seed in enumerate((7, 8)):
+        validation = pixels(trained_run / "validation" / "step_000006" / f"{index:02d}.png")
+        assert np.abs(pixels(tmp_path / f"sample_{seed}.png") - validation).max() <= 1
+
+
+def test_sample_options_and_lora_scale(trained_run, tiny_chroma, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"pretrained_model_name_or_path: {tiny_chroma}\nresolution: 64\ntokenizer_max_length: 16\n"
+        "mixed_precision: 'no'\n"
+    )
+    common = [
+        "--plugin",
+        "chroma",
+        "--config",
+        str(config),
+        "--prompt",
+        "a green triangle",
+        "--seed",
+        "3",
+        "--steps",
+        "2",
+        "--guidance",
+        "1.0",
+    ]
+    cli("sample", *common, "--out", str(tmp_path / "base"))
+    cli(
+        "sample",
+        *common,
+        "--lora",
+        str(trained_run / "pytorch_lora_weights.safetensors"),
+        "--lora-scale",
+        "0",
+        "--out",
+        str(tmp_path / "off"),
+    )
+    cli(
+        "sample",
+        *common,
+        "--lora",
+        str(trained_run / "pytorch_lora_weights.safetensors"),
+        "--out",
+        str(tmp_path / "on"),
+    )
+    base, off, on = (pixels(tmp_path / d / "00_seed3.png") for d in ("base", "off", "on"))
+    assert np.array_equal(base, off)  # scale 0 is the base model
+    assert not np.array_equal(base, on)
