@@ -27,6 +27,16 @@ CORE_KEYS = (
     ConfigKey(
         "data_dir", "path", None, "Folder of images with same-stem .txt captions.", aliases=("instance_data_dir",)
     ),
+    ConfigKey(
+        "caption_strategy",
+        "str",
+        "textfile",
+        "textfile: same-stem .txt captions; filename: the image's name is its caption.",
+        choices=("textfile", "filename"),
+    ),
+    ConfigKey(
+        "dataset_repeats", "int", 0, "Extra passes over each image per epoch (SimpleTuner's repeats).", minimum=0
+    ),
     ConfigKey("cache_dir", "path", None, "Latent and text caches (default: $XDG_CACHE_HOME/tuner)."),
     ConfigKey("resolution", "int", 512, "Square training size in pixels.", minimum=16, multiple_of=16),
     # LoRA

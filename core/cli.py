@@ -34,6 +34,13 @@ def _load_config(plugin: str | None, config_path: Path | None, overrides: list[s
     from tuner.core.config import build_config, parse_overrides, read_config_file
 
     raw: dict[str, Any] = read_config_file(config_path) if config_path else {}
+    from tuner.core import simpletuner
+
+    if config_path and simpletuner.is_simpletuner(raw):  # a SimpleTuner config.json, converted on the fly
+        family = plugin or str(raw.get("--model_family") or raw.get("model_family"))
+        raw, notes = simpletuner.load(config_path, _host(family))
+        for note in notes:
+            typer.echo(f"note: {config_path}: {note}", err=True)
     overridden = parse_overrides(overrides or [])
     raw.update(overridden)
     family = plugin or raw.get("model_family")
@@ -228,6 +235,29 @@ def sample(
         path = out / f"{index:02d}_seed{used_seed}.png"
         atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
         typer.echo(f"wrote {path}")
+
+
+@app.command("convert-config")
+def convert_config(
+    config: Path = typer.Argument(..., help="SimpleTuner config.json (its data_backend_config is read too)."),
+    plugin: str | None = PLUGIN_OPTION,
+    output: Path = typer.Option(Path("config.yaml"), "--output", "-o", help="tuner config to write."),
+) -> None:
+    """Write the tuner config equivalent to a SimpleTuner config.json (and its multidatabackend.json)."""
+    from tuner.core import simpletuner
+    from tuner.core.config import read_config_file
+    from tuner.core.wizard import write_config
+
+    raw = read_config_file(config)
+    family = plugin or raw.get("--model_family") or raw.get("model_family")
+    if not family:
+        raise PluginError(f"{config}: no model_family; pass --plugin NAME")
+    host = _host(str(family))
+    settings, notes = simpletuner.load(config, host)
+    for note in notes:
+        typer.echo(f"note: {note}")
+    path = write_config(host, settings, output)
+    typer.echo(f"wrote {path}; train with: tuner run --config {path}")
 
 
 @app.command("check-lora")

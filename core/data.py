@@ -17,7 +17,12 @@ class Item:
     caption: str
 
 
-def scan_dataset(data_dir: str | Path, warn: Callable[[str], None]) -> list[Item]:
+def caption_from_filename(image: Path) -> str:
+    """SimpleTuner's ``filename`` strategy: the stem, underscores as spaces."""
+    return " ".join(image.stem.replace("_", " ").split())
+
+
+def scan_dataset(data_dir: str | Path, warn: Callable[[str], None], caption_strategy: str = "textfile") -> list[Item]:
     """List the images under ``data_dir`` (recursively) with their captions, sorted by path.
 
     A missing caption trains with an empty caption (one warning with the count); an unreadable
@@ -31,6 +36,9 @@ def scan_dataset(data_dir: str | Path, warn: Callable[[str], None]) -> list[Item
         raise DataError(f"data_dir {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     items, uncaptioned = [], []
     for image in images:
+        if caption_strategy == "filename":
+            items.append(Item(image, caption_from_filename(image)))
+            continue
         caption_file = image.with_suffix(".txt")
         if caption_file.is_file():
             raw = caption_file.read_bytes()

@@ -150,11 +150,12 @@ class Trainer:
     def prepare_data(self) -> PreparedData:
         if self.config.data_dir is None:
             raise self.config.error("data_dir", "is required: a folder of images with .txt captions")
-        items = scan_dataset(self.config.data_dir, self.warn)
+        items = scan_dataset(self.config.data_dir, self.warn, self.config.caption_strategy)
         prompts = validation_prompts(self.config)
         extra = prompts + [self.config.validation_negative_prompt or ""] if prompts else []
         with self.accelerator.main_process_first():
             prepared = prepare_caches(self.host, self.config, items, extra, self.device, self.weight_dtype, self.warn)
+        prepared.entries = prepared.entries * (1 + self.config.dataset_repeats)
         global_batch = self.config.train_batch_size * self.accelerator.num_processes
         if len(prepared.entries) < global_batch:
             raise DataError(

@@ -1,0 +1,182 @@
+"""Reading a SimpleTuner ``config.json`` and its ``multidatabackend.json``.
+
+Keys tuner understands are mapped (most have the same name; SimpleTuner's aliases are tuner's
+aliases), keys that change nothing tuner does are listed as ignored, and keys whose meaning tuner
+cannot honour are refused with the reason. ``tuner run --config config.json`` converts on the
+fly; ``tuner convert-config`` writes the equivalent tuner config to move over for good.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tuner.core.config import read_config_file
+from tuner.core.errors import ConfigError
+
+# SimpleTuner keys that do not change what tuner does (logging, hub, UI, speed knobs it decides itself)
+IGNORED = {
+    "tracker_project_name",
+    "tracker_run_name",
+    "push_to_hub",
+    "hub_model_id",
+    "push_checkpoints_to_hub",
+    "validation_torch_compile",
+    "disable_benchmark",
+    "aspect_bucket_rounding",
+    "minimum_image_size",
+    "webhook_config",
+    "model_card_safe_for_work",
+    "num_validation_images",
+    "validation_guidance_rescale",
+    "allow_tf32",
+    "disable_tf32",
+    "vae_batch_size",
+    "write_batch_size",
+    "text_encoder_batch_size",
+    "compress_disk_cache",
+    "delete_problematic_images",
+    "metadata_update_interval",
+    "lora_init_type",
+    "init_lora",
+    "validation_resolution_type",
+    "maximum_image_size",
+    "target_downsample_size",
+    "logging_dir",
+    "validation_num_video_frames",
+    "override_dataset_config",
+    "user_prompt_library",
+    "optimizer_config",
+    "enable_xformers_memory_efficient_attention",
+    "attention_mechanism",
+}
+# values tuner cannot honour, with the reason
+UNSUPPORTED = {
+    "lora_type": (lambda v: v != "standard", "tuner trains standard (peft) LoRA only, not {value!r}"),
+    "optimizer": (lambda v: v not in ("adamw", "adamw_bf16", "adamw_torch"), "tuner trains with AdamW, not {value!r}"),
+    "lr_scheduler": (
+        lambda v: v not in ("constant", "cosine", "constant_with_warmup"),
+        "tuner offers constant and cosine schedules, not {value!r}",
+    ),
+    "caption_dropout_probability": (lambda v: bool(v), "caption dropout is not implemented in tuner (got {value!r})"),
+    "use_ema": (lambda v: bool(v), "tuner keeps no EMA of the LoRA"),
+    "snr_gamma": (lambda v: v is not None, "tuner does not weight the loss by SNR (got {value!r})"),
+}
+BACKEND_KEYS = {
+    "id",
+    "type",
+    "dataset_type",
+    "instance_data_dir",
+    "caption_strategy",
+    "resolution",
+    "resolution_type",
+    "crop",
+    "crop_style",
+    "crop_aspect",
+    "repeats",
+    "cache_dir_vae",
+    "cache_dir",
+    "disabled",
+    "default",
+    "minimum_image_size",
+    "maximum_image_size",
+    "target_downsample_size",
+    "metadata_backend",
+    "probability",
+    "skip_file_discovery",
+    "prepend_instance_prompt",
+    "instance_prompt",
+    "only_instance_prompt",
+}
+
+
+def is_simpletuner(raw: dict[str, Any]) -> bool:
+    return any(k.startswith("--") for k in raw) or "data_backend_config" in raw
+
+
+def convert(path: Path, raw: dict[str, Any], known: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """(tuner settings, notes). ``known``: every key and alias tuner accepts for the family."""
+    settings: dict[str, Any] = {}
+    ignored: list[str] = []
+    unknown: list[str] = []
+    for given, value in raw.items():
+        key = given.lstrip("-")
+        if key in UNSUPPORTED:
+            refuse, reason = UNSUPPORTED[key]
+            if refuse(value):
+                raise ConfigError(f"{path}: {key}: " + reason.format(value=value))
+            if key == "lr_scheduler":
+                settings[key] = "constant" if value == "constant_with_warmup" else value
+            continue
+        if key == "data_backend_config":
+            settings.update(_backends(path.parent, Path(value), raw))
+        elif key in known:
+            settings[key] = value
+        elif key in IGNORED:
+            ignored.append(key)
+        else:
+            unknown.append(key)
+    notes = [f"ignored SimpleTuner key(s) with no effect in tuner: {', '.join(sorted(ignored))}"] if ignored else []
+    if unknown:
+        notes.append(
+            f"ignored SimpleTuner key(s) tuner does not know; check they do not matter: {', '.join(sorted(unknown))}"
+        )
+    return settings, notes
+
+
+def _backends(base: Path, backend_path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    path = (
+        backend_path
+        if backend_path.is_absolute()
+        else (base / backend_path if (base / backend_path).exists() else backend_path)
+    )
+    try:
+        backends = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"data_backend_config {path}: cannot read it ({exc})") from None
+    images = [b for b in backends if b.get("dataset_type", "image") == "image" and not b.get("disabled")]
+    if len(images) != 1:
+        raise ConfigError(f"{path}: tuner trains one image dataset; found {len(images)} enabled image backends")
+    backend = images[0]
+    where = f"{path}: backend {backend.get('id', '?')!r}"
+    if backend.get("type", "local") != "local":
+        raise ConfigError(f"{where}: type {backend['type']!r}; tuner reads local folders only")
+    strategy = backend.get("caption_strategy", "filename")
+    if strategy not in ("textfile", "filename"):
+        raise ConfigError(f"{where}: caption_strategy {strategy!r}; tuner supports textfile and filename")
+    if backend.get("resolution_type", "pixel") not in ("pixel", "pixel_area") or not isinstance(
+        backend.get("resolution", 1024), int
+    ):
+        raise ConfigError(
+            f"{where}: resolution_type {backend.get('resolution_type')!r}; tuner trains square pixel sizes"
+        )
+    if (
+        backend.get("crop") is False
+        or backend.get("crop_style", "center") != "center"
+        or backend.get("crop_aspect", "square") != "square"
+    ):
+        raise ConfigError(
+            f"{where}: tuner trains center-cropped squares (crop: true, crop_style: center, crop_aspect: square)"
+        )
+    unknown = sorted(set(backend) - BACKEND_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: key(s) {', '.join(unknown)} have no tuner equivalent")
+    settings = {
+        "data_dir": backend["instance_data_dir"],
+        "caption_strategy": strategy,
+        "dataset_repeats": int(backend.get("repeats", 0)),
+    }
+    if "resolution" in backend:
+        settings["resolution"] = backend["resolution"]
+    text_cache = next((b for b in backends if b.get("dataset_type") == "text_embeds"), {})
+    cache = text_cache.get("cache_dir") or backend.get("cache_dir_vae")
+    if cache:
+        settings["cache_dir"] = str(Path(cache).parent) if text_cache.get("cache_dir") is None else cache
+    return settings
+
+
+def load(path: Path, host: Any) -> tuple[dict[str, Any], list[str]]:
+    keys = host.config_keys()
+    known = set(keys) | {alias for key in keys.values() for alias in key.aliases}
+    return convert(Path(path), read_config_file(path), known)
