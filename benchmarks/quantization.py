@@ -44,11 +44,10 @@ def rss_kib(field: str) -> int:
 
 def build(folder: Path) -> None:
     """A mid-size random Chroma (transformer saved in bf16) plus the tiny T5/VAE and a dataset."""
-    import importlib.util
-
     from diffusers import ChromaTransformer2DModel
 
     from tuner.plugins.chroma.tiny import build_tiny_chroma
+    from tuner.testing import shapes_dataset
 
     build_tiny_chroma(folder / "model", seed=0)
     transformer = ChromaTransformer2DModel.from_pretrained(folder / "model", subfolder="transformer")
@@ -56,11 +55,7 @@ def build(folder: Path) -> None:
     torch.manual_seed(0)
     big = ChromaTransformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     big.to(torch.bfloat16).save_pretrained(folder / "model" / "transformer")
-    here = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("build_examples", here / "examples" / "build_examples.py")
-    examples = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(examples)
-    examples.build_dataset(folder / "data")
+    shapes_dataset(folder / "data")
 
 
 def measure(folder: Path, precision: str, steps: int) -> dict:

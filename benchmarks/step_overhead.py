@@ -30,16 +30,10 @@ MID_SIZE = dict(
 
 
 def build(tmp: Path) -> tuple[Path, Path]:
-    import importlib.util
-
     from tuner.plugins.chroma.tiny import build_tiny_chroma
+    from tuner.testing import shapes_dataset
 
-    here = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("build_examples", here / "examples" / "build_examples.py")
-    examples = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(examples)
-    data = tmp / "data"
-    examples.build_dataset(data)
+    data = shapes_dataset(tmp / "data")
     return build_tiny_chroma(tmp / "model", seed=0, **MID_SIZE), data
 
 

@@ -5,7 +5,6 @@ Everything runs on the CPU in fp32, offline. diffusers is imported once per sess
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _examples_module():
-    spec = importlib.util.spec_from_file_location("build_examples", REPO / "examples" / "build_examples.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +44,9 @@ def tiny_schnell(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data") / "shapes"
-    _examples_module().build_dataset(folder)
-    return folder
+    from tuner.testing import shapes_dataset
+
+    return shapes_dataset(tmp_path_factory.mktemp("data") / "shapes")
 
 
 @pytest.fixture

@@ -246,3 +246,16 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_chroma, shapes_dir, tm
     assert saved is not None and checkpoint.verify(saved) is None
     steps = json.loads((saved / "state.json").read_text())["position"]["step"]
     assert steps >= 5 and saved.name == f"checkpoint-{steps}"
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "nf4-bnb"])
+def test_resume_with_a_quantized_base_continues_exactly(tiny_chroma, shapes_dir, tmp_path, precision):
+    """The base is quantized again on resume; adapter, optimizer and position come from the checkpoint."""
+    extra = {"base_model_precision": precision, "max_train_steps": 5, "checkpointing_steps": 2}
+    straight, _, _ = train(settings_for(tiny_chroma, shapes_dir, tmp_path / "a", **extra))
+    settings = settings_for(tiny_chroma, shapes_dir, tmp_path / "b", **extra)
+    with pytest.raises(Interrupted):
+        run_trainer(settings, ("stop", StopAt(3)))
+    _, resumed = run_trainer({**settings, "resume_from_checkpoint": "latest"})
+    assert resumed.resumed_from.name == "checkpoint-3"
+    assert resumed.losses == straight.losses[3:]

@@ -21,19 +21,46 @@ from .conftest import REPO
 
 def write_simpletuner(tmp_path, tiny_chroma, shapes_dir, backend_extra=None, **config_extra):
     backends = [
-        {"id": "shapes", "type": "local", "instance_data_dir": str(shapes_dir), "caption_strategy": "filename",
-         "resolution": 64, "resolution_type": "pixel", "crop": True, "crop_style": "center", "crop_aspect": "square",
-         "repeats": 1, "cache_dir_vae": str(tmp_path / "cache" / "vae"), **(backend_extra or {})},
-        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True,
-         "cache_dir": str(tmp_path / "cache" / "text")},
+        {
+            "id": "shapes",
+            "type": "local",
+            "instance_data_dir": str(shapes_dir),
+            "caption_strategy": "filename",
+            "resolution": 64,
+            "resolution_type": "pixel",
+            "crop": True,
+            "crop_style": "center",
+            "crop_aspect": "square",
+            "repeats": 1,
+            "cache_dir_vae": str(tmp_path / "cache" / "vae"),
+            **(backend_extra or {}),
+        },
+        {
+            "id": "text",
+            "type": "local",
+            "dataset_type": "text_embeds",
+            "default": True,
+            "cache_dir": str(tmp_path / "cache" / "text"),
+        },
     ]
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
     config = {
-        "--model_type": "lora", "--model_family": "chroma", "--pretrained_model_name_or_path": str(tiny_chroma),
-        "--output_dir": str(tmp_path / "out"), "--lora_rank": 4, "--learning_rate": 1e-3, "--max_train_steps": 2,
-        "--train_batch_size": 2, "--mixed_precision": "no", "--tokenizer_max_length": 16,
-        "--validation_guidance": 3.0, "--optimizer": "adamw_bf16", "--lr_scheduler": "constant_with_warmup",
-        "--data_backend_config": "multidatabackend.json", "--tracker_project_name": "demo", "--my_own_flag": 1,
+        "--model_type": "lora",
+        "--model_family": "chroma",
+        "--pretrained_model_name_or_path": str(tiny_chroma),
+        "--output_dir": str(tmp_path / "out"),
+        "--lora_rank": 4,
+        "--learning_rate": 1e-3,
+        "--max_train_steps": 2,
+        "--train_batch_size": 2,
+        "--mixed_precision": "no",
+        "--tokenizer_max_length": 16,
+        "--validation_guidance": 3.0,
+        "--optimizer": "adamw_bf16",
+        "--lr_scheduler": "constant_with_warmup",
+        "--data_backend_config": "multidatabackend.json",
+        "--tracker_project_name": "demo",
+        "--my_own_flag": 1,
         **config_extra,
     }
     path = tmp_path / "config.json"
@@ -48,8 +75,10 @@ def test_keys_are_mapped_ignored_or_listed(tmp_path, tiny_chroma, shapes_dir):
     assert settings["dataset_repeats"] == 1 and settings["resolution"] == 64
     assert settings["lora_rank"] == 4 and settings["lr_scheduler"] == "constant"
     assert settings["cache_dir"] == str(tmp_path / "cache" / "text")
-    assert notes == ["ignored SimpleTuner key(s) with no effect in tuner: tracker_project_name",
-                     "ignored SimpleTuner key(s) tuner does not know; check they do not matter: my_own_flag"]
+    assert notes == [
+        "ignored SimpleTuner key(s) with no effect in tuner: tracker_project_name",
+        "ignored SimpleTuner key(s) tuner does not know; check they do not matter: my_own_flag",
+    ]
     config = build_config(PluginHost("chroma"), settings, str(path), warn=lambda m: None)
     assert config.network_rank == 4 and config.validation_guidance_real == 3.0
 
@@ -76,17 +105,24 @@ def test_what_tuner_cannot_honour_is_refused(tmp_path, tiny_chroma, shapes_dir, 
         simpletuner.load(path, PluginHost("chroma"))
 
 
-def test_tuner_run_takes_the_simpletuner_config_and_convert_config_writes_the_equivalent(tmp_path, tiny_chroma, shapes_dir):
+def test_tuner_run_takes_the_simpletuner_config_and_convert_config_writes_the_equivalent(
+    tmp_path, tiny_chroma, shapes_dir
+):
     path = write_simpletuner(tmp_path, tiny_chroma, shapes_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "tuner.core.cli", "run", "--config", str(path)], capture_output=True,
-                         text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "tuner.core.cli", "run", "--config", str(path)], capture_output=True, text=True, env=env
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ignored SimpleTuner key(s) with no effect in tuner: tracker_project_name" in out.stderr
     assert "training 24 images" in out.stdout  # 12 images, repeats: 1
     converted = tmp_path / "tuner.yaml"
-    out = subprocess.run([sys.executable, "-m", "tuner.core.cli", "convert-config", str(path), "-o", str(converted)],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "tuner.core.cli", "convert-config", str(path), "-o", str(converted)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     settings = yaml.safe_load(converted.read_text())
     assert settings["caption_strategy"] == "filename" and settings["data_dir"] == str(shapes_dir)
