@@ -125,8 +125,8 @@ CORE_KEYS = (
 )
 
 
-# the central settings `tuner configure` asks for (families mark their own with ask=True)
-ASKED = {
+# the central settings `tuner configure` asks for, in its order (families mark theirs with ask=True)
+ASKED = (
     "model_flavour",
     "data_dir",
     "output_dir",
@@ -138,7 +138,7 @@ ASKED = {
     "mixed_precision",
     "base_model_precision",
     "validation_prompts",
-}
+)
 
 
 @hookimpl

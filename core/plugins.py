@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 
 from tuner.core import ENTRY_POINT_GROUP, PROJECT_NAME, hookspecs
-from tuner.core.errors import PluginError
+from tuner.core.errors import PluginError, first_line
 from tuner.core.types import ConfigKey, FamilyInfo, PrecisionInfo
 
 CORE_PLUGIN_NAME = "core"
@@ -61,7 +61,7 @@ def _load_entry_points() -> list[PluginRecord]:
         try:
             module = ep.load()
         except Exception as exc:  # a broken third-party plugin must not take the CLI down
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            error = first_line(exc)
             if os.environ.get("TUNER_STRICT_PLUGINS") == "1":
                 raise PluginError(
                     f"plugin {ep.name!r} from distribution {dist_name} {version} failed to import: {error}"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tuner.core.config import model_source
-from tuner.core.errors import PluginError
+from tuner.core.errors import PluginError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.config import Config
@@ -128,7 +128,7 @@ def _local_folder(source: str, subfolder: str, revision: str | None) -> Path:
     try:
         root = snapshot_download(source, revision=revision, allow_patterns=[f"{subfolder}/*"])
     except Exception as exc:  # the hub client raises many kinds
-        raise PluginError(f"cannot download {subfolder} of {source!r}: {str(exc).splitlines()[0]}") from None
+        raise PluginError(f"cannot download {subfolder} of {source!r}: {first_line(exc)}") from None
     return Path(root) / subfolder
 
 

@@ -116,10 +116,6 @@ def _incomplete_pairs(keys: list[str]) -> set[str]:
     return {k for k in keys if _module_of(k) in broken}
 
 
-def _is_scalar_key(key: str) -> bool:
-    return key.endswith(".alpha")
-
-
 def compare(path: str, reading: LoraReading, trained: dict[str, torch.Tensor], atol: float = 1e-5) -> list[str]:
     """Problems of a reading against the trained deltas (missing modules count as zero change)."""
     problems = [f"{path}: the runtime does not load key {key}" for key in reading.unmatched[:10]]

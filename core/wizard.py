@@ -11,22 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tuner.core.builtin import ASKED as ORDER  # the core's questions first, in this order
 from tuner.core.config import NO_QUANTIZATION, _check_value, build_config
 from tuner.core.errors import ConfigError
-
-ORDER = (
-    "model_flavour",
-    "data_dir",
-    "output_dir",
-    "resolution",
-    "network_rank",
-    "learning_rate",
-    "train_batch_size",
-    "max_train_steps",
-    "mixed_precision",
-    "base_model_precision",
-    "validation_prompts",
-)
 
 
 def _parse(text: str, kind: str) -> Any:

@@ -10,7 +10,7 @@ import torch
 
 from tuner.core import flow
 from tuner.core.config import model_source
-from tuner.core.errors import PluginError
+from tuner.core.errors import PluginError, first_line
 from tuner.plugins.flux.plugin import FAMILY
 from tuner.plugins.fluxlike import latents as fl
 from tuner.plugins.fluxlike import model as shared
@@ -92,7 +92,7 @@ def _scheduler_constants(source: str, revision: str | None) -> dict[str, Any]:
     try:
         return dict(FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler", revision=revision))
     except (OSError, ValueError) as exc:
-        raise PluginError(f"flux: cannot read the scheduler config of {source!r}: {str(exc).splitlines()[0]}") from None
+        raise PluginError(f"flux: cannot read the scheduler config of {source!r}: {first_line(exc)}") from None
 
 
 def sample_sigmas(

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from tuner.core.errors import ConfigError, PluginError
+from tuner.core.errors import ConfigError, PluginError, first_line
 from tuner.core.lora import resolve_targets
 from tuner.plugins.fluxlike import latents as fl
 
@@ -26,8 +26,7 @@ def load_component(family: str, source: str, component: str, loaders: dict[str, 
     try:
         return loaders[component]()
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PluginError(f"{family}: cannot load the {component} of {source!r}: {first}") from None
+        raise PluginError(f"{family}: cannot load the {component} of {source!r}: {first_line(exc)}") from None
 
 
 def lora_targets(

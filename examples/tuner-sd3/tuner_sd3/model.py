@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from tuner.core.config import model_source
-from tuner.core.errors import ConfigError, PluginError
+from tuner.core.errors import ConfigError, PluginError, first_line
 from tuner.core.lora import resolve_targets
 from tuner_sd3.plugin import FAMILY, PRESETS
 
@@ -39,8 +39,7 @@ def load(config: Any, component: str, dtype: torch.dtype) -> Any:
     try:
         return loaders[component]()
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PluginError(f"sd3: cannot load the {component} of {source!r}: {first}") from None
+        raise PluginError(f"sd3: cannot load the {component} of {source!r}: {first_line(exc)}") from None
 
 
 def encode_prompts(pipe: Any, prompts: list[str], config: Any) -> dict[str, torch.Tensor]:
