@@ -95,13 +95,10 @@ def recipe_settings(recipe: dict[str, Any]) -> dict[str, Any]:
 
 def apply_lora(transformer: torch.nn.Module, lora_file: str, family: Any, scale: float = 1.0) -> None:
     """Load a LoRA onto the transformer as a user's diffusers pipeline would (load_lora_weights)."""
-    import inspect
-
+    from tuner.core.pipelines import partial_pipeline
     from tuner.core.quantize import import_object
 
-    pipeline_cls = import_object(family.pipeline_class)
-    components = {n: None for n in inspect.signature(pipeline_cls.__init__).parameters if n != "self"}
-    pipe = pipeline_cls(**{**components, "transformer": transformer})
+    pipe = partial_pipeline(import_object(family.pipeline_class), transformer=transformer)
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()

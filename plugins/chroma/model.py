@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from tuner.core.config import model_source
+from tuner.core.pipelines import partial_pipeline, render
 from tuner.plugins.chroma.plugin import APPROXIMATOR, FAMILY, PRESETS
 from tuner.plugins.fluxlike import latents as fl
 from tuner.plugins.fluxlike import model as shared
@@ -83,14 +84,14 @@ def generate_images(request: Any) -> list[Any]:
     from diffusers import ChromaPipeline
 
     config = request.config
-    pipe = ChromaPipeline(
-        scheduler=request.scheduler, vae=request.vae, text_encoder=None, tokenizer=None, transformer=request.transformer
+    pipe = partial_pipeline(
+        ChromaPipeline, scheduler=request.scheduler, vae=request.vae, transformer=request.transformer
     )
     guidance = config.validation_guidance_real
     negative = {}
     if guidance > 1 and request.negative_text is not None:
         negative = fl.pipeline_text_inputs(request.negative_text, config.flux_t5_padding, prefix="negative_")
-    return shared.render(
+    return render(
         pipe,
         request,
         lambda text: {**fl.pipeline_text_inputs(text, config.flux_t5_padding), **negative},

@@ -11,6 +11,7 @@ import torch
 from tuner.core import flow
 from tuner.core.config import model_source
 from tuner.core.errors import PluginError, first_line
+from tuner.core.pipelines import partial_pipeline, render
 from tuner.plugins.flux.plugin import FAMILY
 from tuner.plugins.fluxlike import latents as fl
 from tuner.plugins.fluxlike import model as shared
@@ -132,15 +133,7 @@ def generate_images(request: Any) -> list[Any]:
     from diffusers import FluxPipeline
 
     config = request.config
-    pipe = FluxPipeline(
-        scheduler=request.scheduler,
-        vae=request.vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        transformer=request.transformer,
-    )
+    pipe = partial_pipeline(FluxPipeline, scheduler=request.scheduler, vae=request.vae, transformer=request.transformer)
     negative: dict[str, Any] = {}
     if config.validation_guidance_real > 1 and request.negative_text is not None:
         negative = {
@@ -156,7 +149,7 @@ def generate_images(request: Any) -> list[Any]:
             inputs["joint_attention_kwargs"] = {"attention_mask": joint[:, None, None, :]}
         return inputs
 
-    return shared.render(
+    return render(
         pipe,
         request,
         per_prompt,

@@ -1,4 +1,4 @@
-"""Heavy code the Flux lineage shares: loading, LoRA targets, packed prediction, pipeline rendering."""
+"""Heavy code the Flux lineage shares: loading, LoRA targets, packed prediction."""
 
 from __future__ import annotations
 
@@ -71,21 +71,3 @@ def predict_packed(
 def image_tokens(height: int, width: int) -> int:
     """Packed image tokens of a ``height`` x ``width`` image (8x VAE, 2x2 patches)."""
     return (height // 16) * (width // 16)
-
-
-def render(pipe: Any, request: Any, per_prompt: Callable[[dict[str, torch.Tensor]], dict[str, Any]], **shared: Any):
-    """One image per prompt and seed through a diffusers pipeline with precomputed embeddings."""
-    pipe.set_progress_bar_config(disable=True)
-    images = []
-    for text, seed in zip(request.text, request.seeds, strict=True):
-        out = pipe(
-            **per_prompt(text),
-            **shared,
-            num_inference_steps=request.num_inference_steps,
-            height=request.height,
-            width=request.width,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="pil",
-        )
-        images.append(out.images[0])
-    return images

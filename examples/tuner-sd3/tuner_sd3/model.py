@@ -74,30 +74,19 @@ def predict_flow(transformer, noisy_latents, sigmas, text) -> torch.Tensor:
 
 
 def generate_images(request: Any) -> list[Any]:
-    import inspect
-
     from diffusers import StableDiffusion3Pipeline
 
-    config = request.config
-    components = {n: None for n in inspect.signature(StableDiffusion3Pipeline.__init__).parameters if n != "self"}
-    pipe = StableDiffusion3Pipeline(
-        **{**components, "transformer": request.transformer, "scheduler": request.scheduler, "vae": request.vae}
+    from tuner.core.pipelines import partial_pipeline, render
+
+    pipe = partial_pipeline(
+        StableDiffusion3Pipeline, transformer=request.transformer, scheduler=request.scheduler, vae=request.vae
     )
-    pipe.set_progress_bar_config(disable=True)
     negative = request.negative_text
-    images = []
-    for text, seed in zip(request.text, request.seeds, strict=True):
-        out = pipe(
-            prompt_embeds=text["prompt_embeds"],
-            pooled_prompt_embeds=text["pooled_prompt_embeds"],
-            negative_prompt_embeds=negative["prompt_embeds"],
-            negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"],
-            guidance_scale=config.validation_guidance,
-            num_inference_steps=request.num_inference_steps,
-            height=request.height,
-            width=request.width,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="pil",
-        )
-        images.append(out.images[0])
-    return images
+    return render(
+        pipe,
+        request,
+        lambda text: {"prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"]},
+        negative_prompt_embeds=negative["prompt_embeds"],
+        negative_pooled_prompt_embeds=negative["pooled_prompt_embeds"],
+        guidance_scale=request.config.validation_guidance,
+    )
