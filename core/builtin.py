@@ -71,6 +71,12 @@ CORE_KEYS = (
         "Keep the denoiser on the CPU until caching (and quantization) is done.",
     ),
     ConfigKey("dataloader_num_workers", "int", 0, "Worker processes reading cached items.", minimum=0),
+    ConfigKey(
+        "memory_estimate",
+        "bool",
+        True,
+        "Print the memory estimate (tuner estimate) at start; warn when it exceeds the free memory.",
+    ),
     # flow matching
     ConfigKey("flow_sigmoid_scale", "float", 1.0, "Scale of the logit-normal sigma density.", minimum=0),
     ConfigKey("flow_schedule_shift", "float", None, "Static sigma shift s (s > 1: more noise).", minimum=0),

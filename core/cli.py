@@ -174,6 +174,44 @@ def configure(
 
 
 @app.command()
+def estimate(
+    plugin: str | None = PLUGIN_OPTION,
+    config: Path | None = typer.Option(None, "--config", "-c", help="Config file (default: the family's defaults)."),
+    device: str | None = typer.Option(
+        None, "--device", help="cuda, mps or cpu (default: this machine's accelerator, else cpu)."
+    ),
+    compare: bool = typer.Option(False, "--compare", help="One row per installed base_model_precision."),
+    as_json: bool = typer.Option(False, "--json", help="Print the estimate(s) as JSON."),
+    set_: list[str] | None = SET_OPTION,
+) -> None:
+    """Estimate peak accelerator memory and system RAM of a run, from the model's config files only."""
+    if device is not None and device not in ("cuda", "mps", "cpu"):
+        raise ConfigError(f"--device {device!r}: choose cuda, mps or cpu")
+    host, cfg = _load_config(plugin, config, set_)
+    from tuner.core.config import NO_QUANTIZATION
+    from tuner.core.estimate import estimate_precisions, size
+
+    precisions = [NO_QUANTIZATION, *sorted(host.precisions)] if compare else [cfg.base_model_precision]
+    found = estimate_precisions(host, cfg, precisions, device)
+    if as_json:
+        typer.echo(json.dumps([e.to_dict() for e in found] if compare else found[0].to_dict(), indent=1))
+        return
+    if not compare:
+        typer.echo(found[0].table())
+        return
+    first = found[0]
+    typer.echo(first.table().splitlines()[0].replace(f"base {first.precision}, ", ""))
+    typer.echo(f"  {'base_model_precision':<22}{'train':>12}{'peak':>12}{'plan for':>12}{'system RAM':>12}  peak phase")
+    for e in found:
+        train = e.phase("train")
+        typer.echo(
+            f"  {e.precision:<22}{size(train.device):>12}{size(e.peak_device):>12}{size(e.plan_device):>12}"
+            f"{size(e.peak_ram):>12}  {e.peak_phase.name}"
+        )
+    typer.echo("\n".join(f"note: {n}" for n in dict.fromkeys(n for e in found for n in e.notes)))
+
+
+@app.command()
 def sample(
     plugin: str | None = PLUGIN_OPTION,
     config: Path | None = typer.Option(None, "--config", "-c", help="The run's config file."),

@@ -181,6 +181,19 @@ def encode_images(vae: Any, pixels: torch.Tensor, config: Config) -> torch.Tenso
     """
 
 
+@hookspec(firstresult=True)
+def example_text(config: Config, transformer: Any, batch_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What :func:`encode_prompts` would return for ``batch_size`` captions, without any text encoder.
+
+    Called by ``tuner estimate`` (and at the start of ``tuner run``) with ``transformer`` built
+    from its config on the meta device, inside torch's ``FakeTensorMode``: build the tensors
+    with ``torch.zeros``/``torch.ones`` so they carry shapes and dtypes but no memory. The same
+    keys, shapes and dtypes as a real encoding (``dtype`` is what the encoders run in); the
+    contract kit (``tuner.testing.contract``) checks that. Stops at the first non-None result;
+    a family without it gets no memory estimate.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from tuner.core.builtin import validation_prompts
 from tuner.core.cache import CachedDataset, PreparedData, collate, prepare_caches, text_key
 from tuner.core.config import NO_QUANTIZATION, Config, model_source
 from tuner.core.data import scan_dataset
-from tuner.core.errors import ConfigError, DataError, Diverged, Interrupted, TunerError, warn_user
+from tuner.core.errors import ConfigError, DataError, Diverged, Interrupted, TunerError, first_line, warn_user
 from tuner.core.fixes import checkpoint_blocks
 from tuner.core.io import atomic_write, save_safetensors
 from tuner.core.lora import add_lora, export_from, file_metadata, lora_parameters, resolve_targets
@@ -93,6 +93,17 @@ class ShardedBatches(torch.utils.data.Sampler):
         while True:
             yield self.indices(k)
             k += 1
+
+
+def build_optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The run's optimizer (``tuner estimate`` builds the same one to count its state)."""
+    return torch.optim.AdamW(
+        params,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
 
 
 class Trainer:
@@ -164,6 +175,34 @@ class Trainer:
             )
         return prepared
 
+    def report_memory_estimate(self) -> Any:
+        """Print what ``tuner estimate`` says for this run; warn when it exceeds the free memory.
+
+        Advisory: a failure to estimate is a warning, never the end of the run."""
+        if not (self.config.memory_estimate and self.accelerator.is_main_process):
+            return None
+        from tuner.core.estimate import estimate, free_memory, size
+
+        device_type = self.device.type
+        try:
+            found = estimate(self.host, self.config, device_type)
+        except (
+            Exception
+        ) as exc:  # advisory only: any failure (a plugin's, a missing config file) must not stop training
+            self.warn(f"memory estimate unavailable: {first_line(exc)}")
+            return None
+        self.log(found.summary())
+        free = free_memory(device_type)
+        needed = found.peak_ram if device_type == "cpu" else found.plan_device
+        if free is not None and needed > free:
+            what = "RAM" if device_type == "cpu" else f"{device_type} memory"
+            self.warn(
+                f"the run may need {size(needed)} of {what} ({found.peak_phase.name}) but {size(free)} is free; "
+                "see `tuner estimate` for the phases (a quantized base_model_precision, a lower resolution or "
+                "gradient_checkpointing: true need less)"
+            )
+        return found
+
     def load_transformer(self) -> torch.nn.Module:
         config, host = self.config, self.host
         if config.base_model_precision == NO_QUANTIZATION:
@@ -187,13 +226,7 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         config = self.config
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay,
-            eps=config.adam_epsilon,
-        )
+        optimizer = build_optimizer(config, params)
         scheduler = get_scheduler(
             "cosine" if config.lr_scheduler == "cosine" else "constant_with_warmup",
             optimizer=optimizer,
@@ -208,6 +241,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         config, accelerator = self.config, self.accelerator
+        self.report_memory_estimate()
         torch.manual_seed(config.seed)  # LoRA initialisation
         prepared = self.prepare_data()
         transformer = self.load_transformer()
@@ -395,7 +429,8 @@ class Trainer:
 
     def snapshot(self, model, optimizer, lr_scheduler) -> dict[str, Any]:
         return {
-            "adapter": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            # in host memory: the rollback target must not take accelerator memory all run long
+            "adapter": {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad},
             "optimizer": checkpoint.optimizer_state(optimizer),
             "scheduler": lr_scheduler.state_dict(),
             "position": Position(),

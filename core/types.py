@@ -49,6 +49,13 @@ class PrecisionInfo:
     description: str
     requires: tuple[str, ...] = ()  # importable module names the backend needs
     install_hint: str = ""
+    # bytes a quantized Linear weight of shape (out_features, in_features) is stored in, scales
+    # included, when the model's float dtype takes float_bytes per element; ``tuner estimate``
+    # counts quantized weights with it (None: counted unquantized)
+    weight_bytes: Callable[[int, int, int], float] | None = None
+    # its layers keep their input for the backward pass even with a frozen weight (as
+    # optimum-quanto's autograd functions do); ``tuner estimate`` counts those inputs
+    keeps_inputs: bool = False
     plugin: str = ""
     distribution: str = ""
 

@@ -131,3 +131,27 @@ class FamilyContract:
         assert result.steps == 2 and all(loss == loss for loss in result.losses)
         assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
         assert (result.validation_dirs[-1] / "00.png").is_file()
+
+    def test_example_text_matches_a_real_encoding_and_the_estimate_runs(self, tiny_model, dataset, tmp_path):
+        import torch
+
+        from tuner.core.estimate import estimate
+
+        host = self.host()
+        config = self.config(host, tiny_model, dataset, tmp_path)
+        transformer = host.provide("load_model", config=config, component="transformer", dtype=torch.float32)
+        encoders = host.provide("load_model", config=config, component="text_encoders", dtype=torch.float32)
+        real = host.provide("encode_prompts", text_encoders=encoders, prompts=["a red circle", "a cat"], config=config)
+        example = host.provide(
+            "example_text", config=config, transformer=transformer, batch_size=2, dtype=torch.float32
+        )
+        assert example is not None, "the family must implement example_text (tuner estimate needs it)"
+        assert {k: (tuple(v.shape), v.dtype) for k, v in example.items()} == {
+            k: (tuple(v.shape), v.dtype) for k, v in real.items()
+        }, "example_text must match encode_prompts in keys, shapes and dtypes"
+        found = estimate(host, config, "cpu")  # one training step and validation on fake tensors
+        train = found.phase("train")
+        assert train.parts["weights"] == sum(p.numel() * p.element_size() for p in transformer.parameters()) + sum(
+            b.numel() * b.element_size() for b in transformer.buffers()
+        )
+        assert found.phase("validate") is not None and found.peak_device >= train.device

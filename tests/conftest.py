@@ -75,6 +75,7 @@ def base_settings(model: Path, data: Path, tmp_path: Path, family: str = "chroma
         "max_train_steps": 4,
         "mixed_precision": "no",
         "gradient_checkpointing": False,
+        "memory_estimate": False,  # tested in test_estimate.py
         "seed": 0,
     }
 

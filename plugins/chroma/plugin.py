@@ -107,6 +107,17 @@ def encode_prompts(text_encoders, prompts, config):
 
 
 @hookimpl
+def example_text(config, transformer, batch_size, dtype):
+    import torch
+
+    tokens = config.tokenizer_max_length
+    return {
+        "prompt_embeds": torch.zeros(batch_size, tokens, transformer.config.joint_attention_dim, dtype=dtype),
+        "attention_mask": torch.ones(batch_size, tokens, dtype=torch.bool),
+    }
+
+
+@hookimpl
 def sample_sigmas(config, batch_size, generator):
     from tuner.plugins.chroma import sigmas
 

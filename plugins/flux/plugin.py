@@ -109,6 +109,18 @@ def encode_prompts(text_encoders, prompts, config):
 
 
 @hookimpl
+def example_text(config, transformer, batch_size, dtype):
+    import torch
+
+    tokens, model = config.tokenizer_max_length, transformer.config
+    return {
+        "prompt_embeds": torch.zeros(batch_size, tokens, model.joint_attention_dim, dtype=dtype),
+        "pooled_prompt_embeds": torch.zeros(batch_size, model.pooled_projection_dim, dtype=dtype),
+        "attention_mask": torch.ones(batch_size, tokens, dtype=torch.bool),
+    }
+
+
+@hookimpl
 def sample_sigmas(config, batch_size, latent_shape, generator):
     from tuner.plugins.flux import model
 

@@ -9,13 +9,49 @@ HINT = "install it with: pip install optimum-quanto  (or: pip install 'tuner[qua
 PRECISIONS = {"int8-quanto": "qint8", "int4-quanto": "qint4"}
 
 
+def int8_bytes(out_features: int, in_features: int, float_bytes: int) -> float:
+    # a scale per output channel, and the layer's input and output scales
+    return out_features * in_features + float_bytes * out_features + 2 * float_bytes
+
+
+def int4_bytes(out_features: int, in_features: int, float_bytes: int) -> float:
+    groups = out_features * in_features // int4_group_size(in_features)  # a scale and a shift each
+    return out_features * in_features / 2 + 2 * float_bytes * groups + 2 * float_bytes
+
+
+def int4_group_size(in_features: int) -> int:
+    """quanto's rule (QModuleMixin): 128, or the largest multiple of 32 below it that divides
+    the width; per row when none does or the width is at most 128."""
+    size = 128
+    if in_features > size:
+        while in_features % size and size > 32:
+            size -= 32
+        if in_features % size == 0:
+            return size
+    return in_features
+
+
 @hookimpl
 def register_precisions(register):
     register(
-        PrecisionInfo("int8-quanto", "int8 weights, per-channel scales (optimum-quanto)", ("optimum.quanto",), HINT)
+        PrecisionInfo(
+            "int8-quanto",
+            "int8 weights, per-channel scales (optimum-quanto)",
+            ("optimum.quanto",),
+            HINT,
+            weight_bytes=int8_bytes,
+            keeps_inputs=True,  # quanto's qbytes/qbits autograd functions save the input
+        )
     )
     register(
-        PrecisionInfo("int4-quanto", "int4 weights, group-wise scales (optimum-quanto)", ("optimum.quanto",), HINT)
+        PrecisionInfo(
+            "int4-quanto",
+            "int4 weights, group-wise scales (optimum-quanto)",
+            ("optimum.quanto",),
+            HINT,
+            weight_bytes=int4_bytes,
+            keeps_inputs=True,
+        )
     )
 
 

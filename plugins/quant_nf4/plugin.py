@@ -6,6 +6,12 @@ from tuner.core import hookimpl
 from tuner.core.types import PrecisionInfo
 
 
+def nf4_bytes(out_features: int, in_features: int, float_bytes: int) -> float:
+    blocks = -(-out_features * in_features // 64)  # NF4 codes in blocks of 64 weights
+    # a uint8 absmax per block (double quantization), an fp32 absmax per 256 blocks, the code tables
+    return out_features * in_features / 2 + blocks + 4 * -(-blocks // 256) + 1024 + 68
+
+
 @hookimpl
 def register_precisions(register):
     register(
@@ -14,6 +20,7 @@ def register_precisions(register):
             "NF4 weights with double quantization (bitsandbytes)",
             ("bitsandbytes",),
             "install it with: pip install bitsandbytes  (or: pip install 'tuner[bnb]')",
+            weight_bytes=nf4_bytes,
         )
     )
 

@@ -87,6 +87,18 @@ def encode_prompts(text_encoders, prompts, config):
 
 
 @hookimpl
+def example_text(config, transformer, batch_size, dtype):
+    import torch
+
+    # SD3's pipeline pads CLIP prompts to CLIP's 77 positions and appends the T5 tokens
+    tokens, model = 77 + config.tokenizer_max_length, transformer.config
+    return {
+        "prompt_embeds": torch.zeros(batch_size, tokens, model.joint_attention_dim, dtype=dtype),
+        "pooled_prompt_embeds": torch.zeros(batch_size, model.pooled_projection_dim, dtype=dtype),
+    }
+
+
+@hookimpl
 def lora_target_modules(config, transformer):
     from tuner_sd3 import model
 

@@ -1,0 +1,202 @@
+"""`tuner estimate`: live-byte counting, the estimate against measured training steps and loaded
+quantized models, the real Chroma 1 configuration against the seed's table, and `tuner run`'s warning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from .conftest import REPO, base_settings, make_config, make_host, train
+
+CHROMA1 = REPO / "examples" / "models" / "chroma1-configs"
+# the seed's figures for LoRA rank 16 on a GPU, in GB
+SEED_TABLE = {"no_change": 28, "int8-quanto": 16, "int4-quanto": 11, "nf4-bnb": 8}
+
+
+def test_live_bytes_counts_each_storage_once_until_it_is_freed():
+    from tuner.core.estimate import LiveBytes
+
+    base = torch.zeros(1000)  # 4000 bytes
+    live = LiveBytes()
+    assert live.track(base, base[:10], {"again": base}) == 4000  # views and repeats share a storage
+    with live:
+        view = base[10:]
+        assert live.current == 4000
+        doubled = view * 2 + 1  # the product is freed as soon as the sum exists
+        assert live.current == 4000 + 990 * 4
+        del doubled
+        assert live.current == 4000
+        summed = base.sum()
+    assert (live.peak, live.current) == (4000 + 2 * 990 * 4, 4000 + summed.element_size())
+
+
+def measured_training_step(settings: dict) -> tuple[int, object]:
+    """Peak live bytes of a real second training step through the Trainer (real tensors, CPU)."""
+    from tuner.core.estimate import LiveBytes
+    from tuner.core.lora import lora_parameters
+    from tuner.core.train import Trainer
+
+    host = make_host()
+    config = make_config(host, settings)
+    trainer = Trainer(host, config, warn=lambda m: None)
+    prepared = trainer.prepare_data()
+    transformer = trainer.load_transformer()
+    params = lora_parameters(transformer)
+    optimizer, _ = trainer.make_optimizer(params)
+    from tuner.core.cache import CachedDataset
+
+    batches = trainer.batches(CachedDataset(prepared))
+    trainer.optimizer_step(transformer, params, optimizer, batches)  # the optimizer has state from here on
+    with LiveBytes() as live:
+        live.track(transformer, optimizer.state)
+        trainer.optimizer_step(transformer, params, optimizer, batches)
+    return live.peak, (host, config)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_estimate_matches_a_measured_training_step(tiny_chroma, shapes_dir, tmp_path, checkpointing):
+    from tuner.core.estimate import estimate
+
+    settings = {
+        **base_settings(tiny_chroma, shapes_dir, tmp_path),
+        "train_batch_size": 2,
+        "gradient_checkpointing": checkpointing,
+    }
+    measured, (host, config) = measured_training_step(settings)
+    found = estimate(host, config, "cpu")
+    train = found.phase("train")
+    assert train.device == pytest.approx(measured, rel=0.05)
+    assert sum(train.parts.values()) == train.device
+
+
+def test_checkpointing_and_batch_size_move_the_estimate_the_right_way(tiny_chroma, shapes_dir, tmp_path):
+    from tuner.core.estimate import estimate
+
+    def train_bytes(**extra):
+        host = make_host()
+        config = make_config(host, {**base_settings(tiny_chroma, shapes_dir, tmp_path), **extra})
+        return estimate(host, config, "cpu").phase("train").parts["batch, gradients, activations"]
+
+    plain = train_bytes(gradient_checkpointing=False)
+    assert train_bytes(gradient_checkpointing=True) < 0.8 * plain
+    assert train_bytes(gradient_checkpointing=False, train_batch_size=2) > 1.7 * plain
+    # 64 -> 128 px: 16 -> 64 image tokens beside 16 text tokens, 2.5x the sequence
+    assert train_bytes(gradient_checkpointing=False, resolution=128) > 2.2 * plain
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "int4-quanto", "nf4-bnb"])
+def test_quantized_weights_match_the_loaded_model(tiny_chroma, shapes_dir, tmp_path, precision):
+    from tuner.core.estimate import estimate
+    from tuner.core.quantize import load_quantized, quantized_bytes
+
+    host = make_host()
+    config = make_config(host, {**base_settings(tiny_chroma, shapes_dir, tmp_path), "base_model_precision": precision})
+    loaded = quantized_bytes(load_quantized(host, config, torch.float32))
+    found = estimate(host, config, "cpu")
+    assert found.phase("train").parts["weights"] == pytest.approx(loaded, rel=0.01)
+    assert found.phase("load + quantize").parts["quantized weights"] == found.phase("train").parts["weights"]
+
+
+@pytest.fixture(scope="module")
+def chroma1_estimates():
+    """The real Chroma 1 architecture (config files only, no weights) at the seed's settings."""
+    from tuner.core.estimate import estimate_precisions
+
+    host = make_host()
+    config = make_config(
+        host,
+        {
+            "model_family": "chroma",
+            "pretrained_model_name_or_path": str(CHROMA1),
+            "network_rank": 16,
+            "resolution": 1024,
+            "train_batch_size": 1,
+            "mixed_precision": "bf16",
+            "gradient_checkpointing": True,
+            "validation_prompt": "a photo of a cat",
+        },
+    )
+    return {e.precision: e for e in estimate_precisions(host, config, list(SEED_TABLE), "cuda")}
+
+
+def test_real_chroma_training_lands_within_20_percent_of_the_seed_table(chroma1_estimates):
+    none = chroma1_estimates["no_change"]
+    assert none.settings["transformer_parameters"] == pytest.approx(8.9e9, rel=0.01)
+    for precision, gigabytes in SEED_TABLE.items():
+        found = chroma1_estimates[precision]
+        planned = found.plan(found.phase("train").device) / 1e9
+        assert 0.8 * gigabytes <= planned <= 1.2 * gigabytes, (precision, planned, gigabytes)
+    trains = [chroma1_estimates[p].phase("train").device for p in SEED_TABLE]
+    assert trains == sorted(trains, reverse=True)
+
+
+def test_real_chroma_phases(chroma1_estimates):
+    none, nf4 = chroma1_estimates["no_change"], chroma1_estimates["nf4-bnb"]
+    # T5-XXL's encoder (4.76B parameters) in bf16 is on the device while captions are encoded
+    assert none.phase("encode text").parts["text encoders"] == pytest.approx(2 * 4.76e9, rel=0.01)
+    assert nf4.peak_phase.name == "encode text"  # for a 4-bit base, caching text is the peak
+    assert none.peak_phase.name == "train"
+    # streaming quantization never holds the bf16 model in RAM
+    assert nf4.phase("load + quantize").ram < none.phase("load").ram / 2
+    assert none.phase("validate").device < none.phase("train").device
+
+
+def test_cli_prints_one_row_per_precision_and_json(tiny_chroma, shapes_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(base_settings(tiny_chroma, shapes_dir, tmp_path)))
+    runner = CliRunner()
+    result = runner.invoke(app, ["estimate", "-c", str(config), "--device", "cpu", "--compare"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[0] for line in result.output.splitlines() if line.startswith("  ")]
+    assert rows[1:] == ["no_change", "int4-quanto", "int8-quanto", "nf4-bnb"]
+    result = runner.invoke(app, ["estimate", "-c", str(config), "--device", "cuda", "--json"])
+    found = json.loads(result.output)
+    assert found["device_type"] == "cuda"
+    assert found["plan_device_bytes"] > found["peak_device_bytes"]
+    assert [p["name"] for p in found["phases"]] == ["load", "encode images", "encode text", "train"]
+    result = runner.invoke(app, ["estimate", "-c", str(config), "--device", "tpu"])
+    assert result.exit_code != 0 and "--device 'tpu': choose cuda, mps or cpu" in str(result.exception)
+
+
+def test_missing_config_file_is_a_one_line_error(tmp_path, shapes_dir):
+    from tuner.core.errors import PluginError
+    from tuner.core.estimate import estimate
+
+    host = make_host()
+    config = make_config(host, {**base_settings(tmp_path, shapes_dir, tmp_path)})
+    with pytest.raises(PluginError, match=r"model_index.json is missing: the estimate needs the model's config files"):
+        estimate(host, config, "cpu")
+
+
+def test_run_prints_the_estimate_and_warns_when_memory_is_short(tiny_chroma, shapes_dir, tmp_path, monkeypatch, capsys):
+    import tuner.core.estimate
+
+    monkeypatch.setattr(tuner.core.estimate, "free_memory", lambda device_type: 1024)
+    warnings: list[str] = []
+    settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "memory_estimate": True, "max_train_steps": 1}
+    result, _, _ = train(settings, warnings=warnings)
+    assert result.steps == 1  # a warning, not a stop
+    assert "memory estimate (no_change):" in capsys.readouterr().out
+    assert any(
+        w.startswith("the run may need") and " of RAM (encode images) but 0.0 MiB is free" in w for w in warnings
+    )
+
+
+def test_a_failing_estimate_does_not_stop_the_run(tiny_chroma, shapes_dir, tmp_path, monkeypatch):
+    import tuner.core.estimate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(tuner.core.estimate, "estimate", broken)
+    warnings: list[str] = []
+    settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "memory_estimate": True, "max_train_steps": 1}
+    result, _, _ = train(settings, warnings=warnings)
+    assert result.steps == 1
+    assert "memory estimate unavailable: RuntimeError: boom" in warnings
