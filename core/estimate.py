@@ -91,8 +91,13 @@ class LiveBytes(TorchDispatchMode):
 
 def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
     if hasattr(tensor, "__tensor_flatten__") and not isinstance(tensor, torch._subclasses.FakeTensor):
-        names, _ = tensor.__tensor_flatten__()  # a wrapper subclass: count its inner tensors
+        names, _ = tensor.__tensor_flatten__()  # a wrapper subclass (quanto): count its inner tensors
         return [s for name in names for s in _storages(getattr(tensor, name))]
+    state = getattr(tensor, "quant_state", None)  # bitsandbytes keeps scales beside the weight
+    if state is not None:
+        from tuner.core.quantize import quant_state_tensors
+
+        return [tensor.untyped_storage(), *(t.untyped_storage() for t in quant_state_tensors(state))]
     return [tensor.untyped_storage()]
 
 
@@ -169,7 +174,7 @@ class Estimate:
         text = f"memory estimate ({self.precision}): {peak} of {where} at peak ({self.peak_phase.name})"
         train = self.phase("train")
         if train is not None and train is not self.peak_phase:
-            text += f", {size(train.device)} while training"
+            text += f", {size(train.ram if self.device_type == 'cpu' else train.device)} while training"
         if self.device_type != "cpu":
             text += f"; plan for {size(self.plan_device)}; {size(self.peak_ram)} of system RAM"
         return text

@@ -201,10 +201,15 @@ def _stored_bytes(tensor: Any) -> int:
 
 
 def _quant_state_bytes(state: Any) -> int:
-    size = 0
+    return sum(t.numel() * t.element_size() for t in quant_state_tensors(state))
+
+
+def quant_state_tensors(state: Any) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes quantization state (absmax, code, a nested state's)."""
+    tensors = []
     for value in vars(state).values():
         if isinstance(value, torch.Tensor):
-            size += value.numel() * value.element_size()
+            tensors.append(value)
         elif hasattr(value, "absmax"):  # nested state of double quantization
-            size += _quant_state_bytes(value)
-    return size
+            tensors += quant_state_tensors(value)
+    return tensors

@@ -186,9 +186,7 @@ class Trainer:
         device_type = self.device.type
         try:
             found = estimate(self.host, self.config, device_type)
-        except (
-            Exception
-        ) as exc:  # advisory only: any failure (a plugin's, a missing config file) must not stop training
+        except Exception as exc:  # advisory: no failure of it (a plugin's, a missing file) may stop a run
             self.warn(f"memory estimate unavailable: {first_line(exc)}")
             return None
         self.log(found.summary())
