@@ -513,7 +513,7 @@ def _trace_training(host, config, transformer, latent_shape, vae, dtype, mode, k
         "network_rank": config.network_rank,
         "lora_modules": len(targets),
         "lora_parameters": sum(p.numel() for p in params),
-        "transformer_parameters": sum(p.numel() for p in transformer.parameters()),
+        "transformer_parameters": sum(p.numel() for p in transformer.parameters() if not p.requires_grad),
         "resolution": size,
         "train_batch_size": config.train_batch_size,
         "gradient_checkpointing": bool(config.gradient_checkpointing),
@@ -631,11 +631,18 @@ def process_rss() -> int:
 
 
 def free_memory(device_type: str) -> int | None:
-    """Bytes free on the accelerator now (CPU: available RAM), or None when unknown."""
+    """Bytes free on the accelerator now (``cpu``: available RAM), or None when unknown."""
+    if device_type == "cpu":
+        return available_ram()
     if device_type == "cuda" and torch.cuda.is_available():
         return torch.cuda.mem_get_info()[0]
     if device_type == "mps" and torch.backends.mps.is_available():
         return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    return None
+
+
+def available_ram() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), or None."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -643,3 +650,30 @@ def free_memory(device_type: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+# what helps when a phase does not fit, by phase
+ADVICE = {
+    "load": "a quantized base_model_precision streams the denoiser block by block",
+    "load + quantize": "more RAM or swap; the quantized model and one block must fit",
+    "encode images": "cache latents once on a bigger machine (cache_dir), or a lower resolution",
+    "encode text": "the text encoders run only for captions not cached yet: cache them once on a bigger "
+    "machine (cache_dir)",
+    "train": "gradient_checkpointing: true, a quantized base_model_precision, a lower resolution or train_batch_size",
+    "validate": "a lower validation_resolution, or validation_steps: 0",
+}
+
+
+def shortfalls(found: Estimate, free_device: int | None, free_ram: int | None) -> list[str]:
+    """One line per resource the estimate says will run short, naming the phase and what helps."""
+    lines = []
+    checks = [("RAM", found.peak_ram, free_ram, max(found.phases, key=lambda p: p.ram))]
+    if found.device_type != "cpu":
+        checks.insert(0, (f"{found.device_type} memory", found.plan_device, free_device, found.peak_phase))
+    for what, needed, free, phase in checks:
+        if free is not None and needed > free:
+            lines.append(
+                f"the run may need {size(needed)} of {what} ({phase.name}) but {size(free)} is free: "
+                f"{ADVICE.get(phase.name, 'see tuner estimate')}"
+            )
+    return lines

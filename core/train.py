@@ -181,7 +181,7 @@ class Trainer:
         Advisory: a failure to estimate is a warning, never the end of the run."""
         if not (self.config.memory_estimate and self.accelerator.is_main_process):
             return None
-        from tuner.core.estimate import estimate, free_memory, size
+        from tuner.core.estimate import available_ram, estimate, free_memory, shortfalls
 
         device_type = self.device.type
         try:
@@ -190,15 +190,8 @@ class Trainer:
             self.warn(f"memory estimate unavailable: {first_line(exc)}")
             return None
         self.log(found.summary())
-        free = free_memory(device_type)
-        needed = found.peak_ram if device_type == "cpu" else found.plan_device
-        if free is not None and needed > free:
-            what = "RAM" if device_type == "cpu" else f"{device_type} memory"
-            self.warn(
-                f"the run may need {size(needed)} of {what} ({found.peak_phase.name}) but {size(free)} is free; "
-                "see `tuner estimate` for the phases (a quantized base_model_precision, a lower resolution or "
-                "gradient_checkpointing: true need less)"
-            )
+        for line in shortfalls(found, free_memory(device_type), available_ram()):
+            self.warn(line)
         return found
 
     def load_transformer(self) -> torch.nn.Module:

@@ -213,15 +213,28 @@ def test_missing_config_file_is_a_one_line_error(tmp_path, shapes_dir):
 def test_run_prints_the_estimate_and_warns_when_memory_is_short(tiny_chroma, shapes_dir, tmp_path, monkeypatch, capsys):
     import tuner.core.estimate
 
-    monkeypatch.setattr(tuner.core.estimate, "free_memory", lambda device_type: 1024)
+    monkeypatch.setattr(tuner.core.estimate, "available_ram", lambda: 1024)
     warnings: list[str] = []
     settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "memory_estimate": True, "max_train_steps": 1}
     result, _, _ = train(settings, warnings=warnings)
     assert result.steps == 1  # a warning, not a stop
-    assert "memory estimate (no_change):" in capsys.readouterr().out
-    assert any(
-        w.startswith("the run may need") and " of RAM (encode images) but 0.0 MiB is free" in w for w in warnings
-    )
+    assert "memory estimate (no_change): at least" in capsys.readouterr().out
+    short = [w for w in warnings if w.startswith("the run may need")]
+    assert len(short) == 1 and " of RAM (encode images) but 0.0 MiB is free: cache latents once" in short[0]
+
+
+def test_shortfalls_name_the_phase_and_what_helps(chroma1_estimates):
+    from tuner.core.estimate import GiB, shortfalls
+
+    nf4, none = chroma1_estimates["nf4-bnb"], chroma1_estimates["no_change"]
+    assert shortfalls(nf4, 64 * GiB, 64 * GiB) == []
+    # a 12 GiB card: training with NF4 fits, encoding captions with T5-XXL in bf16 does not
+    (line,) = shortfalls(nf4, 12 * GiB, 64 * GiB)
+    assert line.startswith("the run may need 12.46 GiB of cuda memory (encode text) but 12.00 GiB is free: ")
+    assert "captions not cached yet" in line
+    (line,) = shortfalls(none, 24 * GiB, 8 * GiB)  # the card fits; loading the bf16 model needs RAM
+    assert line.startswith("the run may need ")  # 16.6 GiB of weights plus this process's own size
+    assert " GiB of RAM (load) but 8.00 GiB is free: a quantized base_model_precision streams" in line
 
 
 def test_a_failing_estimate_does_not_stop_the_run(tiny_chroma, shapes_dir, tmp_path, monkeypatch):
@@ -236,3 +249,35 @@ def test_a_failing_estimate_does_not_stop_the_run(tiny_chroma, shapes_dir, tmp_p
     result, _, _ = train(settings, warnings=warnings)
     assert result.steps == 1
     assert "memory estimate unavailable: RuntimeError: boom" in warnings
+
+
+def hub_cache_with(root, repo: str, folder) -> None:
+    """A Hugging Face cache holding ``folder``'s files as ``repo``'s main revision (no weights)."""
+    import shutil
+
+    cached = root / f"models--{repo.replace('/', '--')}"
+    snapshot = cached / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("0" * 40)
+
+
+def test_a_hub_id_reads_only_config_files_and_fails_in_one_line_without_them(tmp_path, monkeypatch):
+    from tuner.core.errors import PluginError
+    from tuner.core.estimate import estimate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    host = make_host()
+    config = make_config(host, {"model_family": "chroma", "resolution": 256, "tokenizer_max_length": 64})
+    with pytest.raises(PluginError, match=r"^cannot read model_index.json of 'lodestones/Chroma1-Base' \(.*\); the"):
+        estimate(host, config, "cuda")
+    hub_cache_with(tmp_path / "hub", "lodestones/Chroma1-Base", CHROMA1)  # the default flavour's repository
+    found = estimate(host, config, "cuda")
+    assert found.source == "lodestones/Chroma1-Base"
+    assert found.settings["transformer_parameters"] == pytest.approx(8.9e9, rel=0.01)
+    # weights not on disk: the mapped files are counted as the parameters in bf16
+    assert found.phase("load").parts["weight files"] == 2 * found.settings["transformer_parameters"]
+    assert found.settings["transformer_parameters"] == 8_899_983_424  # Chroma 1's denoiser
