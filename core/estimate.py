@@ -41,7 +41,6 @@ MiB = 2**20
 # fragmentation (a fraction of the peak) and the runtime's own memory (CUDA context, cuBLAS
 # workspaces). Typical values for recent torch and drivers; assumed, not measured by tuner.
 ALLOWANCES = {"cuda": (0.10, int(0.5 * GiB)), "mps": (0.10, 0), "cpu": (0.0, 0)}
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -354,6 +353,7 @@ def estimate_precisions(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from tuner.core.quantize import block_units, import_object
+    from tuner.core.train import WEIGHT_DTYPES
 
     family = host.family
     device_type = device_type or accelerator_type()

@@ -110,14 +110,9 @@ def encode_prompts(text_encoders, prompts, config):
 
 @hookimpl
 def example_text(config, transformer, batch_size, dtype):
-    import torch
+    from tuner.plugins.fluxlike.hooks import t5_example_text
 
-    tokens, model = config.tokenizer_max_length, transformer.config
-    return {
-        "prompt_embeds": torch.zeros(batch_size, tokens, model.joint_attention_dim, dtype=dtype),
-        "pooled_prompt_embeds": torch.zeros(batch_size, model.pooled_projection_dim, dtype=dtype),
-        "attention_mask": torch.ones(batch_size, tokens, dtype=torch.bool),
-    }
+    return t5_example_text(config, transformer, batch_size, dtype, pooled=True)
 
 
 @hookimpl

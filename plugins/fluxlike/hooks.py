@@ -34,3 +34,18 @@ def read_lora(path, lora_format, transformer):
 
     deltas, unmatched = bfl.read_comfyui(load_file(path), transformer)
     return LoraReading(deltas, unmatched)
+
+
+def t5_example_text(config, transformer, batch_size, dtype, pooled: bool) -> dict:
+    """``example_text`` for the Flux lineage: T5 embeddings and their mask, and for Flux the
+    pooled CLIP vector. A plain function (not a hook): each family's hook calls it."""
+    import torch
+
+    tokens, model = config.tokenizer_max_length, transformer.config
+    text = {
+        "prompt_embeds": torch.zeros(batch_size, tokens, model.joint_attention_dim, dtype=dtype),
+        "attention_mask": torch.ones(batch_size, tokens, dtype=torch.bool),
+    }
+    if pooled:
+        text["pooled_prompt_embeds"] = torch.zeros(batch_size, model.pooled_projection_dim, dtype=dtype)
+    return text
