@@ -39,7 +39,6 @@ def measure(model: Path, data: Path, work: Path, precision: str, checkpointing: 
     from tuner.core.cache import CachedDataset
     from tuner.core.config import build_config
     from tuner.core.estimate import LiveBytes, estimate
-    from tuner.core.lora import lora_parameters
     from tuner.core.plugins import PluginHost
     from tuner.core.quantize import release_freed_memory
     from tuner.core.train import Trainer
@@ -66,7 +65,7 @@ def measure(model: Path, data: Path, work: Path, precision: str, checkpointing: 
     found = estimate(host, config, "cpu")
     if precision != "no_change":  # the backend's native libraries load at first use: not the model's memory
         warm = torch.nn.Sequential(torch.nn.Linear(256, 256))
-        host.provide("quantize_model", model=warm, unit="", precision=precision, exclude=[], config=config)
+        host.precisions[precision].quantize(warm, "", [])
         warm(torch.randn(1, 256)).sum()
         del warm
     release_freed_memory()
@@ -74,13 +73,13 @@ def measure(model: Path, data: Path, work: Path, precision: str, checkpointing: 
     before = rss_kib("VmRSS")
     transformer = trainer.load_transformer()
     loaded = (rss_kib("VmHWM") - before) * 1024
-    params = lora_parameters(transformer)
-    optimizer, _ = trainer.make_optimizer(params)
-    batches = trainer.batches(CachedDataset(prepared))
-    trainer.optimizer_step(transformer, params, optimizer, batches)
-    with LiveBytes() as live:
-        live.track(transformer, optimizer.state)
-        trainer.optimizer_step(transformer, params, optimizer, batches)
+    state = trainer.setup(transformer)
+    batches = trainer.batches(CachedDataset(prepared), state.position)
+    trainer.optimizer_step(state, batches)
+    info = host.precisions.get(precision)
+    with LiveBytes(info.stored_tensors if info else None) as live:
+        live.track(state.model, state.optimizer.state)
+        trainer.optimizer_step(state, batches)
     train = found.phase("train")
     load = found.phases[0]
     baseline = train.ram - train.device

@@ -99,7 +99,7 @@ def measure(folder: Path, precision: str, steps: int) -> dict:
 
     if precision != "no_change":
         warm = torch.nn.Sequential(torch.nn.Linear(256, 256)).to(torch.bfloat16)
-        host.provide("quantize_model", model=warm, unit="", precision=precision, exclude=[], config=config)
+        host.precisions[precision].quantize(warm, "", [])
         warm(torch.randn(1, 256, dtype=torch.bfloat16))
         del warm
     from tuner.core.quantize import release_freed_memory
@@ -112,7 +112,7 @@ def measure(folder: Path, precision: str, steps: int) -> dict:
     else:
         model = load_quantized(host, config, torch.bfloat16)
     peak = rss_kib("VmHWM")
-    result["bytes"] = quantized_bytes(model)
+    result["bytes"] = quantized_bytes(model, host.precisions.get(precision))
     result["params"] = sum(p.numel() for p in model.parameters())
     result["peak_growth_bytes"] = (peak - before) * 1024
     block = max(

@@ -12,17 +12,33 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tuner.core import hookimpl
+from tuner.core import events, hookimpl
 from tuner.core.config import NO_QUANTIZATION
-from tuner.core.types import ConfigKey
+from tuner.core.types import ConfigKey, LoraFormat
 
 CORE_KEYS = (
     # what and where
     ConfigKey("model_type", "str", "lora", "Only LoRA training is supported.", choices=("lora",)),
-    ConfigKey("model_family", "str", None, "Model family; the same as --plugin."),
-    ConfigKey("model_flavour", "str", None, "Family flavour (e.g. chroma: base, hd, flash)."),
-    ConfigKey("pretrained_model_name_or_path", "str", None, "Hub id or local diffusers folder; overrides the flavour."),
-    ConfigKey("revision", "str", None, "Hub revision (branch, tag or commit) of the model."),
+    ConfigKey("model_family", "str", None, "Model family; the same as --plugin.", resume_critical=True, recipe=True),
+    ConfigKey(
+        "model_flavour",
+        "str",
+        None,
+        "Family flavour (e.g. chroma: base, hd, flash).",
+        resume_critical=True,
+        recipe=True,
+    ),
+    ConfigKey(
+        "pretrained_model_name_or_path",
+        "str",
+        None,
+        "Hub id or local diffusers folder; overrides the flavour.",
+        resume_critical=True,
+        recipe=True,
+    ),
+    ConfigKey(
+        "revision", "str", None, "Hub revision (branch, tag or commit) of the model.", resume_critical=True, recipe=True
+    ),
     ConfigKey("output_dir", "path", "output", "Where the LoRA, checkpoints, samples and logs go."),
     ConfigKey(
         "data_dir", "path", None, "Folder of images with same-stem .txt captions.", aliases=("instance_data_dir",)
@@ -37,17 +53,32 @@ CORE_KEYS = (
     ConfigKey(
         "dataset_repeats", "int", 0, "Extra passes over each image per epoch (SimpleTuner's repeats).", minimum=0
     ),
-    ConfigKey("cache_dir", "path", None, "Latent and text caches (default: $XDG_CACHE_HOME/tuner)."),
-    ConfigKey("resolution", "int", 512, "Square training size in pixels.", minimum=16, multiple_of=16),
+    ConfigKey("cache_dir", "path", None, "Latent and text caches (default: $XDG_CACHE_HOME/tuner).", recipe=True),
+    ConfigKey("resolution", "int", 512, "Square training size in pixels.", minimum=16, multiple_of=16, recipe=True),
     # LoRA
-    ConfigKey("network_rank", "int", 16, "LoRA rank.", aliases=("lora_rank",), minimum=1),
-    ConfigKey("lora_alpha", "float", None, "LoRA alpha (default: the rank, i.e. scale 1).", minimum=0),
+    ConfigKey("network_rank", "int", 16, "LoRA rank.", aliases=("lora_rank",), minimum=1, resume_critical=True),
+    ConfigKey(
+        "lora_alpha", "float", None, "LoRA alpha (default: the rank, i.e. scale 1).", minimum=0, resume_critical=True
+    ),
     ConfigKey("lora_dropout", "float", 0.0, "Dropout on the LoRA input.", minimum=0),
     ConfigKey(
         "base_model_precision",
         "str",
         NO_QUANTIZATION,
         "Quantize the frozen denoiser: no_change or a precision a plugin offers (int8-quanto, nf4-bnb).",
+        resume_critical=True,
+    ),
+    *(
+        ConfigKey(
+            f"text_encoder_{n}_precision",
+            "str",
+            NO_QUANTIZATION,
+            f"Quantize text encoder {n} (SimpleTuner's numbering: Chroma's 1 is T5; Flux's 1 is CLIP, 2 is T5) "
+            "while captions are encoded: no_change or a precision a plugin offers. Part of the text cache's key.",
+            needs=f"text_encoder_{n}",
+            recipe=True,
+        )
+        for n in (1, 2, 3)
     ),
     # loop
     ConfigKey("train_batch_size", "int", 1, "Images per step per process.", minimum=1),
@@ -62,13 +93,15 @@ CORE_KEYS = (
     ConfigKey("adam_beta2", "float", 0.999, "AdamW beta2."),
     ConfigKey("adam_weight_decay", "float", 1e-2, "AdamW weight decay.", minimum=0),
     ConfigKey("adam_epsilon", "float", 1e-8, "AdamW epsilon.", minimum=0),
-    ConfigKey("mixed_precision", "str", "bf16", "accelerate precision.", choices=("no", "fp16", "bf16")),
+    ConfigKey("mixed_precision", "str", "bf16", "accelerate precision.", choices=("no", "fp16", "bf16"), recipe=True),
     ConfigKey("gradient_checkpointing", "bool", True, "Recompute block activations in backward."),
     ConfigKey(
         "offload_during_startup",
         "bool",
         False,
-        "Keep the denoiser on the CPU until caching (and quantization) is done.",
+        "Out of memory at start: while caches are built, keep the VAE's and text encoders' weights in system "
+        "RAM and move them to the accelerator one layer at a time (accelerate's sequential offload); the "
+        "denoiser is loaded only after caching.",
     ),
     ConfigKey("dataloader_num_workers", "int", 0, "Worker processes reading cached items.", minimum=0),
     ConfigKey(
@@ -91,7 +124,13 @@ CORE_KEYS = (
     ConfigKey(
         "validation_resolution", "int", None, "Validation size (default: resolution).", minimum=16, multiple_of=16
     ),
-    ConfigKey("validation_init_image", "path", None, "Image for img2img validation (families that support it)."),
+    ConfigKey(
+        "validation_init_image",
+        "path",
+        None,
+        "Image for img2img validation (families that support img2img).",
+        needs="img2img",
+    ),
     # saving, resuming, surviving
     ConfigKey(
         "checkpointing_steps",
@@ -104,7 +143,8 @@ CORE_KEYS = (
         "lora_format",
         "str_or_list",
         "diffusers",
-        "LoRA file format(s) to write: diffusers, comfyui, both, or a list; each is reloaded and checked.",
+        "LoRA file format(s) to write: diffusers, comfyui (Flux lineage), all, or a list; each is reloaded and "
+        "checked.",
     ),
     ConfigKey(
         "report_to",
@@ -153,6 +193,9 @@ def register_config_keys(register):
         register(replace(key, ask=key.name in ASKED))
 
 
+TEXT_ENCODER_PRECISIONS = ("text_encoder_1_precision", "text_encoder_2_precision", "text_encoder_3_precision")
+
+
 @hookimpl
 def check_config(config, warn):
     config.set_default("lora_alpha", float(config.network_rank))
@@ -170,8 +213,8 @@ def validation_prompts(config) -> list[str]:
 
 
 @hookimpl(trylast=True)
-def encode_images(vae, pixels, config):
-    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+def encode_images(vae, pixels):
+    latents = vae.encode(pixels).latent_dist.mode()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 
@@ -183,31 +226,35 @@ def sample_sigmas(config, batch_size, latent_shape, generator):
     return flow.sample_shifted_logit_normal(config, batch_size, latent_shape, generator)
 
 
-@hookimpl
-def lora_formats():
-    return ["diffusers"]
-
-
-@hookimpl(trylast=True)
-def export_lora(export, lora_format):
-    if lora_format != "diffusers":
-        return None
+def _export_diffusers(export, transformer):
     from tuner.core.lora import diffusers_layout
 
     return {"pytorch_lora_weights.safetensors": diffusers_layout(export)}
 
 
-@hookimpl(trylast=True)
-def read_lora(path, lora_format, transformer, family):
-    if lora_format != "diffusers":
-        return None
+def _read_diffusers(path, transformer, family):
     from tuner.core.selftest import read_with_diffusers
 
     return read_with_diffusers(path, transformer, family)
 
 
+DIFFUSERS_FORMAT = LoraFormat(
+    "diffusers",
+    "pytorch_lora_weights.safetensors: diffusers names with a scalar .alpha per module "
+    "(diffusers' load_lora_weights; ComfyUI reads it too)",
+    export=_export_diffusers,
+    read=_read_diffusers,
+    detect=lambda keys: any(k.startswith("transformer.") for k in keys),
+)
+
+
+@hookimpl
+def register_lora_formats(register):
+    register(DIFFUSERS_FORMAT)
+
+
 class JsonlLog:
-    """Appends one JSON object per optimizer step to ``output_dir/train_log.jsonl``."""
+    """Appends one JSON object per optimizer step (and per skip or rollback) to ``output_dir/train_log.jsonl``."""
 
     def __init__(self) -> None:
         self.file: Any = None
@@ -215,23 +262,30 @@ class JsonlLog:
 
     @hookimpl
     def training_event(self, event):
-        if event.name == "run_start":
+        if isinstance(event, events.RunStart):
             path = Path(event.config.output_dir) / "train_log.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            resumed = event.data.get("resumed_step")
             kept = []
-            if resumed is not None and path.exists():  # drop what the interrupted run logged after it
-                kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= resumed]
+            if event.resumed_step is not None and path.exists():  # drop what the interrupted run logged after it
+                kept = [
+                    line
+                    for line in path.read_text().splitlines()
+                    if json.loads(line).get("step", 0) <= event.resumed_step
+                ]
             self.file = path.open("w", encoding="utf-8")
             self.file.writelines(line + "\n" for line in kept)
             self.started = time.monotonic()
-        elif event.name in ("step_end", "skip", "rollback") and self.file is not None:
-            record = {"step": event.step, **event.data, "elapsed_s": round(time.monotonic() - self.started, 3)}
-            if event.name != "step_end":
+        elif isinstance(event, (events.StepEnd, events.Skip, events.Rollback)) and self.file is not None:
+            record = {
+                "step": event.step,
+                **events.payload(event),
+                "elapsed_s": round(time.monotonic() - self.started, 3),
+            }
+            if not isinstance(event, events.StepEnd):
                 record["event"] = event.name
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        elif event.name == "run_end" and self.file is not None:
+        elif isinstance(event, events.RunEnd) and self.file is not None:
             self.file.close()
             self.file = None
 
@@ -250,7 +304,7 @@ class TensorBoardLog:
 
     @hookimpl
     def training_event(self, event):
-        if event.name == "run_start":
+        if isinstance(event, events.RunStart):
             self.tracker = None
             if "tensorboard" not in trackers(event.config):
                 return
@@ -266,21 +320,20 @@ class TensorBoardLog:
             self.tracker.start()
         elif self.tracker is None:
             return
-        elif event.name == "step_end":
+        elif isinstance(event, events.StepEnd):
             import torch
 
-            data = event.data
-            scalars = {"loss": data["loss"], "lr": data["lr"], "sigma_mean": data["sigma"]}
-            if data.get("grad_norm") is not None:
-                scalars["grad_norm"] = data["grad_norm"]
+            scalars = {"loss": event.loss, "lr": event.lr, "sigma_mean": event.sigma}
+            if event.grad_norm is not None:
+                scalars["grad_norm"] = event.grad_norm
             self.tracker.log(scalars, step=event.step)
-            self.tracker.writer.add_histogram("sigma", torch.tensor(data["sigmas"]), event.step)
-        elif event.name == "validation":
+            self.tracker.writer.add_histogram("sigma", torch.tensor(event.sigmas), event.step)
+        elif isinstance(event, events.Validation):
             import numpy as np
             from PIL import Image
 
-            images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in event.data["images"]])
+            images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in event.images])
             self.tracker.writer.add_images("validation", images, event.step, dataformats="NHWC")
-        elif event.name == "run_end":
+        elif isinstance(event, events.RunEnd):
             self.tracker.finish()
             self.tracker = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuner.core.config import model_source
+from tuner.core.config import NO_QUANTIZATION, model_source
 from tuner.core.data import Item, load_image
 from tuner.core.errors import DataError
 from tuner.core.io import atomic_write, save_safetensors
@@ -107,6 +107,12 @@ def _fingerprint(host: PluginHost, config: Config, kind: str, component: str) ->
     parts: dict[str, Any] = {"format": CACHE_FORMAT, "model": _model_identity(config, host, component)}
     if kind == "latents":
         parts["resolution"] = config.resolution
+    else:  # quantized text encoders encode differently; unset keeps existing caches valid
+        from tuner.core.builtin import TEXT_ENCODER_PRECISIONS
+
+        parts.update(
+            {k: config[k] for k in TEXT_ENCODER_PRECISIONS if config.get(k, NO_QUANTIZATION) != NO_QUANTIZATION}
+        )
     for contribution in host.hook.cache_fingerprint(config=config, kind=kind):
         if contribution:
             parts.update(contribution)
@@ -136,6 +142,8 @@ def prepare_caches(
     """
     import torch
 
+    from tuner.core.encoders import load_text_encoders, load_vae
+
     root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     latents = TensorCache(root, "latents", _fingerprint(host, config, "latents", "vae"))
     text = TensorCache(root, "text", _fingerprint(host, config, "text", "text_encoder"))
@@ -143,7 +151,7 @@ def prepare_caches(
     missing_images = [item for item in items if not latents.has(image_key(item.image))]
     unreadable: list[str] = []
     if missing_images:
-        vae = host.provide("load_model", config=config, component="vae", dtype=dtype).to(device)
+        vae = load_vae(host, config, device, dtype)
         with torch.no_grad():
             for start in range(0, len(missing_images), VAE_BATCH):
                 chunk, pixels = [], []
@@ -172,8 +180,7 @@ def prepare_caches(
     texts = list(dict.fromkeys([item.caption for item in usable] + extra_texts))
     missing_texts = [t for t in texts if not text.has(text_key(t))]
     if missing_texts:
-        encoders = host.provide("load_model", config=config, component="text_encoders", dtype=dtype)
-        encoders = encoders.to(device) if hasattr(encoders, "to") else encoders
+        encoders = load_text_encoders(host, config, device, dtype, warn)
         # captions in batches; prompts (validation) one at a time, as `tuner sample` encodes them,
         # so that a recipe reproduces the validation images bit for bit
         captions = [t for t in missing_texts if t not in extra_texts]
@@ -181,7 +188,9 @@ def prepare_caches(
         batches += [[t] for t in missing_texts if t in extra_texts]
         with torch.no_grad():
             for batch in batches:
-                encoded = host.provide("encode_prompts", text_encoders=encoders, prompts=batch, config=config)
+                encoded = host.provide(
+                    "encode_prompts", text_encoders=encoders, prompts=batch, config=config, device=device
+                )
                 for row, t in enumerate(batch):
                     text.save(text_key(t), {name: value[row] for name, value in encoded.items()})
         del encoders

@@ -7,7 +7,8 @@ A checkpoint folder ``checkpoint-N`` holds:
 * ``optimizer.safetensors``: the optimizer's tensors (per-parameter state);
 * ``rng.safetensors``: the torch CPU/CUDA generator states and numpy's key;
 * ``state.json``: step, data position, optimizer param groups and scalar state, LR scheduler,
-  python/numpy RNG scalars, the divergence guard's state and the settings a resume must match;
+  python/numpy RNG scalars, the divergence guard's state and the settings a resume must match
+  (the keys flagged ``resume_critical``, whoever offers them, and the adapted modules);
 * ``manifest.json`` (written last): size and sha256 of every file.
 
 Everything is written to a hidden ``.checkpoint-N.partial-*`` folder, each file fsynced, and the
@@ -37,17 +38,6 @@ from tuner.core.io import atomic_write, save_safetensors
 MANIFEST = "manifest.json"
 STATE = "state.json"
 NAME = re.compile(r"^checkpoint-(\d+)$")
-# settings that define the adapter: a resume with any of them changed is refused
-RESUME_KEYS = (
-    "model_family",
-    "model_flavour",
-    "pretrained_model_name_or_path",
-    "revision",
-    "network_rank",
-    "lora_alpha",
-    "flux_lora_target",
-    "base_model_precision",
-)
 
 
 class DiskFullError(TunerError):
@@ -217,7 +207,8 @@ def prune(output_dir: Path, keep: int) -> list[Path]:
 
 
 def resume_settings(config: Any, targets: list[str]) -> dict[str, Any]:
-    return {**{key: config.get(key) for key in RESUME_KEYS}, "targets": targets}
+    """What defines the adapter: every key flagged ``resume_critical`` and the adapted modules."""
+    return {**config.flagged("resume_critical"), "targets": targets}
 
 
 def check_resume_settings(saved: dict[str, Any], config: Any, targets: list[str], folder: Path) -> None:

@@ -78,19 +78,30 @@ def run(
 def plugins(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per plugin."),
     show_all: bool = typer.Option(False, "--all", help="Also list plugins disabled by TUNER_*_PLUGINS."),
+    plugin: str | None = typer.Option(
+        None, "--plugin", "-p", help="Build the host of a run of this family (its implementation's hooks listed too)."
+    ),
 ) -> None:
     """List installed plugins with their distribution, version, families, precisions and hooks."""
-    host = _host(None)
+    host = _host(plugin)
+    if plugin is not None:
+        host.hook  # noqa: B018 (loads the family's implementation, as a run does)
     rows = []
     for record in host.records:
         if record.disabled and not show_all:
             continue
+        if plugin is not None and record.module is not None and host.pm.get_plugin(record.name) is None:
+            continue  # another family: not part of this run
+        families = sorted(f.name for f in host.families.values() if f.plugin == record.name)
         rows.append(
             {
                 "name": record.name,
                 "distribution": record.distribution,
                 "version": record.version,
-                "families": sorted(f.name for f in host.families.values() if f.plugin == record.name),
+                "families": families,
+                "implementation": next(
+                    (f.implementation for f in host.families.values() if f.plugin == record.name), None
+                ),
                 "precisions": sorted(p.name for p in host.precisions.values() if p.plugin == record.name),
                 "hooks": host.hooks_of(record.name),
                 "error": record.error,
@@ -111,16 +122,25 @@ def plugins(
             typer.echo(f"    failed to import: {row['error']}")
         else:
             typer.echo(f"    hooks: {', '.join(row['hooks'])}")
+            if row["implementation"]:
+                typer.echo(f"    implementation: {row['implementation']} (its hooks: tuner plugins --plugin NAME)")
 
 
 @app.command()
 def keys(plugin: str = typer.Option(..., "--plugin", "-p", help="Model family.")) -> None:
-    """List the config keys a family accepts, with defaults, aliases and the plugin that owns each."""
+    """List the config keys a family accepts, with defaults, aliases and the plugin that owns each;
+    keys the family ignores or refuses say so."""
     host = _host(plugin)
+    family = host.family
     for key in sorted(host.config_keys().values(), key=lambda k: k.name):
         aliases = f" (alias: {', '.join(key.aliases)})" if key.aliases else ""
         choices = f" [{'|'.join(key.choices)}]" if key.choices else ""
         typer.echo(f"{key.name}{aliases}: {key.kind}{choices} = {key.default!r}  <{key.owner}>\n    {key.help}")
+        refusal = family.refusal(key)
+        if refusal is not None:
+            typer.echo(f"    REFUSED by {family.name} when set: {refusal}")
+        elif key.name in family.ignored_keys:
+            typer.echo(f"    IGNORED by {family.name} (a warning when set): {family.ignored_keys[key.name]}")
 
 
 @app.command()
@@ -304,7 +324,9 @@ def check_lora(
     plugin: str = typer.Option(..., "--plugin", "-p", help="Model family the LoRA is for."),
     model: str | None = typer.Option(None, "--model", help="Base model (hub id or folder); default: the flavour."),
     flavour: str | None = typer.Option(None, "--flavour", help="Model flavour when --model is not given."),
-    lora_format: str = typer.Option("auto", "--format", help="auto, diffusers (also kohya) or comfyui."),
+    lora_format: str = typer.Option(
+        "auto", "--format", help="auto, or a format the family registers: diffusers (also kohya), comfyui, ..."
+    ),
 ) -> None:
     """Load a LoRA the way its runtime does and list every key that runtime would ignore."""
     from tuner.core.config import build_config
@@ -324,12 +346,14 @@ def check_lora(
             keys = list(handle.keys())
     except Exception as exc:
         raise DataError(f"{file} is not a readable safetensors file: {exc}") from None
-    if lora_format == "auto":
-        lora_format = "comfyui" if any(k.startswith("diffusion_model.") for k in keys) else "diffusers"
+    formats = host.lora_formats
+    if lora_format == "auto":  # the family's formats first; the core's diffusers reader (kohya too) otherwise
+        found = (n for n, f in reversed(formats.items()) if f.detect and f.detect(keys))
+        lora_format = next(found, next(iter(formats)))
+    if lora_format not in formats:
+        raise ConfigError(f"--format {lora_format!r}: {plugin} reads {', '.join(formats)} (or auto)")
     transformer = host.provide("load_model", config=config, component="transformer", dtype=torch.float32)
-    reading = host.provide(
-        "read_lora", path=str(file), lora_format=lora_format, transformer=transformer, family=host.family, config=config
-    )
+    reading = formats[lora_format].read(str(file), transformer, host.family)
     changed = sum(1 for delta in reading.deltas.values() if delta.abs().max() > 0)
     typer.echo(f"{file}: {lora_format} layout, {len(keys)} keys; {changed} modules of {plugin} receive a change")
     for key in reading.unmatched:

@@ -61,6 +61,10 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
+    def flagged(self, flag: str) -> dict[str, Any]:
+        """The values of every key whose ConfigKey sets ``flag`` (``resume_critical``, ``recipe``)."""
+        return {name: self._values.get(name) for name, key in self._keys.items() if getattr(key, flag)}
+
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"{self.source}: {key}: {message}")
 
@@ -250,7 +254,11 @@ def build_config(
     warn: Any = None,
     origins: Mapping[str, str] | None = None,
 ) -> Config:
-    """Validate ``raw`` for the host's family: keys, flavour, precision, then every check_config hook."""
+    """Validate ``raw`` for the host's family: every check a run makes on its settings happens here,
+    so ``tuner estimate``, ``tuner configure`` and ``tuner run`` accept and refuse the same configs.
+
+    Keys and kinds, the family and flavour, keys the family ignores or refuses, the precision, the
+    LoRA formats, the device the precision needs, then every plugin's ``check_config``."""
     warn = warn or warn_user
     family = host.family
     config = validate(raw, host.config_keys(), source, origins)
@@ -267,12 +275,58 @@ def build_config(
                 f"unknown flavour {flavour!r} for {family.name}; choose one of {', '.join(family.flavours)}",
             )
         config._values["model_flavour"] = flavour
-    precision = config.base_model_precision
-    if precision != NO_QUANTIZATION and precision not in host.precisions:
-        known = ", ".join([NO_QUANTIZATION, *sorted(host.precisions)])
-        raise config.error("base_model_precision", f"unknown precision {precision!r}; choose one of {known}")
-    host.hook.check_config(config=config, warn=warn)
+        _check_family_support(config, family, warn)
+        config._values["lora_format"] = _lora_formats(config, host)
+    from tuner.core.builtin import TEXT_ENCODER_PRECISIONS
+
+    for key in ("base_model_precision", *TEXT_ENCODER_PRECISIONS):
+        precision = config.get(key, NO_QUANTIZATION)
+        if precision != NO_QUANTIZATION and precision not in host.precisions:
+            known = ", ".join([NO_QUANTIZATION, *sorted(host.precisions)])
+            raise config.error(key, f"unknown precision {precision!r}; choose one of {known}")
+    if config.mixed_precision == "fp16":
+        from tuner.core.runtime import device_type
+
+        if device_type() != "cuda":
+            raise config.error("mixed_precision", "fp16 needs a CUDA GPU; use bf16 or no")
+    host.check_config(config, warn)
     return config
+
+
+def _check_family_support(config: Config, family: Any, warn: Any) -> None:
+    """Refuse keys the family cannot honour; warn about keys it ignores (only when the user set them)."""
+    for name, key in config._keys.items():
+        if not config.is_set(name):
+            continue
+        why = family.refusal(key)
+        if why is not None and config[name] != key.default:
+            raise config.error(name, f"{why}; remove the key")
+        if name in family.ignored_keys:
+            warn(f"{config.source}: {name} is ignored by {family.name}: {family.ignored_keys[name]}")
+
+
+# lora_format values that mean every format the run's plugins registered
+ALL_FORMATS = ("all", "both")
+
+
+def _lora_formats(config: Config, host: PluginHost) -> list[str]:
+    """``lora_format`` as the list of registered format names it stands for."""
+    value = config.lora_format
+    known = list(host.lora_formats)  # in registration order: the core's diffusers first
+    if value in ALL_FORMATS:
+        if value == "both" and len(known) != 2:
+            raise config.error(
+                "lora_format", f"'both' means two formats, but {host.family.name} writes {', '.join(known)}; use all"
+            )
+        return known
+    wanted = [value] if isinstance(value, str) else list(value)
+    unknown = [f for f in wanted if f not in known]
+    if unknown or not wanted:
+        raise config.error(
+            "lora_format",
+            f"{', '.join(map(repr, unknown)) or 'an empty list'}: choose from {', '.join(known)}, or all",
+        )
+    return list(dict.fromkeys(wanted))
 
 
 def model_source(config: Config, family_flavours: Mapping[str, str]) -> str:

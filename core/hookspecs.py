@@ -2,16 +2,30 @@
 
 Three shapes of hook (``docs/plugins.md`` shows when each fires during a run):
 
-* **register** hooks are called on every installed plugin; the plugin calls ``register(...)`` once
-  per thing it offers, so the host knows which plugin offered what.
+* **register** hooks: the plugin calls ``register(...)`` once per thing it offers, so the host
+  knows which plugin offered what. Families and precisions are registered by every installed
+  plugin; config keys and LoRA formats by the plugins of the run.
 * **provide** hooks are ``firstresult``: the first non-``None`` answer wins and the rest are not
-  called. Only the selected model family and non-family plugins (quantizers, trackers,
-  extensions) take part in a run, so a family answers its own provide hooks; the core answers a
-  few of them with defaults registered ``trylast``, which any plugin overrides.
+  called.
 * **contribute** hooks collect the answers of every plugin in the run.
 
-A plugin may wrap any hook with ``@hookimpl(wrapper=True)`` to modify another plugin's answer
-(for example trimming the LoRA targets of a family).
+Who answers a provide hook does not depend on any plugin's name. A run's plugins are the core,
+every plugin that registers no family (quantizers, trackers, extensions) and the selected
+family, registered in that order, and pluggy calls the last registered first. So:
+
+1. an extension's ``@hookimpl(tryfirst=True)`` answers before the family (an explicit override);
+2. otherwise the selected family answers its own hooks;
+3. then any other plugin's plain implementation (for a hook the family does not implement);
+4. last the core's defaults (``trylast``).
+
+A ``@hookimpl(wrapper=True)`` wraps all of them and may change the answer (for example trimming
+the LoRA targets of a family).
+
+A family's entry point is a cheap manifest: ``register_families``, ``register_config_keys``,
+``register_lora_formats`` and ``check_config``. Its heavy hooks live in the module named by
+``FamilyInfo.implementation``, which the host imports and registers as part of the family the
+first time a run asks for a hook; that module may not implement register hooks or
+``check_config`` (they run before it is loaded).
 
 Implementations must not give their parameters default values (pluggy never overrides them) and
 may accept any subset of a hook's parameters. This module imports neither torch nor diffusers:
@@ -30,15 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover - import-cheap module
     import typer
 
     from tuner.core.config import Config
-    from tuner.core.types import (
-        ConfigKey,
-        FamilyInfo,
-        LoraExport,
-        LoraReading,
-        PrecisionInfo,
-        TrainEvent,
-        ValidationRequest,
-    )
+    from tuner.core.events import TrainEvent
+    from tuner.core.types import ConfigKey, FamilyInfo, LoraFormat, PrecisionInfo, ValidationRequest
 
 # --------------------------------------------------------------------------------------------
 # Registration: called on every installed plugin, when the host is built.
@@ -51,8 +58,9 @@ def register_families(register: Callable[[FamilyInfo], None]) -> None:
 
     Called once when a plugin host is built, on every installed plugin. Call
     ``register(FamilyInfo(...))`` for the family this plugin implements (at most one family per
-    plugin: the family's provide hooks are this plugin's hooks). A plugin that registers no
-    family (a quantizer, a tracker, an extension) takes part in every run.
+    plugin: the family's provide hooks are this plugin's hooks and those of the module named by
+    ``FamilyInfo.implementation``). A plugin that registers no family (a quantizer, a tracker, an
+    extension) takes part in every run.
 
     Two plugins registering the same family name is an error naming both distributions.
     """
@@ -74,7 +82,22 @@ def register_precisions(register: Callable[[PrecisionInfo], None]) -> None:
     """Offer base-model precisions for ``base_model_precision`` (quantization backends).
 
     Called on every installed plugin when the host is built. Call ``register(PrecisionInfo(...))``
-    for each precision name this plugin can apply through :func:`quantize_model`.
+    for each precision: its ``quantize`` function quantizes the denoiser unit by unit as it
+    streams in (and whole text encoders for ``text_encoder_1_precision``), its ``weight_bytes``
+    and ``stored_tensors`` let ``tuner estimate`` count it. Two plugins registering one name is an
+    error naming both.
+    """
+
+
+@hookspec
+def register_lora_formats(register: Callable[[LoraFormat], None]) -> None:
+    """Offer LoRA file formats (``lora_format`` values) for the run's family.
+
+    Called when a run's config is validated, on the core and on every plugin of that run. Call
+    ``register(LoraFormat(...))`` once per format with its exporter and reader; every final LoRA
+    file is written by the exporter and reread by the reader (the self-test). The core registers
+    ``diffusers``; the Flux lineage registers ``comfyui``. ``lora_format: all`` (or ``both``)
+    writes every registered format.
     """
 
 
@@ -121,27 +144,13 @@ def load_model(config: Config, component: str, dtype: torch.dtype) -> Any:
 
 
 @hookspec(firstresult=True)
-def quantize_model(model: Any, unit: str, precision: str, exclude: list[str], config: Config) -> Any:
-    """Quantize, in place, the plain ``nn.Linear`` layers inside ``model.get_submodule(unit)``.
-
-    Called when ``base_model_precision`` is not ``no_change``, once per loading unit (each
-    transformer block, then each other top-level part) right after that unit's weights are read,
-    so only one unit is ever held in high precision. ``model`` is the whole denoiser (set any
-    root attribute a library needs on it), ``precision`` a name this plugin registered with
-    :func:`register_precisions`, ``exclude`` the full module paths (from
-    :func:`high_precision_modules`) to leave untouched, including everything under them. Return
-    ``model`` when this plugin handled the precision, else None; stops at the first non-None result.
-    """
-
-
-@hookspec(firstresult=True)
 def high_precision_modules(transformer: Any, config: Config) -> list[str]:
     """Full module paths of the denoiser that quantization must leave in high precision.
 
     Called once before a quantized load, with the denoiser built on the meta device (module
     names are there, weights are not). The family answers (embedders, output projection, norms,
-    Chroma's approximator); everything under a listed path stays unquantized. Stops at the first
-    non-None result.
+    Chroma's approximator); everything under a listed path stays unquantized (the precision's
+    ``quantize`` gets them as ``exclude``). Stops at the first non-None result.
     """
 
 
@@ -161,10 +170,14 @@ def cache_fingerprint(config: Config, kind: str) -> dict[str, Any]:
 
 
 @hookspec(firstresult=True)
-def encode_prompts(text_encoders: Any, prompts: list[str], config: Config) -> dict[str, torch.Tensor]:
+def encode_prompts(
+    text_encoders: Any, prompts: list[str], config: Config, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Encode a batch of captions or prompts for caching.
 
-    Called only for texts missing from the text cache. Returns a dict of tensors whose first
+    Called only for texts missing from the text cache, with ``device`` the device the encoders
+    compute on: put token ids there (with ``offload_during_startup`` the encoders' weights live in
+    system RAM between layers, so ``encoder.device`` does not say). Returns a dict of tensors whose first
     dimension is ``len(prompts)``; it must include ``"attention_mask"`` (bool, ``[B, tokens]``)
     for families that mask text attention. Each row is cached and later handed back, batched, to
     :func:`predict_flow` and :func:`generate_images`. Stops at the first non-None result.
@@ -175,7 +188,8 @@ def encode_prompts(text_encoders: Any, prompts: list[str], config: Config) -> di
 def encode_images(vae: Any, pixels: torch.Tensor, config: Config) -> torch.Tensor:
     """Encode images (``[B, 3, H, W]`` in ``[-1, 1]``) to the normalized latents the denoiser trains on.
 
-    Called only for images missing from the latent cache. The core's default uses the VAE's
+    Called only for images missing from the latent cache, with ``pixels`` already on the device
+    and in the dtype the VAE computes in. The core's default uses the VAE's
     latent mean with its ``shift_factor`` and ``scaling_factor``. Stops at the first non-None
     result.
     """
@@ -248,39 +262,6 @@ def generate_images(request: ValidationRequest) -> list[Any]:
     """
 
 
-@hookspec
-def lora_formats(config: Config) -> list[str]:
-    """Names of the LoRA file formats this plugin writes for the run's family (``lora_format`` values).
-
-    Called once when a run starts, on every plugin of the run; the answers are merged and an
-    unknown ``lora_format`` is refused before training.
-    """
-
-
-@hookspec(firstresult=True)
-def export_lora(
-    export: LoraExport, config: Config, lora_format: str, transformer: Any
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Convert the trained adapter to the files of ``lora_format``: ``{file name: {key: tensor}}``.
-
-    Called at every save, once per format in ``lora_format``; return None for a format this
-    plugin does not write. The core writes ``diffusers`` (``pytorch_lora_weights.safetensors``:
-    diffusers names with per-module ``.alpha`` tensors, which diffusers and ComfyUI both read);
-    the Flux lineage writes ``comfyui`` (BFL names, fused qkv). Stops at the first non-None result.
-    """
-
-
-@hookspec(firstresult=True)
-def read_lora(path: str, lora_format: str, transformer: Any, family: FamilyInfo, config: Config) -> LoraReading:
-    """Read a LoRA file the way its target runtime does, as weight deltas per transformer module.
-
-    Called by the self-test after every final save and by ``tuner check-lora``. ``lora_format``
-    is ``diffusers`` (also kohya and other layouts diffusers converts), ``comfyui``, or a format a
-    plugin registered. Must not change ``transformer``'s own adapters. Stops at the first non-None
-    result.
-    """
-
-
 @hookspec(firstresult=True)
 def recipe_snippet(recipe: dict[str, Any]) -> str:
     """Python code that reproduces the validation images of ``recipe`` with diffusers alone.
@@ -294,10 +275,11 @@ def recipe_snippet(recipe: dict[str, Any]) -> str:
 
 @hookspec
 def training_event(event: TrainEvent) -> None:
-    """Observe the run: called on every plugin, on the main process only, at ``run_start``,
-    ``step_end``, ``skip`` (a non-finite step was dropped), ``rollback``, ``validation``, ``save``
-    and ``run_end`` (``event.name``; ``event.data`` holds the details).
+    """Observe the run: called on every plugin of the run, on the main process only.
 
-    Use it for loggers and trackers: the core's JSONL log and TensorBoard tracker are such plugins,
-    and a wandb or other tracker is a package implementing this hook.
+    ``event`` is one of the dataclasses of :mod:`tuner.core.events`, each with its own typed
+    fields besides ``step``, ``config`` and ``log``: ``RunStart``, ``StepEnd``, ``Skip`` (a
+    non-finite step was dropped), ``Rollback``, ``Validation``, ``Save`` and ``RunEnd``. Dispatch
+    with ``isinstance``. Use it for loggers and trackers: the core's JSONL log and TensorBoard
+    tracker are such plugins, and a wandb or other tracker is a package implementing this hook.
     """

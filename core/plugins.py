@@ -3,7 +3,10 @@
 Bundled plugins are found through the same entry points as third-party ones. Each entry point is
 loaded on its own so one broken package is reported (with its distribution) instead of taking
 the CLI down. A run registers the core's defaults, every plugin that offers no family, and the
-one selected family plugin, so a family's provide hooks answer only for that family.
+one selected family plugin last, so the family answers its own provide hooks whatever the
+plugins are called, and an extension overrides it only explicitly (``tryfirst`` or a wrapper).
+The family's heavy implementation module is imported and registered the first time the run
+asks for a hook (``host.hook``, ``host.provide``); building a config never imports it.
 """
 
 from __future__ import annotations
@@ -19,9 +22,18 @@ import pluggy
 
 from tuner.core import ENTRY_POINT_GROUP, PROJECT_NAME, hookspecs
 from tuner.core.errors import PluginError, first_line
-from tuner.core.types import ConfigKey, FamilyInfo, PrecisionInfo
+from tuner.core.types import ConfigKey, FamilyInfo, LoraFormat, PrecisionInfo
 
 CORE_PLUGIN_NAME = "core"
+# hooks a family's implementation module may not implement: they run before it is loaded
+MANIFEST_HOOKS = (
+    "register_families",
+    "register_config_keys",
+    "register_precisions",
+    "register_lora_formats",
+    "register_commands",
+    "check_config",
+)
 
 
 @dataclass
@@ -105,18 +117,24 @@ class PluginHost:
             if record.module is not None:
                 self._register(record)
 
-        self.families: dict[str, FamilyInfo] = self._collect("register_families", FamilyInfo)
-        self.precisions: dict[str, PrecisionInfo] = self._collect("register_precisions", PrecisionInfo)
+        self.families: dict[str, FamilyInfo] = self._collect("register_families", FamilyInfo, "family")
+        self.precisions: dict[str, PrecisionInfo] = self._collect("register_precisions", PrecisionInfo, "precision")
         self.family: FamilyInfo | None = None
+        self._implementation_loaded = False
+        self._formats: dict[str, LoraFormat] | None = None
         if family is not None:
             self.family = self.family_info(family)
             for name in {f.plugin for f in self.families.values()} - {self.family.plugin}:
                 self.pm.unregister(name=name)
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(f"{self._label(exc.plugin)}: {exc}") from None
-        if os.environ.get("TUNER_TRACE_PLUGINS") == "1":
+            # the family last: pluggy calls the last registered first, so the family answers its
+            # own hooks before any extension that did not ask to go first (tryfirst)
+            chosen = self._record(self.family.plugin)
+            self.pm.unregister(name=chosen.name)
+            self._register(chosen)
+        self._check_pending()
+        self._tracing = os.environ.get("TUNER_TRACE_PLUGINS") == "1"
+        self._traced: set[int] = set()  # hook implementations already wrapped for tracing
+        if self._tracing:
             self._trace()
 
     # -- building -----------------------------------------------------------------------------
@@ -129,6 +147,40 @@ class PluginHost:
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"{record.label} has an invalid hook: {exc}") from None
 
+    def _check_pending(self) -> None:
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"{self._label(exc.plugin)}: {exc}") from None
+
+    def _load_implementation(self) -> None:
+        """Import the selected family's heavy module and register it as part of the family."""
+        self._implementation_loaded = True
+        family = self.family
+        if family is None or not family.implementation:
+            return
+        owner = self._record(family.plugin)
+        try:
+            module = importlib.import_module(family.implementation)
+        except Exception as exc:
+            raise PluginError(
+                f"{owner.label}: the implementation {family.implementation} of family {family.name} "
+                f"failed to import: {first_line(exc)}"
+            ) from None
+        name = f"{family.plugin}:implementation"
+        record = PluginRecord(name, owner.distribution, owner.version, module)
+        self.records.append(record)
+        self._register(record)
+        misplaced = [h for h in self.hooks_of(name) if h in MANIFEST_HOOKS]
+        if misplaced:
+            raise PluginError(
+                f"{owner.label}: {family.implementation} implements {', '.join(misplaced)}, which run before it is "
+                "loaded; move them to the entry-point module"
+            )
+        self._check_pending()
+        if self._tracing:
+            self._trace()
+
     def _record(self, name: str) -> PluginRecord:
         return next(r for r in self.records if r.name == name)
 
@@ -139,7 +191,7 @@ class PluginHost:
         except StopIteration:
             return f"plugin {name!r}"
 
-    def _collect(self, hook_name: str, cls: type) -> dict[str, Any]:
+    def _collect(self, hook_name: str, cls: type, what: str) -> dict[str, Any]:
         """Call a register hook plugin by plugin so each offered item knows its owner."""
         found: dict[str, Any] = {}
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
@@ -152,7 +204,7 @@ class PluginHost:
                 if item.name in found:
                     other = self._record(found[item.name].plugin)
                     raise PluginError(
-                        f"{cls.__name__[:-4].lower()} {item.name!r} is registered twice: by {other.label} "
+                        f"{what} {item.name!r} is registered twice: by {other.label} "
                         f"and by {record.label}; uninstall one or set TUNER_DISABLE_PLUGINS"
                     )
                 found[item.name] = _with_owner(item, record)
@@ -179,8 +231,9 @@ class PluginHost:
                 continue
             firstresult = bool(caller.spec.opts.get("firstresult"))
             for impl in caller.get_hookimpls():
-                if not impl.hookwrapper and not impl.wrapper:
+                if not impl.hookwrapper and not impl.wrapper and id(impl) not in self._traced:
                     impl.function = traced(name, impl.plugin_name, impl.function, firstresult)
+                    self._traced.add(id(impl))
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -207,18 +260,34 @@ class PluginHost:
         return keys
 
     @property
+    def lora_formats(self) -> dict[str, LoraFormat]:
+        """The LoRA formats the plugins of this run registered (a run host only)."""
+        if self._formats is None:
+            self._formats = self._collect("register_lora_formats", LoraFormat, "LoRA format")
+        return self._formats
+
+    def check_config(self, config: Any, warn: Any) -> None:
+        """Run every plugin's ``check_config`` (manifests only: the family's implementation is not needed)."""
+        self.pm.hook.check_config(config=config, warn=warn)
+
+    @property
     def hook(self) -> Any:
+        """Every hook of the run; the first use loads the selected family's implementation."""
+        if not self._implementation_loaded:
+            self._load_implementation()
         return self.pm.hook
 
     def provide(self, hook_name: str, **kwargs: Any) -> Any:
         """Call a firstresult hook and fail with a clear message when no plugin answers."""
-        result = getattr(self.pm.hook, hook_name)(**kwargs)
+        result = getattr(self.hook, hook_name)(**kwargs)
         if result is None:
             who = self.family.name if self.family else "no family selected"
             raise PluginError(f"no plugin answered hook {hook_name!r} (model family: {who})")
         return result
 
     def hooks_of(self, name: str) -> list[str]:
+        """The hooks plugin ``name`` implements (a family's implementation is listed under
+        ``<plugin>:implementation`` once loaded)."""
         plugin = self.pm.get_plugin(name)
         if plugin is None:
             return []

@@ -1,8 +1,9 @@
 """Loading the frozen denoiser quantized, block by block, so peak memory stays near the quantized size.
 
 The model is built on the meta device, then each block's weights are read from the safetensors
-files (memory-mapped, one tensor at a time) and the quantization plugin quantizes that block
-before the next one is read. The family declares which diffusers class to build
+files (memory-mapped, one tensor at a time) and the precision's ``quantize`` function (registered
+by its plugin in a :class:`~tuner.core.types.PrecisionInfo`) quantizes that block before the next
+one is read. The family declares which diffusers class to build
 (``FamilyInfo.transformer_class``) and which modules stay in high precision
 (``high_precision_modules``); the quantizer never imports a family and the family never imports a
 quantization library.
@@ -138,8 +139,10 @@ def load_quantized(host: PluginHost, config: Config, dtype: torch.dtype) -> torc
     from accelerate.utils import set_module_tensor_to_device
 
     family = host.family
-    precision = config.base_model_precision
-    require_backend(host.precisions[precision])
+    info = host.precisions[config.base_model_precision]
+    require_backend(info)
+    if info.quantize is None:
+        raise PluginError(f"base_model_precision {info.name} ({info.plugin}) registers no quantize function")
     if not family.transformer_class:
         raise PluginError(
             f"model family {family.name} ({family.plugin}) does not declare a transformer_class to quantize"
@@ -167,7 +170,7 @@ def load_quantized(host: PluginHost, config: Config, dtype: torch.dtype) -> torc
             )
             del tensor
         exclude = [k for k in keep if k == unit or k.startswith(unit + ".") or unit.startswith(k + ".")]
-        host.provide("quantize_model", model=model, unit=unit, precision=precision, exclude=exclude, config=config)
+        info.quantize(model, unit, exclude)
         release_freed_memory()
     model.requires_grad_(False)
     return model.eval()
@@ -186,30 +189,17 @@ def plain_linears(model: torch.nn.Module, unit: str, exclude: list[str]) -> list
     return [n for n in names if not excluded(n, exclude)]
 
 
-def quantized_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's weights as stored: quantized tensors count their packed data and scales."""
-    return sum(_stored_bytes(t) for t in [*model.parameters(), *model.buffers()])
+def quantized_bytes(model: torch.nn.Module, precision: PrecisionInfo | None = None) -> int:
+    """Bytes of the model's weights as stored: quantized tensors count their packed data and scales
+    (tensor subclasses by their inner tensors; what else the precision keeps beside a weight by its
+    ``stored_tensors``)."""
+    extra = precision.stored_tensors if precision is not None else None
+    return sum(t.numel() * t.element_size() for w in [*model.parameters(), *model.buffers()] for t in stored(w, extra))
 
 
-def _stored_bytes(tensor: Any) -> int:
-    if hasattr(tensor, "__tensor_flatten__"):  # a tensor subclass (quanto): sum its inner tensors
-        names, _ = tensor.__tensor_flatten__()
-        return sum(_stored_bytes(getattr(tensor, name)) for name in names)
-    size = tensor.numel() * tensor.element_size()
-    state = getattr(tensor, "quant_state", None)  # bitsandbytes Params4bit: absmax, code, nested state
-    return size + (_quant_state_bytes(state) if state is not None else 0)
-
-
-def _quant_state_bytes(state: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in quant_state_tensors(state))
-
-
-def quant_state_tensors(state: Any) -> list[torch.Tensor]:
-    """The tensors of a bitsandbytes quantization state (absmax, code, a nested state's)."""
-    tensors = []
-    for value in vars(state).values():
-        if isinstance(value, torch.Tensor):
-            tensors.append(value)
-        elif hasattr(value, "absmax"):  # nested state of double quantization
-            tensors += quant_state_tensors(value)
-    return tensors
+def stored(tensor: Any, extra: Any = None) -> list[torch.Tensor]:
+    """The plain tensors a (possibly quantized) tensor is stored in."""
+    if hasattr(tensor, "__tensor_flatten__") and not isinstance(tensor, torch._subclasses.FakeTensor):
+        names, _ = tensor.__tensor_flatten__()  # a wrapper subclass (quanto): its inner tensors
+        return [t for name in names for t in stored(getattr(tensor, name), extra)]
+    return [tensor, *(extra(tensor) if extra is not None else [])]

@@ -20,21 +20,6 @@ from tuner.core.io import atomic_write
 from tuner.core.types import ValidationRequest
 
 RECIPE = "recipe.json"
-# settings that change how an image is rendered, copied into recipes
-SAMPLING_KEYS = (
-    "model_family",
-    "model_flavour",
-    "pretrained_model_name_or_path",
-    "revision",
-    "mixed_precision",
-    "tokenizer_max_length",
-    "flux_t5_padding",
-    "flux_attention_masked_training",
-    "validation_guidance",
-    "validation_guidance_real",
-    "resolution",
-    "cache_dir",
-)
 
 
 def make_recipe(
@@ -57,7 +42,8 @@ def make_recipe(
         "guidance_key": family.guidance_key,
         "guidance": config.get(family.guidance_key),
         "scheduler": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
-        "settings": {key: config.get(key) for key in SAMPLING_KEYS if key in config},
+        # every key flagged `recipe` by whoever offers it (the family's own sampling keys too)
+        "settings": config.flagged("recipe"),
     }
 
 
@@ -115,14 +101,19 @@ def render(
     host: Any, config: Any, prompts: list[str], seeds: list[int], lora: str | None, size: int, scale: float = 1.0
 ) -> list[Any]:
     """Load the base, apply the LoRA, encode, and render through the family's generate_images."""
-    dtype = torch.bfloat16 if config.mixed_precision == "bf16" and torch.cuda.is_available() else torch.float32
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from tuner.core.encoders import load_text_encoders
+    from tuner.core.runtime import device_type, weight_dtype
+
+    dtype = weight_dtype(config)  # the rule training and validation follow
+    device = torch.device(device_type())
     load = lambda component: host.provide("load_model", config=config, component=component, dtype=dtype)  # noqa: E731
-    encoders = load("text_encoders")
-    encoders = encoders.to(device) if hasattr(encoders, "to") else encoders
+    encoders = load_text_encoders(host, config, device, dtype)
     texts = [*prompts, config.validation_negative_prompt or ""]
     with torch.no_grad():  # one text per batch, as training cached its validation prompts
-        encoded = [host.provide("encode_prompts", text_encoders=encoders, prompts=[t], config=config) for t in texts]
+        encoded = [
+            host.provide("encode_prompts", text_encoders=encoders, prompts=[t], config=config, device=device)
+            for t in texts
+        ]
     del encoders
     text, negative = encoded[:-1], encoded[-1]
     transformer = load("transformer").to(device)
@@ -142,5 +133,7 @@ def render(
         config=config,
         device=device,
     )
-    with torch.no_grad():
+    from tuner.core.runtime import autocast
+
+    with torch.no_grad(), autocast(device.type, dtype):  # as validation renders under accelerate's autocast
         return host.provide("generate_images", request=request)

@@ -1,6 +1,7 @@
 """Proof that a saved LoRA loads: reread every file the way its runtime does and compare.
 
-After every final save each written format is read back through the ``read_lora`` hook (diffusers'
+After every final save each written file is read back by its format's reader
+(:class:`~tuner.core.types.LoraFormat`: for the diffusers file, diffusers'
 own LoRA reader ``PipelineClass.lora_state_dict`` with peft's arithmetic for the diffusers file,
 ComfyUI's key mapping and arithmetic for the ComfyUI file) and the weight change per module is
 compared with what training produced. (The full ``load_lora_weights`` path onto a fresh pipeline
@@ -134,20 +135,13 @@ def compare(path: str, reading: LoraReading, trained: dict[str, torch.Tensor], a
     return problems
 
 
-def self_test(host: Any, config: Any, model: torch.nn.Module, files: dict[str, list[str]]) -> None:
-    """Reread each written ``{format: [paths]}`` and fail loudly on any difference."""
+def self_test(host: Any, model: torch.nn.Module, files: dict[str, list[str]]) -> None:
+    """Reread each written ``{format: [paths]}`` with that format's reader and fail loudly on any difference."""
     trained = adapter_deltas(model)
     problems = []
     for lora_format, paths in files.items():
+        reader = host.lora_formats[lora_format].read
         for path in paths:
-            reading = host.provide(
-                "read_lora",
-                path=str(path),
-                lora_format=lora_format,
-                transformer=model,
-                family=host.family,
-                config=config,
-            )
-            problems += compare(str(path), reading, trained)
+            problems += compare(str(path), reader(str(path), model, host.family), trained)
     if problems:
         raise SelfTestFailed("LoRA self-test failed: " + "; ".join(problems[:5]))

@@ -37,8 +37,34 @@ class FamilyInfo:
     lora_alpha_in: str = "tensors"
     # the config key `tuner sample --guidance` sets (the scale validation samples with)
     guidance_key: str = "validation_guidance"
+    # the module holding the family's heavy hooks (torch, diffusers), registered as part of the
+    # family when it is selected for a run and first asked for something; the entry-point module
+    # stays a cheap manifest (this record, config keys, check_config)
+    implementation: str = ""
+    # attribute names of the text encoder modules on what load_model("text_encoders") returns, in
+    # SimpleTuner's numbering (text_encoder_N_precision quantizes the Nth; offloading moves all)
+    text_encoders: tuple[str, ...] = ()
+    # capabilities that config keys may need (ConfigKey.needs), e.g. "img2img"
+    supports: tuple[str, ...] = ()
+    # keys offered by the core or a shared module that this family accepts but does not use
+    # (a warning when set), and keys it refuses when set to anything but their default: key -> why
+    ignored_keys: dict[str, str] = field(default_factory=dict)
+    refused_keys: dict[str, str] = field(default_factory=dict)
     plugin: str = ""  # filled in by the host
     distribution: str = ""  # filled in by the host
+
+    @property
+    def capabilities(self) -> set[str]:
+        """What keys may need: ``supports``, plus ``text_encoder_N`` for each text encoder it names."""
+        return set(self.supports) | {f"text_encoder_{n}" for n in range(1, len(self.text_encoders) + 1)}
+
+    def refusal(self, key: ConfigKey) -> str | None:
+        """Why this family refuses ``key`` when it is set, or None."""
+        if key.name in self.refused_keys:
+            return self.refused_keys[key.name]
+        if key.needs and key.needs not in self.capabilities:
+            return f"{self.name} does not support {key.needs}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -56,6 +82,16 @@ class PrecisionInfo:
     # its layers keep their input for the backward pass even with a frozen weight (as
     # optimum-quanto's autograd functions do); ``tuner estimate`` counts those inputs
     keeps_inputs: bool = False
+    # quantize(model, unit, exclude): quantize, in place, the plain nn.Linear layers inside
+    # ``model.get_submodule(unit)`` (unit "" is the whole model) except the module paths in
+    # ``exclude`` and everything under them. Called once per loading unit of the denoiser as
+    # its weights arrive, and on whole text encoders (text_encoder_1_precision). Import the
+    # library inside it: the plugin's hook module must stay import-cheap.
+    quantize: Callable[[Any, str, list[str]], Any] | None = None
+    # stored_tensors(tensor): the tensors a quantized weight is stored in beyond its own storage
+    # (scales, code tables kept beside it, as bitsandbytes' quant_state); ``tuner estimate`` and
+    # the byte counts use it. Tensor subclasses that flatten (quanto) need nothing here.
+    stored_tensors: Callable[[Any], list[Any]] | None = None
     plugin: str = ""
     distribution: str = ""
 
@@ -83,6 +119,12 @@ class ConfigKey:
     minimum: float | None = None
     multiple_of: int | None = None
     ask: bool = False  # `tuner configure` asks for it (central settings)
+    # changing it changes what the adapter means: resuming a checkpoint with another value is refused
+    resume_critical: bool = False
+    # it changes how images are rendered: recipe.json records it, `tuner sample --recipe` reuses it
+    recipe: bool = False
+    # a family capability (FamilyInfo.supports) the key needs; a family without it refuses the key
+    needs: str = ""
     owner: str = ""  # plugin that offered the key; filled in by the host
 
 
@@ -131,12 +173,21 @@ class LoraReading:
     unmatched: list[str]
 
 
-@dataclass
-class TrainEvent:
-    """What :func:`training_event` observers see. ``data`` depends on ``name``."""
+@dataclass(frozen=True)
+class LoraFormat:
+    """A LoRA file format (a ``lora_format`` value) a plugin writes and reads.
 
-    name: str  # run_start | step_end | validation | save | run_end
-    step: int
-    config: Config
-    data: dict[str, Any] = field(default_factory=dict)
-    log: Callable[[str], None] = print
+    ``export(export, transformer)`` returns ``{file name: {key: tensor}}`` for the trained adapter
+    (``transformer`` has it attached); ``read(path, transformer, family)`` reads a file the way its
+    target runtime does (a :class:`LoraReading`) without changing ``transformer``'s adapters;
+    ``detect(keys)`` says whether a file with these tensor names is in this format (``tuner
+    check-lora --format auto``). Import heavy libraries inside the functions.
+    """
+
+    name: str
+    description: str
+    export: Callable[[LoraExport, Any], dict[str, dict[str, Any]]]
+    read: Callable[[str, Any, FamilyInfo], LoraReading]
+    detect: Callable[[list[str]], bool] | None = None
+    plugin: str = ""
+    distribution: str = ""

@@ -82,6 +82,16 @@ class FamilyContract:
         assert info.flavours and info.default_flavour in info.flavours, "flavours must include the default"
         assert info.plugin == "family-under-test"
 
+    def test_the_family_answers_the_hooks_a_run_needs(self):
+        """The manifest and the implementation (FamilyInfo.implementation) together."""
+        host = self.host()
+        host.hook  # noqa: B018 (registers the implementation, as a run's first hook call does)
+        family = host.family_info(self.family)
+        answered = set(host.hooks_of(family.plugin)) | set(host.hooks_of(f"{family.plugin}:implementation"))
+        needed = {"load_model", "encode_prompts", "lora_target_modules", "predict_flow", "generate_images"}
+        assert needed <= answered, f"the family does not implement {sorted(needed - answered)}"
+        assert "example_text" in answered, "implement example_text so tuner estimate can count the family"
+
     def test_hook_module_does_not_import_heavy_libraries(self):
         code = f"import sys, {self.plugin_module}; print([m for m in {HEAVY!r} if m in sys.modules])"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -141,7 +151,13 @@ class FamilyContract:
         config = self.config(host, tiny_model, dataset, tmp_path)
         transformer = host.provide("load_model", config=config, component="transformer", dtype=torch.float32)
         encoders = host.provide("load_model", config=config, component="text_encoders", dtype=torch.float32)
-        real = host.provide("encode_prompts", text_encoders=encoders, prompts=["a red circle", "a cat"], config=config)
+        real = host.provide(
+            "encode_prompts",
+            text_encoders=encoders,
+            prompts=["a red circle", "a cat"],
+            config=config,
+            device=torch.device("cpu"),
+        )
         example = host.provide(
             "example_text", config=config, transformer=transformer, batch_size=2, dtype=torch.float32
         )

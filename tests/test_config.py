@@ -156,9 +156,9 @@ def test_ignored_settings_warn_for_chroma(host):
         {**MINIMAL, "flow_schedule_shift": 3.0, "flow_schedule_auto_shift": False, "flux_guidance_mode": "constant"},
         warnings,
     )
-    assert any("flow_schedule_shift is ignored for Chroma" in w for w in warnings)
-    assert any("flow_schedule_auto_shift is ignored for Chroma" in w for w in warnings)
-    assert any("flux_guidance_mode ignored: Chroma has no guidance embedding" in w for w in warnings)
+    assert any("flow_schedule_shift is ignored by chroma: Chroma remaps sigmas itself" in w for w in warnings)
+    assert any("flow_schedule_auto_shift is ignored by chroma: Chroma remaps sigmas itself" in w for w in warnings)
+    assert any("flux_guidance_mode is ignored by chroma: Chroma has no guidance embedding" in w for w in warnings)
 
 
 def test_defaults_do_not_warn(host):

@@ -35,23 +35,21 @@ def test_live_bytes_counts_each_storage_once_until_it_is_freed():
 def measured_training_step(settings: dict) -> tuple[int, object]:
     """Peak live bytes of a real second training step through the Trainer (real tensors, CPU)."""
     from tuner.core.estimate import LiveBytes
-    from tuner.core.lora import lora_parameters
     from tuner.core.train import Trainer
 
     host = make_host()
     config = make_config(host, settings)
     trainer = Trainer(host, config, warn=lambda m: None)
     prepared = trainer.prepare_data()
-    transformer = trainer.load_transformer()
-    params = lora_parameters(transformer)
-    optimizer, _ = trainer.make_optimizer(params)
+    state = trainer.setup()
     from tuner.core.cache import CachedDataset
 
-    batches = trainer.batches(CachedDataset(prepared))
-    trainer.optimizer_step(transformer, params, optimizer, batches)  # the optimizer has state from here on
-    with LiveBytes() as live:
-        live.track(transformer, optimizer.state)
-        trainer.optimizer_step(transformer, params, optimizer, batches)
+    batches = trainer.batches(CachedDataset(prepared), state.position)
+    trainer.optimizer_step(state, batches)  # the optimizer has state from here on
+    precision = host.precisions.get(config.base_model_precision)
+    with LiveBytes(precision.stored_tensors if precision else None) as live:
+        live.track(state.model, state.optimizer.state)
+        trainer.optimizer_step(state, batches)
     return live.peak, (host, config)
 
 
@@ -114,7 +112,7 @@ def test_quantized_weights_match_the_loaded_model(tiny_chroma, shapes_dir, tmp_p
 
     host = make_host()
     config = make_config(host, {**base_settings(tiny_chroma, shapes_dir, tmp_path), "base_model_precision": precision})
-    loaded = quantized_bytes(load_quantized(host, config, torch.float32))
+    loaded = quantized_bytes(load_quantized(host, config, torch.float32), host.precisions[precision])
     found = estimate(host, config, "cpu")
     assert found.phase("train").parts["weights"] == pytest.approx(loaded, rel=0.01)
     assert found.phase("load + quantize").parts["quantized weights"] == found.phase("train").parts["weights"]
@@ -130,9 +128,9 @@ def test_each_backend_stores_a_layer_in_the_bytes_it_declares(shape):
     for dtype in (torch.bfloat16, torch.float32):
         for name, info in host.precisions.items():
             model = torch.nn.Sequential(torch.nn.Linear(shape[1], shape[0], bias=False)).to(dtype)
-            host.provide("quantize_model", model=model, unit="", precision=name, exclude=[], config=None)
+            info.quantize(model, "", [])
             declared = info.weight_bytes(*shape, torch.finfo(dtype).bits // 8)
-            assert declared == pytest.approx(quantized_bytes(model), abs=8), (name, dtype)
+            assert declared == pytest.approx(quantized_bytes(model, info), abs=8), (name, dtype)
 
 
 @pytest.fixture(scope="module")

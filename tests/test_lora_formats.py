@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from tuner.core import hookimpl
+from tuner.core.builtin import DIFFUSERS_FORMAT
+from tuner.core.errors import ConfigError
 from tuner.core.selftest import SelfTestFailed, adapter_deltas
 from tuner.core.train import Trainer
+from tuner.core.types import FamilyInfo, LoraFormat
 
 from .conftest import REPO, base_settings, make_config, make_host
 
@@ -86,30 +90,83 @@ def test_flux_comfyui_file_covers_modulation_and_passes_the_self_test(tiny_flux,
     } <= set(comfy)
 
 
-class BreakExport:
-    """A faulty format converter, injected through the plugin manager."""
+class BrokenFormat:
+    """A plugin registering its own format, "broken": the diffusers file with one fault, read back by
+    the diffusers reader. The self-test must catch the fault."""
 
     def __init__(self, how):
         self.how = how
 
-    @hookimpl(wrapper=True)
-    def export_lora(self, lora_format):
-        files = yield
-        if files is None or lora_format != "diffusers":
-            return files
-        tensors = dict(files["pytorch_lora_weights.safetensors"])
-        if self.how == "rename":
-            key = next(k for k in tensors if k.endswith("to_q.lora_A.weight"))
-            tensors[key.replace("to_q", "to_qq")] = tensors.pop(key)
-        else:  # forget the alphas: diffusers then assumes alpha = rank
-            tensors = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
-        return {"pytorch_lora_weights.safetensors": tensors}
+    @hookimpl
+    def register_lora_formats(self, register):
+        def export(export, transformer):
+            tensors = dict(DIFFUSERS_FORMAT.export(export, transformer)["pytorch_lora_weights.safetensors"])
+            if self.how == "rename":
+                key = next(k for k in tensors if k.endswith("to_q.lora_A.weight"))
+                tensors[key.replace("to_q", "to_qq")] = tensors.pop(key)
+            else:  # forget the alphas: diffusers then assumes alpha = rank
+                tensors = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+            return {"broken_lora.safetensors": tensors}
+
+        register(LoraFormat("broken", "a faulty converter", export=export, read=DIFFUSERS_FORMAT.read))
 
 
 @pytest.mark.parametrize(("how", "message"), [("rename", "does not load key .*to_qq"), ("alpha", "off by")])
 def test_the_self_test_fails_the_run_loudly(tiny_chroma, shapes_dir, tmp_path, how, message):
-    with pytest.raises(SelfTestFailed, match=f"LoRA self-test failed: .*{message}"):
-        trained(tmp_path, tiny_chroma, shapes_dir, "chroma", ("break", BreakExport(how)), lora_format="diffusers")
+    with pytest.raises(SelfTestFailed, match=f"LoRA self-test failed: .*broken_lora.safetensors.*{message}"):
+        trained(tmp_path, tiny_chroma, shapes_dir, "chroma", ("break", BrokenFormat(how)), lora_format="broken")
+
+
+def test_a_format_registered_by_a_plugin_alone_is_written_and_checked(tiny_chroma, shapes_dir, tmp_path):
+    """A format is one registration: `all` picks it up, the run writes it and self-tests it."""
+
+    class Halves:  # the diffusers layout split into two files, read back as one
+        @hookimpl
+        def register_lora_formats(self, register):
+            def export(export, transformer):
+                tensors = DIFFUSERS_FORMAT.export(export, transformer)["pytorch_lora_weights.safetensors"]
+                keys = sorted(tensors)
+                half = len(keys) // 2
+                return {
+                    "halves_a.safetensors": {k: tensors[k] for k in keys[:half] if ".alpha" not in k},
+                    "halves_b.safetensors": {k: tensors[k] for k in keys if k not in keys[:half] or ".alpha" in k},
+                }
+
+            def read(path, transformer, family):
+                a, b = (Path(path).parent / f"halves_{x}.safetensors" for x in "ab")
+                joined = Path(path).parent / "halves_joined.safetensors"
+                save_file({**load_file(a), **load_file(b)}, joined)
+                return DIFFUSERS_FORMAT.read(str(joined), transformer, family)
+
+            register(LoraFormat("halves", "two files", export=export, read=read))
+
+    _, result = trained(tmp_path, tiny_chroma, shapes_dir, "chroma", ("halves", Halves()), lora_format="all")
+    names = sorted(p.name for p in result.lora_files)
+    assert names == [
+        "halves_a.safetensors",
+        "halves_b.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights_comfyui.safetensors",
+    ]
+
+
+def test_lora_format_names_what_the_family_writes(tiny_chroma, shapes_dir, tmp_path):
+    from tuner.testing import make_host as kit_host
+
+    sd3_like = kit_host(("fam", _FamilyOnly()), family="onlydiffusers")
+    with pytest.raises(ConfigError, match=r"lora_format: 'both' means two formats, but onlydiffusers writes diffusers"):
+        make_config(sd3_like, {"lora_format": "both"})
+    with pytest.raises(ConfigError, match=r"lora_format: 'comfyui': choose from diffusers, or all"):
+        make_config(sd3_like, {"lora_format": "comfyui"})
+    assert make_config(sd3_like, {"lora_format": "all"}).lora_format == ["diffusers"]
+    host = make_host()
+    assert make_config(host, {"lora_format": "both"}).lora_format == ["diffusers", "comfyui"]
+
+
+class _FamilyOnly:
+    @hookimpl
+    def register_families(self, register):
+        register(FamilyInfo("onlydiffusers", "writes the core's format only", {"base": "x/y"}, "base"))
 
 
 def test_check_lora_accepts_good_files_and_flags_renamed_keys(tiny_chroma, shapes_dir, tmp_path):

@@ -97,8 +97,20 @@ def test_tuner_plugins_lists_versions_and_hooks():
     rows = {row["name"]: row for row in json.loads(out.stdout)}
     assert rows["chroma"]["families"] == ["chroma"]
     assert rows["chroma"]["version"] and rows["chroma"]["distribution"] == "tuner"
-    assert {"load_model", "sample_sigmas", "predict_flow", "generate_images"} <= set(rows["chroma"]["hooks"])
+    # the entry point is the manifest; the hooks that need torch are in the implementation
+    assert rows["chroma"]["hooks"] == ["register_config_keys", "register_families", "register_lora_formats"]
+    assert rows["chroma"]["implementation"] == "tuner.plugins.chroma.model"
     assert rows["quant_nf4"]["precisions"] == ["nf4-bnb"]
+    out = subprocess.run(
+        [sys.executable, "-m", "tuner.core.cli", "plugins", "--json", "--plugin", "chroma"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = {row["name"]: row for row in json.loads(out.stdout)}
+    assert "flux" not in rows  # a run host: the other families are not part of it
+    implementation = rows["chroma:implementation"]
+    assert {"load_model", "sample_sigmas", "predict_flow", "generate_images"} <= set(implementation["hooks"])
 
 
 def test_unknown_plugin_on_the_command_line_is_one_line(tmp_path):
@@ -184,5 +196,5 @@ def test_tuner_disable_plugins_removes_a_family():
 
 def test_tuner_trace_plugins_prints_which_plugin_answered():
     out = _cli("sigmas", "--plugin", "chroma", "--samples", "10", TUNER_TRACE_PLUGINS="1")
-    assert "tuner-trace: sample_sigmas answered by chroma: Tensor(10,)" in out.stderr
+    assert "tuner-trace: sample_sigmas answered by chroma:implementation: Tensor(10,)" in out.stderr
     assert "tuner-trace: check_config called on core" in out.stderr

@@ -9,8 +9,10 @@ import torch
 
 from tuner.core import hookimpl
 from tuner.core.errors import PluginError
+from tuner.core.events import RunStart
 from tuner.core.quantize import excluded, load_quantized, quantized_bytes, require_backend
 from tuner.core.train import Trainer
+from tuner.core.types import PrecisionInfo
 
 from .conftest import base_settings, make_config, make_host, train
 
@@ -51,22 +53,24 @@ def test_blocks_are_quantized_one_at_a_time_as_they_stream_in(tiny_chroma, shape
     """At every quantize call, float (unquantized, quantizable) weights exist only in the current unit."""
     seen = []
 
-    class Spy:
-        @hookimpl(wrapper=True)
-        def quantize_model(self, model, unit, config):
-            declared = host.hook.high_precision_modules(transformer=model, config=config)
-            loaded_float = [
-                n
-                for n, m in model.named_modules()
-                if type(m) is torch.nn.Linear and not m.weight.is_meta and not excluded(n, declared)
-            ]
-            seen.append((unit, all(n.startswith(unit + ".") or n == unit for n in loaded_float)))
-            return (yield)
+    class Spy:  # a precision registered by a plugin: int8 with a look at the model before each unit
+        @hookimpl
+        def register_precisions(self, register):
+            def quantize(model, unit, exclude):
+                declared = host.hook.high_precision_modules(transformer=model, config=config)
+                loaded_float = [
+                    n
+                    for n, m in model.named_modules()
+                    if type(m) is torch.nn.Linear and not m.weight.is_meta and not excluded(n, declared)
+                ]
+                seen.append((unit, all(n.startswith(unit + ".") or n == unit for n in loaded_float)))
+                return int8.quantize(model, unit, exclude)
 
+            register(PrecisionInfo("spy-int8", "int8-quanto, watched", ("optimum.quanto",), quantize=quantize))
+
+    int8 = make_host().precisions["int8-quanto"]
     host = make_host(("spy", Spy()))
-    config = make_config(
-        host, {**base_settings(tiny_chroma, shapes_dir, tmp_path), "base_model_precision": "int8-quanto"}
-    )
+    config = make_config(host, {**base_settings(tiny_chroma, shapes_dir, tmp_path), "base_model_precision": "spy-int8"})
     load_quantized(host, config, torch.float32)
     units = [u for u, _ in seen]
     assert units[units.index("transformer_blocks.0") :][:3] == [
@@ -94,24 +98,15 @@ def test_each_precision_trains_with_falling_loss_and_frozen_base(tiny_chroma, on
     )
     snapshots = {}
 
-    class Snapshot:
+    class Snapshot:  # the trained model reaches observers with the run_start event
         @hookimpl
         def training_event(self, event):
-            if event.name == "run_start":
-                snapshots["start"] = base_state(trainer.model_for_snapshot())
+            if isinstance(event, RunStart):
+                snapshots["start"] = base_state(event.model)
 
     host = make_host(("snapshot", Snapshot()))
     config = make_config(host, settings)
     trainer = Trainer(host, config, warn=lambda m: None)
-    original_load = trainer.load_transformer
-    holder = {}
-
-    def load_and_keep():
-        holder["model"] = original_load()
-        return holder["model"]
-
-    trainer.load_transformer = load_and_keep
-    trainer.model_for_snapshot = lambda: holder["model"]
     result = trainer.train()
     first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
     assert last < 0.85 * first, (first, last)
@@ -168,7 +163,7 @@ def test_quantized_weights_are_smaller(tiny_chroma, shapes_dir, tmp_path):
         config = make_config(
             host, {**base_settings(tiny_chroma, shapes_dir, tmp_path), "base_model_precision": precision}
         )
-        sizes[precision] = quantized_bytes(load_quantized(host, config, torch.float32))
+        sizes[precision] = quantized_bytes(load_quantized(host, config, torch.float32), host.precisions[precision])
     full = quantized_bytes(host.provide("load_model", config=config, component="transformer", dtype=torch.float32))
     # 32-wide layers make int4's per-group scales costly; benchmarks/quantization.py measures a
     # mid-size model, where int4 and NF4 come to about a quarter of fp32

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from tuner.core import checkpoint, hookimpl
 from tuner.core.errors import ConfigError, Diverged, Interrupted, TunerError
+from tuner.core.events import StepEnd
 from tuner.core.train import Trainer
 
 from .conftest import REPO, base_settings, make_config, make_host, train
@@ -45,8 +46,8 @@ class StopAt:
 
     @hookimpl
     def training_event(self, event):
-        if event.name == "step_end" and event.step == self.step:
-            self.trainer.interrupted = True
+        if isinstance(event, StepEnd) and event.step == self.step:
+            self.trainer.request_stop()
 
 
 def run_trainer(settings, *plugins, warnings=None):

@@ -1,5 +1,7 @@
-"""Chroma's heavy side: what differs from Flux. T5 only (encoded with its mask), the transformer
-always sees real tokens + one pad, and validation is real CFG through ChromaPipeline."""
+"""Chroma's hooks (its ``FamilyInfo.implementation``, registered with the family when a run
+selects it): what differs from Flux. T5 only (encoded with its mask), the transformer always sees
+real tokens + one pad, sigmas remapped to heavier tails, and validation is real CFG through
+ChromaPipeline."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ from typing import Any
 
 import torch
 
+from tuner.core import hookimpl
 from tuner.core.config import model_source
 from tuner.core.pipelines import partial_pipeline, render
-from tuner.plugins.chroma.plugin import APPROXIMATOR, FAMILY, PRESETS
+from tuner.plugins.chroma import sigmas as chroma_sigmas
+from tuner.plugins.chroma import snippet
+from tuner.plugins.chroma.plugin import APPROXIMATOR, FAMILY, HIGH_PRECISION, PRESETS
 from tuner.plugins.fluxlike import latents as fl
 from tuner.plugins.fluxlike import model as shared
 
@@ -27,7 +32,8 @@ class T5Encoder:
         return self
 
 
-def load(config: Any, component: str, dtype: torch.dtype) -> Any:
+@hookimpl
+def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
     """``from_pretrained`` on a hub id or local diffusers folder (the hub client honours HF_ENDPOINT)."""
     from diffusers import AutoencoderKL, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
@@ -56,21 +62,47 @@ def load(config: Any, component: str, dtype: torch.dtype) -> Any:
     )
 
 
-def encode_prompts(encoders: T5Encoder, prompts: list[str], config: Any) -> dict[str, torch.Tensor]:
-    tokens = encoders.tokenizer(
+@hookimpl
+def cache_fingerprint(config: Any, kind: str) -> dict[str, Any] | None:
+    if kind == "text":
+        return {"tokenizer_max_length": config.tokenizer_max_length, "text_encoding": "chroma-t5-v1"}
+    return None
+
+
+@hookimpl
+def encode_prompts(text_encoders: T5Encoder, prompts: list[str], config: Any, device: Any) -> dict[str, torch.Tensor]:
+    tokens = text_encoders.tokenizer(
         prompts, padding="max_length", max_length=config.tokenizer_max_length, truncation=True, return_tensors="pt"
     )
-    device = encoders.encoder.device
     tokenizer_mask = tokens.attention_mask.to(device)
     # unlike Flux, T5 itself runs with the tokenizer's mask; the transformer later sees real tokens + one pad
-    embeds = encoders.encoder(tokens.input_ids.to(device), attention_mask=tokenizer_mask)[0]
+    embeds = text_encoders.encoder(tokens.input_ids.to(device), attention_mask=tokenizer_mask)[0]
     return {"prompt_embeds": embeds, "attention_mask": fl.keep_first_pad(tokenizer_mask.bool())}
 
 
-def lora_targets(config: Any, transformer: torch.nn.Module) -> list[str]:
+@hookimpl
+def example_text(config: Any, transformer: Any, batch_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return shared.t5_example_text(config, transformer, batch_size, dtype, pooled=False)
+
+
+@hookimpl
+def sample_sigmas(config: Any, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    return chroma_sigmas.sample(batch_size, generator, config.chroma_sigma_remap, config.flow_sigmoid_scale)
+
+
+@hookimpl
+def lora_target_modules(config: Any, transformer: torch.nn.Module) -> list[str]:
     return shared.lora_targets(config, transformer, PRESETS, "chroma", never=APPROXIMATOR)
 
 
+@hookimpl
+def high_precision_modules(transformer: torch.nn.Module) -> list[str]:
+    return [
+        name for name, _ in transformer.named_modules() if name in HIGH_PRECISION or name.startswith(f"{APPROXIMATOR}.")
+    ]
+
+
+@hookimpl
 def predict_flow(transformer, noisy_latents, sigmas, text, config) -> torch.Tensor:
     embeds, text_mask = fl.conditioning(text, config.flux_t5_padding)
     tokens = (noisy_latents.shape[-2] // 2) * (noisy_latents.shape[-1] // 2)
@@ -79,6 +111,7 @@ def predict_flow(transformer, noisy_latents, sigmas, text, config) -> torch.Tens
     )
 
 
+@hookimpl
 def generate_images(request: Any) -> list[Any]:
     """Real CFG with ``validation_guidance_real`` through diffusers' ChromaPipeline, with boolean masks."""
     from diffusers import ChromaPipeline
@@ -97,3 +130,8 @@ def generate_images(request: Any) -> list[Any]:
         lambda text: {**fl.pipeline_text_inputs(text, config.flux_t5_padding), **negative},
         guidance_scale=guidance,
     )
+
+
+@hookimpl
+def recipe_snippet(recipe: dict[str, Any]) -> str:
+    return snippet.render(recipe)

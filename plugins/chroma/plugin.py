@@ -1,13 +1,19 @@
-"""Chroma's hooks. What makes Chroma different from Flux lives here and in the modules beside it:
-T5 only (no CLIP, no pooled vector), attention masking always on, no guidance embedding, a
-quadratic tail remap of sigmas, and real CFG at validation."""
+"""Chroma's manifest: the family, its config keys and formats. Import-cheap; the hooks that load,
+encode, predict and render live in ``tuner.plugins.chroma.model``, registered with the family
+when a run selects it.
+
+What makes Chroma different from Flux: T5 only (no CLIP, no pooled vector), attention masking
+always on, no guidance embedding, a quadratic tail remap of sigmas, and real CFG at validation."""
 
 from __future__ import annotations
 
 from tuner.core import hookimpl
 from tuner.core.types import ConfigKey, FamilyInfo
 from tuner.plugins.fluxlike import keys as shared
-from tuner.plugins.fluxlike.hooks import export_lora, lora_formats, read_lora  # noqa: F401 (the ComfyUI format)
+from tuner.plugins.fluxlike.formats import COMFYUI
+
+NO_GUIDANCE = "Chroma has no guidance embedding (Chroma exposes no guidance range)"
+OWN_SIGMAS = "Chroma remaps sigmas itself (see chroma_sigma_remap)"
 
 FAMILY = FamilyInfo(
     name="chroma",
@@ -22,6 +28,20 @@ FAMILY = FamilyInfo(
     guidance_key="validation_guidance_real",
     pipeline_class="diffusers.ChromaPipeline",
     required_text_keys=("prompt_embeds", "attention_mask"),
+    implementation="tuner.plugins.chroma.model",
+    text_encoders=("encoder",),
+    ignored_keys={
+        "flux_guidance_mode": NO_GUIDANCE,
+        "flux_guidance_value": NO_GUIDANCE,
+        "flux_guidance_min": NO_GUIDANCE,
+        "flux_guidance_max": NO_GUIDANCE,
+        "flow_schedule_shift": OWN_SIGMAS,
+        "flow_schedule_auto_shift": OWN_SIGMAS,
+    },
+    refused_keys={
+        "flux_fast_schedule": "must stay off for Chroma, which remaps sigmas itself (see chroma_sigma_remap)",
+        "validation_init_image": "Chroma is text-to-image only in tuner; img2img is not supported",
+    },
 )
 
 PRESETS = {**shared.PRESETS, "tiny": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]}
@@ -32,9 +52,9 @@ HIGH_PRECISION = ["x_embedder", "context_embedder", "proj_out", "norm_out", APPR
 KEYS = (
     shared.lora_target_key(PRESETS),
     shared.T5_PADDING,
-    *shared.GUIDANCE_KEYS,
+    *shared.GUIDANCE_KEYS,  # accepted from SimpleTuner configs, ignored (see FAMILY.ignored_keys)
     shared.FAST_SCHEDULE,
-    ConfigKey("tokenizer_max_length", "int", 512, "T5 tokens per caption.", minimum=1),
+    ConfigKey("tokenizer_max_length", "int", 512, "T5 tokens per caption.", minimum=1, recipe=True),
     ConfigKey(
         "validation_guidance_real",
         "float",
@@ -43,6 +63,7 @@ KEYS = (
         aliases=("validation_guidance",),
         minimum=0,
         ask=True,
+        recipe=True,
     ),
     ConfigKey(
         "chroma_sigma_remap",
@@ -54,8 +75,6 @@ KEYS = (
         choices=("random", "threshold"),
     ),
 )
-
-IGNORED_BY_CHROMA = ("flux_guidance_mode", "flux_guidance_value", "flux_guidance_min", "flux_guidance_max")
 
 
 @hookimpl
@@ -70,86 +89,5 @@ def register_config_keys(register):
 
 
 @hookimpl
-def check_config(config, warn):
-    if config.flux_fast_schedule:
-        raise config.error(
-            "flux_fast_schedule", "must stay off for Chroma, which remaps sigmas itself (see chroma_sigma_remap)"
-        )
-    if config.validation_init_image:
-        raise config.error("validation_init_image", "Chroma is text-to-image only in tuner; img2img is not supported")
-    for name in ("flow_schedule_shift", "flow_schedule_auto_shift"):
-        if config.is_set(name):
-            warn(f"{config.source}: {name} is ignored for Chroma, which remaps sigmas itself (chroma_sigma_remap)")
-    ignored = [name for name in IGNORED_BY_CHROMA if config.is_set(name)]
-    if ignored:
-        warn(f"{config.source}: {', '.join(ignored)} ignored: Chroma has no guidance embedding")
-
-
-@hookimpl
-def cache_fingerprint(config, kind):
-    if kind == "text":
-        return {"tokenizer_max_length": config.tokenizer_max_length, "text_encoding": "chroma-t5-v1"}
-    return None
-
-
-@hookimpl
-def load_model(config, component, dtype):
-    from tuner.plugins.chroma import model
-
-    return model.load(config, component, dtype)
-
-
-@hookimpl
-def encode_prompts(text_encoders, prompts, config):
-    from tuner.plugins.chroma import model
-
-    return model.encode_prompts(text_encoders, prompts, config)
-
-
-@hookimpl
-def example_text(config, transformer, batch_size, dtype):
-    from tuner.plugins.fluxlike.hooks import t5_example_text
-
-    return t5_example_text(config, transformer, batch_size, dtype, pooled=False)
-
-
-@hookimpl
-def sample_sigmas(config, batch_size, generator):
-    from tuner.plugins.chroma import sigmas
-
-    return sigmas.sample(batch_size, generator, config.chroma_sigma_remap, config.flow_sigmoid_scale)
-
-
-@hookimpl
-def lora_target_modules(config, transformer):
-    from tuner.plugins.chroma import model
-
-    return model.lora_targets(config, transformer)
-
-
-@hookimpl
-def high_precision_modules(transformer):
-    return [
-        name for name, _ in transformer.named_modules() if name in HIGH_PRECISION or name.startswith(f"{APPROXIMATOR}.")
-    ]
-
-
-@hookimpl
-def predict_flow(transformer, noisy_latents, sigmas, text, config):
-    from tuner.plugins.chroma import model
-
-    return model.predict_flow(transformer, noisy_latents, sigmas, text, config)
-
-
-@hookimpl
-def generate_images(request):
-    from tuner.plugins.chroma import model
-
-    return model.generate_images(request)
-
-
-@hookimpl
-def recipe_snippet(recipe):
-    from tuner.plugins.chroma import snippet
-
-    return snippet.render(recipe)
+def register_lora_formats(register):
+    register(COMFYUI)

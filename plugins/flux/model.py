@@ -1,4 +1,5 @@
-"""Flux.1's heavy side: two text encoders, guidance, sigma schedules and FluxPipeline validation."""
+"""Flux.1's hooks (its ``FamilyInfo.implementation``, registered with the family when a run
+selects it): two text encoders, guidance, sigma schedules and FluxPipeline validation."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from typing import Any
 
 import torch
 
-from tuner.core import flow
+from tuner.core import flow, hookimpl
 from tuner.core.config import model_source
 from tuner.core.errors import PluginError, first_line
 from tuner.core.pipelines import partial_pipeline, render
-from tuner.plugins.flux.plugin import FAMILY
+from tuner.plugins.flux.plugin import FAMILY, HIGH_PRECISION, PRESETS
 from tuner.plugins.fluxlike import latents as fl
 from tuner.plugins.fluxlike import model as shared
 
@@ -33,7 +34,8 @@ class ClipT5Encoders:
         return self
 
 
-def load(config: Any, component: str, dtype: torch.dtype) -> Any:
+@hookimpl
+def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     source = model_source(config, FAMILY.flavours)
@@ -64,9 +66,19 @@ def load(config: Any, component: str, dtype: torch.dtype) -> Any:
     )
 
 
-def encode_prompts(encoders: ClipT5Encoders, prompts: list[str], config: Any) -> dict[str, torch.Tensor]:
+@hookimpl
+def cache_fingerprint(config: Any, kind: str) -> dict[str, Any] | None:
+    if kind == "text":
+        return {"tokenizer_max_length": config.tokenizer_max_length, "text_encoding": "flux-clip-t5-v1"}
+    return None
+
+
+@hookimpl
+def encode_prompts(
+    text_encoders: ClipT5Encoders, prompts: list[str], config: Any, device: Any
+) -> dict[str, torch.Tensor]:
     """As FluxPipeline encodes: CLIP's pooled output, and T5 run without a mask."""
-    device = encoders.t5.device
+    encoders = text_encoders
     clip_tokens = encoders.clip_tokenizer(
         prompts,
         padding="max_length",
@@ -96,6 +108,22 @@ def _scheduler_constants(source: str, revision: str | None) -> dict[str, Any]:
         raise PluginError(f"flux: cannot read the scheduler config of {source!r}: {first_line(exc)}") from None
 
 
+@hookimpl
+def example_text(config: Any, transformer: Any, batch_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return shared.t5_example_text(config, transformer, batch_size, dtype, pooled=True)
+
+
+@hookimpl
+def lora_target_modules(config: Any, transformer: torch.nn.Module) -> list[str]:
+    return shared.lora_targets(config, transformer, PRESETS, "flux")
+
+
+@hookimpl
+def high_precision_modules(transformer: torch.nn.Module) -> list[str]:
+    return [name for name, _ in transformer.named_modules() if name in HIGH_PRECISION or ".norm" in name]
+
+
+@hookimpl
 def sample_sigmas(
     config: Any, batch_size: int, latent_shape: tuple[int, ...], generator: torch.Generator
 ) -> torch.Tensor:
@@ -115,6 +143,7 @@ def guidance_values(config: Any, batch_size: int, generator: torch.Generator) ->
     return torch.full((batch_size,), float(config.flux_guidance_value))
 
 
+@hookimpl
 def predict_flow(transformer, noisy_latents, sigmas, text, config, generator) -> torch.Tensor:
     batch, device = noisy_latents.shape[0], noisy_latents.device
     embeds, text_mask = fl.conditioning(text, config.flux_t5_padding)
@@ -127,6 +156,7 @@ def predict_flow(transformer, noisy_latents, sigmas, text, config, generator) ->
     return shared.predict_packed(transformer, noisy_latents, sigmas, embeds, **extra)
 
 
+@hookimpl
 def generate_images(request: Any) -> list[Any]:
     """FluxPipeline: ``validation_guidance`` as distilled guidance (dev), ``validation_guidance_real`` > 1
     as real CFG with the negative prompt."""

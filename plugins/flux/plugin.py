@@ -1,12 +1,15 @@
-"""Flux.1's hooks: CLIP-L (pooled) + T5-XXL, a guidance embedding in dev, logit-normal sigmas with
-static or resolution-dependent shift (or schnell's fast schedule), optional attention masking."""
+"""Flux.1's manifest: the family, its config keys, formats and config checks. Import-cheap; the
+hooks that load, encode, predict and render live in ``tuner.plugins.flux.model``.
+
+Flux.1: CLIP-L (pooled) + T5-XXL, a guidance embedding in dev, logit-normal sigmas with static or
+resolution-dependent shift (or schnell's fast schedule), optional attention masking."""
 
 from __future__ import annotations
 
 from tuner.core import hookimpl
 from tuner.core.types import ConfigKey, FamilyInfo
 from tuner.plugins.fluxlike import keys as shared
-from tuner.plugins.fluxlike.hooks import export_lora, lora_formats, read_lora  # noqa: F401 (the ComfyUI format)
+from tuner.plugins.fluxlike.formats import COMFYUI
 
 FAMILY = FamilyInfo(
     name="flux",
@@ -16,6 +19,8 @@ FAMILY = FamilyInfo(
     transformer_class="diffusers.FluxTransformer2DModel",
     pipeline_class="diffusers.FluxPipeline",
     required_text_keys=("prompt_embeds", "pooled_prompt_embeds", "attention_mask"),
+    implementation="tuner.plugins.flux.model",
+    text_encoders=("clip", "t5"),  # SimpleTuner's text_encoder_1 (CLIP-L) and text_encoder_2 (T5-XXL)
 )
 
 PRESETS = {
@@ -31,20 +36,29 @@ KEYS = (
     shared.T5_PADDING,
     *shared.GUIDANCE_KEYS,
     shared.FAST_SCHEDULE,
-    ConfigKey("tokenizer_max_length", "int", None, "T5 tokens per caption (default: 512 dev, 256 schnell).", minimum=1),
+    ConfigKey(
+        "tokenizer_max_length",
+        "int",
+        None,
+        "T5 tokens per caption (default: 512 dev, 256 schnell).",
+        minimum=1,
+        recipe=True,
+    ),
     ConfigKey(
         "flux_attention_masked_training",
         "bool",
         False,
         "Mask T5 padding in the transformer's attention (off in Flux's own training).",
+        recipe=True,
     ),
-    ConfigKey("validation_guidance", "float", 3.5, "Distilled guidance at validation (dev).", minimum=0),
+    ConfigKey("validation_guidance", "float", 3.5, "Distilled guidance at validation (dev).", minimum=0, recipe=True),
     ConfigKey(
         "validation_guidance_real",
         "float",
         1.0,
         "Real CFG scale at validation; > 1 runs a second pass with the negative prompt.",
         minimum=0,
+        recipe=True,
     ),
 )
 
@@ -58,6 +72,11 @@ def register_families(register):
 def register_config_keys(register):
     for key in KEYS:
         register(key)
+
+
+@hookimpl
+def register_lora_formats(register):
+    register(COMFYUI)
 
 
 @hookimpl
@@ -83,66 +102,3 @@ def check_config(config, warn):
             "real CFG at validation cannot mask the negative prompt's padding (FluxPipeline passes one mask to "
             "both passes); set it to 1.0 or turn off flux_attention_masked_training",
         )
-    if config.validation_init_image:
-        raise config.error("validation_init_image", "img2img validation is not supported for Flux yet")
-
-
-@hookimpl
-def cache_fingerprint(config, kind):
-    if kind == "text":
-        return {"tokenizer_max_length": config.tokenizer_max_length, "text_encoding": "flux-clip-t5-v1"}
-    return None
-
-
-@hookimpl
-def load_model(config, component, dtype):
-    from tuner.plugins.flux import model
-
-    return model.load(config, component, dtype)
-
-
-@hookimpl
-def encode_prompts(text_encoders, prompts, config):
-    from tuner.plugins.flux import model
-
-    return model.encode_prompts(text_encoders, prompts, config)
-
-
-@hookimpl
-def example_text(config, transformer, batch_size, dtype):
-    from tuner.plugins.fluxlike.hooks import t5_example_text
-
-    return t5_example_text(config, transformer, batch_size, dtype, pooled=True)
-
-
-@hookimpl
-def sample_sigmas(config, batch_size, latent_shape, generator):
-    from tuner.plugins.flux import model
-
-    return model.sample_sigmas(config, batch_size, latent_shape, generator)
-
-
-@hookimpl
-def lora_target_modules(config, transformer):
-    from tuner.plugins.fluxlike import model
-
-    return model.lora_targets(config, transformer, PRESETS, "flux")
-
-
-@hookimpl
-def high_precision_modules(transformer):
-    return [name for name, _ in transformer.named_modules() if name in HIGH_PRECISION or ".norm" in name]
-
-
-@hookimpl
-def predict_flow(transformer, noisy_latents, sigmas, text, config, generator):
-    from tuner.plugins.flux import model
-
-    return model.predict_flow(transformer, noisy_latents, sigmas, text, config, generator)
-
-
-@hookimpl
-def generate_images(request):
-    from tuner.plugins.flux import model
-
-    return model.generate_images(request)

@@ -39,6 +39,7 @@ def lora_target_key(presets: dict[str, list[str]], default: str = "all") -> Conf
         "LoRA targets: a preset name or a list of module names/suffixes.",
         choices=tuple(presets),
         ask=True,
+        resume_critical=True,
     )
 
 
@@ -49,6 +50,7 @@ T5_PADDING = ConfigKey(
     "'zero' multiplies T5 embeddings by the attention mask (zeroes masked tokens).",
     aliases=("t5_padding",),
     choices=("unmodified", "zero"),
+    recipe=True,
 )
 
 GUIDANCE_KEYS = (

@@ -71,3 +71,16 @@ def predict_packed(
 def image_tokens(height: int, width: int) -> int:
     """Packed image tokens of a ``height`` x ``width`` image (8x VAE, 2x2 patches)."""
     return (height // 16) * (width // 16)
+
+
+def t5_example_text(config: Any, transformer: Any, batch_size: int, dtype: torch.dtype, pooled: bool) -> dict:
+    """``example_text`` for the Flux lineage: T5 embeddings and their mask, and for Flux the pooled
+    CLIP vector, as ``torch.zeros``/``torch.ones`` (no text encoder)."""
+    tokens, model = config.tokenizer_max_length, transformer.config
+    text = {
+        "prompt_embeds": torch.zeros(batch_size, tokens, model.joint_attention_dim, dtype=dtype),
+        "attention_mask": torch.ones(batch_size, tokens, dtype=torch.bool),
+    }
+    if pooled:
+        text["pooled_prompt_embeds"] = torch.zeros(batch_size, model.pooled_projection_dim, dtype=dtype)
+    return text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from tuner.core import hookimpl
 from tuner.core.types import PrecisionInfo
 
@@ -31,6 +33,12 @@ def int4_group_size(in_features: int) -> int:
     return in_features
 
 
+def quantize(model, unit, exclude, weights):
+    from tuner.plugins.quant_int8 import quantizer
+
+    return quantizer.quantize(model, unit, weights, exclude)
+
+
 @hookimpl
 def register_precisions(register):
     register(
@@ -41,6 +49,7 @@ def register_precisions(register):
             HINT,
             weight_bytes=int8_bytes,
             keeps_inputs=True,  # quanto's qbytes/qbits autograd functions save the input
+            quantize=functools.partial(quantize, weights=PRECISIONS["int8-quanto"]),
         )
     )
     register(
@@ -51,14 +60,6 @@ def register_precisions(register):
             HINT,
             weight_bytes=int4_bytes,
             keeps_inputs=True,
+            quantize=functools.partial(quantize, weights=PRECISIONS["int4-quanto"]),
         )
     )
-
-
-@hookimpl
-def quantize_model(model, unit, precision, exclude):
-    if precision not in PRECISIONS:
-        return None
-    from tuner.plugins.quant_int8 import quantizer
-
-    return quantizer.quantize(model, unit, PRECISIONS[precision], exclude)

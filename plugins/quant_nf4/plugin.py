@@ -12,6 +12,31 @@ def nf4_bytes(out_features: int, in_features: int, float_bytes: int) -> float:
     return out_features * in_features / 2 + blocks + 4 * -(-blocks // 256) + 1024 + 68
 
 
+def quantize(model, unit, exclude):
+    from tuner.plugins.quant_nf4 import quantizer
+
+    return quantizer.quantize(model, unit, exclude)
+
+
+def quant_state_tensors(weight) -> list:
+    """The tensors bitsandbytes keeps beside an NF4 weight in its ``quant_state`` (absmax, code
+    table, and the nested state of double quantization)."""
+    state = getattr(weight, "quant_state", None)
+    return _state_tensors(state) if state is not None else []
+
+
+def _state_tensors(state) -> list:
+    import torch  # only reached with a quantized weight, so torch is loaded already
+
+    found = []
+    for value in vars(state).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif hasattr(value, "absmax"):  # nested state of double quantization
+            found += _state_tensors(value)
+    return found
+
+
 @hookimpl
 def register_precisions(register):
     register(
@@ -21,14 +46,7 @@ def register_precisions(register):
             ("bitsandbytes",),
             "install it with: pip install bitsandbytes  (or: pip install 'tuner[bnb]')",
             weight_bytes=nf4_bytes,
+            quantize=quantize,
+            stored_tensors=quant_state_tensors,
         )
     )
-
-
-@hookimpl
-def quantize_model(model, unit, precision, exclude):
-    if precision != "nf4-bnb":
-        return None
-    from tuner.plugins.quant_nf4 import quantizer
-
-    return quantizer.quantize(model, unit, exclude)

@@ -69,6 +69,22 @@ def test_the_command_line_builds_a_tiny_sd3_and_trains_it(tmp_path):
     assert "self-test passed" in out.stdout and (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def sd3_settings(tiny_sd3, tmp_path, **extra) -> dict:
+    """A short fp32 CPU run of the tiny SD3 on the shapes dataset."""
+    return {
+        "pretrained_model_name_or_path": str(tiny_sd3),
+        "data_dir": str(shapes_dataset(tmp_path / "d", 64)),
+        "output_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "c"),
+        "resolution": 64,
+        "tokenizer_max_length": 16,
+        "network_rank": 4,
+        "mixed_precision": "no",
+        "report_to": "none",
+        **extra,
+    }
+
+
 def test_lora_with_alpha_unlike_rank_reloads_in_diffusers(tiny_sd3, tmp_path):
     """SD3's diffusers loader ignores .alpha tensors: the file carries alpha in its adapter metadata."""
     from diffusers import StableDiffusion3Pipeline
@@ -77,20 +93,7 @@ def test_lora_with_alpha_unlike_rank_reloads_in_diffusers(tiny_sd3, tmp_path):
     from tuner.core.train import Trainer
 
     host = make_host(("sd3", plugin), family="sd3")
-    settings = {
-        "pretrained_model_name_or_path": str(tiny_sd3),
-        "data_dir": str(shapes_dataset(tmp_path / "d", 64)),
-        "output_dir": str(tmp_path / "out"),
-        "cache_dir": str(tmp_path / "c"),
-        "resolution": 64,
-        "tokenizer_max_length": 16,
-        "network_rank": 4,
-        "lora_alpha": 16,
-        "max_train_steps": 4,
-        "learning_rate": 5e-3,
-        "mixed_precision": "no",
-        "report_to": "none",
-    }
+    settings = sd3_settings(tiny_sd3, tmp_path, lora_alpha=16, max_train_steps=4, learning_rate=5e-3)
     trainer = Trainer(host, build_config(host, settings, "t", warn=lambda m: None), warn=lambda m: None)
     result = trainer.train()
     g = torch.Generator().manual_seed(0)
@@ -115,3 +118,42 @@ def test_lora_with_alpha_unlike_rank_reloads_in_diffusers(tiny_sd3, tmp_path):
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, torch_dtype=torch.float32)
     pipe.load_lora_weights(str(result.lora_files[0]))
     torch.testing.assert_close(predict(pipe.transformer), predict(trainer.model.eval()), atol=1e-5, rtol=1e-4)
+
+
+def test_recipe_carries_sd3_keys_and_resume_refuses_a_changed_sd3_target(tiny_sd3, tmp_path):
+    """The core names no family's keys: SD3's ConfigKey flags decide what recipe.json records and
+    what a resume must match."""
+    from tuner.core.config import build_config
+    from tuner.core.errors import ConfigError
+    from tuner.core.train import Trainer
+
+    host = make_host(("sd3", plugin), family="sd3")
+    settings = sd3_settings(
+        tiny_sd3,
+        tmp_path,
+        max_train_steps=2,
+        checkpointing_steps=1,
+        validation_prompt="a red circle",
+        validation_num_inference_steps=2,
+        validation_guidance=2.5,
+    )
+    Trainer(host, build_config(host, settings, "t", warn=lambda m: None), warn=lambda m: None).train()
+    recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    assert recipe["settings"]["tokenizer_max_length"] == 16
+    assert recipe["settings"]["validation_guidance"] == 2.5
+    assert "sd3_lora_target" not in recipe["settings"]  # training only, not how images are rendered
+
+    changed = {**settings, "resume_from_checkpoint": "latest", "sd3_lora_target": "attention", "max_train_steps": 3}
+    with pytest.raises(
+        ConfigError, match=r"checkpoint-2 was trained with different sd3_lora_target \('all' -> 'attention'\)"
+    ):
+        Trainer(host, build_config(host, changed, "t", warn=lambda m: None), warn=lambda m: None).train()
+
+
+def test_sd3_refuses_img2img_validation_it_cannot_honour():
+    from tuner.core.config import build_config
+    from tuner.core.errors import ConfigError
+
+    host = make_host(("sd3", plugin), family="sd3")
+    with pytest.raises(ConfigError, match=r"validation_init_image: sd3 does not support img2img; remove the key"):
+        build_config(host, {"validation_init_image": "init.png"}, "t", warn=lambda m: None)

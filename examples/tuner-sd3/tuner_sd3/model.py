@@ -1,26 +1,24 @@
-"""SD3's heavy side, through diffusers: loading, the pipeline's own prompt encoding, prediction,
-validation with StableDiffusion3Pipeline."""
+"""SD3's hooks (FAMILY.implementation), through diffusers: loading, the pipeline's own prompt
+encoding, prediction, validation with StableDiffusion3Pipeline. tuner registers this module with
+the family when a run selects it, so it may import torch and diffusers at the top."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+from tuner.core import hookimpl
 from tuner.core.config import model_source
 from tuner.core.errors import ConfigError, PluginError, first_line
 from tuner.core.lora import resolve_targets
+from tuner.core.pipelines import partial_pipeline, render
 from tuner_sd3.plugin import FAMILY, PRESETS
 
 
-def load(config: Any, component: str, dtype: torch.dtype) -> Any:
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-
+@hookimpl
+def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
     source = model_source(config, FAMILY.flavours)
     kw = {"revision": config.revision} if config.revision else {}
     loaders = {
@@ -42,19 +40,36 @@ def load(config: Any, component: str, dtype: torch.dtype) -> Any:
         raise PluginError(f"sd3: cannot load the {component} of {source!r}: {first_line(exc)}") from None
 
 
-def encode_prompts(pipe: Any, prompts: list[str], config: Any) -> dict[str, torch.Tensor]:
-    embeds, _, pooled, _ = pipe.encode_prompt(
+@hookimpl
+def cache_fingerprint(config: Any, kind: str) -> dict[str, Any] | None:
+    return {"tokenizer_max_length": config.tokenizer_max_length, "text": "sd3-v1"} if kind == "text" else None
+
+
+@hookimpl
+def encode_prompts(text_encoders: Any, prompts: list[str], config: Any, device: Any) -> dict[str, torch.Tensor]:
+    embeds, _, pooled, _ = text_encoders.encode_prompt(  # the pipeline holding the three encoders
         prompt=prompts,
         prompt_2=None,
         prompt_3=None,
-        device=pipe.text_encoder.device,
+        device=device,
         do_classifier_free_guidance=False,
         max_sequence_length=config.tokenizer_max_length,
     )
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
-def lora_targets(config: Any, transformer: torch.nn.Module) -> list[str]:
+@hookimpl
+def example_text(config: Any, transformer: Any, batch_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    # SD3's pipeline pads CLIP prompts to CLIP's 77 positions and appends the T5 tokens
+    tokens, model = 77 + config.tokenizer_max_length, transformer.config
+    return {
+        "prompt_embeds": torch.zeros(batch_size, tokens, model.joint_attention_dim, dtype=dtype),
+        "pooled_prompt_embeds": torch.zeros(batch_size, model.pooled_projection_dim, dtype=dtype),
+    }
+
+
+@hookimpl
+def lora_target_modules(config: Any, transformer: torch.nn.Module) -> list[str]:
     value = config.sd3_lora_target
     names = resolve_targets(transformer, PRESETS[value] if isinstance(value, str) else value)
     if not names:
@@ -62,6 +77,13 @@ def lora_targets(config: Any, transformer: torch.nn.Module) -> list[str]:
     return names
 
 
+@hookimpl
+def high_precision_modules(transformer: torch.nn.Module) -> list[str]:
+    keep = ("pos_embed", "context_embedder", "time_text_embed", "norm_out", "proj_out")
+    return [name for name, _ in transformer.named_modules() if name in keep]
+
+
+@hookimpl
 def predict_flow(transformer, noisy_latents, sigmas, text) -> torch.Tensor:
     dtype = noisy_latents.dtype
     return transformer(
@@ -73,11 +95,8 @@ def predict_flow(transformer, noisy_latents, sigmas, text) -> torch.Tensor:
     )[0]
 
 
+@hookimpl
 def generate_images(request: Any) -> list[Any]:
-    from diffusers import StableDiffusion3Pipeline
-
-    from tuner.core.pipelines import partial_pipeline, render
-
     pipe = partial_pipeline(
         StableDiffusion3Pipeline, transformer=request.transformer, scheduler=request.scheduler, vae=request.vae
     )

@@ -1,4 +1,6 @@
-"""SD3's hooks. Heavy imports live in tuner_sd3.model, imported inside the hooks."""
+"""SD3's manifest: the family and its config keys. Import-cheap: the hooks that need torch and
+diffusers live in tuner_sd3.model (FAMILY.implementation), which tuner imports and registers
+with the family when a run selects it."""
 
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ FAMILY = FamilyInfo(
         "3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
     },
     default_flavour="3.5-medium",
-    required_text_keys=("prompt_embeds", "pooled_prompt_embeds"),
-    transformer_class="diffusers.SD3Transformer2DModel",
-    pipeline_class="diffusers.StableDiffusion3Pipeline",
-    lora_alpha_in="metadata",  # diffusers' SD3 loader ignores .alpha tensors
+    required_text_keys=("prompt_embeds", "pooled_prompt_embeds"),  # checked in every text cache entry
+    transformer_class="diffusers.SD3Transformer2DModel",  # lets the core stream, quantize and estimate it
+    pipeline_class="diffusers.StableDiffusion3Pipeline",  # the reference reader of diffusers LoRAs
+    lora_alpha_in="metadata",  # diffusers' SD3 loader ignores .alpha tensors: alpha goes in metadata
+    implementation="tuner_sd3.model",  # the heavy hooks
+    text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),  # CLIP-L, CLIP-G, T5
 )
+
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 CONTEXT = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -34,9 +39,17 @@ KEYS = (
         "LoRA targets: a preset or module names.",
         choices=tuple(PRESETS),
         ask=True,  # `tuner configure` asks for it
+        resume_critical=True,  # resuming with other targets is refused
     ),
-    ConfigKey("tokenizer_max_length", "int", 256, "T5 tokens per caption.", minimum=1),
-    ConfigKey("validation_guidance", "float", 5.0, "CFG scale at validation (1.0: a single pass).", minimum=0),
+    ConfigKey("tokenizer_max_length", "int", 256, "T5 tokens per caption.", minimum=1, recipe=True),
+    ConfigKey(
+        "validation_guidance",
+        "float",
+        5.0,
+        "CFG scale at validation (1.0: a single pass).",
+        minimum=0,
+        recipe=True,  # recipe.json records it; `tuner sample --recipe` renders with it
+    ),
 )
 
 
@@ -65,61 +78,3 @@ def register_commands(app):
         from tuner_sd3.tiny import build_tiny_sd3
 
         print(f"wrote {build_tiny_sd3(folder, seed=seed)}")
-
-
-@hookimpl
-def cache_fingerprint(config, kind):
-    return {"tokenizer_max_length": config.tokenizer_max_length, "text": "sd3-v1"} if kind == "text" else None
-
-
-@hookimpl
-def load_model(config, component, dtype):
-    from tuner_sd3 import model
-
-    return model.load(config, component, dtype)
-
-
-@hookimpl
-def encode_prompts(text_encoders, prompts, config):
-    from tuner_sd3 import model
-
-    return model.encode_prompts(text_encoders, prompts, config)
-
-
-@hookimpl
-def example_text(config, transformer, batch_size, dtype):
-    import torch
-
-    # SD3's pipeline pads CLIP prompts to CLIP's 77 positions and appends the T5 tokens
-    tokens, model = 77 + config.tokenizer_max_length, transformer.config
-    return {
-        "prompt_embeds": torch.zeros(batch_size, tokens, model.joint_attention_dim, dtype=dtype),
-        "pooled_prompt_embeds": torch.zeros(batch_size, model.pooled_projection_dim, dtype=dtype),
-    }
-
-
-@hookimpl
-def lora_target_modules(config, transformer):
-    from tuner_sd3 import model
-
-    return model.lora_targets(config, transformer)
-
-
-@hookimpl
-def high_precision_modules(transformer):
-    keep = ("pos_embed", "context_embedder", "time_text_embed", "norm_out", "proj_out")
-    return [name for name, _ in transformer.named_modules() if name in keep]
-
-
-@hookimpl
-def predict_flow(transformer, noisy_latents, sigmas, text):
-    from tuner_sd3 import model
-
-    return model.predict_flow(transformer, noisy_latents, sigmas, text)
-
-
-@hookimpl
-def generate_images(request):
-    from tuner_sd3 import model
-
-    return model.generate_images(request)

@@ -1,0 +1,327 @@
+"""Running a run's code on fake tensors, phase by phase, and counting what is alive.
+
+The caching phases run the family's ``encode_images`` and the text encoders; the training phase
+runs :func:`tuner.core.step.attach_lora` and :func:`tuner.core.step.flow_matching_loss` (what
+training runs) with the run's optimizer; the validation phase runs one denoiser pass and the VAE
+decode. Each phase is measured as a :class:`Phase` of live bytes; the base precision's weights
+are added afterwards, once per precision (:func:`assemble`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tuner.core.config import NO_QUANTIZATION, model_source
+from tuner.core.encoders import text_encoder_precisions
+from tuner.core.errors import PluginError
+from tuner.core.estimate.live import LiveBytes, keep_input
+from tuner.core.estimate.models import ModelFiles, build_on_meta, tensor_bytes, to_fake
+from tuner.core.estimate.report import Estimate, Phase, process_rss
+from tuner.core.runtime import autocast, build_optimizer, weight_dtype
+from tuner.core.runtime import device_type as local_device_type
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tuner.core.config import Config
+    from tuner.core.plugins import PluginHost
+
+
+@dataclass
+class BaseWeights:
+    """The denoiser's weights at one base precision."""
+
+    precision: str
+    stored: int  # bytes as stored (quantized layers at the plugin's weight_bytes)
+    dequantized: int  # one quantized layer's weight in the compute dtype, while its matmul runs
+    keeps_inputs: tuple[str, ...] = ()  # quantized layers whose backend keeps their input for backward
+    note: str = ""
+
+
+@dataclass
+class Trace:
+    """What running the run's code on fake tensors measured. Its phases' ``device`` bytes exclude
+    the denoiser's weights (added per precision); their ``ram`` is what passes through RAM."""
+
+    traced_weights: int  # the denoiser's weights as traced (unquantized, in the compute dtype)
+    largest_block: int  # the biggest loading unit, in the compute dtype (streamed quantization)
+    checkpoint_bytes: int  # the denoiser's weight files, memory-mapped while a whole model loads
+    phases: list[Phase] = field(default_factory=list)
+
+
+def estimate(host: PluginHost, config: Config, device_type: str | None = None) -> Estimate:
+    """Estimate a run's peak accelerator memory and system RAM from the model's config files."""
+    return estimate_precisions(host, config, [config.base_model_precision], device_type)[0]
+
+
+def estimate_precisions(
+    host: PluginHost, config: Config, precisions: list[str], device_type: str | None = None
+) -> list[Estimate]:
+    """One estimate per base precision. The caching phases are traced once; the training step once
+    per distinct behaviour of quantized layers (whether their backend keeps inputs for backward)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tuner.core.quantize import block_units, import_object
+
+    family = host.family
+    device_type = device_type or local_device_type()
+    dtype = weight_dtype(config)
+    source = model_source(config, family.flavours)
+    if not family.transformer_class:
+        raise PluginError(f"model family {family.name} ({family.plugin}) declares no transformer_class to estimate")
+    unknown = [p for p in precisions if p != NO_QUANTIZATION and p not in host.precisions]
+    if unknown:
+        known = ", ".join([NO_QUANTIZATION, *sorted(host.precisions)])
+        raise PluginError(f"base_model_precision {unknown[0]!r} is not installed; choose from {known}")
+    files = ModelFiles(source, config.revision)
+    components = files.components()
+    if "vae" not in components:
+        raise PluginError(f"{source}: model_index.json lists no vae; the estimate needs its config")
+    library, _, class_name = family.transformer_class.rpartition(".")
+    import_object(family.transformer_class)  # a one-line error when the class is missing
+    transformer_config = files.json(f"{family.transformer_subfolder}/config.json")
+
+    def denoiser() -> torch.nn.Module:
+        return build_on_meta(library, class_name, transformer_config, dtype)
+
+    transformer = denoiser()
+    bases = [base_weights(host, config, transformer, p) for p in precisions]
+    units = block_units(transformer)
+    traced_weights = tensor_bytes([*transformer.parameters(), *transformer.buffers()])
+    largest_block = max(tensor_bytes(transformer.get_submodule(u).parameters()) for u in units)
+    checkpoint_bytes = files.weight_bytes(family.transformer_subfolder, transformer)
+
+    mode = FakeTensorMode()
+    caching, latent_shape, vae = trace_caching(host, config, files, components, dtype, mode)
+    traces, estimates = {}, []
+    baseline = process_rss()
+    for base in bases:
+        if base.keeps_inputs not in traces:
+            trace = Trace(traced_weights, largest_block, checkpoint_bytes, list(caching))
+            model = transformer if not traces else denoiser()  # the LoRA changes the model it traces
+            settings = trace_training(host, config, model, latent_shape, vae, dtype, mode, base.keeps_inputs, trace)
+            traces[base.keeps_inputs] = (trace, settings)
+        trace, settings = traces[base.keeps_inputs]
+        estimates.append(assemble(family.name, source, device_type, settings, trace, base, baseline))
+    return estimates
+
+
+def base_weights(host: PluginHost, config: Config, transformer: torch.nn.Module, precision: str) -> BaseWeights:
+    from tuner.core.quantize import plain_linears
+
+    stored = tensor_bytes([*transformer.parameters(), *transformer.buffers()])
+    if precision == NO_QUANTIZATION:
+        return BaseWeights(precision, stored, 0)
+    info = host.precisions[precision]
+    if info.weight_bytes is None:
+        return BaseWeights(precision, stored, 0, note=f"{precision} declares no weight_bytes: counted unquantized")
+    keep = list(host.hook.high_precision_modules(transformer=transformer, config=config) or [])
+    linears = [transformer.get_submodule(n) for n in plain_linears(transformer, "", keep)]
+    stored += quantized_saving(info, linears)
+    dequantized = max((tensor_bytes([m.weight]) for m in linears), default=0)
+    names = plain_linears(transformer, "", keep) if info.keeps_inputs else []
+    return BaseWeights(precision, stored, dequantized, tuple(names))
+
+
+def quantized_saving(info: Any, linears: list[torch.nn.Module]) -> int:
+    """How the bytes of these Linear weights change when ``info`` stores them (negative: smaller)."""
+    full = tensor_bytes(m.weight for m in linears)
+    return int(sum(info.weight_bytes(m.out_features, m.in_features, m.weight.element_size()) for m in linears)) - full
+
+
+def run_offloaded(module: torch.nn.Module, live: LiveBytes) -> list[Any]:
+    """Count ``module`` as accelerate's sequential offload runs it: each layer's own weights are on
+    the device only while that layer runs. Returns the hook handles (remove them after)."""
+
+    def own(layer: torch.nn.Module) -> list[torch.Tensor]:
+        return [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
+
+    def moved_in(layer: torch.nn.Module, args: Any) -> None:
+        live.track(*own(layer))
+
+    def moved_out(layer: torch.nn.Module, args: Any, output: Any) -> None:
+        live.untrack(*own(layer))
+
+    handles = []
+    for layer in module.modules():
+        if own(layer):
+            handles += [layer.register_forward_pre_hook(moved_in), layer.register_forward_hook(moved_out)]
+    return handles
+
+
+def trace_caching(host, config, files, components, dtype, mode) -> tuple[list[Phase], tuple[int, ...], torch.nn.Module]:
+    """The VAE alone encoding images, then every text encoder together encoding captions; with
+    ``offload_during_startup`` their weights stay in RAM and reach the device a layer at a time."""
+    from tuner.core.cache import TEXT_BATCH, VAE_BATCH
+
+    offloaded = config.offload_during_startup
+    phases = []
+    vae = to_fake(build_on_meta(*components["vae"], files.json("vae/config.json"), dtype), mode)
+    vae_weights = tensor_bytes([*vae.parameters(), *vae.buffers()])
+    with mode, LiveBytes() as live, torch.no_grad():
+        handles = run_offloaded(vae, live) if offloaded else []
+        if not offloaded:
+            live.track(vae)
+        pixels = torch.zeros(VAE_BATCH, 3, config.resolution, config.resolution, dtype=dtype)
+        live.track(pixels)
+        latent_shape = tuple(host.provide("encode_images", vae=vae, pixels=pixels, config=config).shape[1:])
+    _remove(handles)
+    parts = {"VAE, one layer at a time": _largest_layer(vae)} if offloaded else {"VAE": vae_weights}
+    phases.append(Phase("encode images", live.peak, vae_weights, parts))
+    encoders = [name for name in components if name.startswith("text_encoder")]
+    if encoders:
+        models = [to_fake(build_on_meta(*components[n], files.json(f"{n}/config.json"), dtype), mode) for n in encoders]
+        weights = tensor_bytes({id(t): t for m in models for t in [*m.parameters(), *m.buffers()]}.values())
+        saving = 0  # text_encoder_N_precision stores encoder N's Linear weights smaller
+        for model, precision in zip(models, text_encoder_precisions(config), strict=False):
+            if precision != NO_QUANTIZATION and host.precisions[precision].weight_bytes is not None:
+                linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+                saving += quantized_saving(host.precisions[precision], linears)
+        wanted = config.to_dict().get("tokenizer_max_length") or 512
+        with mode, LiveBytes() as live, torch.no_grad():
+            handles = [h for m in models for h in run_offloaded(m, live)] if offloaded else []
+            if not offloaded:
+                live.track(*models)
+            for model in models:
+                model(input_ids=torch.zeros(TEXT_BATCH, _encoder_tokens(model.config, wanted), dtype=torch.long))
+        _remove(handles)
+        # offloaded, a quantized layer reaches the device quantized too: the largest layer is an upper bound
+        peak = live.peak + (0 if offloaded else saving)
+        layer = max(_largest_layer(m) for m in models)
+        parts = {"text encoders, one layer at a time": layer} if offloaded else {"text encoders": weights + saving}
+        phases.append(Phase("encode text", peak, weights + saving, parts))
+    return phases, latent_shape, vae
+
+
+def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, keeps_inputs, trace) -> dict:
+    """The LoRA on the run's targets, a training step as from the second step on, and validation."""
+    from tuner.core.builtin import validation_prompts
+    from tuner.core.step import attach_lora
+
+    targets = attach_lora(host, config, transformer)  # the same function (and errors) as training
+    for name in keeps_inputs:
+        transformer.get_submodule(name).register_forward_hook(keep_input)
+    to_fake(transformer, mode)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    size = config.resolution
+    with mode:
+        text = host.provide(
+            "example_text", config=config, transformer=transformer, batch_size=config.train_batch_size, dtype=dtype
+        )
+    if text is None:
+        raise PluginError(f"model family {host.family.name} ({host.family.plugin}) does not implement example_text")
+    with mode, LiveBytes() as live:
+        live.track(transformer, text)
+        optimizer = build_optimizer(config, params)
+        for p in params:  # the optimizer's state exists from the first step on
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        resident = live.current
+        live.reset_peak()
+        training_step(host, config, transformer, latent_shape, text, params, optimizer, dtype)
+    text_bytes = tensor_bytes(text.values())
+    parts = {
+        "LoRA + optimizer state": resident - trace.traced_weights - text_bytes,
+        "batch, gradients, activations": live.peak - resident + text_bytes,
+    }
+    trace.phases.append(Phase("train", live.peak - trace.traced_weights, 0, parts))
+
+    # validation: the model in eval mode beside the VAE, one denoiser pass, then the decode
+    if validation_prompts(config):
+        val_size = config.validation_resolution or size
+        *lead, h, w = latent_shape
+        with mode, LiveBytes() as live, torch.no_grad():
+            live.track(transformer, optimizer.state, vae)
+            resident = live.current
+            transformer.eval()
+            text = host.provide("example_text", config=config, transformer=transformer, batch_size=1, dtype=dtype)
+            latents = torch.zeros(1, *lead, h * val_size // size, w * val_size // size, dtype=dtype)
+            live.track(text, latents)
+            with autocast("cpu", dtype):
+                host.provide(
+                    "predict_flow",
+                    transformer=transformer,
+                    noisy_latents=latents,
+                    sigmas=torch.ones(1),
+                    text=text,
+                    config=config,
+                    generator=torch.Generator(),
+                )
+            vae.decode(latents)
+        parts = {"LoRA, optimizer state, VAE": resident - trace.traced_weights, "activations": live.peak - resident}
+        trace.phases.append(Phase("validate", live.peak - trace.traced_weights, 0, parts))
+    return {
+        "mixed_precision": config.mixed_precision,
+        "network_rank": config.network_rank,
+        "lora_modules": len(targets),
+        "lora_parameters": sum(p.numel() for p in params),
+        "transformer_parameters": sum(p.numel() for p in transformer.parameters() if not p.requires_grad),
+        "resolution": size,
+        "train_batch_size": config.train_batch_size,
+        "gradient_checkpointing": bool(config.gradient_checkpointing),
+        "offload_during_startup": bool(config.offload_during_startup),
+    }
+
+
+def training_step(host, config, transformer, latent_shape, text, params, optimizer, dtype) -> None:
+    """One step as training takes it (:func:`tuner.core.step.flow_matching_loss`), on fake tensors."""
+    from tuner.core.step import flow_matching_loss
+
+    batch = config.train_batch_size
+    latents = torch.zeros(batch, *latent_shape)
+    loss = flow_matching_loss(
+        host, config, transformer, latents, torch.randn_like(latents), torch.rand(batch), text, torch.Generator(),
+        dtype, autocast("cpu", dtype),
+    )  # fmt: skip
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def assemble(family, source, device_type, settings, trace: Trace, base: BaseWeights, baseline) -> Estimate:
+    """Phases for one base precision. On the CPU the device is the RAM; on an accelerator, weights
+    pass through RAM on their way to it."""
+    on_cpu = device_type == "cpu"
+    phases = []
+    # weight files are memory-mapped; a cast to another dtype makes a copy beside the mapping
+    files = trace.checkpoint_bytes
+    cast = not 0.9 * trace.traced_weights <= files <= 1.1 * trace.traced_weights  # a dtype change halves or doubles
+    if base.precision == NO_QUANTIZATION:  # loaded whole, then moved to the device
+        parts = {"weight files": files, **({"cast copy": base.stored} if cast else {})}
+        phases.append(Phase("load", 0, baseline + sum(parts.values()), parts))
+    else:  # streamed: the quantized model plus one block in flight, as read (and cast)
+        block = trace.largest_block * files // max(trace.traced_weights, 1) + (trace.largest_block if cast else 0)
+        parts = {"quantized weights": base.stored, "block in flight": block}
+        phases.append(Phase("load + quantize", 0, baseline + base.stored + block, parts))
+    for traced in trace.phases:
+        if traced.name in ("train", "validate"):
+            device = traced.device + base.stored + base.dequantized
+            parts = {"weights": base.stored, **traced.parts}
+            if base.dequantized:
+                parts["dequantized layer"] = base.dequantized
+            phases.append(Phase(traced.name, device, baseline + (device if on_cpu else 0), parts))
+        else:  # caching: the encoders' weights pass through RAM (and stay there when offloaded)
+            ram = baseline + (max(traced.device, traced.ram) if on_cpu else traced.ram)
+            phases.append(Phase(traced.name, traced.device, ram, traced.parts))
+    notes = [base.note] if base.note else []
+    notes.append("the caching phases run only for images and captions not cached yet")
+    return Estimate(family, source, device_type, base.precision, settings, phases, notes)
+
+
+def _largest_layer(module: torch.nn.Module) -> int:
+    return max(
+        (tensor_bytes([*m.parameters(recurse=False), *m.buffers(recurse=False)]) for m in module.modules()), default=0
+    )
+
+
+def _remove(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+
+
+def _encoder_tokens(model_config: Any, wanted: int) -> int:
+    limits = [getattr(model_config, k, None) for k in ("max_position_embeddings", "n_positions")]
+    return min([wanted, *[v for v in limits if isinstance(v, int)]])

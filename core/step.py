@@ -1,0 +1,59 @@
+"""What training and ``tuner estimate`` run alike: the LoRA put on the denoiser, and the
+flow-matching loss of one micro-batch. The estimate runs these same functions on fake tensors, so
+what it counts is what a run does."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tuner.core import flow
+from tuner.core.errors import ConfigError
+from tuner.core.fixes import checkpoint_blocks
+from tuner.core.lora import add_lora, resolve_targets
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tuner.core.config import Config
+    from tuner.core.plugins import PluginHost
+
+
+def attach_lora(host: PluginHost, config: Config, transformer: torch.nn.Module) -> list[str]:
+    """Put the run's LoRA on ``transformer`` (the family's targets, possibly wrapped by extensions),
+    turn on gradient checkpointing when configured, and return the adapted modules' full names."""
+    patterns = host.provide("lora_target_modules", config=config, transformer=transformer)
+    targets = resolve_targets(transformer, patterns)
+    if not targets:
+        raise ConfigError(f"{config.source}: LoRA targets {patterns!r} match no Linear module of the model")
+    add_lora(transformer, targets, config)
+    if config.gradient_checkpointing:
+        checkpoint_blocks(transformer)
+    return targets
+
+
+def flow_matching_loss(
+    host: PluginHost,
+    config: Config,
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    text: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    autocast: Any,
+) -> torch.Tensor:
+    """Noise ``latents`` to ``sigmas``, ask the family for the velocity, and return the MSE against
+    ``noise - latents``. ``autocast`` is the context the prediction runs in."""
+    noisy, target = flow.noisy_and_target(latents, noise, sigmas)
+    with autocast:
+        prediction = host.provide(
+            "predict_flow",
+            transformer=transformer,
+            noisy_latents=noisy.to(dtype),
+            sigmas=sigmas,
+            text=text,
+            config=config,
+            generator=generator,
+        )
+    return flow.flow_loss(prediction, target)

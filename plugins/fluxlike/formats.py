@@ -1,0 +1,33 @@
+"""The ComfyUI LoRA format the Flux lineage writes and reads (BFL module names, q/k/v fused).
+Import-cheap: the family manifests register it; the work is imported when a file is written or read."""
+
+from __future__ import annotations
+
+from tuner.core.types import LoraFormat
+
+COMFYUI_FILE = "pytorch_lora_weights_comfyui.safetensors"
+
+
+def _export(export, transformer):
+    from tuner.plugins.fluxlike import bfl
+
+    return {COMFYUI_FILE: bfl.export_comfyui(export.state_dict, export.alphas, export.rank, transformer)}
+
+
+def _read(path, transformer, family):
+    from safetensors.torch import load_file
+
+    from tuner.core.types import LoraReading
+    from tuner.plugins.fluxlike import bfl
+
+    deltas, unmatched = bfl.read_comfyui(load_file(path), transformer)
+    return LoraReading(deltas, unmatched)
+
+
+COMFYUI = LoraFormat(
+    "comfyui",
+    f"{COMFYUI_FILE}: BFL names under diffusion_model., q/k/v fused into qkv/linear1 (ComfyUI's loader)",
+    export=_export,
+    read=_read,
+    detect=lambda keys: any(k.startswith("diffusion_model.") for k in keys),
+)
