@@ -154,10 +154,11 @@ class PluginHost:
             raise PluginError(f"{self._label(exc.plugin)}: {exc}") from None
 
     def _load_implementation(self) -> None:
-        """Import the selected family's heavy module and register it as part of the family."""
-        self._implementation_loaded = True
+        """Import the selected family's heavy module and register it as part of the family. A
+        failure is raised again at the next call, never skipped."""
         family = self.family
         if family is None or not family.implementation:
+            self._implementation_loaded = True
             return
         owner = self._record(family.plugin)
         try:
@@ -167,17 +168,22 @@ class PluginHost:
                 f"{owner.label}: the implementation {family.implementation} of family {family.name} "
                 f"failed to import: {first_line(exc)}"
             ) from None
-        name = f"{family.plugin}:implementation"
-        record = PluginRecord(name, owner.distribution, owner.version, module)
-        self.records.append(record)
+        record = PluginRecord(f"{family.plugin}:implementation", owner.distribution, owner.version, module)
         self._register(record)
-        misplaced = [h for h in self.hooks_of(name) if h in MANIFEST_HOOKS]
-        if misplaced:
-            raise PluginError(
-                f"{owner.label}: {family.implementation} implements {', '.join(misplaced)}, which run before it is "
-                "loaded; move them to the entry-point module"
-            )
-        self._check_pending()
+        self.records.append(record)
+        misplaced = [h for h in self.hooks_of(record.name) if h in MANIFEST_HOOKS]
+        try:
+            if misplaced:
+                raise PluginError(
+                    f"{owner.label}: {family.implementation} implements {', '.join(misplaced)}, which run before "
+                    "it is loaded; move them to the entry-point module"
+                )
+            self._check_pending()
+        except PluginError:
+            self.pm.unregister(name=record.name)
+            self.records.remove(record)
+            raise
+        self._implementation_loaded = True
         if self._tracing:
             self._trace()
 

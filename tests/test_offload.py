@@ -121,6 +121,15 @@ def test_text_encoder_precision_quantizes_t5_and_keys_the_text_cache(tiny_chroma
     result, _, _ = train({**settings, "text_encoder_1_precision": "int8-quanto", "max_train_steps": 2})
     assert result.steps == 2
 
+    # the estimate counts the encoder as the backend stores it
+    from tuner.core.estimate import estimate
+    from tuner.core.quantize import quantized_bytes
+
+    counted = estimate(host, quantized, "cuda").phase("encode text").parts["text encoders"]
+    stored = quantized_bytes(encoders.encoder, host.precisions["int8-quanto"])
+    assert counted == pytest.approx(stored, rel=0.01)
+    assert counted < 0.6 * estimate(host, plain, "cuda").phase("encode text").parts["text encoders"]
+
 
 @pytest.fixture(scope="module")
 def chroma1_nf4(tmp_path_factory):

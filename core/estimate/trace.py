@@ -190,7 +190,8 @@ def trace_caching(host, config, files, components, dtype, mode) -> tuple[list[Ph
         peak = live.peak + (0 if offloaded else saving)
         layer = max(_largest_layer(m) for m in models)
         parts = {"text encoders, one layer at a time": layer} if offloaded else {"text encoders": weights + saving}
-        phases.append(Phase("encode text", peak, weights + saving, parts))
+        # RAM: the encoders are loaded whole in system RAM (and quantized there) before they run
+        phases.append(Phase("encode text", peak, weights, parts))
     return phases, latent_shape, vae
 
 
