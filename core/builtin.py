@@ -54,7 +54,55 @@ CORE_KEYS = (
         "dataset_repeats", "int", 0, "Extra passes over each image per epoch (SimpleTuner's repeats).", minimum=0
     ),
     ConfigKey("cache_dir", "path", None, "Latent and text caches (default: $XDG_CACHE_HOME/tuner).", recipe=True),
-    ConfigKey("resolution", "int", 512, "Square training size in pixels.", minimum=16, multiple_of=16, recipe=True),
+    ConfigKey(
+        "resolution",
+        "int",
+        512,
+        "Training size in pixels: the side of the square bucket (resolution_type area: every bucket holds about "
+        "resolution^2 pixels) or the shorter side (pixel).",
+        minimum=16,
+        multiple_of=16,
+        recipe=True,
+    ),
+    ConfigKey(
+        "resolution_type",
+        "str",
+        "area",
+        "area: buckets of about resolution^2 pixels at each aspect ratio; pixel: the shorter side is resolution.",
+        choices=("area", "pixel"),
+    ),
+    ConfigKey(
+        "aspect_bucket_alignment",
+        "int",
+        64,
+        "Bucket sides are multiples of this (SimpleTuner's default 64); a multiple of the family's latent "
+        "alignment (16 for Chroma and Flux: the VAE's 8 times 2x2 patches).",
+        minimum=8,
+    ),
+    ConfigKey(
+        "aspect_bucket_max_ratio",
+        "float",
+        3.0,
+        "Widest (and tallest) bucket, as long side / short side; wider images are cropped there, never "
+        "stretched. 1.0: square only.",
+        minimum=1.0,
+    ),
+    ConfigKey(
+        "crop_style",
+        "str",
+        "center",
+        "Where an image is cropped after it is resized to cover its bucket: center, or random (drawn once per "
+        "image from the seed).",
+        choices=("center", "random"),
+    ),
+    ConfigKey(
+        "minimum_image_size",
+        "int",
+        0,
+        "Skip images smaller than this (sqrt(width x height) with resolution_type area, the shorter side with "
+        "pixel), with a warning and a count.",
+        minimum=0,
+    ),
     # LoRA
     ConfigKey("network_rank", "int", 16, "LoRA rank.", aliases=("lora_rank",), minimum=1, resume_critical=True),
     ConfigKey(
@@ -199,6 +247,11 @@ TEXT_ENCODER_PRECISIONS = ("text_encoder_1_precision", "text_encoder_2_precision
 @hookimpl
 def check_config(config, warn):
     config.set_default("lora_alpha", float(config.network_rank))
+    if config.aspect_bucket_alignment > config.resolution:
+        raise config.error(
+            "aspect_bucket_alignment",
+            f"{config.aspect_bucket_alignment} is larger than resolution {config.resolution}; lower it (16, 32, 64)",
+        )
     if config.flow_schedule_shift is not None and config.flow_schedule_auto_shift:
         raise config.error(
             "flow_schedule_shift", "set either flow_schedule_shift or flow_schedule_auto_shift, not both"

@@ -3,8 +3,9 @@
 Layout: ``<cache_dir>/<kind>/<fingerprint>/<entry>.safetensors`` with ``fingerprint.json`` beside
 the entries. The fingerprint hashes the model identity and every setting that changes what an
 entry holds (core ones plus each plugin's ``cache_fingerprint``). Latent entries are keyed by the
-image's path, size and modification time; text entries by the text itself. Encoders are loaded
-only when an entry is missing and are released before training starts.
+image's path, size and modification time and by its bucket and crop, so changing the bucket
+settings re-encodes exactly the images whose bucket changed; text entries by the text itself.
+Encoders are loaded only when an entry is missing and are released before training starts.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuner.core.buckets import Bucket, BucketPlan, bucket_sizes, plan
 from tuner.core.config import NO_QUANTIZATION, model_source
-from tuner.core.data import Item, load_image
+from tuner.core.data import Item, image_size, load_image
 from tuner.core.errors import DataError
 from tuner.core.io import atomic_write, save_safetensors
 
@@ -29,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.config import Config
     from tuner.core.plugins import PluginHost
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: latent entries keyed by bucket and crop
 VAE_BATCH = 4
 TEXT_BATCH = 8
 
@@ -105,9 +107,7 @@ def _model_identity(config: Config, host: PluginHost, component: str) -> dict[st
 
 def _fingerprint(host: PluginHost, config: Config, kind: str, component: str) -> dict[str, Any]:
     parts: dict[str, Any] = {"format": CACHE_FORMAT, "model": _model_identity(config, host, component)}
-    if kind == "latents":
-        parts["resolution"] = config.resolution
-    else:  # quantized text encoders encode differently; unset keeps existing caches valid
+    if kind == "text":  # quantized text encoders encode differently; unset keeps existing caches valid
         from tuner.core.builtin import TEXT_ENCODER_PRECISIONS
 
         parts.update(
@@ -119,12 +119,73 @@ def _fingerprint(host: PluginHost, config: Config, kind: str, component: str) ->
     return parts
 
 
+def crop_offset(config: Config, path: Path) -> float:
+    """Where a random crop sits along the axis with a remainder: drawn once per image from the
+    run's seed (so a resumed run crops alike); 0.5 for centred crops."""
+    if config.crop_style != "random":
+        return 0.5
+    return int(_digest([config.seed, image_key(path)])[:8], 16) / 0xFFFFFFFF
+
+
+def latent_key(config: Config, path: Path, bucket: Bucket) -> str:
+    return _digest([image_key(path), bucket.width, bucket.height, config.crop_style, crop_offset(config, path)])[:32]
+
+
+@dataclass
+class Entry:
+    """One training image: its cached latents and caption, and the bucket it trains in."""
+
+    latent: str
+    text: str
+    bucket: Bucket
+
+
 @dataclass
 class PreparedData:
     latents: TensorCache
     text: TensorCache
-    entries: list[tuple[str, str]]  # (latent key, text key) of each usable training image
+    entries: list[Entry]
     skipped: int
+    plan: BucketPlan
+
+
+def measure(
+    items: list[Item], config: Config, warn: Callable[[str], None], unreadable: list[str]
+) -> tuple[list[Item], list[tuple[int, int]]]:
+    """Each image's size from its header; unreadable ones are added to ``unreadable``, ones below
+    ``minimum_image_size`` skipped with a warning and a count."""
+    kept, sizes, small = [], [], []
+    minimum, by_area = config.minimum_image_size, config.resolution_type == "area"
+    for item in items:
+        try:
+            width, height = image_size(item.image)
+        except (OSError, ValueError, SyntaxError) as exc:
+            unreadable.append(f"{item.image.name} ({type(exc).__name__})")
+            continue
+        if minimum and ((width * height) ** 0.5 if by_area else min(width, height)) < minimum:
+            small.append(f"{item.image.name} ({width}x{height})")
+            continue
+        kept.append(item)
+        sizes.append((width, height))
+    if small:
+        what = "sqrt(width x height)" if by_area else "shorter side"
+        warn(
+            f"skipped {len(small)} image(s) whose {what} is below minimum_image_size {minimum}: "
+            + ", ".join(small[:5])
+            + (" ..." if len(small) > 5 else "")
+        )
+    return kept, sizes
+
+
+def assign_buckets(
+    items: list[Item], config: Config, global_batch: int, warn: Callable[[str], None], unreadable: list[str]
+) -> tuple[list[Item], BucketPlan]:
+    """The images that train and the bucket of each (``tuner buckets`` prints the same plan)."""
+    kept, sizes = measure(items, config, warn, unreadable)
+    buckets = bucket_sizes(
+        config.resolution, config.resolution_type, config.aspect_bucket_alignment, config.aspect_bucket_max_ratio
+    )
+    return kept, plan(sizes, buckets, global_batch)
 
 
 def prepare_caches(
@@ -135,10 +196,10 @@ def prepare_caches(
     device: Any,
     dtype: torch.dtype,
     warn: Callable[[str], None],
+    global_batch: int = 1,
 ) -> PreparedData:
-    """Make sure every image has cached latents and every caption/prompt a cached encoding.
-
-    Encoders are loaded only for what is missing and are freed afterwards.
+    """Make sure every image has cached latents at its bucket's size and every caption/prompt a
+    cached encoding. Encoders are loaded only for what is missing and are freed afterwards.
     """
     import torch
 
@@ -148,34 +209,48 @@ def prepare_caches(
     latents = TensorCache(root, "latents", _fingerprint(host, config, "latents", "vae"))
     text = TensorCache(root, "text", _fingerprint(host, config, "text", "text_encoder"))
 
-    missing_images = [item for item in items if not latents.has(image_key(item.image))]
     unreadable: list[str] = []
-    if missing_images:
-        vae = load_vae(host, config, device, dtype)
+    usable, bucket_plan = assign_buckets(items, config, global_batch, warn, unreadable)
+    vae = None
+    while True:  # an image that fails to decode is dropped and the buckets planned again
+        keys = [latent_key(config, i.image, b) for i, b in zip(usable, bucket_plan.buckets, strict=True)]
+        missing = [(i, b, k) for i, b, k in zip(usable, bucket_plan.buckets, keys, strict=True) if not latents.has(k)]
+        if not missing:
+            break
+        vae = vae or load_vae(host, config, device, dtype)
+        failed = []
+        missing.sort(key=lambda m: (m[1].aspect, m[1].width))  # one bucket (one pixel size) per VAE batch
         with torch.no_grad():
-            for start in range(0, len(missing_images), VAE_BATCH):
-                chunk, pixels = [], []
-                for item in missing_images[start : start + VAE_BATCH]:
-                    try:
-                        pixels.append(load_image(item.image, config.resolution))
-                        chunk.append(item)
-                    except (OSError, ValueError, SyntaxError) as exc:
-                        unreadable.append(f"{item.image.name} ({type(exc).__name__})")
-                if not chunk:
-                    continue
-                encoded = host.provide(
-                    "encode_images", vae=vae, pixels=torch.stack(pixels).to(device, dtype), config=config
-                )
-                for item, latent in zip(chunk, encoded, strict=True):
-                    latents.save(image_key(item.image), {"latents": latent.float()})
+            for bucket in dict.fromkeys(b for _, b, _ in missing):
+                group = [m for m in missing if m[1] == bucket]
+                for start in range(0, len(group), VAE_BATCH):
+                    chunk, pixels = [], []
+                    for item, _, key in group[start : start + VAE_BATCH]:
+                        try:
+                            pixels.append(
+                                load_image(item.image, bucket, config.crop_style, crop_offset(config, item.image))
+                            )
+                            chunk.append(key)
+                        except (OSError, ValueError, SyntaxError) as exc:
+                            failed.append(item)
+                            unreadable.append(f"{item.image.name} ({type(exc).__name__})")
+                    if chunk:
+                        encoded = host.provide(
+                            "encode_images", vae=vae, pixels=torch.stack(pixels).to(device, dtype), config=config
+                        )
+                        for key, latent in zip(chunk, encoded, strict=True):
+                            latents.save(key, {"latents": latent.float()})
+        if not failed:
+            break
+        remaining = [(i, b) for i, b in zip(usable, bucket_plan.buckets, strict=True) if i not in failed]
+        usable, bucket_plan = assign_buckets([i for i, _ in remaining], config, global_batch, lambda m: None, [])
+    if vae is not None:
         del vae
         gc.collect()
     if unreadable:
         warn(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}")
-
-    usable = [item for item in items if latents.has(image_key(item.image))]
     if not usable:
-        raise DataError(f"data_dir {config.data_dir}: none of the {len(items)} images could be read")
+        raise DataError(f"data_dir {config.data_dir}: none of the {len(items)} images could be used")
 
     texts = list(dict.fromkeys([item.caption for item in usable] + extra_texts))
     missing_texts = [t for t in texts if not text.has(text_key(t))]
@@ -205,11 +280,16 @@ def prepare_caches(
                 f"text cache entry {text.path(text_key(t))} has no {', '.join(lacking)} "
                 f"(written by an older tuner or another tool); delete {text.dir} to rebuild the text cache"
             )
-    return PreparedData(latents, text, [(image_key(i.image), text_key(i.caption)) for i in usable], len(unreadable))
+    entries = [
+        Entry(latent_key(config, i.image, b), text_key(i.caption), b)
+        for i, b in zip(usable, bucket_plan.buckets, strict=True)
+    ]
+    return PreparedData(latents, text, entries, len(unreadable), bucket_plan)
 
 
 class CachedDataset:
-    """torch-style dataset over cached entries: ``{"latents": ..., "text": {...}}`` per item."""
+    """torch-style dataset over cached entries: ``{"latents", "text", "size"}`` per item, ``size``
+    being the bucket's ``(height, width)`` in pixels."""
 
     def __init__(self, prepared: PreparedData):
         self.prepared = prepared
@@ -217,11 +297,15 @@ class CachedDataset:
     def __len__(self) -> int:
         return len(self.prepared.entries)
 
+    def buckets(self) -> list[Bucket]:
+        return [entry.bucket for entry in self.prepared.entries]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        latent_key, caption_key = self.prepared.entries[index]
+        entry = self.prepared.entries[index]
         return {
-            "latents": self.prepared.latents.load(latent_key)["latents"],
-            "text": self.prepared.text.load(caption_key),
+            "latents": self.prepared.latents.load(entry.latent)["latents"],
+            "text": self.prepared.text.load(entry.text),
+            "size": (entry.bucket.height, entry.bucket.width),
         }
 
 
@@ -229,6 +313,7 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
     return {
-        "latents": torch.stack([r["latents"] for r in rows]),
+        "latents": torch.stack([r["latents"] for r in rows]),  # one bucket per batch: one shape
         "text": {name: torch.stack([r["text"][name] for r in rows]) for name in rows[0]["text"]},
+        "size": rows[0]["size"],
     }

@@ -177,6 +177,30 @@ def sigmas(
 
 
 @app.command()
+def buckets(
+    plugin: str | None = PLUGIN_OPTION,
+    config: Path = typer.Option(..., "--config", "-c", help="Config file whose data to bucket."),
+    processes: int = typer.Option(1, "--processes", min=1, help="Processes the run will use (global batch)."),
+    set_: list[str] | None = SET_OPTION,
+) -> None:
+    """Print the aspect-ratio buckets a config trains with (sizes and image counts), without training:
+    images are read by their headers only."""
+    host, cfg = _load_config(plugin, config, set_)
+    from tuner.core.cache import assign_buckets
+    from tuner.core.data import scan_dataset
+    from tuner.core.errors import warn_user
+
+    items = scan_dataset(cfg.data_dir, warn_user, cfg.caption_strategy) if cfg.data_dir else []
+    if not items:
+        raise cfg.error("data_dir", "is required: a folder of images with .txt captions")
+    unreadable: list[str] = []
+    _, plan = assign_buckets(items, cfg, cfg.train_batch_size * processes, warn_user, unreadable)
+    if unreadable:
+        warn_user(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}")
+    typer.echo(plan.table())
+
+
+@app.command()
 def configure(
     plugin: str | None = PLUGIN_OPTION,
     output: Path = typer.Option(Path("config.yaml"), "--output", "-o", help="Config file to write."),

@@ -276,6 +276,12 @@ def build_config(
             )
         config._values["model_flavour"] = flavour
         _check_family_support(config, family, warn)
+        if config.aspect_bucket_alignment % family.latent_alignment:
+            raise config.error(
+                "aspect_bucket_alignment",
+                f"{config.aspect_bucket_alignment} is not a multiple of {family.name}'s latent alignment "
+                f"{family.latent_alignment}; use {family.latent_alignment}, 32 or 64",
+            )
         config._values["lora_format"] = _lora_formats(config, host)
     from tuner.core.builtin import TEXT_ENCODER_PRECISIONS
 

@@ -1,4 +1,4 @@
-"""The dataset: a folder of images with same-stem ``.txt`` captions."""
+"""The dataset: a folder of images with same-stem ``.txt`` captions, read into aspect-ratio buckets."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuner.core.buckets import Bucket, crop_box
 from tuner.core.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -58,8 +59,21 @@ def scan_dataset(data_dir: str | Path, warn: Callable[[str], None], caption_stra
     return items
 
 
-def load_image(path: Path, resolution: int):
-    """Read an image as a ``[3, R, R]`` float tensor in [-1, 1]: shorter side resized to R, center-cropped.
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` as the image will be trained (EXIF rotation applied), from its header.
+
+    Raises ``OSError``/``ValueError`` for an unreadable file (the caller skips it)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112, 1)  # 5-8: stored rotated by 90 degrees
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def load_image(path: Path, bucket: Bucket, crop_style: str = "center", offset: float = 0.5):
+    """Read an image as a ``[3, height, width]`` float tensor in [-1, 1] for ``bucket``: upright
+    (EXIF), resized to cover the bucket, cropped by the remainder (see :func:`crop_box`).
 
     Raises ``OSError``/``ValueError`` for an unreadable file (the caller skips it).
     """
@@ -69,10 +83,8 @@ def load_image(path: Path, resolution: int):
 
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img).convert("RGB")
-        scale = resolution / min(img.size)
-        size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
-        img = img.resize(size, Image.Resampling.BICUBIC)
-        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
+        width, height, left, top = crop_box(img.width, img.height, bucket, crop_style, offset)
+        img = img.resize((width, height), Image.Resampling.BICUBIC)
+        img = img.crop((left, top, left + bucket.width, top + bucket.height))
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

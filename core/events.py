@@ -53,6 +53,7 @@ class StepEnd(TrainEvent):
     sigma: float  # mean sigma of the step's samples
     sigmas: list[float] = field(default_factory=list)
     grad_norm: float | None = None
+    sizes: list[list[int]] = field(default_factory=list)  # [height, width] in pixels per micro-batch
 
 
 @dataclass(kw_only=True)

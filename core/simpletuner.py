@@ -25,7 +25,6 @@ IGNORED = {
     "validation_torch_compile",
     "disable_benchmark",
     "aspect_bucket_rounding",
-    "minimum_image_size",
     "webhook_config",
     "model_card_safe_for_work",
     "num_validation_images",
@@ -145,20 +144,6 @@ def _backends(base: Path, backend_path: Path, raw: dict[str, Any]) -> dict[str, 
     strategy = backend.get("caption_strategy", "filename")
     if strategy not in ("textfile", "filename"):
         raise ConfigError(f"{where}: caption_strategy {strategy!r}; tuner supports textfile and filename")
-    if backend.get("resolution_type", "pixel") not in ("pixel", "pixel_area") or not isinstance(
-        backend.get("resolution", 1024), int
-    ):
-        raise ConfigError(
-            f"{where}: resolution_type {backend.get('resolution_type')!r}; tuner trains square pixel sizes"
-        )
-    if (
-        backend.get("crop") is False
-        or backend.get("crop_style", "center") != "center"
-        or backend.get("crop_aspect", "square") != "square"
-    ):
-        raise ConfigError(
-            f"{where}: tuner trains center-cropped squares (crop: true, crop_style: center, crop_aspect: square)"
-        )
     unknown = sorted(set(backend) - BACKEND_KEYS)
     if unknown:
         raise ConfigError(f"{where}: key(s) {', '.join(unknown)} have no tuner equivalent")
@@ -166,13 +151,41 @@ def _backends(base: Path, backend_path: Path, raw: dict[str, Any]) -> dict[str, 
         "data_dir": backend["instance_data_dir"],
         "caption_strategy": strategy,
         "dataset_repeats": int(backend.get("repeats", 0)),
+        **_bucketing(backend, where),
     }
-    if "resolution" in backend:
-        settings["resolution"] = backend["resolution"]
     text_cache = next((b for b in backends if b.get("dataset_type") == "text_embeds"), {})
     cache = text_cache.get("cache_dir") or backend.get("cache_dir_vae")
     if cache:
         settings["cache_dir"] = str(Path(cache).parent) if text_cache.get("cache_dir") is None else cache
+    return settings
+
+
+def _bucketing(backend: dict[str, Any], where: str) -> dict[str, Any]:
+    """SimpleTuner's sizing and cropping keys of a backend as tuner's bucket settings."""
+    settings: dict[str, Any] = {}
+    kind = backend.get("resolution_type", "pixel")
+    if kind not in ("pixel", "pixel_area", "area"):
+        raise ConfigError(f"{where}: resolution_type {kind!r}; tuner knows pixel, pixel_area and area")
+    settings["resolution_type"] = "pixel" if kind == "pixel" else "area"
+
+    def pixels(value: Any, key: str) -> int:  # `area` sizes are megapixels: the side of a square that big
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{where}: {key} {value!r} is not a positive number")
+        return round((value * 1e6) ** 0.5 / 16) * 16 if kind == "area" else int(value)
+
+    if "resolution" in backend:
+        settings["resolution"] = pixels(backend["resolution"], "resolution")
+    if backend.get("minimum_image_size"):
+        settings["minimum_image_size"] = pixels(backend["minimum_image_size"], "minimum_image_size")
+    style = backend.get("crop_style", "center")
+    if style not in ("center", "random"):  # tuner crops only the remainder after covering the bucket
+        raise ConfigError(f"{where}: crop_style {style!r}; tuner crops center or random")
+    settings["crop_style"] = style
+    aspect = backend.get("crop_aspect", "square" if backend.get("crop") else "preserve")
+    if aspect not in ("square", "preserve", "closest"):
+        raise ConfigError(f"{where}: crop_aspect {aspect!r}; tuner buckets by each image's own aspect (preserve)")
+    if aspect == "square":
+        settings["aspect_bucket_max_ratio"] = 1.0
     return settings
 
 

@@ -55,6 +55,14 @@ class TrainResult:
     rollbacks: int = 0
 
 
+@dataclass
+class StepOutcome:
+    loss: float
+    sigmas: list[float]
+    grad_norm: float
+    sizes: list[list[int]]  # [height, width] in pixels of each micro-batch
+
+
 def step_seed(*parts: int) -> int:
     value = 0x9E3779B97F4A7C15
     for part in parts:
@@ -62,27 +70,42 @@ def step_seed(*parts: int) -> int:
     return value
 
 
-class ShardedBatches(torch.utils.data.Sampler):
-    """Endless batches of dataset indices for one process.
+class BucketBatches(torch.utils.data.Sampler):
+    """Endless batches of dataset indices for one process, each global batch from one bucket.
 
-    Global micro-batch k holds ``local_batch * processes`` indices from epoch ``k // per_epoch``'s
-    permutation (seeded by seed and epoch); process r takes its slice. A sampler starting at k
-    yields what an uninterrupted one would from k on.
+    Epoch e: each bucket's indices in a permutation seeded by (seed, e, bucket), cut into global
+    batches of ``local_batch * processes`` (the last one filled up from the start of the same
+    permutation, so every image is seen every epoch), and the epoch's batches in an order seeded
+    by (seed, e). Global batch k is batch ``k % per_epoch`` of epoch ``k // per_epoch``; process r
+    takes its slice. A sampler starting at k yields what an uninterrupted one would from k on.
     """
 
-    def __init__(self, size: int, local_batch: int, processes: int, rank: int, seed: int, start: int):
-        self.size, self.local, self.rank, self.seed, self.start = size, local_batch, rank, seed, start
+    def __init__(self, buckets: list[Any], local_batch: int, processes: int, rank: int, seed: int, start: int):
+        self.local, self.rank, self.seed, self.start = local_batch, rank, seed, start
         self.global_batch = local_batch * processes
-        self.per_epoch = size // self.global_batch
-        self._epoch, self._perm = -1, None
+        groups: dict[Any, list[int]] = {}
+        for index, bucket in enumerate(buckets):
+            groups.setdefault(bucket, []).append(index)
+        self.groups = [groups[b] for b in sorted(groups, key=lambda b: (b.aspect, b.width))]
+        self.per_epoch = sum(-(-len(g) // self.global_batch) for g in self.groups)
+        self._epoch, self._batches = -1, []
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        batches = []
+        for number, group in enumerate(self.groups):
+            generator = torch.Generator().manual_seed(step_seed(self.seed, epoch, 0xDA7A, number))
+            order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            count = -(-len(order) // self.global_batch)
+            order += order[: count * self.global_batch - len(order)]  # fill the last batch up
+            batches += [order[j * self.global_batch : (j + 1) * self.global_batch] for j in range(count)]
+        generator = torch.Generator().manual_seed(step_seed(self.seed, epoch, 0xBA7C))
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     def indices(self, k: int) -> list[int]:
         epoch, j = divmod(k, self.per_epoch)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(step_seed(self.seed, epoch, 0xDA7A))
-            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator)
-        batch = self._perm[j * self.global_batch : (j + 1) * self.global_batch]
-        return batch[self.rank * self.local : (self.rank + 1) * self.local].tolist()
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+        return self._batches[j][self.rank * self.local : (self.rank + 1) * self.local]
 
     def __iter__(self):
         k = self.start
@@ -145,7 +168,7 @@ class Trainer:
         validator = Validator(ctx, prepared)
         result = TrainResult(ctx.output_dir, 0, resumed_from=self.checkpoints.resume(state))
         dataset = CachedDataset(prepared)
-        self.announce(state, len(dataset), result.resumed_from)
+        self.announce(state, prepared, result.resumed_from)
         with self.progress_bar(state) as progress, self.stop_on_interrupt():
             batches = self.batches(dataset, state.position)
             while state.position.step < config.max_train_steps:
@@ -163,7 +186,7 @@ class Trainer:
                 state.guard.finite_step()
                 state.lr_scheduler.step()
                 state.position.step += 1
-                step, (loss, sigmas, grad_norm) = state.position.step, outcome
+                step, loss = state.position.step, outcome.loss
                 result.losses.append(loss)
                 lr = state.lr_scheduler.get_last_lr()[0]
                 progress.update(1)
@@ -173,9 +196,10 @@ class Trainer:
                     step,
                     loss=loss,
                     lr=lr,
-                    sigma=sum(sigmas) / len(sigmas),
-                    sigmas=[round(s, 5) for s in sigmas],
-                    grad_norm=grad_norm,
+                    sigma=sum(outcome.sigmas) / len(outcome.sigmas),
+                    sigmas=[round(s, 5) for s in outcome.sigmas],
+                    grad_norm=outcome.grad_norm,
+                    sizes=outcome.sizes,
                 )
                 last = step == config.max_train_steps
                 if self._stop_requested():
@@ -238,10 +262,12 @@ class Trainer:
         items = scan_dataset(config.data_dir, ctx.warn, config.caption_strategy)
         prompts = validation_prompts(config)
         extra = prompts + [config.validation_negative_prompt or ""] if prompts else []
-        with ctx.accelerator.main_process_first():
-            prepared = prepare_caches(ctx.host, config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn)
-        prepared.entries = prepared.entries * (1 + config.dataset_repeats)
         global_batch = config.train_batch_size * ctx.accelerator.num_processes
+        with ctx.accelerator.main_process_first():
+            prepared = prepare_caches(
+                ctx.host, config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch
+            )
+        prepared.entries = prepared.entries * (1 + config.dataset_repeats)
         if len(prepared.entries) < global_batch:
             raise DataError(
                 f"data_dir {config.data_dir} has {len(prepared.entries)} usable image(s), fewer than one "
@@ -284,14 +310,15 @@ class Trainer:
         self.checkpoints.remember_start(self.state)
         return self.state
 
-    def announce(self, state: TrainState, images: int, resumed_from: Path | None) -> None:
-        ctx, processes = self.ctx, self.ctx.accelerator.num_processes
+    def announce(self, state: TrainState, prepared: PreparedData, resumed_from: Path | None) -> None:
+        ctx, processes, images = self.ctx, self.ctx.accelerator.num_processes, len(prepared.entries)
         effective_batch = self.config.train_batch_size * self.config.gradient_accumulation_steps * processes
         trainable = sum(p.numel() for p in state.params)
         ctx.log(
             f"training {images} images, {len(state.targets)} LoRA modules, {trainable:,} trainable parameters, "
             f"effective batch {effective_batch}" + (f" ({processes} processes)" if processes > 1 else "")
         )
+        ctx.log(prepared.plan.table())
         ctx.emit(
             events.RunStart,
             state.position.step,
@@ -345,8 +372,8 @@ class Trainer:
 
     def batches(self, dataset: CachedDataset, position: Position):
         ctx = self.ctx
-        sampler = ShardedBatches(
-            len(dataset),
+        sampler = BucketBatches(
+            dataset.buckets(),
             self.config.train_batch_size,
             ctx.accelerator.num_processes,
             ctx.accelerator.process_index,
@@ -358,14 +385,15 @@ class Trainer:
         )
         return iter(loader)
 
-    def optimizer_step(self, state: TrainState, batches) -> tuple[float, list[float], float] | None:
-        """``gradient_accumulation_steps`` micro-batches, then one optimizer step: (loss, sigmas,
-        grad norm), or None when anything was non-finite (the gradients are then dropped)."""
+    def optimizer_step(self, state: TrainState, batches) -> StepOutcome | None:
+        """``gradient_accumulation_steps`` micro-batches, then one optimizer step; None when
+        anything was non-finite (the gradients are then dropped)."""
         config, accelerator = self.config, self.ctx.accelerator
         accumulation = config.gradient_accumulation_steps
-        losses, sigmas = [], []
+        losses, sigmas, sizes = [], [], []
         for index in range(accumulation):
             batch = next(batches)
+            sizes.append(list(batch["size"]))
             syncing = index == accumulation - 1
             with nullcontext() if syncing else accelerator.no_sync(state.wrapped):
                 loss, drawn = self.training_loss(state, batch, state.position.micro_step)
@@ -383,7 +411,7 @@ class Trainer:
             return None
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
-        return float(step_loss), sigmas, float(grad_norm)
+        return StepOutcome(float(step_loss), sigmas, float(grad_norm), sizes)
 
     def training_loss(
         self, state: TrainState, batch: dict[str, Any], micro_step: int

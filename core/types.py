@@ -37,6 +37,9 @@ class FamilyInfo:
     lora_alpha_in: str = "tensors"
     # the config key `tuner sample --guidance` sets (the scale validation samples with)
     guidance_key: str = "validation_guidance"
+    # image sides must be multiples of this (the VAE's downscale times the denoiser's patch size:
+    # 8 x 2 for the Flux lineage and SD3); aspect_bucket_alignment must be a multiple of it
+    latent_alignment: int = 16
     # the module holding the family's heavy hooks (torch, diffusers), registered as part of the
     # family when it is selected for a run and first asked for something; the entry-point module
     # stays a cheap manifest (this record, config keys, check_config)

@@ -15,12 +15,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def build_dataset(folder: Path) -> None:
-    """12 images: every shape in every colour, alternating backgrounds, with captions."""
+    """12 square images (every shape in every colour, alternating backgrounds), 4 at 2:1 and 4 at
+    1:2, with captions: three aspect-ratio buckets."""
     from tuner.testing import shapes_dataset
 
     if folder.exists():
         shutil.rmtree(folder)
-    shapes_dataset(folder)
+    shapes_dataset(folder, wide_and_tall=4)
 
 
 def main() -> None:

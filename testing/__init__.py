@@ -27,28 +27,50 @@ def make_host(*plugins: Any, family: str | None = None, installed: bool = False)
     return PluginHost(family, extra_plugins=pairs, entry_points=installed)
 
 
-def draw_shape(shape: str, colour: tuple[int, int, int], background: tuple[int, int, int], size: int = 128):
+def draw_shape(
+    shape: str,
+    colour: tuple[int, int, int],
+    background: tuple[int, int, int],
+    size: int = 128,
+    width: int | None = None,
+):
+    """A ``width x size`` image (square unless ``width``) with the shape in its middle."""
     from PIL import Image, ImageDraw
 
-    image = Image.new("RGB", (size, size), background)
+    width = width or size
+    image = Image.new("RGB", (width, size), background)
     pen = ImageDraw.Draw(image)
+    left = (width - size) / 2
     lo, hi = size * 0.22, size * 0.78
     if shape == "circle":
-        pen.ellipse((lo, lo, hi, hi), fill=colour)
+        pen.ellipse((left + lo, lo, left + hi, hi), fill=colour)
     elif shape == "square":
-        pen.rectangle((lo, lo, hi, hi), fill=colour)
+        pen.rectangle((left + lo, lo, left + hi, hi), fill=colour)
     else:
-        pen.polygon(((size / 2, lo), (hi, hi), (lo, hi)), fill=colour)
+        pen.polygon(((left + size / 2, lo), (left + hi, hi), (left + lo, hi)), fill=colour)
     return image
 
 
-def shapes_dataset(folder: str | Path, size: int = 128) -> Path:
-    """12 images (every shape in every colour, alternating backgrounds) with .txt captions."""
+def shapes_dataset(folder: str | Path, size: int = 128, wide_and_tall: int = 0) -> Path:
+    """12 square images (every shape in every colour, alternating backgrounds) with .txt captions,
+    plus ``wide_and_tall`` images at 2:1 and as many at 1:2 (for aspect-ratio buckets)."""
+    from PIL import Image
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for index, (shape, colour) in enumerate(itertools.product(SHAPES, COLOURS)):
+    combos = list(itertools.product(SHAPES, COLOURS))
+    for index, (shape, colour) in enumerate(combos):
         background = "white" if index % 2 == 0 else "black"
         name = f"{index:02d}_{colour}_{shape}"
         draw_shape(shape, COLOURS[colour], BACKGROUNDS[background], size).save(folder / f"{name}.png", optimize=True)
         (folder / f"{name}.txt").write_text(f"a {colour} {shape} on a {background} background\n")
+    for index in range(wide_and_tall):
+        shape, colour = combos[(5 * index + 1) % len(combos)]
+        for kind, (width, height) in (("wide", (2 * size, size)), ("tall", (size, 2 * size))):
+            name = f"{kind}_{index:02d}_{colour}_{shape}"
+            image = draw_shape(shape, COLOURS[colour], BACKGROUNDS["white"], min(width, height), max(width, height))
+            if kind == "tall":
+                image = image.transpose(Image.Transpose.ROTATE_90)
+            image.save(folder / f"{name}.png", optimize=True)
+            (folder / f"{name}.txt").write_text(f"a {colour} {shape}, {kind} picture\n")
     return folder

@@ -49,6 +49,14 @@ def shapes_dir(tmp_path_factory) -> Path:
     return shapes_dataset(tmp_path_factory.mktemp("data") / "shapes")
 
 
+@pytest.fixture(scope="session")
+def mixed_dir(tmp_path_factory) -> Path:
+    """The 12 squares plus 4 images at 2:1 and 4 at 1:2: three aspect-ratio buckets."""
+    from tuner.testing import shapes_dataset
+
+    return shapes_dataset(tmp_path_factory.mktemp("data") / "mixed", size=64, wide_and_tall=4)
+
+
 @pytest.fixture
 def one_image_dir(tmp_path, shapes_dir) -> Path:
     """A dataset of a single captioned image: an overfit batch."""

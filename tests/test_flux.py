@@ -195,7 +195,7 @@ def test_flux_lora_reloads_in_diffusers_and_reproduces_the_trained_output(tiny_f
     assert (result.validation_dirs[-1] / "00.png").is_file()  # dev guidance + real CFG validation ran
 
     prepared = trainer.prepare_data()
-    entry = prepared.text.load(prepared.entries[0][1])
+    entry = prepared.text.load(prepared.entries[0].text)
     text = {k: v.unsqueeze(0) for k, v in entry.items()}
 
     def predict(transformer):

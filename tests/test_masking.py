@@ -197,7 +197,7 @@ def test_text_cache_without_masks_is_refused(host, config, tmp_path):
     items = scan_dataset(config.data_dir, lambda m: None)[:1]
     prepared = prepare_caches(host, config, items, [], "cpu", torch.float32, lambda m: None)
     # an entry written by a tool that did not store masks
-    key = prepared.entries[0][1]
+    key = prepared.entries[0].text
     prepared.text.save(key, {"prompt_embeds": prepared.text.load(key)["prompt_embeds"]})
     with pytest.raises(DataError, match=r"has no attention_mask .*delete .* to rebuild the text cache"):
         prepare_caches(host, config, items, [], "cpu", torch.float32, lambda m: None)

@@ -94,7 +94,7 @@ def test_filename_captions():
         ({"--optimizer": "prodigy"}, None, "optimizer: tuner trains with AdamW, not 'prodigy'"),
         ({"--lora_type": "lycoris"}, None, "lora_type: tuner trains standard"),
         ({"--caption_dropout_probability": 0.1}, None, "caption dropout is not implemented"),
-        ({}, {"crop_style": "random"}, "tuner trains center-cropped squares"),
+        ({}, {"crop_style": "face"}, "crop_style 'face'; tuner crops center or random"),
         ({}, {"caption_strategy": "parquet"}, "caption_strategy 'parquet'; tuner supports textfile and filename"),
         ({}, {"type": "aws"}, "type 'aws'; tuner reads local folders only"),
     ],
@@ -127,3 +127,21 @@ def test_tuner_run_takes_the_simpletuner_config_and_convert_config_writes_the_eq
     settings = yaml.safe_load(converted.read_text())
     assert settings["caption_strategy"] == "filename" and settings["data_dir"] == str(shapes_dir)
     build_config(PluginHost("chroma"), read_config_file(converted), str(converted), warn=lambda m: None)
+
+
+def test_a_backends_bucket_settings_map_to_tuner_keys(tmp_path, tiny_chroma, shapes_dir):
+    backend = {
+        "resolution_type": "area",  # SimpleTuner's area sizes are megapixels
+        "resolution": 0.25,
+        "minimum_image_size": 0.0625,
+        "crop_aspect": "preserve",
+        "crop_style": "random",
+    }
+    path = write_simpletuner(tmp_path, tiny_chroma, shapes_dir, backend)
+    settings, _ = simpletuner.load(path, PluginHost("chroma"))
+    assert settings["resolution_type"] == "area" and settings["resolution"] == 496  # a 500 px square, to 16
+    assert settings["minimum_image_size"] == 256 and settings["crop_style"] == "random"
+    assert "aspect_bucket_max_ratio" not in settings  # buckets at each image's aspect
+    (tmp_path / "sq").mkdir()
+    square, _ = simpletuner.load(write_simpletuner(tmp_path / "sq", tiny_chroma, shapes_dir), PluginHost("chroma"))
+    assert square["aspect_bucket_max_ratio"] == 1.0 and square["resolution_type"] == "pixel"

@@ -100,7 +100,7 @@ def test_saved_lora_reloads_in_diffusers_and_reproduces_the_trained_output(tiny_
     assert result.lora_files[-1] == lora_file
 
     prepared = trainer.prepare_data()
-    entry = prepared.text.load(prepared.entries[0][1])
+    entry = prepared.text.load(prepared.entries[0].text)
     trained = predict(host, config, trainer.model.eval(), entry)
 
     pipe = ChromaPipeline.from_pretrained(tiny_chroma, torch_dtype=torch.float32)

@@ -101,7 +101,8 @@ class Estimate:
         lines = [
             f"{self.family} from {self.source}: {_count(s['transformer_parameters'])}-parameter denoiser, base "
             f"{self.precision}, {s['mixed_precision']}, LoRA rank {s['network_rank']} on {s['lora_modules']} modules "
-            f"({_count(s['lora_parameters'])} parameters), {s['resolution']} px, batch {s['train_batch_size']}, "
+            f"({_count(s['lora_parameters'])} parameters), {s['resolution']} px (largest bucket "
+            f"{s['largest_bucket']}), batch {s['train_batch_size']}, "
             f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, on {self.device_type}",
             f"  {'phase':<16}{device:>16}{'system RAM':>14}",
         ]

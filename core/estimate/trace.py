@@ -163,7 +163,8 @@ def trace_caching(host, config, files, components, dtype, mode) -> tuple[list[Ph
         handles = run_offloaded(vae, live) if offloaded else []
         if not offloaded:
             live.track(vae)
-        pixels = torch.zeros(VAE_BATCH, 3, config.resolution, config.resolution, dtype=dtype)
+        bucket = largest_bucket(config)  # a bucketed run peaks at its largest bucket
+        pixels = torch.zeros(VAE_BATCH, 3, bucket.height, bucket.width, dtype=dtype)
         live.track(pixels)
         latent_shape = tuple(host.provide("encode_images", vae=vae, pixels=pixels, config=config).shape[1:])
     _remove(handles)
@@ -232,13 +233,14 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
     # validation: the model in eval mode beside the VAE, one denoiser pass, then the decode
     if validation_prompts(config):
         val_size = config.validation_resolution or size
-        *lead, h, w = latent_shape
+        *lead, h, _ = latent_shape
+        side = val_size // (largest_bucket(config).height // h)  # in latent pixels
         with mode, LiveBytes() as live, torch.no_grad():
             live.track(transformer, optimizer.state, vae)
             resident = live.current
             transformer.eval()
             text = host.provide("example_text", config=config, transformer=transformer, batch_size=1, dtype=dtype)
-            latents = torch.zeros(1, *lead, h * val_size // size, w * val_size // size, dtype=dtype)
+            latents = torch.zeros(1, *lead, side, side, dtype=dtype)
             live.track(text, latents)
             with autocast("cpu", dtype):
                 host.provide(
@@ -260,6 +262,7 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
         "lora_parameters": sum(p.numel() for p in params),
         "transformer_parameters": sum(p.numel() for p in transformer.parameters() if not p.requires_grad),
         "resolution": size,
+        "largest_bucket": str(largest_bucket(config)),
         "train_batch_size": config.train_batch_size,
         "gradient_checkpointing": bool(config.gradient_checkpointing),
         "offload_during_startup": bool(config.offload_during_startup),
@@ -310,6 +313,16 @@ def assemble(family, source, device_type, settings, trace: Trace, base: BaseWeig
     notes = [base.note] if base.note else []
     notes.append("the caching phases run only for images and captions not cached yet")
     return Estimate(family, source, device_type, base.precision, settings, phases, notes)
+
+
+def largest_bucket(config: Config) -> Any:
+    """The bucket with the most pixels: where a run's activations peak."""
+    from tuner.core.buckets import bucket_sizes
+
+    buckets = bucket_sizes(
+        config.resolution, config.resolution_type, config.aspect_bucket_alignment, config.aspect_bucket_max_ratio
+    )
+    return max(buckets, key=lambda b: (b.width * b.height, -abs(b.width - b.height)))
 
 
 def _largest_layer(module: torch.nn.Module) -> int:

@@ -1,0 +1,224 @@
+"""Aspect-ratio buckets: sizes, assignment of known shapes, merging, crops, batches from one bucket,
+exact resume and one cache entry per image and bucket."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tuner.core import hookimpl
+from tuner.core.buckets import Bucket, bucket_sizes, crop_box, nearest, plan
+from tuner.core.errors import ConfigError
+from tuner.core.events import StepEnd
+from tuner.core.train import BucketBatches
+
+from .conftest import base_settings, make_config, make_host, train
+
+
+def test_area_buckets_keep_the_area_and_the_alignment():
+    buckets = bucket_sizes(1024, "area", 64, 3.0)
+    assert Bucket(1024, 1024) in buckets
+    for b in buckets:
+        assert b.width % 64 == 0 and b.height % 64 == 0
+        assert 0.8 <= b.width * b.height / 1024**2 <= 1.25
+        assert 1 / 3 <= b.aspect <= 3
+        assert Bucket(b.height, b.width) in buckets  # every landscape bucket has its portrait twin
+    assert min(b.aspect for b in buckets) == pytest.approx(1 / 3)
+    assert [b.aspect for b in buckets] == sorted(b.aspect for b in buckets)
+
+
+def test_pixel_buckets_keep_the_shorter_side():
+    buckets = bucket_sizes(512, "pixel", 64, 2.0)
+    assert all(min(b.width, b.height) == 512 for b in buckets)
+    assert max(b.aspect for b in buckets) == 2.0 and len(buckets) == 17
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((3024, 4032), Bucket(896, 1152)),  # a phone portrait, 3:4
+        ((1920, 1080), Bucket(1344, 768)),  # a 16:9 landscape
+        ((800, 800), Bucket(1024, 1024)),  # square, upscaled
+        ((10000, 1000), Bucket(1728, 576)),  # a 10:1 panorama: the widest bucket, cropped there
+        ((1000, 10000), Bucket(576, 1728)),
+    ],
+)
+def test_known_shapes_go_to_the_bucket_of_the_closest_aspect(size, expected):
+    buckets = bucket_sizes(1024, "area", 64, 3.0)
+    assert nearest(*size, buckets) == expected
+    width, height = size
+    best = min(abs(math.log(b.aspect) - math.log(width / height)) for b in buckets)
+    assert abs(math.log(expected.aspect) - math.log(width / height)) == best
+
+
+def test_an_image_is_covered_and_cropped_never_stretched():
+    for width, height in [(3024, 4032), (1920, 1080), (10000, 1000), (333, 777)]:
+        bucket = nearest(width, height, bucket_sizes(1024, "area", 64, 3.0))
+        scaled_w, scaled_h, left, top = crop_box(width, height, bucket, "center")
+        assert scaled_w >= bucket.width and scaled_h >= bucket.height  # covers
+        assert scaled_w / scaled_h == pytest.approx(width / height, rel=0.01)  # same aspect: no stretch
+        assert left == (scaled_w - bucket.width) // 2 and top == (scaled_h - bucket.height) // 2
+        assert min(scaled_w - bucket.width, scaled_h - bucket.height) <= 1  # cropped along one axis only
+    *_, left, top = crop_box(2000, 1000, Bucket(1024, 1024), "random", offset=0.0)
+    assert (left, top) == (0, 0)
+
+
+def test_buckets_too_small_for_a_batch_merge_into_the_nearest():
+    buckets = bucket_sizes(1024, "area", 64, 3.0)
+    sizes = [(1000, 1000)] * 5 + [(1600, 1000)] * 3 + [(1700, 1000)] + [(1000, 1900)]
+    result = plan(sizes, buckets, global_batch=2)
+    counts = result.counts()
+    assert all(n >= 2 for n in counts.values()) and sum(counts.values()) == len(sizes)  # none dropped
+    assert result.buckets[8] == result.buckets[5]  # 1.7:1 joined the 1.6:1 images
+    assert counts[Bucket(1024, 1024)] == 6  # the lone portrait went to the nearest: square
+    table = result.table()
+    assert "2 bucket(s) for 10 image(s):" in table and "with the images of" in table
+    assert plan(sizes, buckets, global_batch=1).counts() == {
+        Bucket(1024, 1024): 5,
+        Bucket(1280, 832): 3,
+        Bucket(1344, 768): 1,
+        Bucket(768, 1408): 1,  # 1000x1900 is 0.526; 768x1408 is 0.545, 768x1344 0.571
+    }
+
+
+def test_every_global_batch_comes_from_one_bucket_and_every_image_every_epoch():
+    buckets = [Bucket(64, 64)] * 7 + [Bucket(96, 48)] * 5 + [Bucket(48, 96)] * 3
+    sampler = BucketBatches(buckets, local_batch=2, processes=1, rank=0, seed=3, start=0)
+    assert sampler.per_epoch == 4 + 3 + 2
+    for epoch in range(3):
+        seen = []
+        for k in range(epoch * sampler.per_epoch, (epoch + 1) * sampler.per_epoch):
+            batch = sampler.indices(k)
+            assert len(batch) == 2 and len({buckets[i] for i in batch}) == 1
+            seen += batch
+        assert set(seen) == set(range(len(buckets)))
+    # a sampler that starts at k yields what an uninterrupted one yields from k on
+    later = BucketBatches(buckets, 2, 1, 0, seed=3, start=13)
+    assert [next(iter(later)) for _ in range(1)] == [sampler.indices(13)]
+    it = iter(BucketBatches(buckets, 2, 1, 0, seed=3, start=0))
+    assert [next(it) for _ in range(20)] == [sampler.indices(k) for k in range(20)]
+    # N processes: the ranks' slices make up the one process's global batch
+    one = BucketBatches(buckets, 4, 1, 0, seed=3, start=0)
+    two = [BucketBatches(buckets, 2, 2, rank, seed=3, start=0) for rank in (0, 1)]
+    for k in range(10):
+        assert two[0].indices(k) + two[1].indices(k) == one.indices(k)
+
+
+def mixed_settings(tiny_chroma, mixed_dir, tmp_path, **extra):
+    settings = base_settings(tiny_chroma, mixed_dir, tmp_path)
+    settings.update(aspect_bucket_alignment=16, train_batch_size=2, max_train_steps=10, checkpointing_steps=4)
+    settings.update(extra)
+    return settings
+
+
+class Sizes:
+    def __init__(self):
+        self.sizes = []
+
+    @hookimpl
+    def training_event(self, event):
+        if isinstance(event, StepEnd):
+            self.sizes += event.sizes
+
+
+class Encodes:
+    """Counts images encoded (cache misses), through a wrapper on encode_images."""
+
+    def __init__(self):
+        self.images = 0
+
+    @hookimpl(wrapper=True)
+    def encode_images(self, pixels):
+        self.images += pixels.shape[0]
+        return (yield)
+
+
+def test_mixed_shapes_train_in_their_buckets_and_resume_exactly(tiny_chroma, mixed_dir, tmp_path, capsys):
+    sizes, encodes = Sizes(), Encodes()
+    straight, _, _ = train(mixed_settings(tiny_chroma, mixed_dir, tmp_path / "a"), ("sizes", sizes), ("n", encodes))
+    assert encodes.images == 20  # every image once, at its bucket's size
+    assert {tuple(s) for s in sizes.sizes} == {(64, 64), (48, 96), (96, 48)}  # [height, width]
+    out = capsys.readouterr().out
+    assert "3 bucket(s) for 20 image(s):" in out and "96x48       4 image(s)" in out
+    rows = [json.loads(line) for line in (tmp_path / "a" / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["sizes"] for r in rows] == [[s] for s in sizes.sizes]
+
+    # stop after step 5 (checkpoint-4), resume: bit-identical losses from step 5 on
+    settings = mixed_settings(tiny_chroma, mixed_dir, tmp_path / "b", max_train_steps=5)
+    train(settings)
+    resumed, _, _ = train({**settings, "max_train_steps": 10, "resume_from_checkpoint": "latest"})
+    assert resumed.resumed_from.name == "checkpoint-5"
+    assert resumed.losses == straight.losses[5:]
+
+
+def test_bucket_settings_re_encode_only_what_changed(tiny_chroma, mixed_dir, tmp_path):
+    settings = mixed_settings(tiny_chroma, mixed_dir, tmp_path, max_train_steps=1, checkpointing_steps=0)
+    first = Encodes()
+    train(settings, ("n", first))
+    again = Encodes()  # other steps and learning rate: every latent is reused
+    train({**settings, "max_train_steps": 2, "learning_rate": 5e-4}, ("n", again))
+    square = Encodes()  # square buckets only: the 8 non-square images get new latents
+    train({**settings, "aspect_bucket_max_ratio": 1.0}, ("n", square))
+    assert (first.images, again.images, square.images) == (20, 0, 8)
+
+
+def test_small_images_are_skipped_with_a_count_and_bad_alignment_is_refused(tiny_chroma, mixed_dir, tmp_path):
+    warnings: list[str] = []
+    result, _, _ = train(
+        mixed_settings(tiny_chroma, mixed_dir, tmp_path, max_train_steps=1, minimum_image_size=70), warnings=warnings
+    )
+    (line,) = [w for w in warnings if "minimum_image_size" in w]
+    assert line.startswith("skipped 12 image(s) whose sqrt(width x height) is below minimum_image_size 70: ")
+    host = make_host()
+    with pytest.raises(
+        ConfigError, match=r"aspect_bucket_alignment: 24 is not a multiple of chroma's latent alignment 16"
+    ):
+        make_config(host, {"aspect_bucket_alignment": 24})
+
+
+def test_exif_rotated_images_train_upright(tmp_path):
+    from PIL import Image
+
+    from tuner.core.data import image_size, load_image
+
+    upright = Image.new("RGB", (40, 80), (0, 0, 0))
+    upright.paste((255, 0, 0), (0, 0, 40, 20))  # red at the top
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # stored sideways, 80x40 ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... with the tag that says: rotate 90 degrees clockwise to show
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    assert image_size(tmp_path / "phone.jpg") == (40, 80)
+    pixels = load_image(tmp_path / "phone.jpg", Bucket(32, 64))
+    assert pixels.shape == (3, 64, 32)
+    assert pixels[0, :8].mean() > 0.8 and pixels[0, -8:].mean() < -0.8  # red on top
+
+
+def test_tuner_buckets_prints_the_table_without_training(tiny_chroma, mixed_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps(mixed_settings(tiny_chroma, mixed_dir, tmp_path)))
+    result = CliRunner().invoke(app, ["buckets", "--plugin", "chroma", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "3 bucket(s) for 20 image(s):" in result.output
+    assert "48x96       4 image(s)" in result.output and "64x64      12 image(s)" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_buckets_fill_batches_from_one_shape(tiny_chroma, mixed_dir, tmp_path):
+    seen = []
+
+    class Shapes:
+        @hookimpl(wrapper=True)
+        def predict_flow(self, noisy_latents):
+            seen.append(tuple(noisy_latents.shape))
+            return (yield)
+
+    train(mixed_settings(tiny_chroma, mixed_dir, tmp_path, max_train_steps=6, checkpointing_steps=0), ("s", Shapes()))
+    assert all(shape[0] == 2 for shape in seen) and len({shape[2:] for shape in seen}) >= 2
+    assert torch.Size(seen[0]).numel() > 0
