@@ -53,6 +53,14 @@ CORE_KEYS = (
     ConfigKey(
         "dataset_repeats", "int", 0, "Extra passes over each image per epoch (SimpleTuner's repeats).", minimum=0
     ),
+    ConfigKey(
+        "caption_dropout_probability",
+        "float",
+        0.0,
+        "Train this share of samples with the empty caption (drawn per sample from the seed and the step), "
+        "so the LoRA also works without its trigger words and with classifier-free guidance.",
+        minimum=0,
+    ),
     ConfigKey("cache_dir", "path", None, "Latent and text caches (default: $XDG_CACHE_HOME/tuner).", recipe=True),
     ConfigKey(
         "resolution",
@@ -247,6 +255,10 @@ TEXT_ENCODER_PRECISIONS = ("text_encoder_1_precision", "text_encoder_2_precision
 @hookimpl
 def check_config(config, warn):
     config.set_default("lora_alpha", float(config.network_rank))
+    if config.caption_dropout_probability >= 1:
+        raise config.error(
+            "caption_dropout_probability", f"{config.caption_dropout_probability} is not below 1; use 0 to 0.5"
+        )
     if config.aspect_bucket_alignment > config.resolution:
         raise config.error(
             "aspect_bucket_alignment",

@@ -58,7 +58,6 @@ UNSUPPORTED = {
         lambda v: v not in ("constant", "cosine", "constant_with_warmup"),
         "tuner offers constant and cosine schedules, not {value!r}",
     ),
-    "caption_dropout_probability": (lambda v: bool(v), "caption dropout is not implemented in tuner (got {value!r})"),
     "use_ema": (lambda v: bool(v), "tuner keeps no EMA of the LoRA"),
     "snr_gamma": (lambda v: v is not None, "tuner does not weight the loss by SNR (got {value!r})"),
 }

@@ -26,7 +26,7 @@ import torch
 
 from tuner.core import events
 from tuner.core.builtin import validation_prompts
-from tuner.core.cache import CachedDataset, PreparedData, collate, prepare_caches
+from tuner.core.cache import CachedDataset, PreparedData, collate, prepare_caches, text_key
 from tuner.core.config import NO_QUANTIZATION, Config
 from tuner.core.data import scan_dataset
 from tuner.core.errors import DataError, Interrupted, first_line, warn_user
@@ -138,6 +138,7 @@ class Trainer:
         self.ctx = RunContext(host, config, accelerator, weight_dtype(config), warn)
         self.checkpoints = Checkpoints(self.ctx)
         self.state: TrainState | None = None
+        self.empty_caption: dict[str, torch.Tensor] = {}  # the cached "" encoding (caption dropout)
         self._stop = False
 
     @property
@@ -262,12 +263,16 @@ class Trainer:
         items = scan_dataset(config.data_dir, ctx.warn, config.caption_strategy)
         prompts = validation_prompts(config)
         extra = prompts + [config.validation_negative_prompt or ""] if prompts else []
+        if config.caption_dropout_probability > 0:
+            extra.append("")  # what a dropped caption trains with
         global_batch = config.train_batch_size * ctx.accelerator.num_processes
         with ctx.accelerator.main_process_first():
             prepared = prepare_caches(
                 ctx.host, config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch
             )
         prepared.entries = prepared.entries * (1 + config.dataset_repeats)
+        if config.caption_dropout_probability > 0:
+            self.empty_caption = prepared.text.load(text_key(""))
         if len(prepared.entries) < global_batch:
             raise DataError(
                 f"data_dir {config.data_dir} has {len(prepared.entries)} usable image(s), fewer than one "
@@ -430,14 +435,26 @@ class Trainer:
         noise = torch.randn(global_shape, generator=shared)
         mine = slice(rank * local, (rank + 1) * local)
         sigmas, noise = sigmas[mine], noise[mine].to(device)
+        text = batch["text"]
+        if config.caption_dropout_probability > 0:  # drawn for the global batch, like the noise
+            dropped = (torch.rand(global_shape[0], generator=shared) < config.caption_dropout_probability)[mine]
+            text = {
+                name: torch.where(_rows(dropped, value), self.empty_caption[name], value)
+                for name, value in text.items()
+            }
         own = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x10CA1, rank))
         torch.manual_seed(step_seed(config.seed, micro_step, rollbacks, 0xD409, rank))  # LoRA dropout
-        text = {k: v.to(device) for k, v in batch["text"].items()}
+        text = {k: v.to(device) for k, v in text.items()}
         loss = flow_matching_loss(
             ctx.host, config, state.wrapped, latents, noise, sigmas.to(device), text, own, ctx.weight_dtype,
             accelerator.autocast(),
         )  # fmt: skip
         return loss, sigmas
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample boolean mask shaped to broadcast over ``like``'s trailing dimensions."""
+    return mask.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 def _main_thread() -> bool:

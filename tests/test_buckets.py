@@ -136,9 +136,12 @@ class Encodes:
         return (yield)
 
 
-def test_mixed_shapes_train_in_their_buckets_and_resume_exactly(tiny_chroma, mixed_dir, tmp_path, capsys):
+def test_mixed_shapes_train_in_their_buckets_and_resume_exactly_with_caption_dropout(tiny_chroma, mixed_dir, tmp_path, capsys):
     sizes, encodes = Sizes(), Encodes()
-    straight, _, _ = train(mixed_settings(tiny_chroma, mixed_dir, tmp_path / "a"), ("sizes", sizes), ("n", encodes))
+    dropout = {"caption_dropout_probability": 0.25}  # exact on resume too
+    straight, _, _ = train(
+        mixed_settings(tiny_chroma, mixed_dir, tmp_path / "a", **dropout), ("sizes", sizes), ("n", encodes)
+    )
     assert encodes.images == 20  # every image once, at its bucket's size
     assert {tuple(s) for s in sizes.sizes} == {(64, 64), (48, 96), (96, 48)}  # [height, width]
     out = capsys.readouterr().out
@@ -147,7 +150,7 @@ def test_mixed_shapes_train_in_their_buckets_and_resume_exactly(tiny_chroma, mix
     assert [r["sizes"] for r in rows] == [[s] for s in sizes.sizes]
 
     # stop after step 5 (checkpoint-4), resume: bit-identical losses from step 5 on
-    settings = mixed_settings(tiny_chroma, mixed_dir, tmp_path / "b", max_train_steps=5)
+    settings = mixed_settings(tiny_chroma, mixed_dir, tmp_path / "b", max_train_steps=5, **dropout)
     train(settings)
     resumed, _, _ = train({**settings, "max_train_steps": 10, "resume_from_checkpoint": "latest"})
     assert resumed.resumed_from.name == "checkpoint-5"
@@ -222,3 +225,45 @@ def test_buckets_fill_batches_from_one_shape(tiny_chroma, mixed_dir, tmp_path):
     train(mixed_settings(tiny_chroma, mixed_dir, tmp_path, max_train_steps=6, checkpointing_steps=0), ("s", Shapes()))
     assert all(shape[0] == 2 for shape in seen) and len({shape[2:] for shape in seen}) >= 2
     assert torch.Size(seen[0]).numel() > 0
+
+
+class Captions:
+    """Records, per sample, whether predict_flow saw the empty caption's embedding."""
+
+    def __init__(self):
+        self.empty, self.dropped = None, []
+
+    @hookimpl(wrapper=True)
+    def predict_flow(self, text):
+        rows = text["prompt_embeds"]
+        self.dropped += [bool(torch.equal(row, self.empty)) for row in rows]
+        return (yield)
+
+
+def test_caption_dropout_trains_the_empty_caption_at_the_rate_asked_and_reproducibly(tiny_chroma, mixed_dir, tmp_path):
+    from tuner.core.cache import TensorCache, _fingerprint, text_key
+
+    settings = mixed_settings(
+        tiny_chroma,
+        mixed_dir,
+        tmp_path / "a",
+        caption_dropout_probability=0.3,
+        max_train_steps=40,
+        checkpointing_steps=0,
+    )
+    runs = []
+    for name in ("a", "b"):
+        spy = Captions()
+        host = make_host(("captions", spy))
+        config = make_config(host, {**settings, "output_dir": str(tmp_path / name / "out")})
+        from tuner.core.train import Trainer
+
+        trainer = Trainer(host, config, warn=lambda m: None)
+        trainer.prepare_data()
+        text = TensorCache(tmp_path / "a" / "cache", "text", _fingerprint(host, config, "text", "text_encoder"))
+        spy.empty = text.load(text_key(""))["prompt_embeds"]
+        trainer.train()
+        runs.append(spy.dropped)
+    assert runs[0] == runs[1]  # the same samples dropped in both runs
+    rate = sum(runs[0]) / len(runs[0])
+    assert len(runs[0]) == 80 and 0.18 < rate < 0.42, rate  # 80 samples at p = 0.3

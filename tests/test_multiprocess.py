@@ -55,6 +55,7 @@ def run(tiny_chroma, data_dir, tmp_path, name, processes, batch):
         "cache_dir": tmp_path / "cache",
         "resolution": 64,
         "aspect_bucket_alignment": 16,
+        "caption_dropout_probability": 0.3,  # drawn for the global batch: the same samples either way
         "train_batch_size": batch,
         "max_train_steps": 5,
         "gradient_accumulation_steps": 2,

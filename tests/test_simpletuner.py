@@ -93,7 +93,6 @@ def test_filename_captions():
     [
         ({"--optimizer": "prodigy"}, None, "optimizer: tuner trains with AdamW, not 'prodigy'"),
         ({"--lora_type": "lycoris"}, None, "lora_type: tuner trains standard"),
-        ({"--caption_dropout_probability": 0.1}, None, "caption dropout is not implemented"),
         ({}, {"crop_style": "face"}, "crop_style 'face'; tuner crops center or random"),
         ({}, {"caption_strategy": "parquet"}, "caption_strategy 'parquet'; tuner supports textfile and filename"),
         ({}, {"type": "aws"}, "type 'aws'; tuner reads local folders only"),
