@@ -170,6 +170,18 @@ CORE_KEYS = (
     ConfigKey("flow_sigmoid_scale", "float", 1.0, "Scale of the logit-normal sigma density.", minimum=0),
     ConfigKey("flow_schedule_shift", "float", None, "Static sigma shift s (s > 1: more noise).", minimum=0),
     ConfigKey("flow_schedule_auto_shift", "bool", False, "Resolution-dependent sigma shift."),
+    # held-out evaluation
+    ConfigKey(
+        "eval_steps",
+        "int",
+        0,
+        "Every N steps (and at the end) compute the flow-matching loss on held-out images at fixed noise "
+        "levels and fixed noise (0: off).",
+        minimum=0,
+    ),
+    ConfigKey("eval_data_dir", "path", None, "Held-out images with captions for eval_steps."),
+    ConfigKey("eval_split", "int", 0, "Or: hold out this many training images (chosen with a fixed seed).", minimum=0),
+    ConfigKey("eval_sigma_levels", "int", 8, "Evenly spaced noise levels the eval loss is computed at.", minimum=1),
     # validation
     ConfigKey("validation_prompt", "str", None, "One validation prompt."),
     ConfigKey("validation_prompts", "str_list", None, "Several validation prompts."),
@@ -255,6 +267,10 @@ TEXT_ENCODER_PRECISIONS = ("text_encoder_1_precision", "text_encoder_2_precision
 @hookimpl
 def check_config(config, warn):
     config.set_default("lora_alpha", float(config.network_rank))
+    if config.eval_steps and not (config.eval_data_dir or config.eval_split):
+        raise config.error("eval_steps", "needs held-out images: set eval_data_dir or eval_split")
+    if config.eval_data_dir and config.eval_split:
+        raise config.error("eval_split", "set either eval_data_dir or eval_split, not both")
     if config.caption_dropout_probability >= 1:
         raise config.error(
             "caption_dropout_probability", f"{config.caption_dropout_probability} is not below 1; use 0 to 0.5"
@@ -340,7 +356,7 @@ class JsonlLog:
             self.file = path.open("w", encoding="utf-8")
             self.file.writelines(line + "\n" for line in kept)
             self.started = time.monotonic()
-        elif isinstance(event, (events.StepEnd, events.Skip, events.Rollback)) and self.file is not None:
+        elif isinstance(event, (events.StepEnd, events.Skip, events.Rollback, events.Evaluation)) and self.file:
             record = {
                 "step": event.step,
                 **events.payload(event),
@@ -393,6 +409,10 @@ class TensorBoardLog:
                 scalars["grad_norm"] = event.grad_norm
             self.tracker.log(scalars, step=event.step)
             self.tracker.writer.add_histogram("sigma", torch.tensor(event.sigmas), event.step)
+        elif isinstance(event, events.Evaluation):
+            self.tracker.log({"eval_loss": event.eval_loss}, step=event.step)
+            for sigma, loss in zip(event.eval_sigmas, event.eval_losses, strict=True):
+                self.tracker.log({f"eval_loss_by_sigma/{sigma:.3f}": loss}, step=event.step)
         elif isinstance(event, events.Validation):
             import numpy as np
             from PIL import Image

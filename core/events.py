@@ -84,6 +84,16 @@ class Validation(TrainEvent):
 
 
 @dataclass(kw_only=True)
+class Evaluation(TrainEvent):
+    """The held-out eval loss was computed (``eval_steps``): its mean and its value per noise level."""
+
+    name: ClassVar[str] = "evaluation"
+    eval_loss: float
+    eval_sigmas: list[float]
+    eval_losses: list[float]
+
+
+@dataclass(kw_only=True)
 class Save(TrainEvent):
     """Files were written: a checkpoint (``checkpoint`` is its folder) or the final LoRA."""
 

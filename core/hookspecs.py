@@ -279,7 +279,8 @@ def training_event(event: TrainEvent) -> None:
 
     ``event`` is one of the dataclasses of :mod:`tuner.core.events`, each with its own typed
     fields besides ``step``, ``config`` and ``log``: ``RunStart``, ``StepEnd``, ``Skip`` (a
-    non-finite step was dropped), ``Rollback``, ``Validation``, ``Save`` and ``RunEnd``. Dispatch
+    non-finite step was dropped), ``Rollback``, ``Evaluation`` (the held-out eval loss),
+    ``Validation``, ``Save`` and ``RunEnd``. Dispatch
     with ``isinstance``. Use it for loggers and trackers: the core's JSONL log and TensorBoard
     tracker are such plugins, and a wandb or other tracker is a package implementing this hook.
     """

@@ -18,6 +18,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.plugins import PluginHost
 
 
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, micro-step, rank, a purpose tag, ...): every random draw
+    of a run is seeded from where it happens, never from what ran before."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value * 1_000_003 + int(part) + 0x632BE59BD9B4E019) % (1 << 63)
+    return value
+
+
 def attach_lora(host: PluginHost, config: Config, transformer: torch.nn.Module) -> list[str]:
     """Put the run's LoRA on ``transformer`` (the family's targets, possibly wrapped by extensions),
     turn on gradient checkpointing when configured, and return the adapted modules' full names."""

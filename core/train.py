@@ -30,13 +30,14 @@ from tuner.core.cache import CachedDataset, PreparedData, collate, prepare_cache
 from tuner.core.config import NO_QUANTIZATION, Config
 from tuner.core.data import scan_dataset
 from tuner.core.errors import DataError, Interrupted, first_line, warn_user
+from tuner.core.evaluation import Evaluator, split_off
 from tuner.core.export import save_final
 from tuner.core.guard import DivergenceGuard
 from tuner.core.lora import lora_parameters
 from tuner.core.resume import Checkpoints
 from tuner.core.runtime import build_lr_scheduler, build_optimizer, has_accelerator, weight_dtype
 from tuner.core.state import Position, RunContext, TrainState
-from tuner.core.step import attach_lora, flow_matching_loss
+from tuner.core.step import attach_lora, flow_matching_loss, step_seed
 from tuner.core.validation import Validator
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,6 +54,7 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     resumed_from: Path | None = None
     rollbacks: int = 0
+    eval_losses: list[float | None] = field(default_factory=list)  # mean eval loss per evaluation (main process)
 
 
 @dataclass
@@ -61,13 +63,6 @@ class StepOutcome:
     sigmas: list[float]
     grad_norm: float
     sizes: list[list[int]]  # [height, width] in pixels of each micro-batch
-
-
-def step_seed(*parts: int) -> int:
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value * 1_000_003 + int(part) + 0x632BE59BD9B4E019) % (1 << 63)
-    return value
 
 
 class BucketBatches(torch.utils.data.Sampler):
@@ -139,6 +134,7 @@ class Trainer:
         self.checkpoints = Checkpoints(self.ctx)
         self.state: TrainState | None = None
         self.empty_caption: dict[str, torch.Tensor] = {}  # the cached "" encoding (caption dropout)
+        self.held_out: PreparedData | None = None  # cached images of the eval loss (eval_steps)
         self._stop = False
 
     @property
@@ -167,6 +163,7 @@ class Trainer:
         prepared = self.prepare_data()
         state = self.setup()
         validator = Validator(ctx, prepared)
+        evaluator = Evaluator(ctx, self.held_out) if config.eval_steps and self.held_out else None
         result = TrainResult(ctx.output_dir, 0, resumed_from=self.checkpoints.resume(state))
         dataset = CachedDataset(prepared)
         self.announce(state, prepared, result.resumed_from)
@@ -210,9 +207,13 @@ class Trainer:
                     )
                 if due(config.checkpointing_steps, step) and not last:
                     result.checkpoints.append(self.checkpoints.save(state))
+                if evaluator and due(config.eval_steps, step) and not last:
+                    result.eval_losses.append(evaluator.run(state.model, step))
                 if due(config.validation_steps, step) and not last:
                     result.validation_dirs += validator.run(state.model, step)
         result.steps = state.position.step
+        if evaluator:
+            result.eval_losses.append(evaluator.run(state.model, state.position.step))
         self.finish(state, validator, result)
         return result
 
@@ -261,6 +262,15 @@ class Trainer:
         if config.data_dir is None:
             raise config.error("data_dir", "is required: a folder of images with .txt captions")
         items = scan_dataset(config.data_dir, ctx.warn, config.caption_strategy)
+        held_out: list = []
+        if config.eval_split:
+            if config.eval_split >= len(items):
+                raise config.error(
+                    "eval_split", f"{config.eval_split} would hold out every one of the {len(items)} images"
+                )
+            items, held_out = split_off(items, config.eval_split, config.seed)
+        elif config.eval_data_dir:
+            held_out = scan_dataset(config.eval_data_dir, ctx.warn, config.caption_strategy)
         prompts = validation_prompts(config)
         extra = prompts + [config.validation_negative_prompt or ""] if prompts else []
         if config.caption_dropout_probability > 0:
@@ -270,6 +280,8 @@ class Trainer:
             prepared = prepare_caches(
                 ctx.host, config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch
             )
+            if held_out:
+                self.held_out = prepare_caches(ctx.host, config, held_out, [], ctx.device, ctx.weight_dtype, ctx.warn)
         prepared.entries = prepared.entries * (1 + config.dataset_repeats)
         if config.caption_dropout_probability > 0:
             self.empty_caption = prepared.text.load(text_key(""))
