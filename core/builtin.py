@@ -190,7 +190,13 @@ CORE_KEYS = (
     ConfigKey("validation_num_inference_steps", "int", 20, "Sampler steps per image.", minimum=1),
     ConfigKey("validation_seed", "int", None, "Seed of the first validation image (default: seed)."),
     ConfigKey(
-        "validation_resolution", "int", None, "Validation size (default: resolution).", minimum=16, multiple_of=16
+        "validation_resolution",
+        "sizes",
+        None,
+        "Validation size(s): 1024, 768x1344, or a list to see the LoRA at the shapes it trained (default: "
+        "resolution x resolution).",
+        minimum=16,
+        multiple_of=16,
     ),
     ConfigKey(
         "validation_init_image",
@@ -291,6 +297,11 @@ def check_config(config, warn):
 def validation_prompts(config) -> list[str]:
     prompts = [config.validation_prompt] if config.validation_prompt else []
     return prompts + list(config.validation_prompts or [])
+
+
+def validation_sizes(config) -> list[tuple[int, int]]:
+    """``(width, height)`` of every validation size: ``validation_resolution``, else the square."""
+    return [tuple(size) for size in (config.validation_resolution or [[config.resolution, config.resolution]])]
 
 
 @hookimpl(trylast=True)
@@ -417,8 +428,13 @@ class TensorBoardLog:
             import numpy as np
             from PIL import Image
 
-            images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in event.images])
-            self.tracker.writer.add_images("validation", images, event.step, dataformats="NHWC")
+            by_size: dict[tuple[int, ...], list] = {}  # one image tensor per validation size
+            for path in event.images:
+                image = np.asarray(Image.open(path).convert("RGB"))
+                by_size.setdefault(image.shape, []).append(image)
+            for shape, images in by_size.items():
+                tag = "validation" if len(by_size) == 1 else f"validation/{shape[1]}x{shape[0]}"
+                self.tracker.writer.add_images(tag, np.stack(images), event.step, dataformats="NHWC")
         elif isinstance(event, events.RunEnd):
             self.tracker.finish()
             self.tracker = None

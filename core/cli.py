@@ -307,16 +307,18 @@ def sample(
     if seeds is None:
         first = seed if seed is not None else cfg.seed
         seeds = [first + i for i in range(len(prompts))]
+    from tuner.core.builtin import validation_sizes
     from tuner.core.io import atomic_write
     from tuner.core.sampling import render
 
-    size = cfg.validation_resolution or cfg.resolution
-    images = render(host, cfg, prompts, seeds, lora, size, scale)
+    sizes = validation_sizes(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    for index, (image, used_seed) in enumerate(zip(images, seeds, strict=True)):
-        path = out / f"{index:02d}_seed{used_seed}.png"
-        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-        typer.echo(f"wrote {path}")
+    for (width, height), images in zip(sizes, render(host, cfg, prompts, seeds, lora, sizes, scale), strict=True):
+        suffix = f"_{width}x{height}" if len(sizes) > 1 else ""
+        for index, (image, used_seed) in enumerate(zip(images, seeds, strict=True)):
+            path = out / f"{index:02d}_seed{used_seed}{suffix}.png"
+            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+            typer.echo(f"wrote {path}")
 
 
 @app.command("convert-config")

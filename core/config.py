@@ -177,6 +177,7 @@ def _check_value(key: ConfigKey, value: Any, where: str) -> Any:
         "path": "a path",
         "str_list": "a list of strings",
         "str_or_list": "a string or a list of strings",
+        "sizes": "a size (512), WIDTHxHEIGHT (768x1344) or a list of them",
     }[kind]
     bad = ConfigError(f"{where}: {name}: expected {want}, got {value!r}")
     if kind == "bool":
@@ -209,6 +210,17 @@ def _check_value(key: ConfigKey, value: Any, where: str) -> Any:
     elif kind == "str_or_list":
         if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise bad
+    elif kind == "sizes":
+        value = _sizes(value, bad)
+        for width, height in value:
+            if min(width, height) < (key.minimum or 1) or (
+                key.multiple_of and (width % key.multiple_of or height % key.multiple_of)
+            ):
+                raise ConfigError(
+                    f"{where}: {name}: {width}x{height}: each side must be at least {key.minimum or 1:g}"
+                    + (f" and a multiple of {key.multiple_of}" if key.multiple_of else "")
+                )
+        return value
     if key.choices is not None and isinstance(value, str) and value not in key.choices:
         close = difflib.get_close_matches(value, key.choices, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -218,6 +230,30 @@ def _check_value(key: ConfigKey, value: Any, where: str) -> Any:
     if key.multiple_of and isinstance(value, int) and value % key.multiple_of:
         raise ConfigError(f"{where}: {name}: must be a multiple of {key.multiple_of}, got {value}")
     return value
+
+
+def _sizes(value: Any, bad: ConfigError) -> list[list[int]]:
+    """An int, "WxH", a comma-separated string or a list of those (or of ``[width, height]``), as
+    ``[[width, height], ...]``."""
+    if isinstance(value, str):
+        value = [part for part in value.replace(" ", "").split(",") if part]
+    values = value if isinstance(value, list) else [value]
+    sizes = []
+    for one in values:
+        if isinstance(one, int) and not isinstance(one, bool):
+            sizes.append([one, one])
+        elif isinstance(one, str) and re.fullmatch(r"\d+[xX]\d+", one):
+            width, height = one.lower().split("x")
+            sizes.append([int(width), int(height)])
+        elif isinstance(one, str) and one.isdigit():
+            sizes.append([int(one), int(one)])
+        elif isinstance(one, (list, tuple)) and len(one) == 2 and all(isinstance(v, int) for v in one):
+            sizes.append([one[0], one[1]])  # [width, height], as configs and recipes store them
+        else:
+            raise bad
+    if not sizes:
+        raise bad
+    return sizes
 
 
 def validate(

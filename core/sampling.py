@@ -23,7 +23,13 @@ RECIPE = "recipe.json"
 
 
 def make_recipe(
-    host: Any, config: Any, lora_file: Path, scheduler: Any, prompts: list[str], seeds: list[int], size: int
+    host: Any,
+    config: Any,
+    lora_file: Path,
+    scheduler: Any,
+    prompts: list[str],
+    seeds: list[int],
+    sizes: list[tuple[int, int]],
 ) -> dict[str, Any]:
     family = host.family
     return {
@@ -36,8 +42,9 @@ def make_recipe(
         "prompts": prompts,
         "negative_prompt": config.validation_negative_prompt or "",
         "seeds": seeds,
-        "width": size,
-        "height": size,
+        "width": sizes[0][0],  # the first size (the diffusers snippet renders it)
+        "height": sizes[0][1],
+        "sizes": [list(size) for size in sizes],
         "steps": config.validation_num_inference_steps,
         "guidance_key": family.guidance_key,
         "guidance": config.get(family.guidance_key),
@@ -72,7 +79,7 @@ def recipe_settings(recipe: dict[str, Any]) -> dict[str, Any]:
         {
             "validation_num_inference_steps": recipe["steps"],
             "validation_negative_prompt": recipe["negative_prompt"],
-            "validation_resolution": recipe["width"],
+            "validation_resolution": recipe.get("sizes") or [[recipe["width"], recipe["height"]]],
             recipe["guidance_key"]: recipe["guidance"],
         }
     )
@@ -98,11 +105,18 @@ def apply_lora(transformer: torch.nn.Module, lora_file: str, family: Any, scale:
 
 
 def render(
-    host: Any, config: Any, prompts: list[str], seeds: list[int], lora: str | None, size: int, scale: float = 1.0
-) -> list[Any]:
-    """Load the base, apply the LoRA, encode, and render through the family's generate_images."""
+    host: Any,
+    config: Any,
+    prompts: list[str],
+    seeds: list[int],
+    lora: str | None,
+    sizes: list[tuple[int, int]],
+    scale: float = 1.0,
+) -> list[list[Any]]:
+    """Load the base, apply the LoRA, encode, and render through the family's generate_images:
+    the images of every prompt, per size."""
     from tuner.core.encoders import load_text_encoders
-    from tuner.core.runtime import device_type, weight_dtype
+    from tuner.core.runtime import autocast, device_type, weight_dtype
 
     dtype = weight_dtype(config)  # the rule training and validation follow
     device = torch.device(device_type())
@@ -119,21 +133,23 @@ def render(
     transformer = load("transformer").to(device)
     if lora:
         apply_lora(transformer, lora, host.family, scale)
-    request = ValidationRequest(
-        transformer=transformer.eval(),
-        vae=load("vae").to(device),
-        scheduler=load("scheduler"),
-        prompts=prompts,
-        text=text,
-        negative_text=negative,
-        seeds=seeds,
-        width=size,
-        height=size,
-        num_inference_steps=config.validation_num_inference_steps,
-        config=config,
-        device=device,
-    )
-    from tuner.core.runtime import autocast
-
-    with torch.no_grad(), autocast(device.type, dtype):  # as validation renders under accelerate's autocast
-        return host.provide("generate_images", request=request)
+    vae, scheduler = load("vae").to(device), load("scheduler")
+    rendered = []
+    for width, height in sizes:
+        request = ValidationRequest(
+            transformer=transformer.eval(),
+            vae=vae,
+            scheduler=scheduler,
+            prompts=prompts,
+            text=text,
+            negative_text=negative,
+            seeds=seeds,
+            width=width,
+            height=height,
+            num_inference_steps=config.validation_num_inference_steps,
+            config=config,
+            device=device,
+        )
+        with torch.no_grad(), autocast(device.type, dtype):  # as validation renders under accelerate's autocast
+            rendered.append(host.provide("generate_images", request=request))
+    return rendered

@@ -100,7 +100,7 @@ class PrecisionInfo:
 
 
 # Value kinds a ConfigKey can hold.
-KINDS = ("str", "int", "float", "bool", "str_list", "str_or_list", "path")
+KINDS = ("str", "int", "float", "bool", "str_list", "str_or_list", "path", "sizes")
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,8 @@ class ConfigKey:
     """One config key: its kind, default, allowed values and help text.
 
     ``kind`` is one of ``KINDS``. ``choices`` restricts the value (for ``str_or_list`` it
-    restricts the string form only). ``nullable`` allows ``null``. ``minimum`` bounds numbers.
+    restricts the string form only). ``sizes`` takes an int (a square), ``"WIDTHxHEIGHT"``, or a
+    list (or comma-separated string) of them, and holds a list of ``[width, height]``. ``nullable`` allows ``null``. ``minimum`` bounds numbers.
     ``multiple_of`` constrains ints. ``check`` may reject a value by returning a message.
     """
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tuner.core import events
-from tuner.core.builtin import validation_prompts
+from tuner.core.builtin import validation_prompts, validation_sizes
 from tuner.core.cache import text_key
 from tuner.core.export import LORA_FILE
 from tuner.core.io import atomic_write
@@ -40,8 +40,8 @@ class Validator:
         return [first + i for i in range(len(self.prompts))]
 
     @property
-    def size(self) -> int:
-        return self.ctx.config.validation_resolution or self.ctx.config.resolution
+    def sizes(self) -> list[tuple[int, int]]:
+        return validation_sizes(self.ctx.config)
 
     def component(self, name: str) -> Any:
         ctx = self.ctx
@@ -51,43 +51,49 @@ class Validator:
         return self.components[name]
 
     def run(self, model: torch.nn.Module, step: int) -> list[Path]:
-        """Render, write PNGs, a grid and the prompts to ``output_dir/validation/step_N``; returns
-        ``[that folder]`` (``[]`` without prompts or off the main process)."""
+        """Render every prompt at every validation size; write PNGs, a grid per size and the prompts
+        to ``output_dir/validation/step_N``; returns ``[that folder]`` (``[]`` without prompts or off
+        the main process). With one size the files are ``NN.png`` and ``grid.png``, with several
+        ``NN_WxH.png`` and ``grid_WxH.png``."""
         if not self.active:
             return []
         ctx, config = self.ctx, self.ctx.config
         text = self.prepared.text
-        request = ValidationRequest(
-            transformer=model,
-            vae=self.component("vae"),
-            scheduler=self.component("scheduler"),
-            prompts=self.prompts,
-            text=[_batched(text.load(text_key(p)), ctx.device) for p in self.prompts],
-            negative_text=_batched(text.load(text_key(config.validation_negative_prompt or "")), ctx.device),
-            seeds=self.seeds(),
-            width=self.size,
-            height=self.size,
-            num_inference_steps=config.validation_num_inference_steps,
-            config=config,
-            device=ctx.device,
-        )
+        folder = ctx.output_dir / "validation" / f"step_{step:06d}"
+        seeds, written = self.seeds(), []
         was_training = model.training
         model.eval()
         rng = torch.get_rng_state()  # validation must not disturb the training's random stream
-        with torch.no_grad(), ctx.autocast():
-            images = ctx.host.provide("generate_images", request=request)
+        for width, height in self.sizes:
+            request = ValidationRequest(
+                transformer=model,
+                vae=self.component("vae"),
+                scheduler=self.component("scheduler"),
+                prompts=self.prompts,
+                text=[_batched(text.load(text_key(p)), ctx.device) for p in self.prompts],
+                negative_text=_batched(text.load(text_key(config.validation_negative_prompt or "")), ctx.device),
+                seeds=seeds,
+                width=width,
+                height=height,
+                num_inference_steps=config.validation_num_inference_steps,
+                config=config,
+                device=ctx.device,
+            )
+            with torch.no_grad(), ctx.autocast():
+                images = ctx.host.provide("generate_images", request=request)
+            suffix = f"_{width}x{height}" if len(self.sizes) > 1 else ""
+            paths = [folder / f"{i:02d}{suffix}.png" for i in range(len(images))]
+            for path, image in zip(paths, images, strict=True):
+                atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+            atomic_write(
+                folder / f"grid{suffix}.png", lambda tmp, images=images: image_grid(images).save(tmp, format="PNG")
+            )
+            written += paths
         torch.set_rng_state(rng)
         model.train(was_training)
-        folder = ctx.output_dir / "validation" / f"step_{step:06d}"
-        paths = [folder / f"{i:02d}.png" for i in range(len(images))]
-        for path, image in zip(paths, images, strict=True):
-            atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
-        atomic_write(folder / "grid.png", lambda tmp: image_grid(images).save(tmp, format="PNG"))
-        lines = "".join(
-            f"{i:02d} seed {s}: {p}\n" for i, (p, s) in enumerate(zip(self.prompts, request.seeds, strict=True))
-        )
+        lines = "".join(f"{i:02d} seed {s}: {p}\n" for i, (p, s) in enumerate(zip(self.prompts, seeds, strict=True)))
         atomic_write(folder / "prompts.txt", lambda tmp: Path(tmp).write_text(lines))
-        ctx.emit(events.Validation, step, folder=str(folder), images=[str(p) for p in paths])
+        ctx.emit(events.Validation, step, folder=str(folder), images=[str(p) for p in written])
         return [folder]
 
     def write_recipe(self, lora_files: list[Path]) -> Path:
@@ -97,7 +103,7 @@ class Validator:
         ctx = self.ctx
         lora = next((p for p in lora_files if p.name == LORA_FILE), lora_files[0])
         recipe = make_recipe(
-            ctx.host, ctx.config, lora, self.component("scheduler"), self.prompts, self.seeds(), self.size
+            ctx.host, ctx.config, lora, self.component("scheduler"), self.prompts, self.seeds(), self.sizes
         )
         return write_recipe(ctx.output_dir, recipe, ctx.host.hook.recipe_snippet(recipe=recipe))
 

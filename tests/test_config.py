@@ -179,3 +179,29 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == [
         f"error: {path}: unknown key 'netwrk_rank'; did you mean 'network_rank'?"
     ]
+
+
+@pytest.mark.parametrize(
+    ("given", "sizes"),
+    [
+        (512, [[512, 512]]),
+        ("768x1344", [[768, 1344]]),
+        ("1024x1024, 1344X768", [[1024, 1024], [1344, 768]]),
+        ([512, "768x1344", [1344, 768]], [[512, 512], [768, 1344], [1344, 768]]),
+    ],
+)
+def test_validation_resolution_takes_sizes(host, given, sizes):
+    assert make_config(host, {**MINIMAL, "validation_resolution": given}).validation_resolution == sizes
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("500x512", r"validation_resolution: 500x512: each side must be at least 16 and a multiple of 16"),
+        ("wide", r"validation_resolution: expected a size \(512\), WIDTHxHEIGHT \(768x1344\) or a list of them"),
+        ([[1, 2, 3]], r"validation_resolution: expected a size"),
+    ],
+)
+def test_bad_validation_sizes_are_one_line(host, given, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(host, {**MINIMAL, "validation_resolution": given})

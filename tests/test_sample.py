@@ -113,3 +113,31 @@ def test_sample_options_and_lora_scale(trained_run, tiny_chroma, tmp_path):
     base, off, on = (pixels(tmp_path / d / "00_seed3.png") for d in ("base", "off", "on"))
     assert np.array_equal(base, off)  # scale 0 is the base model
     assert not np.array_equal(base, on)
+
+
+def test_validation_at_several_sizes_is_reproduced_by_the_recipe(tiny_chroma, mixed_dir, tmp_path):
+    """Users see the LoRA at the shapes they trained; `tuner sample --recipe` renders them all again."""
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    settings = base_settings(tiny_chroma, mixed_dir, tmp_path)
+    settings.update(
+        max_train_steps=2,
+        aspect_bucket_alignment=16,
+        validation_prompts=["a red circle"],
+        validation_resolution="64x64,96x48",
+        validation_num_inference_steps=2,
+    )
+    train(settings)
+    folder = tmp_path / "out" / "validation" / "step_000002"
+    assert Image.open(folder / "00_96x48.png").size == (96, 48)
+    assert Image.open(folder / "grid_64x64.png").size == (64, 64)
+    recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    assert recipe["sizes"] == [[64, 64], [96, 48]] and (recipe["width"], recipe["height"]) == (64, 64)
+    result = CliRunner().invoke(
+        app, ["sample", "--recipe", str(tmp_path / "out" / "recipe.json"), "--out", str(tmp_path / "s")]
+    )
+    assert result.exit_code == 0, result.output
+    for size in ("64x64", "96x48"):
+        assert np.array_equal(pixels(tmp_path / "s" / f"00_seed0_{size}.png"), pixels(folder / f"00_{size}.png"))

@@ -232,15 +232,17 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
 
     # validation: the model in eval mode beside the VAE, one denoiser pass, then the decode
     if validation_prompts(config):
-        val_size = config.validation_resolution or size
+        from tuner.core.builtin import validation_sizes
+
+        val_width, val_height = max(validation_sizes(config), key=lambda s: s[0] * s[1])  # the largest
         *lead, h, _ = latent_shape
-        side = val_size // (largest_bucket(config).height // h)  # in latent pixels
+        factor = largest_bucket(config).height // h  # pixels per latent pixel
         with mode, LiveBytes() as live, torch.no_grad():
             live.track(transformer, optimizer.state, vae)
             resident = live.current
             transformer.eval()
             text = host.provide("example_text", config=config, transformer=transformer, batch_size=1, dtype=dtype)
-            latents = torch.zeros(1, *lead, side, side, dtype=dtype)
+            latents = torch.zeros(1, *lead, val_height // factor, val_width // factor, dtype=dtype)
             live.track(text, latents)
             with autocast("cpu", dtype):
                 host.provide(
