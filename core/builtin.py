@@ -44,6 +44,15 @@ CORE_KEYS = (
         "data_dir", "path", None, "Folder of images with same-stem .txt captions.", aliases=("instance_data_dir",)
     ),
     ConfigKey(
+        "datasets",
+        "mappings",
+        None,
+        "Several datasets instead of data_dir: a list of entries with data_dir and any of id, weight, kind "
+        "(training or regularisation), resolution, resolution_type, repeats, caption_strategy, "
+        "caption_dropout_probability, crop_style, aspect_bucket_max_ratio, aspect_bucket_alignment, "
+        "minimum_image_size.",
+    ),
+    ConfigKey(
         "caption_strategy",
         "str",
         "textfile",
@@ -272,26 +281,35 @@ TEXT_ENCODER_PRECISIONS = ("text_encoder_1_precision", "text_encoder_2_precision
 
 @hookimpl
 def check_config(config, warn):
+    from tuner.core.datasets import resolve
+
     config.set_default("lora_alpha", float(config.network_rank))
+    check_dataset(config)
+    for dataset in resolve(config):  # each entry of datasets: checked as the run's own keys are
+        check_dataset(dataset.config)
     if config.eval_steps and not (config.eval_data_dir or config.eval_split):
         raise config.error("eval_steps", "needs held-out images: set eval_data_dir or eval_split")
     if config.eval_data_dir and config.eval_split:
         raise config.error("eval_split", "set either eval_data_dir or eval_split, not both")
-    if config.caption_dropout_probability >= 1:
-        raise config.error(
-            "caption_dropout_probability", f"{config.caption_dropout_probability} is not below 1; use 0 to 0.5"
-        )
-    if config.aspect_bucket_alignment > config.resolution:
-        raise config.error(
-            "aspect_bucket_alignment",
-            f"{config.aspect_bucket_alignment} is larger than resolution {config.resolution}; lower it (16, 32, 64)",
-        )
     if config.flow_schedule_shift is not None and config.flow_schedule_auto_shift:
         raise config.error(
             "flow_schedule_shift", "set either flow_schedule_shift or flow_schedule_auto_shift, not both"
         )
     if config.validation_prompt and config.validation_prompts:
         warn("both validation_prompt and validation_prompts are set; validating with all of them")
+
+
+def check_dataset(config) -> None:
+    """Relations between the keys a dataset may set for itself."""
+    if config.aspect_bucket_alignment > config.resolution:
+        raise config.error(
+            "aspect_bucket_alignment",
+            f"{config.aspect_bucket_alignment} is larger than resolution {config.resolution}; lower it (16, 32, 64)",
+        )
+    if config.caption_dropout_probability >= 1:
+        raise config.error(
+            "caption_dropout_probability", f"{config.caption_dropout_probability} is not below 1; use 0 to 0.5"
+        )
 
 
 def validation_prompts(config) -> list[str]:

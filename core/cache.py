@@ -138,6 +138,7 @@ class Entry:
     latent: str
     text: str
     bucket: Bucket
+    dataset: int = 0  # which of the run's datasets it belongs to
 
 
 @dataclass
@@ -147,6 +148,10 @@ class PreparedData:
     entries: list[Entry]
     skipped: int
     plan: BucketPlan
+    table: str = ""  # the bucket table to print (every dataset's, for several)
+
+    def __post_init__(self) -> None:
+        self.table = self.table or self.plan.table()
 
 
 def measure(
@@ -306,6 +311,7 @@ class CachedDataset:
             "latents": self.prepared.latents.load(entry.latent)["latents"],
             "text": self.prepared.text.load(entry.text),
             "size": (entry.bucket.height, entry.bucket.width),
+            "dataset": entry.dataset,
         }
 
 
@@ -316,4 +322,5 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "latents": torch.stack([r["latents"] for r in rows]),  # one bucket per batch: one shape
         "text": {name: torch.stack([r["text"][name] for r in rows]) for name in rows[0]["text"]},
         "size": rows[0]["size"],
+        "dataset": rows[0]["dataset"],  # one dataset per batch too
     }

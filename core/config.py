@@ -61,6 +61,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
+    def derive(self, values: dict[str, Any], source: str | None = None) -> Config:
+        """This config with ``values`` set as if the user had written them (a dataset's view of the
+        run); errors from it name ``source`` (the entry) when given."""
+        return Config({**self._values, **values}, self._keys, self._explicit | set(values), source or self.source)
+
     def flagged(self, flag: str) -> dict[str, Any]:
         """The values of every key whose ConfigKey sets ``flag`` (``resume_critical``, ``recipe``)."""
         return {name: self._values.get(name) for name, key in self._keys.items() if getattr(key, flag)}
@@ -178,6 +183,7 @@ def _check_value(key: ConfigKey, value: Any, where: str) -> Any:
         "str_list": "a list of strings",
         "str_or_list": "a string or a list of strings",
         "sizes": "a size (512), WIDTHxHEIGHT (768x1344) or a list of them",
+        "mappings": "a list of mappings",
     }[kind]
     bad = ConfigError(f"{where}: {name}: expected {want}, got {value!r}")
     if kind == "bool":
@@ -209,6 +215,9 @@ def _check_value(key: ConfigKey, value: Any, where: str) -> Any:
             raise bad
     elif kind == "str_or_list":
         if not isinstance(value, str) and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise bad
+    elif kind == "mappings":
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise bad
     elif kind == "sizes":
         value = _sizes(value, bad)
@@ -312,12 +321,15 @@ def build_config(
             )
         config._values["model_flavour"] = flavour
         _check_family_support(config, family, warn)
-        if config.aspect_bucket_alignment % family.latent_alignment:
-            raise config.error(
-                "aspect_bucket_alignment",
-                f"{config.aspect_bucket_alignment} is not a multiple of {family.name}'s latent alignment "
-                f"{family.latent_alignment}; use {family.latent_alignment}, 32 or 64",
-            )
+        from tuner.core.datasets import resolve
+
+        for view in (config, *(dataset.config for dataset in resolve(config))):
+            if view.aspect_bucket_alignment % family.latent_alignment:
+                raise view.error(
+                    "aspect_bucket_alignment",
+                    f"{view.aspect_bucket_alignment} is not a multiple of {family.name}'s latent alignment "
+                    f"{family.latent_alignment}; use {family.latent_alignment}, 32 or 64",
+                )
         config._values["lora_format"] = _lora_formats(config, host)
     from tuner.core.builtin import TEXT_ENCODER_PRECISIONS
 

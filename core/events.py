@@ -54,6 +54,7 @@ class StepEnd(TrainEvent):
     sigmas: list[float] = field(default_factory=list)
     grad_norm: float | None = None
     sizes: list[list[int]] = field(default_factory=list)  # [height, width] in pixels per micro-batch
+    datasets: list[str] = field(default_factory=list)  # the dataset id of each micro-batch
 
 
 @dataclass(kw_only=True)

@@ -82,6 +82,8 @@ BACKEND_KEYS = {
     "target_downsample_size",
     "metadata_backend",
     "probability",
+    "is_regularisation_data",
+    "caption_dropout_probability",
     "skip_file_discovery",
     "prepend_instance_prompt",
     "instance_prompt",
@@ -134,10 +136,28 @@ def _backends(base: Path, backend_path: Path, raw: dict[str, Any]) -> dict[str, 
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"data_backend_config {path}: cannot read it ({exc})") from None
     images = [b for b in backends if b.get("dataset_type", "image") == "image" and not b.get("disabled")]
-    if len(images) != 1:
-        raise ConfigError(f"{path}: tuner trains one image dataset; found {len(images)} enabled image backends")
-    backend = images[0]
-    where = f"{path}: backend {backend.get('id', '?')!r}"
+    if not images:
+        raise ConfigError(f"{path}: no enabled image backend")
+    entries = [_dataset(backend, f"{path}: backend {backend.get('id', '?')!r}") for backend in images]
+    settings: dict[str, Any] = {}
+    if len(entries) == 1:  # one backend: the short form, data_dir and the rest at the top level
+        entry = entries[0]
+        settings["data_dir"] = entry.pop("data_dir")
+        settings["dataset_repeats"] = entry.pop("repeats")
+        for own in ("id", "weight", "kind"):  # one dataset: nothing to weigh or tell apart
+            entry.pop(own, None)
+        settings.update(entry)
+    else:
+        settings["datasets"] = entries
+    text_cache = next((b for b in backends if b.get("dataset_type") == "text_embeds"), {})
+    cache = text_cache.get("cache_dir") or images[0].get("cache_dir_vae")
+    if cache:
+        settings["cache_dir"] = str(Path(cache).parent) if text_cache.get("cache_dir") is None else cache
+    return settings
+
+
+def _dataset(backend: dict[str, Any], where: str) -> dict[str, Any]:
+    """One SimpleTuner image backend as an entry of tuner's ``datasets``."""
     if backend.get("type", "local") != "local":
         raise ConfigError(f"{where}: type {backend['type']!r}; tuner reads local folders only")
     strategy = backend.get("caption_strategy", "filename")
@@ -146,17 +166,19 @@ def _backends(base: Path, backend_path: Path, raw: dict[str, Any]) -> dict[str, 
     unknown = sorted(set(backend) - BACKEND_KEYS)
     if unknown:
         raise ConfigError(f"{where}: key(s) {', '.join(unknown)} have no tuner equivalent")
-    settings = {
+    entry = {
+        "id": str(backend.get("id", "dataset")),
         "data_dir": backend["instance_data_dir"],
         "caption_strategy": strategy,
-        "dataset_repeats": int(backend.get("repeats", 0)),
+        "repeats": int(backend.get("repeats", 0)),
         **_bucketing(backend, where),
     }
-    text_cache = next((b for b in backends if b.get("dataset_type") == "text_embeds"), {})
-    cache = text_cache.get("cache_dir") or backend.get("cache_dir_vae")
-    if cache:
-        settings["cache_dir"] = str(Path(cache).parent) if text_cache.get("cache_dir") is None else cache
-    return settings
+    if backend.get("probability") is not None:
+        entry["weight"] = backend["probability"]
+    if backend.get("is_regularisation_data"):
+        entry["kind"] = "regularisation"
+    entry.update({k: backend[k] for k in ("caption_dropout_probability",) if k in backend})
+    return entry
 
 
 def _bucketing(backend: dict[str, Any], where: str) -> dict[str, Any]:

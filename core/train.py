@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,9 @@ from tuner.core.builtin import validation_prompts
 from tuner.core.cache import CachedDataset, PreparedData, collate, prepare_caches, text_key
 from tuner.core.config import NO_QUANTIZATION, Config
 from tuner.core.data import scan_dataset
+from tuner.core.datasets import choose as choose_dataset
+from tuner.core.datasets import describe as describe_datasets
+from tuner.core.datasets import resolve as resolve_datasets
 from tuner.core.errors import DataError, Interrupted, first_line, warn_user
 from tuner.core.evaluation import Evaluator, split_off
 from tuner.core.export import save_final
@@ -63,6 +66,7 @@ class StepOutcome:
     sigmas: list[float]
     grad_norm: float
     sizes: list[list[int]]  # [height, width] in pixels of each micro-batch
+    datasets: list[str]  # the dataset of each micro-batch
 
 
 class BucketBatches(torch.utils.data.Sampler):
@@ -109,6 +113,52 @@ class BucketBatches(torch.utils.data.Sampler):
             k += 1
 
 
+class DatasetBatches(torch.utils.data.Sampler):
+    """Endless batches over several datasets: global batch k comes from the dataset drawn by weight
+    from a hash of (seed, k) (:func:`tuner.core.datasets.choose`), and is that dataset's next
+    batch from its own :class:`BucketBatches`. A sampler starting at k replays the draws before k
+    (cheap: one hash each) and yields what an uninterrupted one would. One dataset: its batches."""
+
+    def __init__(
+        self,
+        datasets: list[int],
+        buckets: list[Any],
+        weights: list[float],
+        local_batch: int,
+        processes: int,
+        rank: int,
+        seed: int,
+        start: int,
+    ):
+        self.weights, self.seed, self.start = weights, seed, start
+        self.members = [[i for i, d in enumerate(datasets) if d == number] for number in range(len(weights))]
+        self.samplers = [
+            BucketBatches(
+                [buckets[i] for i in members],
+                local_batch,
+                processes,
+                rank,
+                seed if number == 0 else step_seed(seed, number, 0xDA7A5E7),
+                0,
+            )
+            for number, members in enumerate(self.members)
+        ]
+
+    def __iter__(self):
+        taken = [0] * len(self.weights)
+        if len(self.weights) == 1:
+            taken[0] = self.start
+        else:
+            for k in range(self.start):
+                taken[choose_dataset(self.seed, k, self.weights)] += 1
+        k = self.start
+        while True:
+            number = choose_dataset(self.seed, k, self.weights)
+            yield [self.members[number][i] for i in self.samplers[number].indices(taken[number])]
+            taken[number] += 1
+            k += 1
+
+
 def due(every: int | None, step: int) -> bool:
     return bool(every) and step % every == 0
 
@@ -135,6 +185,7 @@ class Trainer:
         self.state: TrainState | None = None
         self.empty_caption: dict[str, torch.Tensor] = {}  # the cached "" encoding (caption dropout)
         self.held_out: PreparedData | None = None  # cached images of the eval loss (eval_steps)
+        self.datasets: list = []  # the run's datasets (tuner.core.datasets.Dataset), from prepare_data
         self._stop = False
 
     @property
@@ -198,6 +249,7 @@ class Trainer:
                     sigmas=[round(s, 5) for s in outcome.sigmas],
                     grad_norm=outcome.grad_norm,
                     sizes=outcome.sizes,
+                    datasets=outcome.datasets,
                 )
                 last = step == config.max_train_steps
                 if self._stop_requested():
@@ -258,39 +310,63 @@ class Trainer:
         return found
 
     def prepare_data(self) -> PreparedData:
+        """Every dataset's images in buckets, cached; captions and prompts cached; held-out images
+        for the eval loss split off and cached too."""
         ctx, config = self.ctx, self.config
-        if config.data_dir is None:
-            raise config.error("data_dir", "is required: a folder of images with .txt captions")
-        items = scan_dataset(config.data_dir, ctx.warn, config.caption_strategy)
-        held_out: list = []
-        if config.eval_split:
-            if config.eval_split >= len(items):
-                raise config.error(
-                    "eval_split", f"{config.eval_split} would hold out every one of the {len(items)} images"
-                )
-            items, held_out = split_off(items, config.eval_split, config.seed)
-        elif config.eval_data_dir:
-            held_out = scan_dataset(config.eval_data_dir, ctx.warn, config.caption_strategy)
+        self.datasets = resolve_datasets(config)
+        if not self.datasets:
+            raise config.error("data_dir", "is required: a folder of images with .txt captions (or datasets:)")
         prompts = validation_prompts(config)
         extra = prompts + [config.validation_negative_prompt or ""] if prompts else []
-        if config.caption_dropout_probability > 0:
+        if any(d.config.caption_dropout_probability > 0 for d in self.datasets):
             extra.append("")  # what a dropped caption trains with
         global_batch = config.train_batch_size * ctx.accelerator.num_processes
+        scanned = [self.scan(d) for d in self.datasets]
+        held_out: list = []
+        if config.eval_split:  # from the first dataset
+            if config.eval_split >= len(scanned[0]):
+                raise config.error(
+                    "eval_split", f"{config.eval_split} would hold out every one of the {len(scanned[0])} images"
+                )
+            scanned[0], held_out = split_off(scanned[0], config.eval_split, config.seed)
+        elif config.eval_data_dir:
+            held_out = scan_dataset(config.eval_data_dir, ctx.warn, config.caption_strategy)
+        parts = []
         with ctx.accelerator.main_process_first():
-            prepared = prepare_caches(
-                ctx.host, config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch
-            )
+            for number, (dataset, items) in enumerate(zip(self.datasets, scanned, strict=True)):
+                part = prepare_caches(
+                    ctx.host, dataset.config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch
+                )
+                entries = [replace(e, dataset=number) for e in part.entries] * (1 + dataset.config.dataset_repeats)
+                if len(entries) < global_batch:
+                    where = f"{dataset.label}: " if len(self.datasets) > 1 else ""
+                    raise DataError(
+                        f"{where}data_dir {dataset.config.data_dir} has {len(entries)} usable image(s), fewer than "
+                        f"one global batch ({config.train_batch_size} x {ctx.accelerator.num_processes} processes)"
+                    )
+                parts.append(replace(part, entries=entries))
             if held_out:
                 self.held_out = prepare_caches(ctx.host, config, held_out, [], ctx.device, ctx.weight_dtype, ctx.warn)
-        prepared.entries = prepared.entries * (1 + config.dataset_repeats)
-        if config.caption_dropout_probability > 0:
-            self.empty_caption = prepared.text.load(text_key(""))
-        if len(prepared.entries) < global_batch:
-            raise DataError(
-                f"data_dir {config.data_dir} has {len(prepared.entries)} usable image(s), fewer than one "
-                f"global batch ({config.train_batch_size} x {ctx.accelerator.num_processes} processes)"
-            )
-        return prepared
+        if "" in extra:
+            self.empty_caption = parts[0].text.load(text_key(""))
+        if len(parts) == 1:
+            return parts[0]
+        shares = describe_datasets(self.datasets)
+        table = "\n".join(
+            f"{d.label}, {shares[d.id]['share']:.0%} of batches: {p.plan.table()}"
+            for d, p in zip(self.datasets, parts, strict=True)
+        )
+        entries = [e for part in parts for e in part.entries]
+        return replace(parts[0], entries=entries, skipped=sum(p.skipped for p in parts), table=table)
+
+    def scan(self, dataset: Any) -> list:
+        """A dataset's images and captions; with several datasets, errors name the entry."""
+        try:
+            return scan_dataset(dataset.config.data_dir, self.ctx.warn, dataset.config.caption_strategy)
+        except DataError as exc:
+            if len(self.datasets) == 1:
+                raise
+            raise DataError(f"{dataset.label}: {exc}") from None
 
     def load_transformer(self) -> torch.nn.Module:
         """The frozen denoiser on the device (streamed and quantized when a precision is set)."""
@@ -335,7 +411,7 @@ class Trainer:
             f"training {images} images, {len(state.targets)} LoRA modules, {trainable:,} trainable parameters, "
             f"effective batch {effective_batch}" + (f" ({processes} processes)" if processes > 1 else "")
         )
-        ctx.log(prepared.plan.table())
+        ctx.log(prepared.table)
         ctx.emit(
             events.RunStart,
             state.position.step,
@@ -389,8 +465,10 @@ class Trainer:
 
     def batches(self, dataset: CachedDataset, position: Position):
         ctx = self.ctx
-        sampler = BucketBatches(
+        sampler = DatasetBatches(
+            [e.dataset for e in dataset.prepared.entries],
             dataset.buckets(),
+            [d.weight for d in self.datasets] if self.datasets else [1.0],
             self.config.train_batch_size,
             ctx.accelerator.num_processes,
             ctx.accelerator.process_index,
@@ -407,10 +485,11 @@ class Trainer:
         anything was non-finite (the gradients are then dropped)."""
         config, accelerator = self.config, self.ctx.accelerator
         accumulation = config.gradient_accumulation_steps
-        losses, sigmas, sizes = [], [], []
+        losses, sigmas, sizes, used = [], [], [], []
         for index in range(accumulation):
             batch = next(batches)
             sizes.append(list(batch["size"]))
+            used.append(self.datasets[batch["dataset"]].id if self.datasets else "default")
             syncing = index == accumulation - 1
             with nullcontext() if syncing else accelerator.no_sync(state.wrapped):
                 loss, drawn = self.training_loss(state, batch, state.position.micro_step)
@@ -428,7 +507,7 @@ class Trainer:
             return None
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(float(step_loss), sigmas, float(grad_norm), sizes)
+        return StepOutcome(float(step_loss), sigmas, float(grad_norm), sizes, used)
 
     def training_loss(
         self, state: TrainState, batch: dict[str, Any], micro_step: int
@@ -448,8 +527,9 @@ class Trainer:
         mine = slice(rank * local, (rank + 1) * local)
         sigmas, noise = sigmas[mine], noise[mine].to(device)
         text = batch["text"]
-        if config.caption_dropout_probability > 0:  # drawn for the global batch, like the noise
-            dropped = (torch.rand(global_shape[0], generator=shared) < config.caption_dropout_probability)[mine]
+        dropout = self.datasets[batch["dataset"]].config.caption_dropout_probability if self.datasets else 0.0
+        if dropout > 0:  # drawn for the global batch, like the noise
+            dropped = (torch.rand(global_shape[0], generator=shared) < dropout)[mine]
             text = {
                 name: torch.where(_rows(dropped, value), self.empty_caption[name], value)
                 for name, value in text.items()

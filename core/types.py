@@ -100,7 +100,7 @@ class PrecisionInfo:
 
 
 # Value kinds a ConfigKey can hold.
-KINDS = ("str", "int", "float", "bool", "str_list", "str_or_list", "path", "sizes")
+KINDS = ("str", "int", "float", "bool", "str_list", "str_or_list", "path", "sizes", "mappings")
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,7 @@ def test_trackers_receive_typed_events(tiny_chroma, shapes_dir, tmp_path):
     assert recorder.kinds[0] == "RunStart" and recorder.kinds[-1] == "RunEnd" and "Save" in recorder.kinds
     rows = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == result.losses  # the JSONL log is written from the same events
-    assert set(rows[0]) == {"step", "loss", "lr", "sigma", "sigmas", "grad_norm", "sizes", "elapsed_s"}
+    assert set(rows[0]) == {"step", "loss", "lr", "sigma", "sigmas", "grad_norm", "sizes", "datasets", "elapsed_s"}
     assert rows[0]["sizes"] == [[64, 64]]  # each micro-batch's pixel height and width
 
 

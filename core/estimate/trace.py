@@ -318,12 +318,16 @@ def assemble(family, source, device_type, settings, trace: Trace, base: BaseWeig
 
 
 def largest_bucket(config: Config) -> Any:
-    """The bucket with the most pixels: where a run's activations peak."""
+    """The bucket with the most pixels, of every dataset: where a run's activations peak."""
     from tuner.core.buckets import bucket_sizes
+    from tuner.core.datasets import resolve
 
-    buckets = bucket_sizes(
-        config.resolution, config.resolution_type, config.aspect_bucket_alignment, config.aspect_bucket_max_ratio
-    )
+    views = [d.config for d in resolve(config)] or [config]
+    buckets = [
+        b
+        for c in views
+        for b in bucket_sizes(c.resolution, c.resolution_type, c.aspect_bucket_alignment, c.aspect_bucket_max_ratio)
+    ]
     return max(buckets, key=lambda b: (b.width * b.height, -abs(b.width - b.height)))
 
 

@@ -1,0 +1,148 @@
+"""Several datasets with weights, their own resolution and caption settings, a regularisation set,
+and SimpleTuner's multidatabackend.json with several backends."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from tuner.core.errors import ConfigError, DataError
+
+from .conftest import base_settings, make_config, make_host, train
+
+
+def two_datasets(tiny_chroma, shapes_dir, mixed_dir, tmp_path, **extra):
+    settings = base_settings(tiny_chroma, shapes_dir, tmp_path)
+    del settings["data_dir"]
+    settings.update(
+        datasets=[
+            {"id": "shapes", "data_dir": str(shapes_dir), "weight": 3},
+            {
+                "id": "mixed",
+                "data_dir": str(mixed_dir),
+                "resolution": 48,
+                "aspect_bucket_alignment": 16,
+                "caption_dropout_probability": 0.5,
+                "kind": "regularisation",
+            },
+        ],
+        train_batch_size=2,
+        max_train_steps=40,
+        checkpointing_steps=20,
+    )
+    settings.update(extra)
+    return settings
+
+
+def log_rows(folder):
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_batches_come_from_each_dataset_by_weight_at_its_own_sizes(
+    tiny_chroma, shapes_dir, mixed_dir, tmp_path, capsys
+):
+    train(two_datasets(tiny_chroma, shapes_dir, mixed_dir, tmp_path))
+    rows = log_rows(tmp_path / "out")
+    used = Counter(d for r in rows for d in r["datasets"])
+    assert used["shapes"] + used["mixed"] == 40 and 22 <= used["shapes"] <= 38  # 3:1, i.e. 30 of 40 expected
+    sizes = {
+        d: {tuple(s) for r in rows for s, dd in zip(r["sizes"], r["datasets"], strict=True) if dd == d} for d in used
+    }
+    assert sizes["shapes"] == {(64, 64)}  # the run's resolution
+    assert {(48, 48), (32, 64), (64, 32)} & sizes["mixed"]  # its own resolution, in buckets
+    out = capsys.readouterr().out
+    assert "dataset 'shapes', 75% of batches: 1 bucket(s) for 12 image(s):" in out
+    assert "dataset 'mixed' (regularisation), 25% of batches:" in out
+
+
+def test_two_datasets_resume_exactly(tiny_chroma, shapes_dir, mixed_dir, tmp_path):
+    straight, _, _ = train(
+        two_datasets(tiny_chroma, shapes_dir, mixed_dir, tmp_path / "a", max_train_steps=12, checkpointing_steps=5)
+    )
+    settings = two_datasets(
+        tiny_chroma, shapes_dir, mixed_dir, tmp_path / "b", max_train_steps=5, checkpointing_steps=5
+    )
+    train(settings)
+    resumed, _, _ = train({**settings, "max_train_steps": 12, "resume_from_checkpoint": "latest"})
+    assert resumed.losses == straight.losses[5:]
+    assert [r["datasets"] for r in log_rows(tmp_path / "b" / "out")] == [
+        r["datasets"] for r in log_rows(tmp_path / "a" / "out")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("datasets", "message"),
+    [
+        ([{"id": "a", "data_dir": "x", "weight": 0}], r"datasets\[0\] \(a\): weight: 0 is not a positive number"),
+        ([{"id": "a", "data_dir": "x", "repeat": 2}], r"datasets\[0\] \(a\): unknown field\(s\) repeat; use"),
+        ([{"id": "a"}], r"datasets\[0\] \(a\): data_dir is required"),
+        (
+            [{"data_dir": "x", "kind": "prior"}],
+            r"datasets\[0\] \(#1\): kind: 'prior' is not one of training, regularisation",
+        ),
+        (
+            [{"data_dir": "x", "resolution": 500}],
+            r"datasets\[0\] \(#1\): resolution: must be a multiple of 16, got 500",
+        ),
+        (
+            [{"data_dir": "x", "aspect_bucket_alignment": 24}],
+            r"datasets\[0\] \(#1\): aspect_bucket_alignment: 24 is not a multiple",
+        ),
+        (
+            [{"id": "a", "data_dir": "x"}, {"id": "a", "data_dir": "y"}],
+            r"datasets\[1\] \(a\): id 'a' is used by another entry",
+        ),
+        ([], r"datasets: is an empty list"),
+    ],
+)
+def test_bad_dataset_entries_are_one_line_naming_the_entry(datasets, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(make_host(), {"datasets": datasets})
+    with pytest.raises(ConfigError, match=r"datasets: set either data_dir or datasets, not both"):
+        make_config(make_host(), {"data_dir": "x", "datasets": [{"data_dir": "y"}]})
+
+
+def test_a_missing_dataset_folder_is_named(tiny_chroma, shapes_dir, mixed_dir, tmp_path):
+    settings = two_datasets(tiny_chroma, shapes_dir, mixed_dir, tmp_path)
+    settings["datasets"][1]["data_dir"] = str(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"^dataset 'mixed' \(regularisation\): data_dir .*nowhere is not a folder$"):
+        train(settings)
+
+
+def test_simpletuner_backends_become_datasets_and_train(tiny_chroma, shapes_dir, mixed_dir, tmp_path):
+    from tuner.core import simpletuner
+    from tuner.core.plugins import PluginHost
+
+    backends = [
+        {"id": "subject", "type": "local", "instance_data_dir": str(shapes_dir), "caption_strategy": "textfile",
+         "resolution": 64, "resolution_type": "pixel", "crop": True, "crop_aspect": "square", "repeats": 1,
+         "probability": 2},
+        {"id": "reg", "type": "local", "instance_data_dir": str(mixed_dir), "caption_strategy": "filename",
+         "resolution": 0.0025, "resolution_type": "area", "crop_style": "random", "crop_aspect": "preserve",
+         "is_regularisation_data": True, "probability": 1},
+        {"id": "text", "type": "local", "dataset_type": "text_embeds", "cache_dir": str(tmp_path / "cache" / "text")},
+    ]  # fmt: skip
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    config = {
+        "--model_family": "chroma",
+        "--pretrained_model_name_or_path": str(tiny_chroma),
+        "--data_backend_config": str(tmp_path / "multidatabackend.json"),
+        "--output_dir": str(tmp_path / "out"),
+        "--max_train_steps": 4,
+        "--train_batch_size": 2,
+        "--aspect_bucket_alignment": 16,
+        "--tokenizer_max_length": 16,
+        "--mixed_precision": "no",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    settings, _ = simpletuner.load(tmp_path / "config.json", PluginHost("chroma"))
+    subject, reg = settings["datasets"]
+    assert subject == {
+        "id": "subject", "data_dir": str(shapes_dir), "caption_strategy": "textfile", "repeats": 1, "resolution": 64,
+        "resolution_type": "pixel", "crop_style": "center", "aspect_bucket_max_ratio": 1.0, "weight": 2,
+    }  # fmt: skip
+    assert reg["kind"] == "regularisation" and reg["resolution"] == 48 and reg["crop_style"] == "random"
+    result, _, _ = train({**settings, "memory_estimate": False, "report_to": "none"})
+    assert result.steps == 4
