@@ -69,7 +69,7 @@ def resolve(config: Config) -> list[Dataset]:
     entries = config.datasets
     if entries is None:
         return [Dataset("default", config)] if config.data_dir is not None else []
-    if config.is_set("data_dir"):
+    if config.data_dir is not None:
         raise config.error("datasets", "set either data_dir or datasets, not both")
     if not entries:
         raise config.error("datasets", "is an empty list; give at least one entry with a data_dir")

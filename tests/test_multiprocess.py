@@ -1,6 +1,6 @@
 """Two CPU processes (DDP over gloo, launched by accelerate) train what one process does with the
-same global batch, on images of three aspect ratios (every global batch from one bucket); only the
-main process writes."""
+same global batch, on two weighted datasets, one of them with images of three aspect ratios and
+caption dropout (every global batch from one dataset and one bucket); only the main process writes."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(tiny_chroma, data_dir, tmp_path, name, processes, batch):
+def run(tiny_chroma, datasets, tmp_path, name, processes, batch):
     out = tmp_path / name
     launcher = (
         [
@@ -50,14 +50,13 @@ def run(tiny_chroma, data_dir, tmp_path, name, processes, batch):
     )
     settings = {
         "pretrained_model_name_or_path": tiny_chroma,
-        "data_dir": data_dir,
+        "data_dir": "null",
+        "datasets": json.dumps(datasets),
         "output_dir": out,
         "cache_dir": tmp_path / "cache",
         "resolution": 64,
-        "aspect_bucket_alignment": 16,
-        "caption_dropout_probability": 0.3,  # drawn for the global batch: the same samples either way
         "train_batch_size": batch,
-        "max_train_steps": 5,
+        "max_train_steps": 8,
         "gradient_accumulation_steps": 2,
         "checkpointing_steps": 0,
         "validation_steps": 0,
@@ -73,9 +72,14 @@ def run(tiny_chroma, data_dir, tmp_path, name, processes, batch):
     return out, done
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, mixed_dir, tmp_path):
-    single, _ = run(tiny_chroma, mixed_dir, tmp_path, "one", processes=1, batch=4)
-    double, done = run(tiny_chroma, mixed_dir, tmp_path, "two", processes=2, batch=2)
+def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_dir, mixed_dir, tmp_path):
+    datasets = [
+        {"id": "squares", "data_dir": str(shapes_dir), "weight": 2},
+        # three buckets; caption dropout drawn for the global batch: the same samples either way
+        {"id": "mixed", "data_dir": str(mixed_dir), "aspect_bucket_alignment": 16, "caption_dropout_probability": 0.3},
+    ]
+    single, _ = run(tiny_chroma, datasets, tmp_path, "one", processes=1, batch=4)
+    double, done = run(tiny_chroma, datasets, tmp_path, "two", processes=2, batch=2)
     assert "effective batch 8 (2 processes)" in done.stdout
     assert done.stdout.count("saved ") == 1  # only the main process reports and writes
     a = load_file(single / "pytorch_lora_weights.safetensors")
@@ -87,8 +91,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, mixed_d
         [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
         for folder in (single, double)
     ]
-    assert len(losses[0]) == len(losses[1]) == 5
-    sizes = [json.loads(line)["sizes"] for line in (double / "train_log.jsonl").read_text().splitlines()]
-    assert len({tuple(size) for step in sizes for size in step}) > 1  # several buckets were trained
+    assert len(losses[0]) == len(losses[1]) == 8
+    rows = [json.loads(line) for line in (double / "train_log.jsonl").read_text().splitlines()]
+    assert len({tuple(size) for row in rows for size in row["sizes"]}) > 1  # several buckets were trained
+    assert {d for row in rows for d in row["datasets"]} == {"squares", "mixed"}
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5, rtol=1e-4)
     assert sorted(p.name for p in double.iterdir()) == ["logs", "pytorch_lora_weights.safetensors", "train_log.jsonl"]
