@@ -188,16 +188,19 @@ def buckets(
     host, cfg = _load_config(plugin, config, set_)
     from tuner.core.cache import assign_buckets
     from tuner.core.data import scan_dataset
+    from tuner.core.datasets import resolve
     from tuner.core.errors import warn_user
 
-    items = scan_dataset(cfg.data_dir, warn_user, cfg.caption_strategy) if cfg.data_dir else []
-    if not items:
-        raise cfg.error("data_dir", "is required: a folder of images with .txt captions")
-    unreadable: list[str] = []
-    _, plan = assign_buckets(items, cfg, cfg.train_batch_size * processes, warn_user, unreadable)
-    if unreadable:
-        warn_user(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}")
-    typer.echo(plan.table())
+    datasets = resolve(cfg)
+    if not datasets:
+        raise cfg.error("data_dir", "is required: a folder of images with .txt captions (or datasets:)")
+    for dataset in datasets:
+        items = scan_dataset(dataset.config.data_dir, warn_user, dataset.config.caption_strategy)
+        unreadable: list[str] = []
+        _, plan = assign_buckets(items, dataset.config, cfg.train_batch_size * processes, warn_user, unreadable)
+        if unreadable:
+            warn_user(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}")
+        typer.echo((f"{dataset.label}: " if len(datasets) > 1 else "") + plan.table())
 
 
 @app.command()

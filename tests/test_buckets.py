@@ -270,3 +270,11 @@ def test_caption_dropout_trains_the_empty_caption_at_the_rate_asked_and_reproduc
     assert runs[0] == runs[1]  # the same samples dropped in both runs
     rate = sum(runs[0]) / len(runs[0])
     assert len(runs[0]) == 80 and 0.18 < rate < 0.42, rate  # 80 samples at p = 0.3
+
+
+def test_flux_trains_in_buckets_too(tiny_flux, mixed_dir, tmp_path):
+    sizes = Sizes()
+    settings = mixed_settings(tiny_flux, mixed_dir, tmp_path, max_train_steps=6, checkpointing_steps=0)
+    settings.update(model_family="flux", flux_lora_target="all")
+    result, _, _ = train(settings, ("sizes", sizes))
+    assert result.steps == 6 and len({tuple(s) for s in sizes.sizes}) >= 2
