@@ -108,8 +108,8 @@ CORE_KEYS = (
         "crop_style",
         "str",
         "center",
-        "Where an image is cropped after it is resized to cover its bucket: center, or random (drawn once per "
-        "image from the seed).",
+        "Where an image is cropped after it is resized to cover its bucket: center, or random (drawn per image "
+        "and epoch from the seed; a crop is cached for each epoch the run reaches).",
         choices=("center", "random"),
     ),
     ConfigKey(

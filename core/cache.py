@@ -119,16 +119,27 @@ def _fingerprint(host: PluginHost, config: Config, kind: str, component: str) ->
     return parts
 
 
-def crop_offset(config: Config, path: Path) -> float:
-    """Where a random crop sits along the axis with a remainder: drawn once per image from the
+def crop_offset(config: Config, path: Path, epoch: int = 0) -> float:
+    """Where a random crop sits along the axis with a remainder: drawn per image and epoch from the
     run's seed (so a resumed run crops alike); 0.5 for centred crops."""
     if config.crop_style != "random":
         return 0.5
-    return int(_digest([config.seed, image_key(path)])[:8], 16) / 0xFFFFFFFF
+    return int(_digest([config.seed, image_key(path), epoch])[:8], 16) / 0xFFFFFFFF
 
 
-def latent_key(config: Config, path: Path, bucket: Bucket) -> str:
-    return _digest([image_key(path), bucket.width, bucket.height, config.crop_style, crop_offset(config, path)])[:32]
+def latent_key(config: Config, path: Path, bucket: Bucket, epoch: int = 0) -> str:
+    offset = crop_offset(config, path, epoch)
+    return _digest([image_key(path), bucket.width, bucket.height, config.crop_style, offset])[:32]
+
+
+def crop_epochs(config: Config, plan: BucketPlan, global_batch: int, batch_count: int) -> int:
+    """How many epochs ``batch_count`` global batches span: the random crops to cache per image
+    (one set of latents otherwise)."""
+    if config.crop_style != "random":
+        return 1
+    repeats = 1 + config.dataset_repeats
+    per_epoch = sum(-(-count * repeats // global_batch) for count in plan.counts().values())
+    return max(1, -(-batch_count // max(per_epoch, 1)))
 
 
 @dataclass
@@ -139,6 +150,7 @@ class Entry:
     text: str
     bucket: Bucket
     dataset: int = 0  # which of the run's datasets it belongs to
+    variants: tuple[str, ...] = ()  # with random crops: the latents of each epoch's crop
 
 
 @dataclass
@@ -202,9 +214,11 @@ def prepare_caches(
     dtype: torch.dtype,
     warn: Callable[[str], None],
     global_batch: int = 1,
+    batch_count: int = 1,
 ) -> PreparedData:
-    """Make sure every image has cached latents at its bucket's size and every caption/prompt a
-    cached encoding. Encoders are loaded only for what is missing and are freed afterwards.
+    """Make sure every image has cached latents at its bucket's size (with random crops, one crop
+    per epoch that ``batch_count`` global batches reach) and every caption/prompt a cached encoding.
+    Encoders are loaded only for what is missing and are freed afterwards.
     """
     import torch
 
@@ -218,23 +232,29 @@ def prepare_caches(
     usable, bucket_plan = assign_buckets(items, config, global_batch, warn, unreadable)
     vae = None
     while True:  # an image that fails to decode is dropped and the buckets planned again
-        keys = [latent_key(config, i.image, b) for i, b in zip(usable, bucket_plan.buckets, strict=True)]
-        missing = [(i, b, k) for i, b, k in zip(usable, bucket_plan.buckets, keys, strict=True) if not latents.has(k)]
+        epochs = crop_epochs(config, bucket_plan, global_batch, batch_count)
+        wanted = [
+            (i, b, e, latent_key(config, i.image, b, e))
+            for i, b in zip(usable, bucket_plan.buckets, strict=True)
+            for e in range(epochs)
+        ]
+        missing = [(i, b, e, k) for i, b, e, k in wanted if not latents.has(k)]
         if not missing:
             break
         vae = vae or load_vae(host, config, device, dtype)
         failed = []
         missing.sort(key=lambda m: (m[1].aspect, m[1].width))  # one bucket (one pixel size) per VAE batch
         with torch.no_grad():
-            for bucket in dict.fromkeys(b for _, b, _ in missing):
+            for bucket in dict.fromkeys(b for _, b, _, _ in missing):
                 group = [m for m in missing if m[1] == bucket]
                 for start in range(0, len(group), VAE_BATCH):
                     chunk, pixels = [], []
-                    for item, _, key in group[start : start + VAE_BATCH]:
+                    for item, _, epoch, key in group[start : start + VAE_BATCH]:
+                        if item in failed:
+                            continue
                         try:
-                            pixels.append(
-                                load_image(item.image, bucket, config.crop_style, crop_offset(config, item.image))
-                            )
+                            offset = crop_offset(config, item.image, epoch)
+                            pixels.append(load_image(item.image, bucket, config.crop_style, offset))
                             chunk.append(key)
                         except (OSError, ValueError, SyntaxError) as exc:
                             failed.append(item)
@@ -285,16 +305,23 @@ def prepare_caches(
                 f"text cache entry {text.path(text_key(t))} has no {', '.join(lacking)} "
                 f"(written by an older tuner or another tool); delete {text.dir} to rebuild the text cache"
             )
+    epochs = crop_epochs(config, bucket_plan, global_batch, batch_count)
     entries = [
-        Entry(latent_key(config, i.image, b), text_key(i.caption), b)
+        Entry(
+            latent_key(config, i.image, b),
+            text_key(i.caption),
+            b,
+            variants=tuple(latent_key(config, i.image, b, e) for e in range(epochs)) if epochs > 1 else (),
+        )
         for i, b in zip(usable, bucket_plan.buckets, strict=True)
     ]
     return PreparedData(latents, text, entries, len(unreadable), bucket_plan)
 
 
 class CachedDataset:
-    """torch-style dataset over cached entries: ``{"latents", "text", "size"}`` per item, ``size``
-    being the bucket's ``(height, width)`` in pixels."""
+    """torch-style dataset over cached entries: ``{"latents", "text", "size", "dataset"}`` per
+    item, ``size`` being the bucket's ``(height, width)`` in pixels. Indices past the end name the
+    same items in later epochs (their own random crops)."""
 
     def __init__(self, prepared: PreparedData):
         self.prepared = prepared
@@ -306,9 +333,12 @@ class CachedDataset:
         return [entry.bucket for entry in self.prepared.entries]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        entry = self.prepared.entries[index]
+        """Item ``index % len(self)``; ``index // len(self)`` is its epoch (which random crop)."""
+        epoch, position = divmod(index, len(self.prepared.entries))
+        entry = self.prepared.entries[position]
+        key = entry.variants[epoch % len(entry.variants)] if entry.variants else entry.latent
         return {
-            "latents": self.prepared.latents.load(entry.latent)["latents"],
+            "latents": self.prepared.latents.load(key)["latents"],
             "text": self.prepared.text.load(entry.text),
             "size": (entry.bucket.height, entry.bucket.width),
             "dataset": entry.dataset,

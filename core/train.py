@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -131,6 +132,7 @@ class DatasetBatches(torch.utils.data.Sampler):
         start: int,
     ):
         self.weights, self.seed, self.start = weights, seed, start
+        self.size = len(datasets)
         self.members = [[i for i, d in enumerate(datasets) if d == number] for number in range(len(weights))]
         self.samplers = [
             BucketBatches(
@@ -154,7 +156,9 @@ class DatasetBatches(torch.utils.data.Sampler):
         k = self.start
         while True:
             number = choose_dataset(self.seed, k, self.weights)
-            yield [self.members[number][i] for i in self.samplers[number].indices(taken[number])]
+            epoch = taken[number] // self.samplers[number].per_epoch  # which random crop (CachedDataset)
+            batch = self.samplers[number].indices(taken[number])
+            yield [self.members[number][i] + epoch * self.size for i in batch]
             taken[number] += 1
             k += 1
 
@@ -332,11 +336,15 @@ class Trainer:
         elif config.eval_data_dir:
             held_out = scan_dataset(config.eval_data_dir, ctx.warn, config.caption_strategy)
         parts = []
+        micro_batches = config.max_train_steps * config.gradient_accumulation_steps
+        weights = [d.weight for d in self.datasets]
+        drawn = Counter(choose_dataset(config.seed, k, weights) for k in range(micro_batches))
         with ctx.accelerator.main_process_first():
             for number, (dataset, items) in enumerate(zip(self.datasets, scanned, strict=True)):
                 part = prepare_caches(
-                    ctx.host, dataset.config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch
-                )
+                    ctx.host, dataset.config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch,
+                    batch_count=drawn[number],
+                )  # fmt: skip
                 entries = [replace(e, dataset=number) for e in part.entries] * (1 + dataset.config.dataset_repeats)
                 if len(entries) < global_batch:
                     where = f"{dataset.label}: " if len(self.datasets) > 1 else ""

@@ -278,3 +278,29 @@ def test_flux_trains_in_buckets_too(tiny_flux, mixed_dir, tmp_path):
     settings.update(model_family="flux", flux_lora_target="all")
     result, _, _ = train(settings, ("sizes", sizes))
     assert result.steps == 6 and len({tuple(s) for s in sizes.sizes}) >= 2
+
+
+def test_random_crops_are_drawn_per_image_and_epoch_and_resume_exactly(tiny_chroma, mixed_dir, tmp_path):
+    from tuner.core.cache import CachedDataset
+    from tuner.core.train import Trainer
+
+    # square buckets only, so the 2:1 and 1:2 images have a remainder to crop at random
+    extra = {"aspect_bucket_max_ratio": 1.0, "crop_style": "random", "train_batch_size": 4, "checkpointing_steps": 6}
+    encodes = Encodes()
+    straight, _, _ = train(
+        mixed_settings(tiny_chroma, mixed_dir, tmp_path / "a", max_train_steps=12, **extra), ("n", encodes)
+    )
+    assert encodes.images == 20 * 3  # 12 batches of 4 over 20 images reach 3 epochs: a crop for each
+
+    host = make_host()
+    trainer = Trainer(
+        host, make_config(host, mixed_settings(tiny_chroma, mixed_dir, tmp_path / "a", max_train_steps=12, **extra))
+    )
+    data = CachedDataset(trainer.prepare_data())
+    changed = [not torch.equal(data[i]["latents"], data[i + len(data)]["latents"]) for i in range(len(data))]
+    assert sum(changed) == 8  # the wide and tall images are cropped elsewhere in epoch 2; squares are whole
+
+    settings = mixed_settings(tiny_chroma, mixed_dir, tmp_path / "b", max_train_steps=6, **extra)
+    train(settings)
+    resumed, _, _ = train({**settings, "max_train_steps": 12, "resume_from_checkpoint": "latest"})
+    assert resumed.losses == straight.losses[6:]
