@@ -80,7 +80,7 @@ def main() -> None:
         prepared = prepare_caches(host, config, items, [], torch.device("cpu"), torch.float32, lambda m: None, 4)
         timings[label] = time.perf_counter() - start
     print(prepared.plan.table())
-    from tuner.core.train import BucketBatches
+    from tuner.core.sampler import BucketBatches
 
     epoch = BucketBatches([e.bucket for e in prepared.entries], 4, 1, 0, 0, 0).per_epoch
     config = build_config(host, {**settings, "max_train_steps": epoch}, "bench", warn=lambda m: None)

@@ -13,7 +13,7 @@ from tuner.core import hookimpl
 from tuner.core.buckets import Bucket, bucket_sizes, crop_box, nearest, plan
 from tuner.core.errors import ConfigError
 from tuner.core.events import StepEnd
-from tuner.core.train import BucketBatches
+from tuner.core.sampler import BucketBatches
 
 from .conftest import base_settings, make_config, make_host, train
 
