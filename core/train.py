@@ -249,10 +249,13 @@ class Trainer:
         drawn = Counter(choose_dataset(config.seed, k, weights) for k in range(micro_batches))
         with ctx.accelerator.main_process_first():
             for number, (dataset, items) in enumerate(zip(self.datasets, scanned, strict=True)):
-                part = prepare_caches(
-                    ctx.host, dataset.config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch,
-                    batch_count=drawn[number],
-                )  # fmt: skip
+                try:
+                    part = prepare_caches(
+                        ctx.host, dataset.config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch,
+                        batch_count=drawn[number],
+                    )  # fmt: skip
+                except DataError as exc:  # no usable image after the filters: name the entry
+                    raise (DataError(f"{dataset.label}: {exc}") if len(self.datasets) > 1 else exc) from None
                 entries = [replace(e, dataset=number) for e in part.entries] * (1 + dataset.config.dataset_repeats)
                 if len(entries) < global_batch:
                     where = f"{dataset.label}: " if len(self.datasets) > 1 else ""

@@ -109,6 +109,9 @@ def test_a_missing_dataset_folder_is_named(tiny_chroma, shapes_dir, mixed_dir, t
     settings["datasets"][1]["data_dir"] = str(tmp_path / "nowhere")
     with pytest.raises(DataError, match=r"^dataset 'mixed' \(regularisation\): data_dir .*nowhere is not a folder$"):
         train(settings)
+    settings["datasets"][1].update(data_dir=str(mixed_dir), minimum_image_size=1000)  # every image filtered out
+    with pytest.raises(DataError, match=r"^dataset 'mixed' \(regularisation\): data_dir .*: none of the 20 images"):
+        train(settings)
 
 
 def test_simpletuner_backends_become_datasets_and_train(tiny_chroma, shapes_dir, mixed_dir, tmp_path):
