@@ -4,6 +4,7 @@ final files are reread by each format's reader (the self-test) before the run ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,9 +55,12 @@ def lora_files(
     }
 
 
-def save_final(ctx: RunContext, model: torch.nn.Module, targets: list[str], step: int, last_good: str) -> list[Path]:
+def save_final(
+    ctx: RunContext, model: torch.nn.Module, targets: list[str], step: int, last_good: Callable[[], str]
+) -> list[Path]:
     """Write the final LoRA in every format to ``output_dir`` (atomically), then reread each file
-    as its runtime would and fail the run on any difference. Main process only."""
+    as its runtime would and fail the run on any difference. Main process only. ``last_good`` names
+    the newest intact checkpoint for the error message (it verifies checkpoints: called on failure only)."""
     from tuner.core.selftest import self_test
 
     folder = ctx.output_dir
@@ -65,6 +69,6 @@ def save_final(ctx: RunContext, model: torch.nn.Module, targets: list[str], step
         for name, files in lora_files(ctx, model, targets, step).items():
             written[name] = [save_safetensors(folder / file, *content) for file, content in files.items()]
     except OSError as exc:
-        raise TunerError(f"cannot write the LoRA to {folder}: {exc}; {last_good} in {folder} is intact") from None
+        raise TunerError(f"cannot write the LoRA to {folder}: {exc}; {last_good()} in {folder} is intact") from None
     self_test(ctx.host, model, written)
     return [path for paths in written.values() for path in paths]

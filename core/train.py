@@ -188,7 +188,7 @@ class Trainer:
             result.checkpoints.append(self.checkpoints.save(state))
         ctx.accelerator.wait_for_everyone()
         if ctx.is_main:
-            result.lora_files += save_final(ctx, state.model, state.targets, step, self.checkpoints.last_good())
+            result.lora_files += save_final(ctx, state.model, state.targets, step, self.checkpoints.last_good)
             ctx.emit(events.Save, step, files=[str(p) for p in result.lora_files])
             ctx.log(f"self-test passed: {', '.join(p.name for p in result.lora_files)} reload as trained")
         final_validation = validator.run(state.model, step)
