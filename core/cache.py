@@ -267,8 +267,8 @@ def prepare_caches(
                             latents.save(key, {"latents": latent.float()})
         if not failed:
             break
-        remaining = [(i, b) for i, b in zip(usable, bucket_plan.buckets, strict=True) if i not in failed]
-        usable, bucket_plan = assign_buckets([i for i, _ in remaining], config, global_batch, lambda m: None, [])
+        kept = [item for item in usable if item not in failed]
+        usable, bucket_plan = assign_buckets(kept, config, global_batch, lambda m: None, [])
     if vae is not None:
         del vae
         gc.collect()

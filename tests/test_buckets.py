@@ -304,3 +304,17 @@ def test_random_crops_are_drawn_per_image_and_epoch_and_resume_exactly(tiny_chro
     train(settings)
     resumed, _, _ = train({**settings, "max_train_steps": 12, "resume_from_checkpoint": "latest"})
     assert resumed.losses == straight.losses[6:]
+
+
+def test_an_image_that_fails_to_decode_is_skipped_and_the_buckets_planned_again(tiny_chroma, mixed_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(mixed_dir, data)
+    whole = (data / "wide_00_green_circle.png").read_bytes()
+    (data / "wide_00_green_circle.png").write_bytes(whole[: len(whole) // 2])  # the header reads, the pixels do not
+    warnings: list[str] = []
+    settings = mixed_settings(tiny_chroma, data, tmp_path, max_train_steps=2, checkpointing_steps=0)
+    result, _, _ = train(settings, warnings=warnings)
+    assert result.steps == 2
+    assert any(w.startswith("skipped 1 unreadable image(s): wide_00_green_circle.png") for w in warnings)
