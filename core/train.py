@@ -359,19 +359,24 @@ class Trainer:
 
     @contextmanager
     def stop_on_interrupt(self) -> Iterator[None]:
-        """Ctrl-C requests a stop at the end of the step (a second one stops at once)."""
+        """Ctrl-C, or SIGTERM (what schedulers, ``docker stop`` and a web UI's stop send), requests a
+        stop at the end of the step: a checkpoint is saved. A second signal stops at once."""
 
-        def on_interrupt(signum, frame) -> None:
+        def on_signal(signum, frame) -> None:
             self.request_stop()
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.ctx.log("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.default_int_handler)  # the second one raises KeyboardInterrupt
+            name = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
+            self.ctx.log(f"{name}: finishing this step, then saving a checkpoint (again to abort)")
 
-        previous = signal.signal(signal.SIGINT, on_interrupt) if _main_thread() else None
+        previous = (
+            {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
+        )
         try:
             yield
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _stop_requested(self) -> bool:
         accelerator = self.ctx.accelerator

@@ -203,7 +203,8 @@ def test_persistent_nan_stops_with_a_clear_message(tiny_chroma, shapes_dir, tmp_
         run_trainer(settings, ("poison", PoisonSteps(set(range(1, 100)))))
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_chroma, shapes_dir, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_chroma, shapes_dir, tmp_path, stop):
     out = tmp_path / "out"
     command = [
         sys.executable,
@@ -239,7 +240,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_chroma, shapes_dir, tm
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 5):
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr[-2000:]
     assert "interrupted at step" in stderr and "resume_from_checkpoint=latest" in stderr
