@@ -151,6 +151,7 @@ class Entry:
     bucket: Bucket
     dataset: int = 0  # which of the run's datasets it belongs to
     variants: tuple[str, ...] = ()  # with random crops: the latents of each epoch's crop
+    image: Path | None = None  # the image file
 
 
 @dataclass
@@ -312,6 +313,7 @@ def prepare_caches(
             text_key(i.caption),
             b,
             variants=tuple(latent_key(config, i.image, b, e) for e in range(epochs)) if epochs > 1 else (),
+            image=i.image,
         )
         for i, b in zip(usable, bucket_plan.buckets, strict=True)
     ]

@@ -23,39 +23,72 @@ def caption_from_filename(image: Path) -> str:
     return " ".join(image.stem.replace("_", " ").split())
 
 
-def scan_dataset(data_dir: str | Path, warn: Callable[[str], None], caption_strategy: str = "textfile") -> list[Item]:
-    """List the images under ``data_dir`` (recursively) with their captions, sorted by path.
+def image_files(root: Path) -> list[Path]:
+    """Images under ``root``, sorted: subfolders and symlinked subfolders followed (each real
+    folder once, so link loops end), hidden files and folders (``.ipynb_checkpoints``, macOS
+    ``._*`` files) skipped."""
+    import os
 
-    A missing caption trains with an empty caption (one warning with the count); an unreadable
-    caption file is read with replacement characters. An empty folder is an error.
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found += [Path(folder) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def read_caption(path: Path, warn: Callable[[str], None]) -> str:
+    """A caption file's text on one line: UTF-8 (with or without BOM) or UTF-16 with a BOM;
+    undecodable bytes are replaced, with a warning."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = raw.decode("utf-16", errors="replace")
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            warn(f"caption {path} is not UTF-8; undecodable bytes were replaced")
+            text = raw.decode("utf-8", errors="replace")
+    return " ".join(text.split())
+
+
+def scan_dataset(data_dir: str | Path, warn: Callable[[str], None], caption_strategy: str = "textfile") -> list[Item]:
+    """List the images under ``data_dir`` (see :func:`image_files`) with their captions.
+
+    A missing or empty caption (a same-stem ``.txt`` file, any case of the extension) trains with
+    an empty caption (one warning with the count). An empty folder is an error.
     """
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"data_dir {root} is not a folder")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = image_files(root)
     if not images:
         raise DataError(f"data_dir {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    captions = {}  # (folder, stem) -> caption file, whatever the case of ".txt"
+    for folder in {image.parent for image in images}:
+        for file in folder.iterdir():
+            if file.suffix.lower() == ".txt" and not file.name.startswith("."):
+                captions.setdefault((folder, file.stem), file)
     items, uncaptioned = [], []
     for image in images:
         if caption_strategy == "filename":
             items.append(Item(image, caption_from_filename(image)))
             continue
-        caption_file = image.with_suffix(".txt")
-        if caption_file.is_file():
-            raw = caption_file.read_bytes()
-            try:
-                caption = raw.decode("utf-8-sig")
-            except UnicodeDecodeError:
-                warn(f"caption {caption_file} is not UTF-8; undecodable bytes were replaced")
-                caption = raw.decode("utf-8", errors="replace")
-            caption = " ".join(caption.split())
-        else:
+        caption_file = captions.get((image.parent, image.stem))
+        caption = read_caption(caption_file, warn) if caption_file is not None else ""
+        if not caption:
             uncaptioned.append(image.name)
-            caption = ""
         items.append(Item(image, caption))
     if uncaptioned:
         shown = ", ".join(uncaptioned[:3]) + (" ..." if len(uncaptioned) > 3 else "")
-        warn(f"{len(uncaptioned)} image(s) in {root} have no .txt caption and train with an empty caption: {shown}")
+        warn(
+            f"{len(uncaptioned)} image(s) in {root} have no caption (no .txt file, or an empty one) and train "
+            f"with an empty caption: {shown}"
+        )
     return items
 
 

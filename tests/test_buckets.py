@@ -292,13 +292,25 @@ def test_random_crops_are_drawn_per_image_and_epoch_and_resume_exactly(tiny_chro
     )
     assert encodes.images == 20 * 3  # 12 batches of 4 over 20 images reach 3 epochs: a crop for each
 
+    from tuner.core.buckets import crop_box
+    from tuner.core.cache import crop_offset
+    from tuner.core.data import image_size
+
     host = make_host()
-    trainer = Trainer(
-        host, make_config(host, mixed_settings(tiny_chroma, mixed_dir, tmp_path / "a", max_train_steps=12, **extra))
-    )
-    data = CachedDataset(trainer.prepare_data())
+    config = make_config(host, mixed_settings(tiny_chroma, mixed_dir, tmp_path / "a", max_train_steps=12, **extra))
+    prepared = Trainer(host, config).prepare_data()
+    data = CachedDataset(prepared)
     changed = [not torch.equal(data[i]["latents"], data[i + len(data)]["latents"]) for i in range(len(data))]
-    assert sum(changed) == 8  # the wide and tall images are cropped elsewhere in epoch 2; squares are whole
+    # epoch 2's crop differs exactly where its drawn offset puts the crop box elsewhere: never for the
+    # squares (no remainder), for a 2:1 image unless two draws land on the same of its 64 positions
+    expected, square = [], []
+    for entry in prepared.entries:
+        size = image_size(entry.image)
+        boxes = [crop_box(*size, entry.bucket, "random", crop_offset(config, entry.image, epoch)) for epoch in (0, 1)]
+        expected.append(boxes[0] != boxes[1])
+        square.append(size[0] == size[1])
+    assert changed == expected and 0 < sum(changed) <= 8
+    assert not any(c for c, sq in zip(changed, square, strict=True) if sq)
 
     settings = mixed_settings(tiny_chroma, mixed_dir, tmp_path / "b", max_train_steps=6, **extra)
     train(settings)

@@ -239,7 +239,7 @@ def test_dataset_problems(tiny_chroma, shapes_dir, tmp_path):
     warnings: list[str] = []
     result, _, _ = train({**base_settings(tiny_chroma, data, tmp_path), "max_train_steps": 1}, warnings=warnings)
     assert result.steps == 1
-    assert any("2 image(s)" in w and "no .txt caption" in w for w in warnings)  # 01_green_circle, broken
+    assert any("2 image(s)" in w and "have no caption (no .txt file" in w for w in warnings)  # 01_green_circle, broken
     assert any("skipped 1 unreadable image(s): broken.png" in w for w in warnings)
 
     empty = tmp_path / "empty"
@@ -257,3 +257,42 @@ def test_a_missing_model_is_a_one_line_error(shapes_dir, tmp_path):
     with pytest.raises(PluginError, match="chroma: cannot load the vae of") as info:
         train(settings)
     assert "\n" not in str(info.value)
+
+
+def test_captions_and_files_a_dataset_folder_really_holds(tmp_path, shapes_dir):
+    """Empty captions warn like missing ones; .TXT and UTF-16 captions are read; hidden files and
+    folders are skipped; a symlinked subfolder is followed, a link loop is not."""
+    from tuner.core.data import scan_dataset
+
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    image = (shapes_dir / "00_red_circle.png").read_bytes()
+    for name in ("upper", "utf16", "empty", "blank", "missing", "sub/nested"):
+        (data / f"{name}.png").write_bytes(image)
+    (data / "upper.TXT").write_text("an upper-case extension")
+    (data / "utf16.txt").write_bytes("a caption ünicode".encode("utf-16"))  # with its BOM
+    (data / "empty.txt").write_text("")
+    (data / "blank.txt").write_text("  \n\t ")
+    (data / "sub" / "nested.txt").write_text("nested")
+    (data / "._upper.png").write_bytes(b"macOS resource fork")
+    (data / ".ipynb_checkpoints").mkdir()
+    (data / ".ipynb_checkpoints" / "copy.png").write_bytes(image)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "linked.png").write_bytes(image)
+    (elsewhere / "linked.txt").write_text("through a link")
+    (data / "link").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(data, target_is_directory=True)  # a loop back: must end
+    warnings: list[str] = []
+    items = {item.image.relative_to(data).as_posix(): item.caption for item in scan_dataset(data, warnings.append)}
+    assert items == {
+        "blank.png": "",
+        "empty.png": "",
+        "link/linked.png": "through a link",
+        "missing.png": "",
+        "sub/nested.png": "nested",
+        "upper.png": "an upper-case extension",
+        "utf16.png": "a caption ünicode",
+    }
+    (warning,) = warnings
+    assert warning.startswith(f"3 image(s) in {data} have no caption (no .txt file, or an empty one)")
