@@ -296,3 +296,34 @@ def test_captions_and_files_a_dataset_folder_really_holds(tmp_path, shapes_dir):
     }
     (warning,) = warnings
     assert warning.startswith(f"3 image(s) in {data} have no caption (no .txt file, or an empty one)")
+
+
+def test_weights_are_never_unpickled(tiny_chroma, shapes_dir, tmp_path, monkeypatch):
+    """A whole run (caching, training, validation, saving, self-test) with torch's unpickler
+    forbidden; and a model folder that holds only .bin weights is a one-line refusal."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tuner.core.errors import PluginError
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.load was called: weights must come from safetensors")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "max_train_steps": 2}
+    result, _, _ = train({**settings, "validation_prompt": "a red circle", "validation_num_inference_steps": 2})
+    assert result.steps == 2
+    monkeypatch.undo()
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_chroma, pickled)
+    for weights in (pickled / "vae").glob("*.safetensors"):
+        torch.save(load_file(weights), weights.with_name("diffusion_pytorch_model.bin"))
+        weights.unlink()
+    with pytest.raises(PluginError) as info:
+        train({**settings, "pretrained_model_name_or_path": str(pickled), "cache_dir": str(tmp_path / "c2")})
+    message = str(info.value)
+    assert message.startswith("chroma: the vae of ") and "tuner never unpickles .bin files" in message
+    assert "\n" not in message

@@ -44,7 +44,9 @@ def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
         from transformers import AutoTokenizer, T5EncoderModel
 
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-        encoder = T5EncoderModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw)
+        encoder = T5EncoderModel.from_pretrained(
+            source, subfolder="text_encoder", dtype=dtype, use_safetensors=True, **kw
+        )
         return T5Encoder(tokenizer, encoder.eval())
 
     return shared.load_component(
@@ -53,9 +55,11 @@ def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
         component,
         {
             "transformer": lambda: ChromaTransformer2DModel.from_pretrained(
-                source, subfolder="transformer", torch_dtype=dtype, **kw
+                source, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, **kw
             ),
-            "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw),
+            "vae": lambda: AutoencoderKL.from_pretrained(
+                source, subfolder="vae", torch_dtype=dtype, use_safetensors=True, **kw
+            ),
             "text_encoders": text_encoders,
             "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kw),
         },

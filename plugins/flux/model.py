@@ -46,9 +46,13 @@ def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
 
         return ClipT5Encoders(
             AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
-            CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kw).eval(),
+            CLIPTextModel.from_pretrained(
+                source, subfolder="text_encoder", dtype=dtype, use_safetensors=True, **kw
+            ).eval(),
             AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw),
-            T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", dtype=dtype, **kw).eval(),
+            T5EncoderModel.from_pretrained(
+                source, subfolder="text_encoder_2", dtype=dtype, use_safetensors=True, **kw
+            ).eval(),
         )
 
     return shared.load_component(
@@ -57,9 +61,11 @@ def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
         component,
         {
             "transformer": lambda: FluxTransformer2DModel.from_pretrained(
-                source, subfolder="transformer", torch_dtype=dtype, **kw
+                source, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, **kw
             ),
-            "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw),
+            "vae": lambda: AutoencoderKL.from_pretrained(
+                source, subfolder="vae", torch_dtype=dtype, use_safetensors=True, **kw
+            ),
             "text_encoders": text_encoders,
             "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kw),
         },

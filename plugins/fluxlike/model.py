@@ -26,6 +26,11 @@ def load_component(family: str, source: str, component: str, loaders: dict[str, 
     try:
         return loaders[component]()
     except (OSError, ValueError) as exc:
+        if ".safetensors" in str(exc) or "use_safetensors" in str(exc):
+            raise PluginError(
+                f"{family}: the {component} of {source!r} has no .safetensors weights (tuner never unpickles "
+                f".bin files; convert them to safetensors): {first_line(exc)}"
+            ) from None
         raise PluginError(f"{family}: cannot load the {component} of {source!r}: {first_line(exc)}") from None
 
 

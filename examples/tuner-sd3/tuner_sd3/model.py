@@ -23,13 +23,15 @@ def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
     kw = {"revision": config.revision} if config.revision else {}
     loaders = {
         "transformer": lambda: SD3Transformer2DModel.from_pretrained(
-            source, subfolder="transformer", torch_dtype=dtype, **kw
+            source, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, **kw
         ),
-        "vae": lambda: AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kw),
+        "vae": lambda: AutoencoderKL.from_pretrained(
+            source, subfolder="vae", torch_dtype=dtype, use_safetensors=True, **kw
+        ),
         "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kw),
         # the three text encoders and tokenizers, held by a pipeline so its encode_prompt does the work
         "text_encoders": lambda: StableDiffusion3Pipeline.from_pretrained(
-            source, transformer=None, vae=None, torch_dtype=dtype, **kw
+            source, transformer=None, vae=None, torch_dtype=dtype, use_safetensors=True, **kw
         ),
     }
     if component not in loaders:
