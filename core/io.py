@@ -51,3 +51,20 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot serve as a folder tuner writes to (a file there or above it, a read-only
+    mount, no permission), or None; creates the folder."""
+    folder = Path(path)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{existing} is a file, not a folder" + ("" if existing == folder else f" (a parent of {folder})")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # what os.access cannot tell: a read-only mount, even as root
+    except OSError as exc:
+        return f"{folder} is not writable ({exc.strerror or exc})"
+    return None

@@ -27,7 +27,7 @@ import torch
 
 from tuner.core import events
 from tuner.core.builtin import validation_prompts
-from tuner.core.cache import CachedDataset, PreparedData, collate, prepare_caches, text_key
+from tuner.core.cache import CachedDataset, PreparedData, collate, default_cache_dir, prepare_caches, text_key
 from tuner.core.config import NO_QUANTIZATION, Config
 from tuner.core.data import scan_dataset
 from tuner.core.datasets import choose as choose_dataset
@@ -37,6 +37,7 @@ from tuner.core.errors import DataError, Interrupted, first_line, warn_user
 from tuner.core.evaluation import Evaluator, split_off
 from tuner.core.export import save_final
 from tuner.core.guard import DivergenceGuard
+from tuner.core.io import folder_problem
 from tuner.core.lora import lora_parameters
 from tuner.core.resume import Checkpoints
 from tuner.core.runtime import build_lr_scheduler, build_optimizer, has_accelerator, weight_dtype
@@ -121,6 +122,7 @@ class Trainer:
 
     def train(self) -> TrainResult:
         ctx, config = self.ctx, self.config
+        self.check_folders()  # before any heavy work
         self.report_memory_estimate()
         torch.manual_seed(config.seed)  # LoRA initialisation
         prepared = self.prepare_data()
@@ -200,6 +202,15 @@ class Trainer:
         ctx.accelerator.end_training()
 
     # -- setup --------------------------------------------------------------------------------
+
+    def check_folders(self) -> None:
+        """output_dir and cache_dir must be folders tuner can write to: a one-line error naming the
+        key now, not after caching and loading."""
+        config = self.config
+        for key, path in (("output_dir", config.output_dir), ("cache_dir", config.cache_dir or default_cache_dir())):
+            problem = folder_problem(path)
+            if problem is not None:
+                raise config.error(key, problem)
 
     def report_memory_estimate(self) -> Any:
         """Print what ``tuner estimate`` says for this run; warn when it exceeds the free memory.

@@ -31,3 +31,17 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
     with pytest.raises(OSError):
         atomic_write(path, broken)
     assert path.read_text() == "old" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_output_and_cache_folders_are_checked_before_any_heavy_work(tiny_chroma, shapes_dir, tmp_path):
+    from tuner.core.errors import ConfigError
+
+    from .conftest import base_settings, train
+
+    (tmp_path / "a-file").write_text("not a folder")
+    settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "memory_estimate": True}
+    with pytest.raises(ConfigError, match=r"^test.yaml: output_dir: .*a-file is a file, not a folder$"):
+        train({**settings, "output_dir": str(tmp_path / "a-file")})
+    with pytest.raises(ConfigError, match=r"^test.yaml: cache_dir: .*a-file is a file, not a folder \(a parent of "):
+        train({**settings, "cache_dir": str(tmp_path / "a-file" / "cache")})
+    assert not (tmp_path / "cache").exists()  # nothing was cached or loaded first
