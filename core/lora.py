@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from tuner.core.errors import ConfigError
 from tuner.core.types import LoraExport
 
 # safetensors metadata key of tuner's own training record. Deliberately not diffusers'
@@ -36,11 +35,10 @@ def resolve_targets(model: torch.nn.Module, patterns: Iterable[str], exclude_pre
 
 
 def add_lora(transformer: torch.nn.Module, targets: list[str], config: Any) -> None:
-    """Freeze the base and add a peft LoRA adapter on exactly ``targets`` (full module names)."""
+    """Freeze the base and add a peft LoRA adapter on exactly ``targets`` (full module names; never
+    empty: :func:`tuner.core.step.attach_lora` refuses that first)."""
     from peft import LoraConfig
 
-    if not targets:
-        raise ConfigError(f"{config.source}: the LoRA targets match no Linear module of the model")
     transformer.requires_grad_(False)
     lora_config = LoraConfig(
         r=config.network_rank,

@@ -257,23 +257,24 @@ class Trainer:
         parts = []
         micro_batches = config.max_train_steps * config.gradient_accumulation_steps
         weights = [d.weight for d in self.datasets]
-        drawn = Counter(choose_dataset(config.seed, k, weights) for k in range(micro_batches))
+        drawn = (  # global batches each dataset gives: how many epochs of random crops to cache
+            Counter(choose_dataset(config.seed, k, weights) for k in range(micro_batches))
+            if len(weights) > 1
+            else {0: micro_batches}
+        )
         with ctx.accelerator.main_process_first():
             for number, (dataset, items) in enumerate(zip(self.datasets, scanned, strict=True)):
-                try:
+                with self.naming(dataset):  # no usable image after the filters, or too few for a batch
                     part = prepare_caches(
                         ctx.host, dataset.config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch,
                         batch_count=drawn[number],
                     )  # fmt: skip
-                except DataError as exc:  # no usable image after the filters: name the entry
-                    raise (DataError(f"{dataset.label}: {exc}") if len(self.datasets) > 1 else exc) from None
-                entries = [replace(e, dataset=number) for e in part.entries] * (1 + dataset.config.dataset_repeats)
-                if len(entries) < global_batch:
-                    where = f"{dataset.label}: " if len(self.datasets) > 1 else ""
-                    raise DataError(
-                        f"{where}data_dir {dataset.config.data_dir} has {len(entries)} usable image(s), fewer than "
-                        f"one global batch ({config.train_batch_size} x {ctx.accelerator.num_processes} processes)"
-                    )
+                    entries = [replace(e, dataset=number) for e in part.entries] * (1 + dataset.config.dataset_repeats)
+                    if len(entries) < global_batch:
+                        raise DataError(
+                            f"data_dir {dataset.config.data_dir} has {len(entries)} usable image(s), fewer than one "
+                            f"global batch ({config.train_batch_size} x {ctx.accelerator.num_processes} processes)"
+                        )
                 parts.append(replace(part, entries=entries))
             if held_out:
                 self.held_out = prepare_caches(ctx.host, config, held_out, [], ctx.device, ctx.weight_dtype, ctx.warn)
@@ -290,9 +291,15 @@ class Trainer:
         return replace(parts[0], entries=entries, skipped=sum(p.skipped for p in parts), table=table)
 
     def scan(self, dataset: Any) -> list:
-        """A dataset's images and captions; with several datasets, errors name the entry."""
-        try:
+        """A dataset's images and captions."""
+        with self.naming(dataset):
             return scan_dataset(dataset.config.data_dir, self.ctx.warn, dataset.config.caption_strategy)
+
+    @contextmanager
+    def naming(self, dataset: Any) -> Iterator[None]:
+        """With several datasets, a DataError raised inside names the entry."""
+        try:
+            yield
         except DataError as exc:
             if len(self.datasets) == 1:
                 raise
