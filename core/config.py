@@ -61,6 +61,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
+    def kind(self, name: str) -> str:
+        """The key's kind (``int``, ``path``, ...), or "" for a value no key declares."""
+        key = self._keys.get(name)
+        return key.kind if key else ""
+
     def derive(self, values: dict[str, Any], source: str | None = None) -> Config:
         """This config with ``values`` set as if the user had written them (a dataset's view of the
         run); errors from it name ``source`` (the entry) when given."""

@@ -40,6 +40,7 @@ from tuner.core.guard import DivergenceGuard
 from tuner.core.io import folder_problem
 from tuner.core.lora import lora_parameters
 from tuner.core.resume import Checkpoints
+from tuner.core.runinfo import RunRecord
 from tuner.core.runtime import build_lr_scheduler, build_optimizer, has_accelerator, weight_dtype
 from tuner.core.sampler import DatasetBatches
 from tuner.core.state import Position, RunContext, TrainState
@@ -70,6 +71,11 @@ class StepOutcome:
     grad_norm: float
     sizes: list[list[int]]  # [height, width] in pixels of each micro-batch
     datasets: list[str]  # the dataset of each micro-batch
+
+
+def _record(record: RunRecord | None, **fields: Any) -> None:
+    if record is not None:
+        record.update(**fields)
 
 
 def due(every: int | None, step: int) -> bool:
@@ -121,8 +127,24 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
-        ctx, config = self.ctx, self.config
         self.check_folders()  # before any heavy work
+        record = RunRecord(self.config) if self.ctx.is_main else None
+        try:
+            result = self._train(record)
+        except Interrupted as exc:
+            _record(record, status="stopped", error=str(exc))
+            raise
+        except KeyboardInterrupt:
+            _record(record, status="interrupted", error="interrupted (a second Ctrl-C or SIGTERM)")
+            raise
+        except BaseException as exc:
+            _record(record, status="failed", error=first_line(exc))
+            raise
+        _record(record, status="finished", lora_files=[str(p) for p in result.lora_files], step=result.steps)
+        return result
+
+    def _train(self, record: RunRecord | None) -> TrainResult:
+        ctx, config = self.ctx, self.config
         self.report_memory_estimate()
         torch.manual_seed(config.seed)  # LoRA initialisation
         prepared = self.prepare_data()
@@ -132,6 +154,7 @@ class Trainer:
         result = TrainResult(ctx.output_dir, 0, resumed_from=self.checkpoints.resume(state))
         dataset = CachedDataset(prepared)
         self.announce(state, prepared, result.resumed_from)
+        _record(record, status="training", resumed_step=state.position.step if result.resumed_from else None)
         with self.progress_bar(state) as progress, self.stop_on_interrupt():
             batches = self.batches(dataset, state.position)
             while state.position.step < config.max_train_steps:

@@ -261,3 +261,51 @@ def test_resume_with_a_quantized_base_continues_exactly(tiny_chroma, shapes_dir,
     _, resumed = run_trainer({**settings, "resume_from_checkpoint": "latest"})
     assert resumed.resumed_from.name == "checkpoint-3"
     assert resumed.losses == straight.losses[3:]
+
+
+class FailAt:
+    @hookimpl
+    def training_event(self, event):
+        if isinstance(event, StepEnd) and event.step == 2:
+            raise RuntimeError("boom\nsecond line")
+
+
+def test_a_run_describes_itself_and_resumes_from_its_own_config_anywhere(
+    tiny_chroma, shapes_dir, tmp_path, monkeypatch
+):
+    from tuner.core.config import build_config, read_config_file
+    from tuner.core.runinfo import process_alive, read_run
+
+    monkeypatch.chdir(tiny_chroma.parent)  # the model given relative, with a trailing slash
+    settings = settings_for(tiny_chroma, shapes_dir, tmp_path, pretrained_model_name_or_path=f"./{tiny_chroma.name}/")
+    with pytest.raises(Interrupted):
+        run_trainer(settings, ("stop", StopAt(6)))
+    out = tmp_path / "out"
+    record = read_run(out)
+    assert record["status"] == "stopped" and "checkpoint-6" in record["error"]
+    assert record["pid"] == os.getpid() and process_alive(record["pid"], record["host"])
+    assert (record["family"], record["flavour"], record["precision"], record["max_train_steps"]) == (
+        "chroma",
+        "base",
+        "no_change",
+        10,
+    )
+    assert record["model"] == str(tiny_chroma.resolve())
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # config.yaml holds absolute paths: it resumes from any folder
+    raw = {**read_config_file(out / "config.yaml"), "resume_from_checkpoint": "latest", "max_train_steps": 12}
+    host = make_host()
+    result = Trainer(host, build_config(host, raw, str(out / "config.yaml"))).train()
+    assert result.resumed_from.name == "checkpoint-6" and result.steps == 12
+    record = read_run(out)
+    assert (record["status"], record["resumed_step"], record["step"], record["error"]) == ("finished", 6, 12, None)
+    assert record["lora_files"] == [str(out / "pytorch_lora_weights.safetensors")]
+
+    monkeypatch.chdir(tiny_chroma.parent)
+    with pytest.raises(RuntimeError):
+        run_trainer({**settings, "output_dir": str(tmp_path / "failed")}, ("fail", FailAt()))
+    record = read_run(tmp_path / "failed")
+    assert (record["status"], record["error"]) == ("failed", "RuntimeError: boom")
+    assert not process_alive(2**22 + 12345) and not process_alive(None)

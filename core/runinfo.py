@@ -1,0 +1,127 @@
+"""What a run says about itself in its ``output_dir``, for whoever watches it (``tuner server``, a
+script, a person): ``run.json`` (status, process, family, precision, total steps) and
+``config.yaml`` (the settings it was started with, paths resolved, so it resumes from anywhere).
+
+``run.json`` is rewritten atomically at each change of status: ``starting`` (caching, loading),
+``training``, then ``finished``, ``stopped`` (Ctrl-C or SIGTERM: a checkpoint was saved),
+``interrupted`` (a second Ctrl-C) or ``failed`` (with the one-line error). A run killed with
+``kill -9`` stays ``starting``/``training`` with a process that no longer exists: readers check
+``pid`` (see :func:`process_alive`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from tuner.core.io import atomic_write
+
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+FORMAT = 1
+# per-launch keys: never part of the snapshot a resume starts from
+LAUNCH_KEYS = ("resume_from_checkpoint",)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def settings_snapshot(config: Any) -> dict[str, Any]:
+    """The keys the user set, with local paths made absolute (a resume may start elsewhere)."""
+    snapshot: dict[str, Any] = {}
+    for name, value in sorted(config.to_dict().items()):
+        if name in LAUNCH_KEYS or not config.is_set(name):
+            continue
+        kind = config.kind(name)
+        if value is not None and (kind == "path" or (name == "pretrained_model_name_or_path" and Path(value).exists())):
+            value = str(Path(value).resolve())
+        if name == "datasets" and value:
+            value = [{**entry, "data_dir": str(Path(entry["data_dir"]).resolve())} for entry in value]
+        snapshot[name] = value
+    return snapshot
+
+
+class RunRecord:
+    """Writes ``run.json`` (and once ``config.yaml``) for one run; the main process only."""
+
+    def __init__(self, config: Any) -> None:
+        self.folder = Path(config.output_dir)
+        snapshot = settings_snapshot(config)
+        self.data: dict[str, Any] = {
+            "format": FORMAT,
+            "status": "starting",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _now(),
+            "updated": _now(),
+            "family": config.model_family,
+            "flavour": config.model_flavour,
+            "model": snapshot.get("pretrained_model_name_or_path"),
+            "precision": config.base_model_precision,
+            "mixed_precision": config.mixed_precision,
+            "max_train_steps": config.max_train_steps,
+            "resumed_step": None,
+            "config": CONFIG_FILE,
+            "source": str(Path(config.source).resolve()) if Path(config.source).is_file() else config.source,
+            "error": None,
+            "lora_files": [],
+        }
+        self._write_config(config, snapshot)
+        self.write()
+
+    def _write_config(self, config: Any, snapshot: dict[str, Any]) -> None:
+        import yaml
+
+        path = self.folder / CONFIG_FILE
+        if Path(config.source).resolve() == path.resolve():
+            return  # the run reads this very file: keep the user's comments
+        text = (
+            "# The settings this run started with (paths resolved), written by tuner run.\n"
+            f"# Continue it with: tuner run --config {path} --set resume_from_checkpoint=latest\n"
+        ) + yaml.safe_dump(snapshot, sort_keys=False, allow_unicode=True)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields, updated=_now())
+        self.write()
+
+    def write(self) -> None:
+        text = json.dumps(self.data, indent=1)
+        try:
+            atomic_write(self.folder / RUN_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        except OSError:  # a status file must never end a run (the disk-full message comes from the run itself)
+            pass
+
+
+def read_run(folder: str | Path) -> dict[str, Any] | None:
+    """``folder/run.json`` as a dict, or None when absent or damaged."""
+    try:
+        data = json.loads((Path(folder) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def process_alive(pid: Any, host: Any = None) -> bool:
+    """Whether the run's process still exists (on this machine: another host's pid cannot be checked
+    and counts as alive)."""
+    if host not in (None, socket.gethostname()):
+        return True
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not running
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
