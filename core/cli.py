@@ -397,12 +397,20 @@ def check_lora(
     typer.echo("OK: every key loads")
 
 
+_plugin_commands_added = False
+
+
 def _register_plugin_commands() -> None:
+    """Add the installed plugins' commands to the app (once per process)."""
+    global _plugin_commands_added
+    if _plugin_commands_added:
+        return
     try:
         host = _host(None)
     except TunerError:
         return  # `tuner plugins` reports the problem
     host.hook.register_commands(app=app)
+    _plugin_commands_added = True
 
 
 def main() -> None:

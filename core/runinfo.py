@@ -4,7 +4,8 @@ script, a person): ``run.json`` (status, process, family, precision, total steps
 
 ``run.json`` is rewritten atomically at each change of status: ``starting`` (caching, loading),
 ``training``, then ``finished``, ``stopped`` (Ctrl-C or SIGTERM: a checkpoint was saved),
-``interrupted`` (a second Ctrl-C) or ``failed`` (with the one-line error). A run killed with
+``interrupted`` (a second Ctrl-C) or ``failed`` (with the one-line error). A resume keeps
+``started`` and adds the earlier launches' time to ``earlier_s``. A run killed with
 ``kill -9`` stays ``starting``/``training`` with a process that no longer exists: readers check
 ``pid`` (see :func:`process_alive`).
 """
@@ -27,8 +28,28 @@ FORMAT = 1
 LAUNCH_KEYS = ("resume_from_checkpoint",)
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+
+
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return time.strftime(TIME_FORMAT)
+
+
+def _seconds(record: dict[str, Any], alive: bool = False) -> float:
+    """How long a launch of the run lasted (``launched`` to its last update, or to now while alive)."""
+    try:
+        began = time.mktime(time.strptime(record.get("launched") or record["started"], TIME_FORMAT))
+        ended = time.time() if alive else time.mktime(time.strptime(record["updated"], TIME_FORMAT))
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    return max(0.0, ended - began)
+
+
+def duration(record: dict[str, Any], alive: bool) -> float | None:
+    """The run's time so far over all its launches (a resume adds to it)."""
+    if not isinstance(record.get("started"), str):
+        return None
+    return float(record.get("earlier_s") or 0) + _seconds(record, alive)
 
 
 def settings_snapshot(config: Any) -> dict[str, Any]:
@@ -71,6 +92,11 @@ class RunRecord:
             "error": None,
             "lora_files": [],
         }
+        previous = read_run(self.folder) if config.resume_from_checkpoint else None
+        if previous and isinstance(previous.get("started"), str):  # one run across its resumes
+            self.data["started"] = previous["started"]
+            self.data["earlier_s"] = float(previous.get("earlier_s") or 0) + _seconds(previous)
+        self.data["launched"] = _now()
         self._write_config(config, snapshot)
         self.write()
 

@@ -96,4 +96,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_
     assert len({tuple(size) for row in rows for size in row["sizes"]}) > 1  # several buckets were trained
     assert {d for row in rows for d in row["datasets"]} == {"squares", "mixed"}
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5, rtol=1e-4)
-    assert sorted(p.name for p in double.iterdir()) == ["logs", "pytorch_lora_weights.safetensors", "train_log.jsonl"]
+    assert sorted(p.name for p in double.iterdir()) == [
+        "config.yaml",
+        "logs",
+        "pytorch_lora_weights.safetensors",
+        "run.json",
+        "train_log.jsonl",
+    ]
+    assert json.loads((double / "run.json").read_text())["status"] == "finished"  # written by the main process

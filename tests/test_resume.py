@@ -281,7 +281,7 @@ def test_a_run_describes_itself_and_resumes_from_its_own_config_anywhere(
     with pytest.raises(Interrupted):
         run_trainer(settings, ("stop", StopAt(6)))
     out = tmp_path / "out"
-    record = read_run(out)
+    record = first = read_run(out)
     assert record["status"] == "stopped" and "checkpoint-6" in record["error"]
     assert record["pid"] == os.getpid() and process_alive(record["pid"], record["host"])
     assert (record["family"], record["flavour"], record["precision"], record["max_train_steps"]) == (
@@ -292,6 +292,9 @@ def test_a_run_describes_itself_and_resumes_from_its_own_config_anywhere(
     )
     assert record["model"] == str(tiny_chroma.resolve())
 
+    first["started"] = first["launched"] = "2026-01-01T00:00:00+0000"
+    first["updated"] = "2026-01-01T00:01:40+0000"
+    (out / "run.json").write_text(json.dumps(first))  # as if the first launch ran 100 s long ago
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # config.yaml holds absolute paths: it resumes from any folder
@@ -301,6 +304,7 @@ def test_a_run_describes_itself_and_resumes_from_its_own_config_anywhere(
     assert result.resumed_from.name == "checkpoint-6" and result.steps == 12
     record = read_run(out)
     assert (record["status"], record["resumed_step"], record["step"], record["error"]) == ("finished", 6, 12, None)
+    assert record["started"] == "2026-01-01T00:00:00+0000" and record["earlier_s"] == 100.0  # one run, resumed
     assert record["lora_files"] == [str(out / "pytorch_lora_weights.safetensors")]
 
     monkeypatch.chdir(tiny_chroma.parent)

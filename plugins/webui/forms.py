@@ -1,0 +1,240 @@
+"""The new-run form, generated from the config keys of the chosen family (the core's and its
+plugins'), and the way its values become a config: parsed per key kind, then validated by the same
+``build_config`` that ``tuner run`` uses, so the UI shows the CLI's one-line messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tuner.core.config import NO_QUANTIZATION, build_config
+from tuner.core.errors import ConfigError, DataError, PluginError
+from tuner.plugins.webui.workspace import OutsideWorkspace, Workspace
+
+# The seed guide's sections, in its order.
+GROUPS = ("model", "data", "LoRA", "optimisation", "validation", "saving")
+# Where the core's keys go; a plugin's key is placed by its name (see group_of).
+CORE_GROUPS = {
+    "model": (
+        "model_flavour pretrained_model_name_or_path revision base_model_precision mixed_precision "
+        "text_encoder_1_precision text_encoder_2_precision text_encoder_3_precision offload_during_startup "
+        "memory_estimate tokenizer_max_length"
+    ),
+    "data": (
+        "data_dir datasets resolution resolution_type aspect_bucket_alignment aspect_bucket_max_ratio crop_style "
+        "minimum_image_size caption_strategy caption_dropout_probability dataset_repeats cache_dir "
+        "dataloader_num_workers eval_data_dir eval_split"
+    ),
+    "LoRA": "network_rank lora_alpha lora_dropout",
+    "optimisation": (
+        "learning_rate lr_scheduler lr_warmup_steps train_batch_size gradient_accumulation_steps max_train_steps "
+        "max_grad_norm adam_beta1 adam_beta2 adam_epsilon adam_weight_decay gradient_checkpointing seed "
+        "flow_schedule_shift flow_schedule_auto_shift flow_sigmoid_scale divergence_skip_limit "
+        "divergence_max_rollbacks divergence_lr_factor"
+    ),
+    "validation": "eval_steps eval_sigma_levels",
+    "saving": "output_dir checkpointing_steps checkpoints_total_limit lora_format report_to",
+}
+GROUP_OF = {name: group for group, names in CORE_GROUPS.items() for name in names.split()}
+# Shown above "advanced" besides the keys `tuner configure` asks for.
+CENTRAL = {"pretrained_model_name_or_path", "lora_alpha", "validation_steps", "checkpointing_steps"}
+# Chosen elsewhere in the UI (the family selector, the resume button) or not a choice at all.
+HIDDEN = {"model_type", "model_family", "resume_from_checkpoint"}
+# The UI's own defaults: the core's cache_dir default (~/.cache/tuner) is outside the workspace.
+UI_DEFAULTS = {"cache_dir": "cache"}
+# Keys whose change alters the memory estimate: the memory panel refreshes on them.
+MEMORY_KEYS = {
+    "base_model_precision",
+    "mixed_precision",
+    "resolution",
+    "train_batch_size",
+    "network_rank",
+    "gradient_checkpointing",
+    "pretrained_model_name_or_path",
+    "model_flavour",
+    "offload_during_startup",
+}
+
+
+def group_of(name: str) -> str:
+    if name in GROUP_OF:
+        return GROUP_OF[name]
+    if name.startswith(("validation_", "eval_")):
+        return "validation"
+    if "lora" in name or name.startswith("network_"):
+        return "LoRA"
+    if name.startswith(("flux_guidance", "flow_", "noise_", "timestep")) or "sigma" in name:
+        return "optimisation"
+    if "caption" in name or name.startswith(("dataset", "crop_", "aspect_")):
+        return "data"
+    return "model"
+
+
+def form_schema(host: Any) -> dict[str, Any]:
+    """The family's keys grouped for the form; keys the family refuses or ignores are left out."""
+    family = host.family
+    keys = host.config_keys()
+    groups: dict[str, dict[str, list[dict[str, Any]]]] = {g: {"central": [], "advanced": []} for g in GROUPS}
+    for key in sorted(keys.values(), key=lambda k: k.name):
+        if key.name in HIDDEN or key.name in family.ignored_keys or family.refusal(key) is not None:
+            continue
+        default, choices = key.default, key.choices
+        default = UI_DEFAULTS.get(key.name, default)
+        if key.name == "model_flavour":
+            default, choices = family.default_flavour, tuple(family.flavours)
+        elif key.name in ("base_model_precision",) or key.name.startswith("text_encoder_"):
+            choices = (NO_QUANTIZATION, *sorted(host.precisions))
+            default = (
+                default if default is not None else (None if key.name != "base_model_precision" else NO_QUANTIZATION)
+            )
+        field = {
+            "name": key.name,
+            "kind": key.kind,
+            "default": default,
+            "choices": list(choices) if choices else None,
+            "nullable": key.nullable,
+            "help": key.help,
+            "owner": key.owner,
+            "memory": key.name in MEMORY_KEYS,
+            "browse": key.kind == "path" and key.name.endswith("data_dir"),
+        }
+        place = "central" if key.ask or key.name in CENTRAL else "advanced"
+        groups[group_of(key.name)][place].append(field)
+    order = _central_order()
+    for parts in groups.values():
+        parts["central"].sort(key=lambda f: (order.get(f["name"], len(order)), f["name"]))
+    return {"family": family.name, "groups": [{"name": g, **groups[g]} for g in GROUPS]}
+
+
+def _central_order() -> dict[str, int]:
+    from tuner.core.builtin import ASKED
+
+    return {name: index for index, name in enumerate(ASKED)}
+
+
+def parse_values(host: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """Form values (text, booleans, lists of lines) as config values; an empty field is unset."""
+    import yaml
+
+    keys = host.config_keys()
+    raw: dict[str, Any] = {}
+    for name, value in values.items():
+        key = keys.get(name)
+        if key is None or name in HIDDEN:
+            raise ConfigError(f"form: {name}: not a key of {host.family.name}")
+        if value is None or value == "" or value == []:
+            continue
+        if key.kind == "bool" or not isinstance(value, str):
+            raw[name] = value
+        elif key.kind in ("str", "path"):
+            raw[name] = value
+        elif key.kind == "str_list":
+            raw[name] = [line.strip() for line in value.splitlines() if line.strip()]
+        elif key.kind == "float":
+            try:
+                raw[name] = float(value)
+            except ValueError:
+                raw[name] = value  # build_config names the key and the expected kind
+        else:
+            try:
+                raw[name] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raw[name] = value
+    return raw
+
+
+def config_file(workspace: Workspace, raw: dict[str, Any]) -> Path:
+    """Where the UI saves a run's config: ``configs/<output folder name>.yaml``."""
+    name = Path(str(raw.get("output_dir") or "output")).name or "run"
+    return workspace.root / "configs" / f"{name}.yaml"
+
+
+def validate(workspace: Workspace, host: Any, values: dict[str, Any], check_data: bool = False) -> dict[str, Any]:
+    """``{"config": Config, "raw": ..., "file": Path}`` or ``{"error": message, "key": name}``: the
+    message ``tuner run --config <that file>`` would print."""
+    try:
+        raw = parse_values(host, values)
+    except ConfigError as exc:
+        return _error(str(exc), "form")
+    raw["model_family"] = host.family.name
+    for name, value in UI_DEFAULTS.items():
+        raw.setdefault(name, value)
+    file = config_file(workspace, raw)
+    source = f"configs/{file.name}"  # what `tuner run --config` from the workspace would name
+    warnings: list[str] = []
+    try:
+        config = build_config(host, raw, source, warn=warnings.append)
+        _inside_workspace(workspace, config)
+        if check_data:
+            _check_data(config)
+    except (ConfigError, DataError, PluginError) as exc:
+        return _error(str(exc), source)
+    return {"config": config, "raw": raw, "file": file, "warnings": warnings}
+
+
+def _error(message: str, source: str) -> dict[str, Any]:
+    rest = message.removeprefix(f"{source}: ")
+    key = rest.split(":", 1)[0] if ":" in rest and " " not in rest.split(":", 1)[0] else None
+    return {"error": message, "key": key}
+
+
+def _inside_workspace(workspace: Workspace, config: Any) -> None:
+    """The UI reads and writes only inside its workspace: every folder a run would use is checked."""
+    folders = [(name, config[name]) for name in config.to_dict() if config.kind(name) == "path" and config[name]]
+    folders += [(f"datasets[{i}].data_dir", entry["data_dir"]) for i, entry in enumerate(config.datasets or [])]
+    if not config.cache_dir:
+        folders.append(("cache_dir", None))
+    for name, value in folders:
+        if value is None:
+            raise config.error(name, "set it to a folder inside the workspace (the default is outside it)")
+        try:
+            workspace.resolve(value, must_exist=False)
+        except OutsideWorkspace:
+            raise config.error(
+                name, f"{value} is outside the workspace {workspace.root}; the web UI reads and writes only there"
+            ) from None
+
+
+def _check_data(config: Any) -> None:
+    """The cheap data checks of a run (a folder with images), before a job is queued."""
+    from tuner.core.data import scan_dataset
+    from tuner.core.datasets import resolve
+
+    datasets = resolve(config)
+    if not datasets:
+        raise config.error("data_dir", "is required: a folder of images with .txt captions (or datasets:)")
+    for dataset in datasets:
+        try:
+            scan_dataset(dataset.config.data_dir, lambda message: None, dataset.config.caption_strategy)
+        except DataError as exc:
+            raise config.error("data_dir", str(exc)) from None
+
+
+def write_config(file: Path, raw: dict[str, Any]) -> Path:
+    import yaml
+
+    from tuner.core.io import atomic_write
+
+    text = f"# written by tuner server; run it from the workspace with: tuner run --config configs/{file.name}\n"
+    text += yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+    return atomic_write(file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def bucket_table(config: Any) -> str:
+    """What ``tuner buckets`` prints for the config's data (image headers only)."""
+    from tuner.core.cache import assign_buckets
+    from tuner.core.data import scan_dataset
+    from tuner.core.datasets import resolve
+
+    lines = []
+    datasets = resolve(config)
+    for dataset in datasets:
+        notes: list[str] = []
+        items = scan_dataset(dataset.config.data_dir, notes.append, dataset.config.caption_strategy)
+        unreadable: list[str] = []
+        _, plan = assign_buckets(items, dataset.config, config.train_batch_size, notes.append, unreadable)
+        lines.append((f"{dataset.label}: " if len(datasets) > 1 else "") + plan.table())
+        if unreadable:
+            lines.append(f"  skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}")
+        lines += [f"  note: {n}" for n in notes]
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""Jobs the UI starts: ``tuner run`` and ``tuner sample`` as their own processes (argument lists, no
+shell, a new session each, so a server restart or Ctrl-C does not reach them), queued so that at
+most ``max_running`` use the accelerator at once. Runs started from a terminal count too.
+
+The queue and the processes it started are kept in ``<workspace>/.tuner-server/jobs.json``: a
+restarted server re-attaches to the ones still running and starts the ones still waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tuner.core.io import atomic_write
+from tuner.core.runinfo import process_alive, read_run
+from tuner.plugins.webui.workspace import LIVE, Workspace
+
+STATE_FOLDER = ".tuner-server"
+
+
+def tuner_command() -> list[str]:
+    """How a job calls the CLI: this interpreter, so the job sees the same installed plugins."""
+    return [sys.executable, "-m", "tuner.core.cli"]
+
+
+class Jobs:
+    def __init__(self, workspace: Workspace, max_running: int = 1, poll_s: float = 0.5) -> None:
+        self.workspace = workspace
+        self.max_running = max_running
+        self.poll_s = poll_s
+        self.file = workspace.root / STATE_FOLDER / "jobs.json"
+        self._lock = threading.RLock()
+        self._children: dict[int, subprocess.Popen] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        state = self._read()
+        self.queued: list[dict[str, Any]] = state.get("queued", [])
+        self.running: list[dict[str, Any]] = [job for job in state.get("running", []) if self._alive(job)]
+
+    # -- the scheduler ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="tuner-jobs", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.tick()
+            self._stop.wait(self.poll_s)
+
+    def tick(self) -> None:
+        """Reap finished jobs and launch waiting ones while the accelerator has room."""
+        with self._lock:
+            before = len(self.running)
+            self.running = [job for job in self.running if self._alive(job)]
+            changed = len(self.running) != before
+            while self.queued and self.busy() < self.max_running:
+                self._launch(self.queued.pop(0))
+                changed = True
+            if changed:
+                self._save()
+
+    def busy(self) -> int:
+        """Jobs of this server still running, plus runs started elsewhere (a terminal) on this machine."""
+        ours = {str(Path(job["output_dir"]).resolve()) for job in self.running}
+        others = 0
+        for folder in self.workspace.run_folders():
+            record = read_run(folder) or {}
+            if (
+                str(folder.resolve()) not in ours
+                and record.get("status") in LIVE
+                and process_alive(record.get("pid"), record.get("host"))
+            ):
+                others += 1
+        return len(self.running) + others
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def submit(self, kind: str, argv: list[str], output_dir: Path, log: Path, label: str = "") -> dict[str, Any]:
+        job = {
+            "id": uuid.uuid4().hex[:12],
+            "kind": kind,
+            "argv": argv,
+            "output_dir": str(output_dir),
+            "log": str(log),
+            "label": label,
+            "submitted": time.time(),
+        }
+        with self._lock:
+            self.queued.append(job)
+            self._save()
+        self.tick()
+        return job
+
+    def _launch(self, job: dict[str, Any]) -> None:
+        log = Path(job["log"])
+        log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log, "ab") as output:
+            output.write(f"\n$ tuner {' '.join(job['argv'][len(tuner_command()) :])}\n".encode())
+            output.flush()
+            process = subprocess.Popen(  # an argument list: no shell ever parses a value from the UI
+                job["argv"],
+                cwd=self.workspace.root,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a server restart or its Ctrl-C does not reach the job
+                env=env,
+            )
+        self._children[process.pid] = process
+        self.running.append({**job, "pid": process.pid, "started": time.time()})
+
+    def _alive(self, job: dict[str, Any]) -> bool:
+        child = self._children.get(job.get("pid", -1))
+        if child is not None:
+            if child.poll() is None:
+                return True
+            del self._children[child.pid]
+            return False
+        return process_alive(job.get("pid"))
+
+    def job_for(self, output_dir: Path) -> dict[str, Any] | None:
+        """The queued or running job of a run folder, if any."""
+        wanted = str(output_dir.resolve())
+        with self._lock:
+            for state, jobs in (("running", self.running), ("queued", self.queued)):
+                for job in jobs:
+                    if str(Path(job["output_dir"]).resolve()) == wanted and (state == "queued" or self._alive(job)):
+                        return {**job, "state": state}
+        return None
+
+    def stop(self, output_dir: Path) -> str:
+        """Cancel a queued job, or ask a running one to stop as Ctrl-C does (SIGTERM: it saves a
+        checkpoint). Returns what was done."""
+        wanted = str(output_dir.resolve())
+        with self._lock:
+            for job in list(self.queued):
+                if str(Path(job["output_dir"]).resolve()) == wanted:
+                    self.queued.remove(job)
+                    self._save()
+                    return "removed from the queue"
+            pids = [job["pid"] for job in self.running if str(Path(job["output_dir"]).resolve()) == wanted]
+        record = read_run(output_dir) or {}
+        if not pids and record.get("status") in LIVE and process_alive(record.get("pid"), record.get("host")):
+            pids = [record["pid"]]  # a run started from a terminal
+        if not pids:
+            return "not running"
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        return "stopping: the run finishes its step and saves a checkpoint"
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            state = json.loads(self.file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def _save(self) -> None:
+        text = json.dumps({"queued": self.queued, "running": self.running}, indent=1)
+        atomic_write(self.file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
