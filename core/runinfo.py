@@ -77,6 +77,7 @@ class RunRecord:
             "format": FORMAT,
             "status": "starting",
             "pid": os.getpid(),
+            "pid_started": process_started(os.getpid()),  # tells this process from a later one with its pid
             "host": socket.gethostname(),
             "started": _now(),
             "updated": _now(),
@@ -133,12 +134,24 @@ def read_run(folder: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def process_alive(pid: Any, host: Any = None) -> bool:
+def process_started(pid: int) -> int | None:
+    """When a process started (clock ticks after boot, from /proc), or None where /proc is absent."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: Any, host: Any = None, started: Any = None) -> bool:
     """Whether the run's process still exists (on this machine: another host's pid cannot be checked
-    and counts as alive)."""
+    and counts as alive). ``started`` (:func:`process_started` of the original) rules out another
+    process that was given the same pid later."""
     if host not in (None, socket.gethostname()):
         return True
     if not isinstance(pid, int) or pid <= 0:
+        return False
+    if started is not None and process_started(pid) not in (None, started):
         return False
     try:
         os.kill(pid, 0)

@@ -283,7 +283,8 @@ def test_a_run_describes_itself_and_resumes_from_its_own_config_anywhere(
     out = tmp_path / "out"
     record = first = read_run(out)
     assert record["status"] == "stopped" and "checkpoint-6" in record["error"]
-    assert record["pid"] == os.getpid() and process_alive(record["pid"], record["host"])
+    assert record["pid"] == os.getpid() and process_alive(record["pid"], record["host"], record["pid_started"])
+    assert not process_alive(os.getpid(), None, record["pid_started"] + 1)  # a later process given that pid
     assert (record["family"], record["flavour"], record["precision"], record["max_train_steps"]) == (
         "chroma",
         "base",

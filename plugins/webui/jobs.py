@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.core.io import atomic_write
-from tuner.core.runinfo import process_alive, read_run
+from tuner.core.runinfo import process_alive, process_started, read_run
 from tuner.plugins.webui.workspace import LIVE, Workspace
 
 STATE_FOLDER = ".tuner-server"
@@ -82,7 +82,7 @@ class Jobs:
             if (
                 str(folder.resolve()) not in ours
                 and record.get("status") in LIVE
-                and process_alive(record.get("pid"), record.get("host"))
+                and process_alive(record.get("pid"), record.get("host"), record.get("pid_started"))
             ):
                 others += 1
         return len(self.running) + others
@@ -122,7 +122,9 @@ class Jobs:
                 env=env,
             )
         self._children[process.pid] = process
-        self.running.append({**job, "pid": process.pid, "started": time.time()})
+        self.running.append(
+            {**job, "pid": process.pid, "pid_started": process_started(process.pid), "started": time.time()}
+        )
 
     def _alive(self, job: dict[str, Any]) -> bool:
         child = self._children.get(job.get("pid", -1))
@@ -131,7 +133,7 @@ class Jobs:
                 return True
             del self._children[child.pid]
             return False
-        return process_alive(job.get("pid"))
+        return process_alive(job.get("pid"), None, job.get("pid_started"))
 
     def job_for(self, output_dir: Path) -> dict[str, Any] | None:
         """The queued or running job of a run folder, if any."""
@@ -155,7 +157,11 @@ class Jobs:
                     return "removed from the queue"
             pids = [job["pid"] for job in self.running if str(Path(job["output_dir"]).resolve()) == wanted]
         record = read_run(output_dir) or {}
-        if not pids and record.get("status") in LIVE and process_alive(record.get("pid"), record.get("host")):
+        if (
+            not pids
+            and record.get("status") in LIVE
+            and process_alive(record.get("pid"), record.get("host"), record.get("pid_started"))
+        ):
             pids = [record["pid"]]  # a run started from a terminal
         if not pids:
             return "not running"

@@ -75,7 +75,7 @@ class Workspace:
             return None
         log = self.logs.read(folder / "train_log.jsonl")
         status = record.get("status", "unknown")
-        alive = status in LIVE and process_alive(record.get("pid"), record.get("host"))
+        alive = status in LIVE and process_alive(record.get("pid"), record.get("host"), record.get("pid_started"))
         if status in LIVE and not alive:
             status = "died"  # killed (kill -9, a crash of the machine): resume from its last checkpoint
         last = log.last_step

@@ -109,7 +109,11 @@ function initNew() {
     $("#estimate").textContent = result.text || result.error;
     $("#estimate").classList.toggle("muted", !result.text);
   }, 500);
-  const validate = debounce(async () => showErrors(await api("/api/validate", payload())), 400);
+  const validate = debounce(async () => {
+    const result = await api("/api/validate", payload());
+    showErrors(result);
+    $("#form-warnings").replaceChildren(...(result.warnings || []).map(w => el("li", { text: w })));
+  }, 400);
   form.addEventListener("input", event => {
     validate();
     if (event.target.hasAttribute("data-memory")) estimate();
