@@ -237,6 +237,15 @@ CORE_KEYS = (
     ),
     ConfigKey("checkpoints_total_limit", "int", None, "Keep only the newest N checkpoints.", minimum=1),
     ConfigKey(
+        "existing_output",
+        "str",
+        "refuse",
+        "When output_dir holds an earlier run (and resume_from_checkpoint is not set): refuse (say what is "
+        "there), new (write to output_dir-2, -3, ...) or overwrite (remove that run's checkpoints, log, images "
+        "and LoRA files, then start over there).",
+        choices=("refuse", "new", "overwrite"),
+    ),
+    ConfigKey(
         "resume_from_checkpoint",
         "str",
         None,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from tuner.core.errors import ConfigError, TunerError
-from tuner.core.io import atomic_write, save_safetensors
+from tuner.core.io import atomic_write, resolved_if_local, save_safetensors
 
 MANIFEST = "manifest.json"
 STATE = "state.json"
@@ -206,23 +206,15 @@ def prune(output_dir: Path, keep: int) -> list[Path]:
     return removed
 
 
-def _resolved(value: Any) -> Any:
-    """A local path as its absolute form (``models/x``, ``./models/x/`` and ``/abs/models/x`` are one
-    model); anything else (a hub id, a number) as it is."""
-    if isinstance(value, str) and value and Path(value).exists():
-        return str(Path(value).resolve())
-    return value
-
-
 def resume_settings(config: Any, targets: list[str]) -> dict[str, Any]:
     """What defines the adapter: every key flagged ``resume_critical`` (local paths resolved) and the
     adapted modules."""
-    return {**{k: _resolved(v) for k, v in config.flagged("resume_critical").items()}, "targets": targets}
+    return {**{k: resolved_if_local(v) for k, v in config.flagged("resume_critical").items()}, "targets": targets}
 
 
 def check_resume_settings(saved: dict[str, Any], config: Any, targets: list[str], folder: Path) -> None:
     now = resume_settings(config, targets)
-    differing = [key for key in now if _resolved(saved.get(key)) != now[key]]
+    differing = [key for key in now if resolved_if_local(saved.get(key)) != now[key]]
     if differing:
         detail = ", ".join(
             f"{key} ({saved.get(key)!r} -> {now[key]!r})" if key != "targets" else "LoRA targets" for key in differing

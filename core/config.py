@@ -348,8 +348,22 @@ def build_config(
 
         if device_type() != "cuda":
             raise config.error("mixed_precision", "fp16 needs a CUDA GPU; use bf16 or no")
+    _check_trackers(config, host, warn)
     host.check_config(config, warn)
     return config
+
+
+def _check_trackers(config: Config, host: PluginHost, warn: Any) -> None:
+    """``report_to`` names a tracker nothing provides: say so (a run would report nowhere silently)."""
+    from tuner.core.builtin import trackers
+
+    installed = {record.name for record in host.records if not record.error and not record.disabled}
+    for name in trackers(config):
+        if name != "tensorboard" and name not in installed:
+            warn(
+                f"{config.source}: report_to: no installed plugin is named {name!r}, so nothing is reported "
+                f"there; install a tracker plugin registered as {name!r} (or use tensorboard or none)"
+            )
 
 
 def _check_family_support(config: Config, family: Any, warn: Any) -> None:

@@ -46,6 +46,14 @@ def save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] |
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def resolved_if_local(value: Any) -> Any:
+    """A value naming an existing local path, made absolute (``models/x``, ``./models/x/`` and
+    ``/abs/models/x`` are one folder); anything else (a hub id, a number) as it is."""
+    if isinstance(value, str) and value and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
 def _umask() -> int:
     """The process's umask (reading it means setting it; it is set straight back)."""
     mask = os.umask(0o022)

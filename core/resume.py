@@ -117,6 +117,12 @@ class Checkpoints:
             if not folder.is_dir():
                 raise config.error("resume_from_checkpoint", f"{folder} is not a checkpoint folder")
         self.restore(state, folder)
+        if state.position.step >= config.max_train_steps:  # `tuner run` says so before loading anything
+            raise config.error(
+                "max_train_steps",
+                f"{folder.name} is at step {state.position.step} and max_train_steps is {config.max_train_steps}: "
+                f"nothing to train; raise max_train_steps above {state.position.step} to train on",
+            )
         self.ctx.log(f"resumed from {folder} at step {state.position.step}")
         return folder
 

@@ -164,3 +164,141 @@ def process_alive(pid: Any, host: Any = None, started: Any = None) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+# -- one run per output folder ------------------------------------------------------------------
+
+LOCK_FILE = ".tuner.lock"
+
+
+class OutputLock:
+    """``output_dir/.tuner.lock``, held (``flock``) while a run writes there: a second run on the
+    same folder is refused with one line naming the holder, instead of interleaving checkpoints and
+    log lines with it. The kernel releases the lock when its process ends however it ends, so a
+    ``kill -9`` leaves no stale lock. (Where ``fcntl`` does not exist, there is no lock.)"""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.path = Path(config.output_dir) / LOCK_FILE
+        self.handle: Any = None
+
+    def __enter__(self) -> OutputLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            try:
+                holder = json.loads(handle.read() or "{}")
+            except ValueError:
+                holder = {}
+            handle.close()
+            raise self.config.error(
+                "output_dir",
+                f"{self.config.output_dir} is in use by another run (pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, since {holder.get('started', '?')}); wait for it, stop it "
+                "(Ctrl-C or SIGTERM saves a checkpoint) or choose another output_dir",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}))
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing releases the lock
+            self.handle = None
+
+
+def existing_run(folder: str | Path) -> str | None:
+    """What a previous run left in ``folder``, in words, or None when there is none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    record = read_run(folder) or {}
+    checkpoints = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
+    loras = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not (record or checkpoints or loras or (folder / "train_log.jsonl").exists()):
+        return None
+    parts = [f"a {record['status']} run" if record.get("status") else "a run"]
+    if record.get("step") is not None:
+        parts.append(f"at step {record['step']}")
+    if checkpoints:
+        parts.append(f"checkpoints up to {checkpoints[-1]}" if len(checkpoints) > 1 else checkpoints[0])
+    if loras:
+        parts.append(", ".join(loras))
+    return ", ".join(parts)
+
+
+def settle_output_dir(config: Any, log: Any) -> Any:
+    """Decide what a run does with an ``output_dir`` that holds an earlier run (``existing_output``):
+    refuse (the default: say what is there), write to a new numbered folder beside it, or start
+    over there. A resume (``resume_from_checkpoint``) continues the run that is there instead.
+    Reads only: every process of a multi-process run reaches the same answer before any writes."""
+    folder = Path(config.output_dir)
+    if config.resume_from_checkpoint:
+        _check_steps_left(config)
+        return config
+    found = existing_run(folder)
+    if found is None:
+        return config
+    policy = config.existing_output
+    if policy == "refuse":
+        raise config.error(
+            "output_dir",
+            f"{folder} already holds {found}; continue it with --set resume_from_checkpoint=latest, or set "
+            "existing_output: new (a numbered folder beside it) or overwrite (start over there)",
+        )
+    if policy == "new":
+        number = 2
+        while existing_run(f"{folder}-{number}") is not None:
+            number += 1
+        log(f"{folder} holds {found}; this run writes to {folder}-{number} (existing_output: new)")
+        return config.derive({"output_dir": f"{folder}-{number}"})
+    import shutil
+
+    source = Path(config.source).resolve()
+    removed = [p for p in folder.iterdir() if _written_by_a_run(p) and p.resolve() != source]
+    for path in removed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    log(f"{folder} held {found}; removed its {len(removed)} files and folders (existing_output: overwrite)")
+    return config
+
+
+def _check_steps_left(config: Any) -> None:
+    """A resume from a checkpoint at or past ``max_train_steps`` has nothing to train: say so, before
+    anything is loaded or rewritten (``run.json`` of the finished run stays as it is)."""
+    import re
+
+    wanted = config.resume_from_checkpoint
+    if wanted == "latest":
+        steps = [
+            int(m.group(1))
+            for p in Path(config.output_dir).glob("checkpoint-*")
+            if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+        ]
+        step = max(steps, default=None)
+    else:
+        match = re.fullmatch(r"checkpoint-(\d+)", Path(wanted).name)
+        step = int(match.group(1)) if match else None
+    if step is not None and step >= config.max_train_steps:
+        raise config.error(
+            "max_train_steps",
+            f"the checkpoint to resume is at step {step} and max_train_steps is {config.max_train_steps}: nothing "
+            f"to train; raise max_train_steps above {step} to train on",
+        )
+
+
+def _written_by_a_run(path: Path) -> bool:
+    names = {RUN_FILE, CONFIG_FILE, "train_log.jsonl", "recipe.json", "README.md", "validation", "logs"}
+    return (
+        path.name in names
+        or path.name.startswith(("checkpoint-", ".checkpoint-"))
+        or (path.suffix == ".safetensors" and path.is_file())
+    )

@@ -16,7 +16,7 @@ import torch
 
 from tuner.core import __version__
 from tuner.core.config import model_source
-from tuner.core.io import atomic_write
+from tuner.core.io import atomic_write, resolved_if_local
 from tuner.core.types import ValidationRequest
 
 RECIPE = "recipe.json"
@@ -36,7 +36,8 @@ def make_recipe(
         "tuner_version": __version__,
         "family": family.name,
         "pipeline_class": family.pipeline_class,
-        "base_model": model_source(config, family.flavours),
+        # local paths resolved: the recipe works from any folder
+        "base_model": resolved_if_local(model_source(config, family.flavours)),
         "lora_file": str(Path(lora_file).resolve()),
         "lora_scale": 1.0,
         "prompts": prompts,
@@ -50,7 +51,7 @@ def make_recipe(
         "guidance": config.get(family.guidance_key),
         "scheduler": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
         # every key flagged `recipe` by whoever offers it (the family's own sampling keys too)
-        "settings": config.flagged("recipe"),
+        "settings": {k: resolved_if_local(v) for k, v in config.flagged("recipe").items()},
     }
 
 

@@ -14,6 +14,7 @@ global batch would.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections import Counter
@@ -40,7 +41,7 @@ from tuner.core.guard import DivergenceGuard
 from tuner.core.io import folder_problem
 from tuner.core.lora import lora_parameters
 from tuner.core.resume import Checkpoints
-from tuner.core.runinfo import RunRecord
+from tuner.core.runinfo import OutputLock, RunRecord, settle_output_dir
 from tuner.core.runtime import build_lr_scheduler, build_optimizer, has_accelerator, weight_dtype
 from tuner.core.sampler import DatasetBatches
 from tuner.core.state import Position, RunContext, TrainState
@@ -128,6 +129,10 @@ class Trainer:
 
     def train(self) -> TrainResult:
         self.check_folders()  # before any heavy work
+        with OutputLock(self.config) if self.ctx.is_main else nullcontext():
+            return self._recorded()
+
+    def _recorded(self) -> TrainResult:
         record = RunRecord(self.config) if self.ctx.is_main else None
         try:
             result = self._train(record)
@@ -521,4 +526,8 @@ def _main_thread() -> bool:
 
 
 def run(host: PluginHost, config: Config, warn: Callable[[str], None] = warn_user) -> TrainResult:
+    """A run as `tuner run` starts it: an output_dir holding an earlier run is dealt with first
+    (``existing_output``), then the Trainer trains."""
+    main = os.environ.get("RANK", "0") == "0"  # every process decides (the same); the first one says so
+    config = settle_output_dir(config, print if main else lambda message: None)
     return Trainer(host, config, warn).train()

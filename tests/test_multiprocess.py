@@ -97,6 +97,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_
     assert {d for row in rows for d in row["datasets"]} == {"squares", "mixed"}
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5, rtol=1e-4)
     assert sorted(p.name for p in double.iterdir()) == [
+        ".tuner.lock",  # one lock, the main process's
         "config.yaml",
         "logs",
         "pytorch_lora_weights.safetensors",

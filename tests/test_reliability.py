@@ -1,0 +1,168 @@
+"""Reliability II: one run per output folder, reruns into a used folder, resumes with nothing left
+to train, recipes that work from anywhere, trackers that are not installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tuner.core.errors import ConfigError
+from tuner.core.runinfo import OutputLock, read_run
+from tuner.core.train import run as tuner_run
+
+from .conftest import base_settings, make_config, make_host, train
+
+
+def settings_for(tiny_chroma, shapes_dir, tmp_path, **extra):
+    return {**base_settings(tiny_chroma, shapes_dir, tmp_path), "checkpointing_steps": 2, **extra}
+
+
+def run_like_the_cli(settings, logged=None):
+    host = make_host()
+    config = make_config(host, settings, warnings=[])
+    return tuner_run(host, config, warn=lambda message: None)
+
+
+def test_a_second_run_on_one_output_dir_is_refused_naming_the_holder(tiny_chroma, shapes_dir, tmp_path):
+    settings = settings_for(tiny_chroma, shapes_dir, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(  # another run's process holding the folder's lock
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, json, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX);"
+            "f.write(json.dumps({'pid': os.getpid(), 'host': 'gpu-7', 'started': 'noon'})); f.flush();"
+            "print('held', flush=True); time.sleep(60)",
+            str(out / ".tuner.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError) as refused:
+            train(settings)
+        message = str(refused.value)
+        assert message == (
+            f"test.yaml: output_dir: {out} is in use by another run (pid {holder.pid} on gpu-7, since noon); wait "
+            "for it, stop it (Ctrl-C or SIGTERM saves a checkpoint) or choose another output_dir"
+        )
+        assert not (out / "train_log.jsonl").exists() and not (out / "run.json").exists()  # nothing touched
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies without releasing anything by hand
+        holder.wait()
+    result, _, _ = train(settings)  # the kernel released the dead holder's lock: no stale lock
+    assert result.steps == 4
+    config = make_config(make_host(), settings)
+    with OutputLock(config), pytest.raises(ConfigError, match="is in use by another run"):
+        OutputLock(config).__enter__()  # held by this process, refused to a second holder
+
+
+def test_a_rerun_into_a_used_output_dir_says_what_is_there_and_refuses_by_default(tiny_chroma, shapes_dir, tmp_path):
+    settings = settings_for(tiny_chroma, shapes_dir, tmp_path)
+    first = run_like_the_cli(settings)
+    out = tmp_path / "out"
+    before = (out / "run.json").read_text()
+    with pytest.raises(ConfigError) as refused:
+        run_like_the_cli(settings)
+    assert str(refused.value) == (
+        f"test.yaml: output_dir: {out} already holds a finished run, at step 4, checkpoints up to checkpoint-4, "
+        "pytorch_lora_weights.safetensors; continue it with --set resume_from_checkpoint=latest, or set "
+        "existing_output: new (a numbered folder beside it) or overwrite (start over there)"
+    )
+    assert (out / "run.json").read_text() == before
+
+    # a resume of a finished run has nothing to train: said before anything is loaded or rewritten
+    with pytest.raises(
+        ConfigError, match="at step 4 and max_train_steps is 4: nothing to train; raise max_train_steps"
+    ):
+        run_like_the_cli({**settings, "resume_from_checkpoint": "latest"})
+    assert (out / "run.json").read_text() == before
+
+    second = run_like_the_cli({**settings, "existing_output": "new"})
+    assert second.output_dir == tmp_path / "out-2" and second.losses == first.losses
+    third = run_like_the_cli({**settings, "existing_output": "new"})
+    assert third.output_dir == tmp_path / "out-3"
+
+    (out / "notes.txt").write_text("mine")  # not the run's: overwrite keeps it
+    (out / "checkpoint-9").mkdir()  # a later checkpoint of the old run would confuse `latest`
+    again = run_like_the_cli({**settings, "existing_output": "overwrite", "max_train_steps": 3})
+    assert again.steps == 3 and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert read_run(out)["max_train_steps"] == 3
+
+
+def test_recipes_name_local_paths_resolved_so_sampling_works_from_anywhere(
+    tiny_chroma, shapes_dir, tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    monkeypatch.chdir(tiny_chroma.parent)
+    settings = {
+        **base_settings(tiny_chroma, shapes_dir, tmp_path),
+        "pretrained_model_name_or_path": tiny_chroma.name,  # relative to this folder
+        "cache_dir": os.path.relpath(tmp_path / "cache"),
+        "validation_prompts": ["a red circle"],
+        "validation_num_inference_steps": 2,
+    }
+    train(settings)
+    recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    assert recipe["base_model"] == str(tiny_chroma.resolve())
+    assert recipe["settings"]["cache_dir"] == str((tmp_path / "cache").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(app, ["sample", "--recipe", str(tmp_path / "out" / "recipe.json"), "--out", "s"])
+    assert result.exit_code == 0, result.output
+    assert (elsewhere / "s" / "00_seed0.png").is_file()
+
+
+def test_report_to_a_tracker_nothing_provides_is_a_warning_naming_it(tiny_chroma, shapes_dir, tmp_path):
+    warnings: list[str] = []
+    make_config(
+        make_host(),
+        {**base_settings(tiny_chroma, shapes_dir, tmp_path), "report_to": ["tensorboard", "wandb"]},
+        warnings,
+    )
+    assert warnings == [
+        "test.yaml: report_to: no installed plugin is named 'wandb', so nothing is reported there; install a tracker "
+        "plugin registered as 'wandb' (or use tensorboard or none)"
+    ]
+    quiet: list[str] = []
+    make_config(make_host(), {**base_settings(tiny_chroma, shapes_dir, tmp_path), "report_to": "none"}, quiet)
+    assert quiet == []
+
+
+def test_a_killed_run_leaves_no_lock_and_resumes(tiny_chroma, shapes_dir, tmp_path):
+    """kill -9 in the middle of a run: the folder is free at once and the run continues from its checkpoint."""
+    settings = settings_for(tiny_chroma, shapes_dir, tmp_path, max_train_steps=400, checkpointing_steps=5)
+    config_file = tmp_path / "run.json.yaml"
+    config_file.write_text(json.dumps(settings))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tuner.core.cli", "run", "--plugin", "chroma", "--config", str(config_file)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    out = tmp_path / "out"
+    deadline = time.monotonic() + 120
+    while not list(out.glob("checkpoint-*")):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    process.kill()
+    process.wait()
+    assert read_run(out)["status"] == "training"  # what kill -9 leaves; readers check the pid
+    newest = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    result, _, _ = train({**settings, "resume_from_checkpoint": "latest", "max_train_steps": newest + 3})
+    assert result.resumed_from.name == f"checkpoint-{newest}" and result.steps == newest + 3
