@@ -16,6 +16,9 @@ from tuner.core import events, hookimpl
 from tuner.core.config import NO_QUANTIZATION
 from tuner.core.types import ConfigKey, LoraFormat
 
+# torch seeds generators with 64-bit integers; validation adds the prompt's index to the seed
+SEED_MAX = 2**63 - 1
+
 CORE_KEYS = (
     # what and where
     ConfigKey("model_type", "str", "lora", "Only LoRA training is supported.", choices=("lora",)),
@@ -69,6 +72,7 @@ CORE_KEYS = (
         "Train this share of samples with the empty caption (drawn per sample from the seed and the step), "
         "so the LoRA also works without its trigger words and with classifier-free guidance.",
         minimum=0,
+        maximum=1,
     ),
     ConfigKey("cache_dir", "path", None, "Latent and text caches (default: $XDG_CACHE_HOME/tuner).", recipe=True),
     ConfigKey(
@@ -125,7 +129,7 @@ CORE_KEYS = (
     ConfigKey(
         "lora_alpha", "float", None, "LoRA alpha (default: the rank, i.e. scale 1).", minimum=0, resume_critical=True
     ),
-    ConfigKey("lora_dropout", "float", 0.0, "Dropout on the LoRA input.", minimum=0),
+    ConfigKey("lora_dropout", "float", 0.0, "Dropout on the LoRA input.", minimum=0, maximum=1, maximum_exclusive=True),
     ConfigKey(
         "base_model_precision",
         "str",
@@ -149,13 +153,13 @@ CORE_KEYS = (
     ConfigKey("train_batch_size", "int", 1, "Images per step per process.", minimum=1),
     ConfigKey("gradient_accumulation_steps", "int", 1, "Micro-batches per optimizer step.", minimum=1),
     ConfigKey("max_train_steps", "int", 1000, "Optimizer steps.", minimum=1),
-    ConfigKey("seed", "int", 42, "Seed for data order, noise, sigmas and LoRA init."),
+    ConfigKey("seed", "int", 42, "Seed for data order, noise, sigmas and LoRA init.", minimum=0, maximum=SEED_MAX),
     ConfigKey("learning_rate", "float", 1e-4, "AdamW learning rate.", minimum=0),
     ConfigKey("lr_scheduler", "str", "constant", "Learning-rate schedule.", choices=("constant", "cosine")),
     ConfigKey("lr_warmup_steps", "int", 0, "Linear warm-up steps.", minimum=0),
     ConfigKey("max_grad_norm", "float", 1.0, "Gradient clipping norm (0 disables).", minimum=0),
-    ConfigKey("adam_beta1", "float", 0.9, "AdamW beta1."),
-    ConfigKey("adam_beta2", "float", 0.999, "AdamW beta2."),
+    ConfigKey("adam_beta1", "float", 0.9, "AdamW beta1.", minimum=0, maximum=1, maximum_exclusive=True),
+    ConfigKey("adam_beta2", "float", 0.999, "AdamW beta2.", minimum=0, maximum=1, maximum_exclusive=True),
     ConfigKey("adam_weight_decay", "float", 1e-2, "AdamW weight decay.", minimum=0),
     ConfigKey("adam_epsilon", "float", 1e-8, "AdamW epsilon.", minimum=0),
     ConfigKey("mixed_precision", "str", "bf16", "accelerate precision.", choices=("no", "fp16", "bf16"), recipe=True),
@@ -197,7 +201,14 @@ CORE_KEYS = (
     ConfigKey("validation_negative_prompt", "str", None, "Negative prompt for real CFG."),
     ConfigKey("validation_steps", "int", 0, "Validate every N steps (0: only at the end).", minimum=0),
     ConfigKey("validation_num_inference_steps", "int", 20, "Sampler steps per image.", minimum=1),
-    ConfigKey("validation_seed", "int", None, "Seed of the first validation image (default: seed)."),
+    ConfigKey(
+        "validation_seed",
+        "int",
+        None,
+        "Seed of the first validation image (default: seed).",
+        minimum=0,
+        maximum=SEED_MAX,
+    ),
     ConfigKey(
         "validation_resolution",
         "sizes",
@@ -258,7 +269,9 @@ CORE_KEYS = (
         "Non-finite steps in a row (each skipped) before rolling back to the last good checkpoint.",
         minimum=1,
     ),
-    ConfigKey("divergence_lr_factor", "float", 0.5, "Learning-rate factor applied at each rollback.", minimum=0),
+    ConfigKey(
+        "divergence_lr_factor", "float", 0.5, "Learning-rate factor applied at each rollback.", minimum=0, maximum=1
+    ),
     ConfigKey("divergence_max_rollbacks", "int", 2, "Rollbacks before the run stops as diverged.", minimum=0),
 )
 

@@ -50,6 +50,7 @@ class TensorCache:
 
     def __init__(self, root: Path, kind: str, fingerprint: dict[str, Any]):
         self.kind = kind
+        self.damaged: list[str] = []  # entries found unreadable (and removed) by has()
         self.dir = root / kind / _digest(fingerprint)[:20]
         self.dir.mkdir(parents=True, exist_ok=True)
         marker = self.dir / "fingerprint.json"
@@ -60,7 +61,22 @@ class TensorCache:
         return self.dir / f"{key}.safetensors"
 
     def has(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """Whether a readable entry exists. Its header is read (which checks that the file covers
+        every tensor it declares), so an entry cut off by a crash or a full disk is found when the
+        cache is opened, removed and encoded again, instead of failing the run when drawn."""
+        path = self.path(key)
+        if not path.is_file():
+            return False
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception:  # SafetensorError: truncated or garbage
+            path.unlink(missing_ok=True)
+            self.damaged.append(path.name)
+            return False
+        return True
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -76,8 +92,13 @@ class TensorCache:
         """Names stored in an entry, read from the file header only."""
         from safetensors import safe_open
 
-        with safe_open(str(self.path(key)), framework="pt") as handle:
-            return set(handle.keys())
+        try:
+            with safe_open(str(self.path(key)), framework="pt") as handle:
+                return set(handle.keys())
+        except Exception as exc:
+            raise DataError(
+                f"{self.kind} cache entry {self.path(key)} is unreadable ({exc}); delete {self.dir} to rebuild it"
+            ) from None
 
     def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         save_safetensors(self.path(key), tensors)
@@ -297,6 +318,11 @@ def prepare_caches(
         del encoders
         gc.collect()
 
+    for cache in (latents, text):
+        if cache.damaged:
+            warn(
+                f"rebuilt {len(cache.damaged)} damaged {cache.kind} cache entr{'y' if len(cache.damaged) == 1 else 'ies'} in {cache.dir}"
+            )
     required = host.family.required_text_keys
     for t in texts:  # refuse entries written without what the family needs (e.g. masks)
         stored = text.tensor_names(text_key(t))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -426,6 +427,15 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        typer.echo(
+            f"error: disk full while writing {exc.filename or 'a file'}; free some space and run again "
+            "(cache entries and checkpoints written so far are kept)",
+            err=True,
+        )
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

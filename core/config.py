@@ -54,8 +54,8 @@ class Config:
         return name in self._explicit
 
     def set_default(self, name: str, value: Any) -> None:
-        """Fill a derived value for a key the user left unset (for check_config hooks)."""
-        if name not in self._explicit:
+        """Fill a derived value for a key the user left unset or set to null (for check_config hooks)."""
+        if name not in self._explicit or self._values.get(name) is None:
             self._values[name] = value
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,7 +195,9 @@ def _check_value(key: ConfigKey, value: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise bad
     elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad
+        if int(value) != value:
             raise bad
         value = int(value)
     elif kind == "float":
@@ -241,6 +243,10 @@ def _check_value(key: ConfigKey, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {name}: {value!r} is not one of {', '.join(key.choices)}{hint}")
     if key.minimum is not None and isinstance(value, (int, float)) and value < key.minimum:
         raise ConfigError(f"{where}: {name}: must be at least {key.minimum:g}, got {value!r}")
+    if key.maximum is not None and isinstance(value, (int, float)):
+        if value >= key.maximum if key.maximum_exclusive else value > key.maximum:
+            bound = f"below {key.maximum:g}" if key.maximum_exclusive else f"at most {key.maximum:g}"
+            raise ConfigError(f"{where}: {name}: must be {bound}, got {value!r}")
     if key.multiple_of and isinstance(value, int) and value % key.multiple_of:
         raise ConfigError(f"{where}: {name}: must be a multiple of {key.multiple_of}, got {value}")
     return value

@@ -89,7 +89,7 @@ def resolve(config: Config) -> list[Dataset]:
             if field in entry:
                 values[key] = _check_value(config._keys[key], entry[field], where)
         weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
             raise _error(where, f"weight: {weight!r} is not a positive number")
         kind = entry.get("kind", "training")
         if kind not in KINDS:

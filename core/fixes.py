@@ -14,6 +14,11 @@
   changes the frozen base and raises for ``in_features`` below the block size 64
   (tests/test_quantization.py::test_bitsandbytes_cpu_repack_bug). The NF4 plugin turns the repack
   off per layer (``support_avx512bf16_for_cpu = False``) in ``tuner.plugins.quant_nf4.quantizer``.
+* safetensors 0.8 raises its own ``SafetensorError`` (not ``OSError``) when the disk fills while a
+  file is written ("I/O error: No space left on device (os error 28)") and when a truncated file is
+  read, so ``except OSError`` misses both. :func:`as_os_error` turns the write failure into the
+  ``OSError`` it is (``tuner.core.io.save_safetensors`` applies it to every write), and
+  :data:`READ_ERRORS` is what loaders catch (tests/test_reliability.py shows both).
 """
 
 from __future__ import annotations
@@ -22,6 +27,26 @@ import functools
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+
+def _safetensor_error() -> type[Exception]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
+
+
+READ_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, _safetensor_error())
+
+
+def as_os_error(exc: Exception, path: str) -> Exception:
+    """A safetensors write failure as the ``OSError`` it reports (errno from "os error N"), so disk-full
+    handling sees it; any other exception unchanged."""
+    import re
+
+    if not isinstance(exc, _safetensor_error()):
+        return exc
+    match = re.search(r"os error (\d+)", str(exc))
+    return OSError(int(match.group(1)) if match else 5, str(exc), path)  # 5: EIO
 
 
 def checkpoint_blocks(model: torch.nn.Module) -> int:

@@ -42,8 +42,17 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
 def save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
     from safetensors.torch import save_file
 
+    from tuner.core.fixes import as_os_error
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except Exception as exc:  # safetensors' own error for a full disk: an OSError (see fixes.py)
+            raise as_os_error(exc, str(path)) from None
+
+    return atomic_write(path, write)
 
 
 def resolved_if_local(value: Any) -> Any:

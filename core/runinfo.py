@@ -174,7 +174,8 @@ LOCK_FILE = ".tuner.lock"
 class OutputLock:
     """``output_dir/.tuner.lock``, held (``flock``) while a run writes there: a second run on the
     same folder is refused with one line naming the holder, instead of interleaving checkpoints and
-    log lines with it. The kernel releases the lock when its process ends however it ends, so a
+    log lines with it. Whoever holds it owns the folder, so it removes the hidden ``.*.tmp`` files
+    a writer killed mid-write left there (``atomic_write``'s temporaries). The kernel releases the lock when its process ends however it ends, so a
     ``kill -9`` leaves no stale lock. (Where ``fcntl`` does not exist, there is no lock.)"""
 
     def __init__(self, config: Any) -> None:
@@ -208,6 +209,8 @@ class OutputLock:
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}))
         handle.flush()
         self.handle = handle
+        for stale in self.path.parent.glob(".*.tmp"):  # half-written files of a writer killed mid-write
+            stale.unlink(missing_ok=True)
         return self
 
     def __exit__(self, *exc: Any) -> None:

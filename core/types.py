@@ -109,7 +109,8 @@ class ConfigKey:
 
     ``kind`` is one of ``KINDS``. ``choices`` restricts the value (for ``str_or_list`` it
     restricts the string form only). ``sizes`` takes an int (a square), ``"WIDTHxHEIGHT"``, or a
-    list (or comma-separated string) of them, and holds a list of ``[width, height]``. ``nullable`` allows ``null``. ``minimum`` bounds numbers.
+    list (or comma-separated string) of them, and holds a list of ``[width, height]``. ``nullable`` allows ``null``. ``minimum`` and ``maximum`` bound numbers (every numeric key should
+    say its range, so a value only torch would reject is refused when the config is read).
     ``multiple_of`` constrains ints. ``check`` may reject a value by returning a message.
     """
 
@@ -121,6 +122,8 @@ class ConfigKey:
     choices: tuple[str, ...] | None = None
     nullable: bool = False
     minimum: float | None = None
+    maximum: float | None = None  # with maximum_exclusive, values must stay below it: [0, 1) for dropout
+    maximum_exclusive: bool = False
     multiple_of: int | None = None
     ask: bool = False  # `tuner configure` asks for it (central settings)
     # changing it changes what the adapter means: resuming a checkpoint with another value is refused

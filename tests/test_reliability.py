@@ -166,3 +166,110 @@ def test_a_killed_run_leaves_no_lock_and_resumes(tiny_chroma, shapes_dir, tmp_pa
     newest = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     result, _, _ = train({**settings, "resume_from_checkpoint": "latest", "max_train_steps": newest + 3})
     assert result.resumed_from.name == f"checkpoint-{newest}" and result.steps == newest + 3
+
+
+FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def test_a_disk_filling_up_inside_safetensors_is_the_one_line_disk_full_error(
+    tiny_chroma, shapes_dir, tmp_path, monkeypatch, capsys
+):
+    """safetensors raises SafetensorError (not OSError) for a full disk: a checkpoint, the final
+    LoRA and a cache entry each end in one line, and nothing half-written is left behind."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from tuner.core import checkpoint
+    from tuner.core.errors import TunerError
+
+    real = safetensors.torch.save_file
+
+    def fills_up_on(marker):
+        def save_file(tensors, filename, metadata=None):
+            if marker in str(filename):
+                with open(filename, "wb") as handle:
+                    handle.write(b"\0" * 10)  # what a full disk leaves: a partial file
+                raise SafetensorError(FULL)
+            return real(tensors, filename, metadata=metadata)
+
+        return save_file
+
+    settings = settings_for(tiny_chroma, shapes_dir, tmp_path, checkpointing_steps=2)
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_up_on("checkpoint-4.partial"))
+    with pytest.raises(checkpoint.DiskFullError) as full:
+        train(settings)
+    assert str(full.value) == (
+        f"disk full while writing checkpoint-4 in {tmp_path / 'out'}; checkpoint-2 is intact; free some space and "
+        "resume with resume_from_checkpoint: latest"
+    )
+    assert [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith((".checkpoint", "checkpoint"))] == [
+        "checkpoint-2"
+    ]
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_up_on("final/.pytorch_lora_weights"))
+    with pytest.raises(
+        TunerError, match=r"cannot write the LoRA to .*No space left on device.*checkpoint-4 .* is intact"
+    ):
+        train({**settings, "output_dir": str(tmp_path / "final")})
+    assert (
+        not list((tmp_path / "final").glob(".*.tmp"))
+        and not (tmp_path / "final" / "pytorch_lora_weights.safetensors").exists()
+    )
+
+    from tuner.core import cli
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_up_on(str(tmp_path / "fresh-cache")))
+    config = tmp_path / "c.json"
+    config.write_text(
+        json.dumps({**settings, "cache_dir": str(tmp_path / "fresh-cache"), "output_dir": str(tmp_path / "o3")})
+    )
+    monkeypatch.setattr(sys, "argv", ["tuner", "run", "--plugin", "chroma", "--config", str(config)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: disk full while writing {tmp_path / 'fresh-cache'}") and "are kept" in last
+
+
+def test_damaged_files_are_one_line_errors_or_rebuilt(tiny_chroma, shapes_dir, tmp_path):
+    import shutil
+
+    from tuner.core.errors import PluginError
+
+    settings = base_settings(tiny_chroma, shapes_dir, tmp_path)
+    train(settings)
+    cache = tmp_path / "cache"
+    for kind in ("latents", "text"):  # one entry of each cut short, as a crash mid-write leaves it
+        entry = sorted((cache / kind).glob("*/*.safetensors"))[0]
+        entry.write_bytes(entry.read_bytes()[:100])
+    warnings: list[str] = []
+    result, _, _ = train({**settings, "output_dir": str(tmp_path / "again")}, warnings=warnings)
+    assert result.steps == 4
+    rebuilt = sorted(w.split(" in ")[0] for w in warnings if w.startswith("rebuilt"))
+    assert rebuilt == ["rebuilt 1 damaged latents cache entry", "rebuilt 1 damaged text cache entry"]
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_chroma, model)
+    encoder = next((model / "text_encoder").glob("*.safetensors"))
+    encoder.write_bytes(encoder.read_bytes()[:64])
+    with pytest.raises(PluginError) as damaged:
+        train(
+            {
+                **settings,
+                "pretrained_model_name_or_path": str(model),
+                "cache_dir": str(tmp_path / "c2"),
+                "output_dir": str(tmp_path / "o2"),
+            }
+        )
+    message = str(damaged.value)
+    assert message.startswith(f"chroma: cannot load the text_encoders of {str(model)!r}: ") and "\n" not in message
+
+
+def test_the_owner_of_an_output_dir_removes_half_written_files(tiny_chroma, shapes_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".pytorch_lora_weights.safetensors.k2j3.tmp").write_bytes(b"half")  # kill -9 during the final save
+    (out / "keep.tmp").write_text("not ours")
+    train(base_settings(tiny_chroma, shapes_dir, tmp_path))
+    assert not list(out.glob(".*.tmp")) and (out / "keep.tmp").exists()

@@ -61,9 +61,9 @@ GUIDANCE_KEYS = (
         "Training guidance value: constant or random-range.",
         choices=("constant", "random-range"),
     ),
-    ConfigKey("flux_guidance_value", "float", 1.0, "Guidance value with flux_guidance_mode constant."),
-    ConfigKey("flux_guidance_min", "float", 1.0, "Lower bound of random-range guidance."),
-    ConfigKey("flux_guidance_max", "float", 4.0, "Upper bound of random-range guidance."),
+    ConfigKey("flux_guidance_value", "float", 1.0, "Guidance value with flux_guidance_mode constant.", minimum=0),
+    ConfigKey("flux_guidance_min", "float", 1.0, "Lower bound of random-range guidance.", minimum=0),
+    ConfigKey("flux_guidance_max", "float", 4.0, "Upper bound of random-range guidance.", minimum=0),
 )
 
 FAST_SCHEDULE = ConfigKey("flux_fast_schedule", "bool", False, "Schnell's four-level sigma schedule.")

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from tuner.core.errors import ConfigError, PluginError, first_line
+from tuner.core.fixes import READ_ERRORS
 from tuner.core.lora import resolve_targets
 from tuner.plugins.fluxlike import latents as fl
 
@@ -25,7 +26,7 @@ def load_component(family: str, source: str, component: str, loaders: dict[str, 
         raise PluginError(f"{family}: unknown model component {component!r}")
     try:
         return loaders[component]()
-    except (OSError, ValueError) as exc:
+    except READ_ERRORS as exc:  # with safetensors' own error for a truncated file (tuner.core.fixes)
         if ".safetensors" in str(exc) or "use_safetensors" in str(exc):
             raise PluginError(
                 f"{family}: the {component} of {source!r} has no .safetensors weights (tuner never unpickles "
