@@ -399,11 +399,10 @@ class JsonlLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if event.resumed_step is not None and path.exists():  # drop what the interrupted run logged after it
-                kept = [
-                    line
-                    for line in path.read_text().splitlines()
-                    if json.loads(line).get("step", 0) <= event.resumed_step
-                ]
+                rows = [_parsed(line) for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+                kept = [json.dumps(row) for row in rows if row is not None and row.get("step", 0) <= event.resumed_step]
+                if None in rows:  # a line torn by kill -9 or a full disk: the log is repaired
+                    event.log(f"warning: {path}: dropped {rows.count(None)} damaged line(s)")
             self.file = path.open("w", encoding="utf-8")
             self.file.writelines(line + "\n" for line in kept)
             self.started = time.monotonic()
@@ -420,6 +419,14 @@ class JsonlLog:
         elif isinstance(event, events.RunEnd) and self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _parsed(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def trackers(config) -> list[str]:

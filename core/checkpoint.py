@@ -152,8 +152,14 @@ def verify(folder: Path) -> str | None:
         return "no manifest (the save was cut off)"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return "unreadable manifest"
+    well_formed = isinstance(manifest, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+        for e in manifest.values()
+    )
+    if not well_formed:
+        return "damaged manifest (not a mapping of file sizes and hashes)"
     for name, expected in manifest.items():
         path = folder / name
         if not path.is_file():

@@ -276,15 +276,18 @@ def sample(
 ) -> None:
     """Render images with the same pipeline, masks and settings validation used."""
     from tuner.core.config import build_config, parse_overrides, read_config_file
-    from tuner.core.sampling import recipe_settings
+    from tuner.core.sampling import recipe_problem, recipe_settings
 
     raw: dict[str, Any] = read_config_file(config) if config else {}
     prompts, seeds = list(prompt or []), None
     if recipe:
         try:
             saved = json.loads(Path(recipe).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--recipe {recipe}: cannot read it: {exc}") from None
+        problem = recipe_problem(saved)
+        if problem is not None:
+            raise ConfigError(f"--recipe {recipe}: {problem}")
         raw.update(recipe_settings(saved))
         plugin = plugin or saved["family"]
         lora = lora or saved["lora_file"]

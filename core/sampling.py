@@ -73,6 +73,23 @@ def write_recipe(folder: Path, recipe: dict[str, Any], snippet: str | None) -> P
     return path
 
 
+RECIPE_KEYS = ("family", "lora_file", "prompts", "seeds", "settings", "steps", "negative_prompt", "guidance_key")
+
+
+def recipe_problem(recipe: Any) -> str | None:
+    """What makes a recipe unusable (the keys it lacks), or None."""
+    if not isinstance(recipe, dict):
+        return "not a JSON object"
+    missing = [key for key in RECIPE_KEYS if key not in recipe]
+    if not recipe.get("sizes") and not ("width" in recipe and "height" in recipe):
+        missing.append("sizes")
+    if missing:
+        return f"missing {', '.join(missing)} (written by another tool, or edited?)"
+    if not isinstance(recipe["settings"], dict):
+        return "settings is not a mapping"
+    return None
+
+
 def recipe_settings(recipe: dict[str, Any]) -> dict[str, Any]:
     """The config a recipe samples with."""
     settings = {k: v for k, v in recipe["settings"].items() if v is not None}
@@ -81,7 +98,7 @@ def recipe_settings(recipe: dict[str, Any]) -> dict[str, Any]:
             "validation_num_inference_steps": recipe["steps"],
             "validation_negative_prompt": recipe["negative_prompt"],
             "validation_resolution": recipe.get("sizes") or [[recipe["width"], recipe["height"]]],
-            recipe["guidance_key"]: recipe["guidance"],
+            recipe["guidance_key"]: recipe.get("guidance"),
         }
     )
     return settings

@@ -38,7 +38,7 @@ from tuner.core.errors import DataError, Interrupted, first_line, warn_user
 from tuner.core.evaluation import Evaluator, split_off
 from tuner.core.export import save_final
 from tuner.core.guard import DivergenceGuard
-from tuner.core.io import folder_problem
+from tuner.core.io import check_model_folder, folder_problem
 from tuner.core.lora import lora_parameters
 from tuner.core.resume import Checkpoints
 from tuner.core.runinfo import OutputLock, RunRecord, settle_output_dir
@@ -239,6 +239,7 @@ class Trainer:
             problem = folder_problem(path)
             if problem is not None:
                 raise config.error(key, problem)
+        check_model_folder(self.ctx.host, config)
 
     def report_memory_estimate(self) -> Any:
         """Print what ``tuner estimate`` says for this run; warn when it exceeds the free memory.

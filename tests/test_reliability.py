@@ -273,3 +273,62 @@ def test_the_owner_of_an_output_dir_removes_half_written_files(tiny_chroma, shap
     (out / "keep.tmp").write_text("not ours")
     train(base_settings(tiny_chroma, shapes_dir, tmp_path))
     assert not list(out.glob(".*.tmp")) and (out / "keep.tmp").exists()
+
+
+def test_a_model_folder_of_another_family_or_none_at_all_is_named_before_loading(
+    tiny_chroma, tiny_flux, shapes_dir, tmp_path, monkeypatch
+):
+    chroma_on_flux = {**base_settings(tiny_flux, shapes_dir, tmp_path), "memory_estimate": True}
+    with pytest.raises(ConfigError) as wrong:
+        train(chroma_on_flux)
+    assert str(wrong.value) == (
+        f"test.yaml: pretrained_model_name_or_path: {tiny_flux} holds a FluxPipeline (model_index.json), not "
+        "chroma's ChromaPipeline; use --plugin flux or a chroma model"
+    )
+    with pytest.raises(ConfigError, match="holds a ChromaPipeline .* not flux's FluxPipeline; use --plugin chroma"):
+        train(base_settings(tiny_chroma, shapes_dir, tmp_path, family="flux"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for missing in ("./nope", str(tmp_path / "nope"), "models/tiny-chrome", "a/b/c"):
+        with pytest.raises(ConfigError) as absent:
+            train({**base_settings(tiny_chroma, shapes_dir, tmp_path), "pretrained_model_name_or_path": missing})
+        assert str(absent.value) == (
+            f"test.yaml: pretrained_model_name_or_path: {missing}: no such folder (a hub id is namespace/name)"
+        )
+    assert not (tmp_path / "out" / "run.json").exists()  # refused before the run began
+
+
+def test_what_kill_9_or_a_full_disk_leaves_in_a_run_folder_is_skipped_or_repaired(tiny_chroma, shapes_dir, tmp_path):
+    from tests.test_resume import StopAt, run_trainer
+    from tuner.core.errors import Interrupted
+
+    settings = settings_for(tiny_chroma, shapes_dir, tmp_path, max_train_steps=8, checkpointing_steps=2)
+    with pytest.raises(Interrupted):
+        run_trainer(settings, ("stop", StopAt(5)))
+    out = tmp_path / "out"
+    (out / "checkpoint-5" / "manifest.json").write_text("[1, 2]")  # valid JSON, wrong type
+    with (out / "train_log.jsonl").open("a") as log:
+        log.write('{"step": 6, "lo')  # torn mid-line
+    warnings: list[str] = []
+    result, _, _ = train({**settings, "resume_from_checkpoint": "latest"}, warnings=warnings)
+    assert result.resumed_from.name == "checkpoint-4"
+    assert any("skipping" in w and "checkpoint-5: damaged manifest" in w for w in warnings)
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_a_recipe_with_keys_missing_names_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"family": "chroma", "lora_file": "x.safetensors", "prompts": ["a"], "settings": {}}))
+    result = CliRunner().invoke(app, ["sample", "--recipe", str(recipe)])
+    assert str(result.exception) == (
+        f"--recipe {recipe}: missing seeds, steps, negative_prompt, guidance_key, sizes (written by another tool, or edited?)"
+    )
+    recipe.write_text("[]")
+    assert str(CliRunner().invoke(app, ["sample", "--recipe", str(recipe)]).exception) == (
+        f"--recipe {recipe}: not a JSON object"
+    )
