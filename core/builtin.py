@@ -16,6 +16,17 @@ from tuner.core import events, hookimpl
 from tuner.core.config import NO_QUANTIZATION
 from tuner.core.types import ConfigKey, LoraFormat
 
+
+def _colour_problem(value: str) -> str | None:
+    from PIL import ImageColor
+
+    try:
+        ImageColor.getrgb(value)
+    except ValueError:
+        return f"{value!r} is not a colour; use a name (white, black, gray) or #RRGGBB"
+    return None
+
+
 # torch seeds generators with 64-bit integers; validation adds the prompt's index to the seed
 SEED_MAX = 2**63 - 1
 
@@ -115,6 +126,14 @@ CORE_KEYS = (
         "Where an image is cropped after it is resized to cover its bucket: center, or random (drawn per image "
         "and epoch from the seed; a crop is cached for each epoch the run reaches).",
         choices=("center", "random"),
+    ),
+    ConfigKey(
+        "image_background",
+        "str",
+        "white",
+        "Colour transparent images are composited on before encoding (a name or #RRGGBB), as other trainers "
+        "do; the run says which images had transparency.",
+        check=lambda value: _colour_problem(value),
     ),
     ConfigKey(
         "minimum_image_size",

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuner.core.buckets import Bucket, BucketPlan, bucket_sizes, plan
 from tuner.core.config import NO_QUANTIZATION, model_source
-from tuner.core.data import Item, image_size, load_image
+from tuner.core.data import Item, image_size, load_image, unreadable_errors
 from tuner.core.errors import DataError
 from tuner.core.io import atomic_write, save_safetensors
 
@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.config import Config
     from tuner.core.plugins import PluginHost
 
-CACHE_FORMAT = 2  # 2: latent entries keyed by bucket and crop
+# 2: latent entries keyed by bucket and crop; 3: 16-bit, float and transparent images decoded anew
+CACHE_FORMAT = 3
 VAE_BATCH = 4
 TEXT_BATCH = 8
 
@@ -150,7 +151,10 @@ def crop_offset(config: Config, path: Path, epoch: int = 0) -> float:
 
 def latent_key(config: Config, path: Path, bucket: Bucket, epoch: int = 0) -> str:
     offset = crop_offset(config, path, epoch)
-    return _digest([image_key(path), bucket.width, bucket.height, config.crop_style, offset])[:32]
+    parts = [image_key(path), bucket.width, bucket.height, config.crop_style, offset]
+    if config.image_background != "white":  # transparent images look different on it
+        parts.append(config.image_background)
+    return _digest(parts)[:32]
 
 
 def crop_epochs(config: Config, plan: BucketPlan, global_batch: int, batch_count: int) -> int:
@@ -198,7 +202,7 @@ def measure(
     for item in items:
         try:
             width, height = image_size(item.image)
-        except (OSError, ValueError, SyntaxError) as exc:
+        except unreadable_errors() as exc:
             unreadable.append(f"{item.image.name} ({type(exc).__name__})")
             continue
         if minimum and ((width * height) ** 0.5 if by_area else min(width, height)) < minimum:
@@ -251,6 +255,7 @@ def prepare_caches(
     text = TensorCache(root, "text", _fingerprint(host, config, "text", "text_encoder"))
 
     unreadable: list[str] = []
+    transparent: set[str] = set()  # images composited on image_background (said once)
     usable, bucket_plan = assign_buckets(items, config, global_batch, warn, unreadable)
     vae = None
     while True:  # an image that fails to decode is dropped and the buckets planned again
@@ -276,9 +281,18 @@ def prepare_caches(
                             continue
                         try:
                             offset = crop_offset(config, item.image, epoch)
-                            pixels.append(load_image(item.image, bucket, config.crop_style, offset))
+                            pixels.append(
+                                load_image(
+                                    item.image,
+                                    bucket,
+                                    config.crop_style,
+                                    offset,
+                                    config.image_background,
+                                    lambda item=item: transparent.add(item.image.name),
+                                )
+                            )
                             chunk.append(key)
-                        except (OSError, ValueError, SyntaxError) as exc:
+                        except unreadable_errors() as exc:
                             failed.append(item)
                             unreadable.append(f"{item.image.name} ({type(exc).__name__})")
                     if chunk:
@@ -296,6 +310,13 @@ def prepare_caches(
         gc.collect()
     if unreadable:
         warn(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}")
+    if transparent:
+        names = sorted(transparent)
+        warn(
+            f"{len(names)} image(s) with transparency composited on {config.image_background} (image_background): "
+            + ", ".join(names[:3])
+            + (" ..." if len(names) > 3 else "")
+        )
     if not usable:
         raise DataError(f"data_dir {config.data_dir}: none of the {len(items)} images could be used")
 

@@ -249,6 +249,9 @@ def _check_value(key: ConfigKey, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {name}: must be {bound}, got {value!r}")
     if key.multiple_of and isinstance(value, int) and value % key.multiple_of:
         raise ConfigError(f"{where}: {name}: must be a multiple of {key.multiple_of}, got {value}")
+    problem = key.check(value) if key.check is not None else None
+    if problem:
+        raise ConfigError(f"{where}: {name}: {problem}")
     return value
 
 

@@ -5,9 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tuner.core.buckets import Bucket, crop_box
 from tuner.core.errors import DataError
+
+
+def unreadable_errors() -> tuple[type[Exception], ...]:
+    """What reading an unusable image raises: a damaged or foreign file, or one past PIL's
+    decompression-bomb limit (counted and skipped like the others, never the end of a run)."""
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -95,18 +105,55 @@ def scan_dataset(data_dir: str | Path, warn: Callable[[str], None], caption_stra
 def image_size(path: Path) -> tuple[int, int]:
     """``(width, height)`` as the image will be trained (EXIF rotation applied), from its header.
 
-    Raises ``OSError``/``ValueError`` for an unreadable file (the caller skips it)."""
+    Raises one of :data:`UNREADABLE` for an unreadable file (the caller skips it)."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    with Image.open(path) as img:  # beyond PIL's decompression-bomb limit: DecompressionBombError
         width, height = img.size
         orientation = img.getexif().get(0x0112, 1)  # 5-8: stored rotated by 90 degrees
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def load_image(path: Path, bucket: Bucket, crop_style: str = "center", offset: float = 0.5):
-    """Read an image as a ``[3, height, width]`` float tensor in [-1, 1] for ``bucket``: upright
-    (EXIF), resized to cover the bucket, cropped by the remainder (see :func:`crop_box`).
+def as_rgb(img: Any, background: str = "white", on_transparency: Callable[[], None] | None = None) -> Any:
+    """An 8-bit RGB image of any PIL mode. ``convert("RGB")`` alone clips 16-bit and 32-bit greyscale
+    (``I;16``, ``I``) and float (``F``) images to white and drops transparency, leaving whatever
+    colour the transparent pixels hold: those are scaled to 0-255, and transparent images are
+    composited on ``background`` (``on_transparency`` is called so the run can say so once)."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else float(values.max(initial=0.0))
+        if img.mode == "F" and top <= 1.0:
+            top = 1.0  # float images in [0, 1]
+        elif img.mode == "I" and top <= 65535:
+            top = 65535.0 if top > 255 else 255.0  # 16-bit PNGs open as "I"
+        scaled = np.clip(values / max(top, 1e-12) * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    transparent = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+    if transparent:
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:  # some pixel is (partly) transparent
+            if on_transparency is not None:
+                on_transparency()
+            canvas = Image.new("RGBA", rgba.size, background)
+            return Image.alpha_composite(canvas, rgba).convert("RGB")
+        return rgba.convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(
+    path: Path,
+    bucket: Bucket,
+    crop_style: str = "center",
+    offset: float = 0.5,
+    background: str = "white",
+    on_transparency: Callable[[], None] | None = None,
+):
+    """Read an image as a ``[3, height, width]`` float tensor in [-1, 1] for ``bucket``: 8-bit RGB
+    (see :func:`as_rgb`), upright (EXIF), resized to cover the bucket, cropped by the remainder (see
+    :func:`crop_box`).
 
     Raises ``OSError``/``ValueError`` for an unreadable file (the caller skips it).
     """
@@ -115,7 +162,7 @@ def load_image(path: Path, bucket: Bucket, crop_style: str = "center", offset: f
     from PIL import Image, ImageOps
 
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
+        img = as_rgb(ImageOps.exif_transpose(img), background, on_transparency)
         width, height, left, top = crop_box(img.width, img.height, bucket, crop_style, offset)
         img = img.resize((width, height), Image.Resampling.BICUBIC)
         img = img.crop((left, top, left + bucket.width, top + bucket.height))

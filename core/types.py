@@ -132,6 +132,8 @@ class ConfigKey:
     recipe: bool = False
     # a family capability (FamilyInfo.supports) the key needs; a family without it refuses the key
     needs: str = ""
+    # a last look at a value of the right kind: a message when it cannot work, else None
+    check: Callable[[Any], str | None] | None = field(default=None, compare=False, repr=False)
     owner: str = ""  # plugin that offered the key; filled in by the host
 
 

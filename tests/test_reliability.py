@@ -332,3 +332,52 @@ def test_a_recipe_with_keys_missing_names_them(tmp_path):
     assert str(CliRunner().invoke(app, ["sample", "--recipe", str(recipe)]).exception) == (
         f"--recipe {recipe}: not a JSON object"
     )
+
+
+def test_16_bit_float_and_transparent_images_keep_their_pixels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tuner.core.buckets import Bucket
+    from tuner.core.data import load_image
+
+    bucket = Bucket(16, 16)
+    grey16 = tmp_path / "grey16.png"
+    Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16)).save(grey16)  # mid-grey at 16 bits
+    float_tiff = tmp_path / "float.tif"
+    Image.fromarray(np.full((16, 16), 0.25, dtype=np.float32), mode="F").save(float_tiff)
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(clear)  # fully transparent black
+    half = tmp_path / "half.png"
+    Image.new("RGBA", (16, 16), (0, 0, 0, 128)).save(half)
+    assert Image.open(grey16).mode.startswith("I") and Image.open(float_tiff).mode == "F"
+
+    assert load_image(grey16, bucket).mean().item() == pytest.approx(0.0, abs=0.01)  # was 1.0: clipped to white
+    assert load_image(float_tiff, bucket).mean().item() == pytest.approx(-0.5, abs=0.01)
+    said = []
+    assert load_image(clear, bucket, on_transparency=lambda: said.append(1)).mean().item() == pytest.approx(1.0)
+    assert load_image(clear, bucket, background="black").mean().item() == pytest.approx(-1.0)
+    assert load_image(half, bucket).mean().item() == pytest.approx(0.0, abs=0.01)  # half black over white
+    assert said == [1]
+
+
+def test_transparency_is_said_once_and_a_decompression_bomb_is_skipped_and_counted(
+    tiny_chroma, shapes_dir, tmp_path, monkeypatch
+):
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    for name in ("logo_a", "logo_b"):
+        Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(data / f"{name}.png")
+    Image.new("RGB", (400, 400), "blue").save(data / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 400 // 3)  # huge.png is beyond twice the limit
+    warnings: list[str] = []
+    result, _, _ = train(base_settings(tiny_chroma, data, tmp_path), warnings=warnings)
+    assert result.steps == 4
+    assert "skipped 1 unreadable image(s): huge.png (DecompressionBombError)" in warnings
+    assert "2 image(s) with transparency composited on white (image_background): logo_a.png, logo_b.png" in warnings
+    with pytest.raises(ConfigError, match="image_background: 'plaid' is not a colour; use a name"):
+        make_config(make_host(), {**base_settings(tiny_chroma, data, tmp_path), "image_background": "plaid"})

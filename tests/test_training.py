@@ -251,11 +251,15 @@ def test_dataset_problems(tiny_chroma, shapes_dir, tmp_path):
 
 
 def test_a_missing_model_is_a_one_line_error(shapes_dir, tmp_path):
-    from tuner.core.errors import PluginError
+    from tuner.core.errors import ConfigError, PluginError
 
     settings = base_settings(tmp_path / "no-model", shapes_dir, tmp_path)
-    with pytest.raises(PluginError, match="chroma: cannot load the vae of") as info:
+    with pytest.raises(ConfigError, match="no-model: no such folder") as info:  # said before any loading
         train(settings)
+    assert "\n" not in str(info.value)
+    offline = {**settings, "pretrained_model_name_or_path": "someone/not-cached"}  # a hub id, offline
+    with pytest.raises(PluginError, match="chroma: cannot load the vae of 'someone/not-cached'") as info:
+        train(offline)
     assert "\n" not in str(info.value)
 
 

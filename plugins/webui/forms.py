@@ -22,7 +22,7 @@ CORE_GROUPS = {
     ),
     "data": (
         "data_dir datasets resolution resolution_type aspect_bucket_alignment aspect_bucket_max_ratio crop_style "
-        "minimum_image_size caption_strategy caption_dropout_probability dataset_repeats cache_dir "
+        "minimum_image_size image_background caption_strategy caption_dropout_probability dataset_repeats cache_dir "
         "dataloader_num_workers eval_data_dir eval_split"
     ),
     "LoRA": "network_rank lora_alpha lora_dropout",
