@@ -385,18 +385,47 @@ def check_lora(
         lora_format = next(found, next(iter(formats)))
     if lora_format not in formats:
         raise ConfigError(f"--format {lora_format!r}: {plugin} reads {', '.join(formats)} (or auto)")
+    from tuner.core.config import model_source
+    from tuner.core.io import check_model_folder
+
+    if not Path(model_source(config, host.family.flavours)).exists():
+        check_model_folder(host, config)  # a hub id that cannot be had: said at once, not after retries
     transformer = host.provide("load_model", config=config, component="transformer", dtype=torch.float32)
-    reading = formats[lora_format].read(str(file), transformer, host.family)
+    try:
+        reading = formats[lora_format].read(str(file), transformer, host.family)
+    except (RuntimeError, ValueError, KeyError) as exc:  # e.g. lora_A and lora_B of different ranks
+        from tuner.core.errors import first_line
+
+        typer.echo(f"FAIL: {file}: its updates cannot be computed: {first_line(exc)}")
+        raise typer.Exit(1) from None
+    weights = {
+        name: module.weight.shape
+        for name, module in transformer.named_modules()
+        if isinstance(getattr(module, "weight", None), torch.Tensor)
+    }
+    misshapen = {
+        m: tuple(d.shape) for m, d in reading.deltas.items() if m in weights and tuple(d.shape) != tuple(weights[m])
+    }
+    broken = [m for m, d in reading.deltas.items() if not torch.isfinite(d).all()]
     changed = sum(1 for delta in reading.deltas.values() if delta.abs().max() > 0)
     typer.echo(f"{file}: {lora_format} layout, {len(keys)} keys; {changed} modules of {plugin} receive a change")
     for key in reading.unmatched:
         typer.echo(f"  not loaded: {key}")
-    if reading.unmatched or not changed:
-        typer.echo(
-            f"FAIL: {len(reading.unmatched)} keys would be ignored"
-            if reading.unmatched
-            else "FAIL: the file changes nothing"
-        )
+    for module, shape in sorted(misshapen.items()):
+        typer.echo(f"  wrong shape: {module} gets an update of {list(shape)}, its weight is {list(weights[module])}")
+    for module in sorted(broken):
+        typer.echo(f"  not finite: {module} gets NaN or inf")
+    failures = []
+    if reading.unmatched:
+        failures.append(f"{len(reading.unmatched)} keys would be ignored")
+    if misshapen:
+        failures.append(f"{len(misshapen)} updates do not fit their layer (diffusers would widen it, then fail)")
+    if broken:
+        failures.append(f"{len(broken)} updates are NaN or inf")
+    if not failures and not changed:
+        failures.append("the file changes nothing")
+    if failures:
+        typer.echo("FAIL: " + "; ".join(failures))
         raise typer.Exit(1)
     typer.echo("OK: every key loads")
 

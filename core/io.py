@@ -103,6 +103,9 @@ def check_model_folder(host: Any, config: Any) -> None:
         hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and "\\" not in source
         if not hub_id or Path(source.split("/")[0]).is_dir():  # models/typo: a local folder for sure
             raise config.error(key, f"{source}: no such folder (a hub id is namespace/name)")
+        from tuner.core.hub import check_hub_model
+
+        check_hub_model(source, config.revision, f"{config.source}: {key}")
         return
     try:
         found = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")

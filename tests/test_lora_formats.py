@@ -193,3 +193,41 @@ def test_check_lora_accepts_good_files_and_flags_renamed_keys(tiny_chroma, shape
     save_file(reference, wrong)
     out = check_lora(wrong, tiny_chroma)
     assert out.returncode == 1 and f"FAIL: {len(reference)} keys would be ignored" in out.stdout
+
+
+def test_check_lora_fails_files_that_load_but_do_not_fit(tiny_chroma, shapes_dir, tmp_path):
+    """A lora_A wider than its layer (diffusers silently widens the layer, then inference fails), A
+    and B of different ranks, and a NaN update: each a FAIL line naming the module, never a traceback
+    or "changes nothing"."""
+    import torch
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    _, result = trained(tmp_path, tiny_chroma, shapes_dir, lora_format="diffusers")
+    good = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    module = "transformer.transformer_blocks.0.attn.to_k"
+    down, up = good[f"{module}.lora_A.weight"], good[f"{module}.lora_B.weight"]
+
+    def check(name, **changes):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({**good, **changes}, path)
+        return CliRunner().invoke(app, ["check-lora", str(path), "--plugin", "chroma", "--model", str(tiny_chroma)])
+
+    wide = check("wide", **{f"{module}.lora_A.weight": torch.cat([down, down], dim=1)})
+    assert wide.exit_code == 1, wide.output
+    width = down.shape[1]
+    assert (
+        f"  wrong shape: transformer_blocks.0.attn.to_k gets an update of [{up.shape[0]}, {2 * width}], its weight is [{up.shape[0]}, {width}]"
+        in wide.output
+    )
+    assert "FAIL: 1 updates do not fit their layer" in wide.output
+
+    ranks = check("ranks", **{f"{module}.lora_B.weight": torch.cat([up, up], dim=1)})
+    assert ranks.exit_code == 1 and ranks.output.strip().splitlines()[-1].startswith("FAIL: ")
+    assert "Traceback" not in ranks.output
+
+    nan = check("nan", **{f"{module}.lora_B.weight": up * float("nan")})
+    assert nan.exit_code == 1
+    assert "  not finite: transformer_blocks.0.attn.to_k gets NaN or inf" in nan.output
+    assert "FAIL: 1 updates are NaN or inf" in nan.output

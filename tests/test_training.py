@@ -258,7 +258,9 @@ def test_a_missing_model_is_a_one_line_error(shapes_dir, tmp_path):
         train(settings)
     assert "\n" not in str(info.value)
     offline = {**settings, "pretrained_model_name_or_path": "someone/not-cached"}  # a hub id, offline
-    with pytest.raises(PluginError, match="chroma: cannot load the vae of 'someone/not-cached'") as info:
+    with pytest.raises(
+        PluginError, match="someone/not-cached is not in the local hub cache and HF_HUB_OFFLINE"
+    ) as info:
         train(offline)
     assert "\n" not in str(info.value)
 
