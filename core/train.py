@@ -107,6 +107,7 @@ class Trainer:
         self.held_out: PreparedData | None = None  # cached images of the eval loss (eval_steps)
         self.datasets: list = []  # the run's datasets (tuner.core.datasets.Dataset), from prepare_data
         self._stop = False
+        self.phase = "starting"  # what a Ctrl-C would interrupt, for its message
 
     @property
     def config(self) -> Config:
@@ -140,25 +141,41 @@ class Trainer:
             _record(record, status="stopped", error=str(exc))
             raise
         except KeyboardInterrupt:
-            _record(record, status="interrupted", error="interrupted (a second Ctrl-C or SIGTERM)")
-            raise
+            message = self._interrupted_message()
+            _record(record, status="interrupted", error=message)
+            raise Interrupted(message) from None
         except BaseException as exc:
             _record(record, status="failed", error=first_line(exc))
             raise
         _record(record, status="finished", lora_files=[str(p) for p in result.lora_files], step=result.steps)
         return result
 
+    def _interrupted_message(self) -> str:
+        """What a Ctrl-C outside the loop's graceful stop (or a second one) interrupted, and what is safe."""
+        if self.phase != "training":
+            return f"interrupted while {self.phase}; nothing was trained yet" + (
+                " (finished cache entries are kept)" if self.phase == "caching latents and captions" else ""
+            )
+        step = self.state.position.step if self.state else 0
+        good = self.checkpoints.last_good()
+        resume = "; continue with --set resume_from_checkpoint=latest" if good.startswith("checkpoint-") else ""
+        return f"aborted at step {step} without saving; the last good checkpoint is {good}{resume}"
+
     def _train(self, record: RunRecord | None) -> TrainResult:
         ctx, config = self.ctx, self.config
+        self.phase = "estimating memory"
         self.report_memory_estimate()
         torch.manual_seed(config.seed)  # LoRA initialisation
+        self.phase = "caching latents and captions"
         prepared = self.prepare_data()
+        self.phase = "loading the model"
         state = self.setup()
         validator = Validator(ctx, prepared)
         evaluator = Evaluator(ctx, self.held_out) if config.eval_steps and self.held_out else None
         result = TrainResult(ctx.output_dir, 0, resumed_from=self.checkpoints.resume(state))
         dataset = CachedDataset(prepared)
         self.announce(state, prepared, result.resumed_from)
+        self.phase = "training"
         _record(record, status="training", resumed_step=state.position.step if result.resumed_from else None)
         with self.progress_bar(state) as progress, self.stop_on_interrupt():
             batches = self.batches(dataset, state.position)

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
+from tuner.core import hookimpl
 from tuner.core.errors import ConfigError
+from tuner.core.events import StepEnd
 from tuner.core.runinfo import OutputLock, read_run
 from tuner.core.train import run as tuner_run
 
@@ -381,3 +383,41 @@ def test_transparency_is_said_once_and_a_decompression_bomb_is_skipped_and_count
     assert "2 image(s) with transparency composited on white (image_background): logo_a.png, logo_b.png" in warnings
     with pytest.raises(ConfigError, match="image_background: 'plaid' is not a colour; use a name"):
         make_config(make_host(), {**base_settings(tiny_chroma, data, tmp_path), "image_background": "plaid"})
+
+
+class CtrlC:
+    """Plays a Ctrl-C (KeyboardInterrupt) where a hook runs: while caching, or a second one mid-training."""
+
+    def __init__(self, at_step=None):
+        self.at_step = at_step
+
+    @hookimpl(wrapper=True)
+    def encode_images(self):
+        if self.at_step is None:
+            raise KeyboardInterrupt
+        return (yield)
+
+    @hookimpl
+    def training_event(self, event):
+        if isinstance(event, StepEnd) and event.step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_outside_the_graceful_stop_says_what_was_interrupted_and_what_is_safe(tiny_chroma, shapes_dir, tmp_path):
+    from tuner.core.errors import Interrupted
+
+    settings = settings_for(tiny_chroma, shapes_dir, tmp_path, max_train_steps=8)
+    with pytest.raises(Interrupted) as caching:
+        train(settings, ("ctrl-c", CtrlC()))
+    assert str(caching.value) == (
+        "interrupted while caching latents and captions; nothing was trained yet (finished cache entries are kept)"
+    )
+    with pytest.raises(Interrupted) as second:
+        train({**settings, "output_dir": str(tmp_path / "o2")}, ("ctrl-c", CtrlC(at_step=5)))
+    assert str(second.value) == (
+        "aborted at step 5 without saving; the last good checkpoint is checkpoint-4; continue with "
+        "--set resume_from_checkpoint=latest"
+    )
+    assert read_run(tmp_path / "o2") | {"status": "interrupted", "error": str(second.value)} == read_run(
+        tmp_path / "o2"
+    )
