@@ -208,15 +208,26 @@ def buckets(
 def configure(
     plugin: str | None = PLUGIN_OPTION,
     output: Path = typer.Option(Path("config.yaml"), "--output", "-o", help="Config file to write."),
-    defaults: bool = typer.Option(False, "--defaults", help="Take every default without asking."),
+    defaults: bool = typer.Option(False, "--defaults", help="Take every default without asking (needs --data-dir)."),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="The dataset folder (the one setting without a default)."
+    ),
 ) -> None:
     """Ask for the central settings (family, flavour, rank, rate, precision, data, ...) and write a config."""
     from tuner.core.wizard import run_wizard, write_config
 
-    def ask(question: str, default: str) -> str:
-        return typer.prompt(question, default=default, show_default=bool(default))
+    if defaults and data_dir is None:
+        raise ConfigError("--defaults writes a config that runs: give --data-dir FOLDER (data_dir has no default)")
 
-    host, settings = run_wizard(plugin, ask, typer.echo, defaults)
+    def ask(question: str, default: str) -> str:
+        if question.startswith("data_dir") and data_dir is not None:
+            return str(data_dir)
+        try:
+            return typer.prompt(question, default=default, show_default=bool(default))
+        except typer.Abort:  # stdin ended (a pipe) or Ctrl-D
+            raise ConfigError(f"configure: input ended at the question {question.split(':')[0]!r}") from None
+
+    host, settings = run_wizard(plugin, ask, typer.echo, defaults, {"data_dir": str(data_dir)} if data_dir else {})
     path = write_config(host, settings, output)
     typer.echo(f"wrote {path}; train with: tuner run --config {path}")
 
@@ -347,7 +358,7 @@ def convert_config(
     settings, notes = simpletuner.load(config, host)
     for note in notes:
         typer.echo(f"note: {note}")
-    path = write_config(host, settings, output)
+    path = write_config(host, settings, output, source=str(config), origin=f"`tuner convert-config` from {config}")
     typer.echo(f"wrote {path}; train with: tuner run --config {path}")
 
 

@@ -100,14 +100,18 @@ def convert(path: Path, raw: dict[str, Any], known: set[str]) -> tuple[dict[str,
     settings: dict[str, Any] = {}
     ignored: list[str] = []
     unknown: list[str] = []
+    refused: list[str] = []
+    notes: list[str] = []
     for given, value in raw.items():
         key = given.lstrip("-")
         if key in UNSUPPORTED:
             refuse, reason = UNSUPPORTED[key]
             if refuse(value):
-                raise ConfigError(f"{path}: {key}: " + reason.format(value=value))
-            if key == "lr_scheduler":
+                refused.append(f"{key}: " + reason.format(value=value))
+            elif key == "lr_scheduler":
                 settings[key] = "constant" if value == "constant_with_warmup" else value
+            elif key == "optimizer":
+                notes.append(f"optimizer {value!r}: tuner trains with torch's AdamW (adam_* keys carry over)")
             continue
         if key == "data_backend_config":
             settings.update(_backends(path.parent, Path(value), raw))
@@ -117,7 +121,15 @@ def convert(path: Path, raw: dict[str, Any], known: set[str]) -> tuple[dict[str,
             ignored.append(key)
         else:
             unknown.append(key)
-    notes = [f"ignored SimpleTuner key(s) with no effect in tuner: {', '.join(sorted(ignored))}"] if ignored else []
+    if refused:  # every key tuner cannot honour, at once
+        raise ConfigError(f"{path}: cannot convert {len(refused)} key(s): " + "; ".join(refused))
+    if settings.pop("_cache_note", None):
+        notes.append(
+            f"cache_dir_vae: tuner keeps latents and text embeddings in one cache_dir ({settings['cache_dir']}), "
+            "in its own layout; SimpleTuner's caches are not reused"
+        )
+    if ignored:
+        notes.append(f"ignored SimpleTuner key(s) with no effect in tuner: {', '.join(sorted(ignored))}")
     if unknown:
         notes.append(
             f"ignored SimpleTuner key(s) tuner does not know; check they do not matter: {', '.join(sorted(unknown))}"
@@ -153,6 +165,7 @@ def _backends(base: Path, backend_path: Path, raw: dict[str, Any]) -> dict[str, 
     cache = text_cache.get("cache_dir") or images[0].get("cache_dir_vae")
     if cache:
         settings["cache_dir"] = str(Path(cache).parent) if text_cache.get("cache_dir") is None else cache
+        settings["_cache_note"] = True
     return settings
 
 

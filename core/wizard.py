@@ -30,9 +30,15 @@ def _parse(text: str, kind: str) -> Any:
 
 
 def run_wizard(
-    family: str | None, ask: Callable[[str, str], str], say: Callable[[str], None], use_defaults: bool
+    family: str | None,
+    ask: Callable[[str, str], str],
+    say: Callable[[str], None],
+    use_defaults: bool,
+    given: dict[str, str] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Returns (host, settings). ``ask(question, default)`` returns the answer text."""
+    """Returns (host, settings). ``ask(question, default)`` returns the answer text; ``given``
+    answers (from command-line options) are taken as defaults, so ``use_defaults`` takes them too."""
+    given = given or {}
     from tuner.core.plugins import PluginHost
 
     catalogue = PluginHost()
@@ -61,6 +67,7 @@ def run_wizard(
         elif key.name == "base_model_precision":
             choices = (NO_QUANTIZATION, *sorted(host.precisions))
         shown = "; ".join(default) if isinstance(default, list) else ("" if default is None else str(default))
+        shown = given.get(key.name, shown)
         hint = f" [{'|'.join(choices)}]" if choices else (" (separate with ;)" if key.kind == "str_list" else "")
         while True:
             text = shown if use_defaults else ask(f"{key.name}{hint}: {key.help}", shown)
@@ -85,13 +92,16 @@ def run_wizard(
     return host, settings
 
 
-def write_config(host: Any, settings: dict[str, Any], path: Path) -> Path:
-    """Validate the answers as a run would, then write them as YAML."""
+def write_config(
+    host: Any, settings: dict[str, Any], path: Path, source: str | None = None, origin: str = "`tuner configure`"
+) -> Path:
+    """Validate the settings as a run would (errors name ``source``: where they came from), then
+    write them as YAML with a header saying what wrote them."""
     import yaml
 
     from tuner.core.io import atomic_write
 
-    build_config(host, settings, str(path), warn=lambda m: None)
-    text = "# written by `tuner configure`; run it with: tuner run --config " + str(path) + "\n"
+    build_config(host, settings, source or str(path), warn=lambda m: None)
+    text = f"# written by {origin}; run it with: tuner run --config {path}\n"
     text += yaml.safe_dump(settings, sort_keys=False, allow_unicode=True)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -40,11 +40,27 @@ def test_piped_answers_write_a_config_that_tuner_run_accepts(tmp_path):
     assert config.network_rank == 8 and config.model_flavour == "hd"
 
 
-def test_defaults_without_questions(tmp_path):
+def test_defaults_without_questions_write_a_config_that_runs(tmp_path):
     path = tmp_path / "flux.yaml"
     out = configure("", "--plugin", "flux", "--defaults", "--output", str(path))
+    assert out.returncode == 2 and not path.exists()
+    assert out.stderr.strip() == (
+        "error: --defaults writes a config that runs: give --data-dir FOLDER (data_dir has no default)"
+    )
+    out = configure("", "--plugin", "flux", "--defaults", "--data-dir", "/data/set", "--output", str(path))
     assert out.returncode == 0, out.stderr[-1500:]
-    assert yaml.safe_load(path.read_text()) == {"model_type": "lora", "model_family": "flux", "model_flavour": "dev"}
+    assert yaml.safe_load(path.read_text()) == {
+        "model_type": "lora",
+        "model_family": "flux",
+        "model_flavour": "dev",
+        "data_dir": "/data/set",
+    }
+
+
+def test_input_that_ends_before_data_dir_is_one_line(tmp_path):
+    out = configure("chroma\n\n", "--output", str(tmp_path / "c.yaml"))  # family, flavour, then nothing
+    assert out.returncode == 2, out.stdout[-500:]
+    assert out.stderr.strip().splitlines()[-1] == "error: configure: input ended at the question 'data_dir'"
 
 
 def test_a_third_party_familys_keys_are_asked_without_changes_to_the_wizard(tmp_path):

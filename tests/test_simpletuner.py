@@ -76,6 +76,9 @@ def test_keys_are_mapped_ignored_or_listed(tmp_path, tiny_chroma, shapes_dir):
     assert settings["lora_rank"] == 4 and settings["lr_scheduler"] == "constant"
     assert settings["cache_dir"] == str(tmp_path / "cache" / "text")
     assert notes == [
+        "optimizer 'adamw_bf16': tuner trains with torch's AdamW (adam_* keys carry over)",
+        f"cache_dir_vae: tuner keeps latents and text embeddings in one cache_dir ({tmp_path / 'cache' / 'text'}), "
+        "in its own layout; SimpleTuner's caches are not reused",
         "ignored SimpleTuner key(s) with no effect in tuner: tracker_project_name",
         "ignored SimpleTuner key(s) tuner does not know; check they do not matter: my_own_flag",
     ]
@@ -144,3 +147,23 @@ def test_a_backends_bucket_settings_map_to_tuner_keys(tmp_path, tiny_chroma, sha
     (tmp_path / "sq").mkdir()
     square, _ = simpletuner.load(write_simpletuner(tmp_path / "sq", tiny_chroma, shapes_dir), PluginHost("chroma"))
     assert square["aspect_bucket_max_ratio"] == 1.0 and square["resolution_type"] == "pixel"
+
+
+def test_convert_config_reports_every_refusal_at_once_and_names_its_input(tmp_path, tiny_chroma, shapes_dir):
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    path = write_simpletuner(tmp_path, tiny_chroma, shapes_dir, **{"--optimizer": "prodigy", "--use_ema": True})
+    result = CliRunner().invoke(app, ["convert-config", str(path), "-o", str(tmp_path / "t.yaml")])
+    assert str(result.exception) == (
+        f"{path}: cannot convert 2 key(s): optimizer: tuner trains with AdamW, not 'prodigy'; "
+        "use_ema: tuner keeps no EMA of the LoRA"
+    )
+    path = write_simpletuner(tmp_path, tiny_chroma, shapes_dir, **{"--lora_rank": "abc"})
+    result = CliRunner().invoke(app, ["convert-config", str(path), "-o", str(tmp_path / "t.yaml")])
+    assert str(result.exception).startswith(f"{path}: network_rank: expected an integer")  # the input, not t.yaml
+    path = write_simpletuner(tmp_path, tiny_chroma, shapes_dir)
+    result = CliRunner().invoke(app, ["convert-config", str(path), "-o", str(tmp_path / "t.yaml")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "t.yaml").read_text().startswith(f"# written by `tuner convert-config` from {path};")
