@@ -457,6 +457,9 @@ class TensorBoardLog:
     """Loss, learning rate, grad norm, sigma histogram and validation images to TensorBoard, through
     accelerate's tracker, in ``output_dir/logs``. On by default when tensorboard is installed."""
 
+    REQUIRES = ("tensorboard",)  # what `tuner plugins` checks and names when missing
+    INSTALL_HINT = "pip install tensorboard  (or: pip install 'tuner[tensorboard]')"
+
     def __init__(self) -> None:
         self.tracker: Any = None
 
@@ -471,6 +474,11 @@ class TensorBoardLog:
             if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
                 if event.config.is_set("report_to"):
                     event.log("warning: report_to: tensorboard is not installed (pip install tensorboard)")
+                else:
+                    event.log(
+                        "note: TensorBoard logging is off: tensorboard is not installed (pip install tensorboard); "
+                        "train_log.jsonl records every step"
+                    )
                 return
             from accelerate.tracking import TensorBoardTracker
 

@@ -104,6 +104,7 @@ def plugins(
                     (f.implementation for f in host.families.values() if f.plugin == record.name), None
                 ),
                 "precisions": sorted(p.name for p in host.precisions.values() if p.plugin == record.name),
+                "missing": _missing_libraries(host, record),
                 "hooks": host.hooks_of(record.name),
                 "error": record.error,
                 "disabled": record.disabled,
@@ -117,6 +118,8 @@ def plugins(
         typer.echo(
             f"{row['name']:<12} {row['distribution']} {row['version']}" + (f"  [{provides}]" if provides else "")
         )
+        if row["missing"]:
+            typer.echo(f"    not usable here: {'; '.join(row['missing'])}")
         if row["disabled"]:
             typer.echo("    disabled (TUNER_LOAD_PLUGINS / TUNER_DISABLE_PLUGINS)")
         elif row["error"]:
@@ -125,6 +128,30 @@ def plugins(
             typer.echo(f"    hooks: {', '.join(row['hooks'])}")
             if row["implementation"]:
                 typer.echo(f"    implementation: {row['implementation']} (its hooks: tuner plugins --plugin NAME)")
+
+
+def _missing_libraries(host: Any, record: Any) -> list[str]:
+    """What a plugin needs and this environment lacks: its precisions' ``requires`` and a module's
+    or object's ``REQUIRES`` (with ``INSTALL_HINT``), each with how to install it."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):
+            return True
+
+    needs: list[tuple[tuple[str, ...], str]] = [
+        (p.requires, p.install_hint) for p in host.precisions.values() if p.plugin == record.name
+    ]
+    if getattr(record.module, "REQUIRES", None):
+        needs.append((tuple(record.module.REQUIRES), getattr(record.module, "INSTALL_HINT", "")))
+    found = []
+    for modules, hint in needs:
+        lacking = [m for m in modules if absent(m)]
+        if lacking:
+            found.append(f"{', '.join(lacking)} is not installed" + (f" ({hint})" if hint else ""))
+    return list(dict.fromkeys(found))
 
 
 @app.command()

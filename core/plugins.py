@@ -140,10 +140,17 @@ class PluginHost:
     # -- building -----------------------------------------------------------------------------
 
     def _register(self, record: PluginRecord) -> None:
+        if self.pm.has_plugin(record.name):  # pluggy's own message dumps its whole plugin table
+            other = next(r for r in self.records if r.name == record.name and r is not record)
+            raise PluginError(
+                f"two plugins are named {record.name!r}: from distribution {other.distribution} {other.version} and "
+                f"from {record.distribution} {record.version}; uninstall one, or leave one out with "
+                f"TUNER_DISABLE_PLUGINS={record.distribution}"
+            )
         try:
             self.pm.register(record.module, name=record.name)
         except ValueError as exc:
-            raise PluginError(f"{record.label} cannot be registered: {exc}") from None
+            raise PluginError(f"{record.label} cannot be registered: {first_line(exc)}") from None
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"{record.label} has an invalid hook: {exc}") from None
 

@@ -198,7 +198,7 @@ class Trainer:
                 result.losses.append(loss)
                 lr = state.lr_scheduler.get_last_lr()[0]
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)  # redrawn at its interval
                 ctx.emit(
                     events.StepEnd,
                     step,

@@ -56,6 +56,20 @@ def test_two_plugins_registering_one_family_is_an_error_naming_both():
         PluginHost(extra_plugins=[("impostor", Impostor())])
 
 
+def test_two_distributions_with_one_entry_point_name_are_one_line_naming_both():
+    from tuner.core.plugins import _tuner_version
+
+    class Another:
+        pass
+
+    with pytest.raises(PluginError) as clash:
+        PluginHost(extra_plugins=[("flux", Another())])
+    assert str(clash.value) == (
+        f"two plugins are named 'flux': from distribution tuner {_tuner_version()} and from (registered in process) -; "
+        "uninstall one, or leave one out with TUNER_DISABLE_PLUGINS=(registered in process)"
+    )
+
+
 def test_a_misspelled_hook_fails_loudly_naming_the_plugin():
     class Typo:
         @hookimpl
@@ -198,3 +212,43 @@ def test_tuner_trace_plugins_prints_which_plugin_answered():
     out = _cli("sigmas", "--plugin", "chroma", "--samples", "10", TUNER_TRACE_PLUGINS="1")
     assert "tuner-trace: sample_sigmas answered by chroma:implementation: Tensor(10,)" in out.stderr
     assert "tuner-trace: check_config called on core" in out.stderr
+
+
+def test_tuner_plugins_says_which_libraries_a_plugin_lacks(monkeypatch):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    real = importlib.util.find_spec
+    absent = {"optimum.quanto", "tensorboard"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name, *a))
+    out = CliRunner().invoke(app, ["plugins", "--json"])
+    rows = {row["name"]: row for row in json.loads(out.output)}
+    assert rows["quant_int8"]["missing"] == [
+        "optimum.quanto is not installed (install it with: pip install optimum-quanto  (or: pip install 'tuner[quanto]'))"
+    ]
+    assert rows["tensorboard-log"]["missing"][0].startswith("tensorboard is not installed (pip install tensorboard")
+    assert rows["quant_nf4"]["missing"] == [] and rows["chroma"]["missing"] == []
+    text = CliRunner().invoke(app, ["plugins"]).output
+    assert "    not usable here: optimum.quanto is not installed" in text
+
+
+def test_a_run_says_tensorboard_is_off_when_it_is_not_installed(tiny_chroma, shapes_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    from .conftest import base_settings, train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a),
+    )
+    from tqdm.auto import tqdm
+
+    logged = []
+    monkeypatch.setattr(tqdm, "write", lambda message, *a, **kw: logged.append(message))  # the run's log lines
+    train(base_settings(tiny_chroma, shapes_dir, tmp_path))
+    assert any(line.startswith("note: TensorBoard logging is off: tensorboard is not installed") for line in logged)

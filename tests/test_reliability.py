@@ -421,3 +421,10 @@ def test_ctrl_c_outside_the_graceful_stop_says_what_was_interrupted_and_what_is_
     assert read_run(tmp_path / "o2") | {"status": "interrupted", "error": str(second.value)} == read_run(
         tmp_path / "o2"
     )
+
+
+def test_progress_redirected_to_a_file_is_not_redrawn_every_step(tiny_chroma, shapes_dir, tmp_path, capsys):
+    capsys.readouterr()
+    train({**base_settings(tiny_chroma, shapes_dir, tmp_path), "max_train_steps": 30})
+    redraws = capsys.readouterr().err.count("steps:")
+    assert redraws <= 4, redraws  # the start, the 5 s interval at most once here, the end (was one per step)
