@@ -484,7 +484,24 @@ def _register_plugin_commands() -> None:
     _plugin_commands_added = True
 
 
+def _quiet_libraries() -> None:
+    """Keep third-party notices that every CPU run prints off the terminal, so a one-line error is
+    one line and a run's output is tuner's: bitsandbytes' "Failed to load CPU gemm_4bit_forward from
+    kernels-community" (its logger, at import), diffusers' FluxPosEmbed FutureWarning (inside its own
+    Flux and Chroma models) and transformers' "requires torchvision" notices. A user's own
+    TRANSFORMERS_VERBOSITY / DIFFUSERS_VERBOSITY win."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*FluxPosEmbed.*", category=FutureWarning)
+
+
 def main() -> None:
+    _quiet_libraries()
     _register_plugin_commands()
     try:
         app()
