@@ -29,6 +29,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.types import PrecisionInfo
 
 
+# Freed float weights are handed back to the OS (malloc_trim) once this many bytes were read since
+# the last time: after every block of a real model (each is larger), every few blocks of a small
+# one. Each trim costs its walk of the heap and the page faults of the next allocations
+# (benchmarks/quantized_load.py: trimming after each of Chroma's 64 units doubled a narrow model's
+# load; never trimming lets RSS grow to the whole float model).
+TRIM_BYTES = 16 * 2**20
+
+
 def require_backend(precision: PrecisionInfo) -> None:
     """A one-line error with the install hint when the precision's library cannot be imported."""
     for module in precision.requires:
@@ -133,8 +141,10 @@ def _local_folder(source: str, subfolder: str, revision: str | None) -> Path:
     return Path(root) / subfolder
 
 
-def load_quantized(host: PluginHost, config: Config, dtype: torch.dtype) -> torch.nn.Module:
-    """Build the family's denoiser on meta, then stream and quantize it block by block."""
+def load_quantized(host: PluginHost, config: Config, dtype: torch.dtype, device: Any = "cpu") -> torch.nn.Module:
+    """Build the family's denoiser on meta, then stream and quantize it block by block. Each block
+    is put on ``device`` before it is quantized, so on a GPU the accelerator quantizes (both
+    bitsandbytes and quanto quantize CUDA tensors there) and the CPU never holds the model."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
 
@@ -161,17 +171,24 @@ def load_quantized(host: PluginHost, config: Config, dtype: torch.dtype) -> torc
             f"{folder}: weights for {missing[0]} (and {len(missing) - 1} more) are missing; "
             f"is this a diffusers {cls.__name__} folder?"
         )
+    unread = 0
     for unit in block_units(model):
         tensors = weights.read(sorted(n for n in expected if n.startswith(unit + ".")))
+        unread += sum(t.numel() * t.element_size() for t in tensors.values())
         for name in list(tensors):
             tensor = tensors.pop(name)
             set_module_tensor_to_device(
-                model, name, "cpu", value=tensor, dtype=dtype if tensor.is_floating_point() else None
+                model, name, device, value=tensor, dtype=dtype if tensor.is_floating_point() else None
             )
             del tensor
         exclude = [k for k in keep if k == unit or k.startswith(unit + ".") or unit.startswith(k + ".")]
         info.quantize(model, unit, exclude)
-        release_freed_memory()
+        # malloc_trim only (see TRIM_BYTES): the unit's float tensors are freed by reference
+        # counting (no cycles hold them), and a full collection costs ~0.3 s per call in a process
+        # holding torch and diffusers (benchmarks/quantized_load.py: 64 of them were 20 s of 21)
+        if unread >= TRIM_BYTES:
+            release_freed_memory(collect=False)
+            unread = 0
     model.requires_grad_(False)
     return model.eval()
 

@@ -359,7 +359,7 @@ class Trainer:
         else:  # streamed block by block, each block quantized as it arrives
             from tuner.core.quantize import load_quantized
 
-            transformer = load_quantized(ctx.host, config, ctx.weight_dtype)
+            transformer = load_quantized(ctx.host, config, ctx.weight_dtype, ctx.device)
         return transformer.to(ctx.device)
 
     def setup(self, transformer: torch.nn.Module | None = None) -> TrainState:
