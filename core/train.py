@@ -265,11 +265,12 @@ class Trainer:
         ctx = self.ctx
         if not (self.config.memory_estimate and ctx.is_main):
             return None
-        from tuner.core.estimate import available_ram, estimate, free_memory, shortfalls
+        from tuner.core.estimate import available_ram, free_memory, shortfalls
+        from tuner.core.estimate.cached import cached_estimate
 
         device_type = ctx.device.type
-        try:
-            found = estimate(ctx.host, self.config, device_type)
+        try:  # remembered under cache_dir: a second start with the same settings skips the tracing
+            found, _ = cached_estimate(ctx.host, self.config, device_type, self.config.cache_dir or default_cache_dir())
         except Exception as exc:  # advisory: no failure of it (a plugin's, a missing file) may stop a run
             ctx.warn(f"memory estimate unavailable: {first_line(exc)}")
             return None

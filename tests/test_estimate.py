@@ -279,3 +279,39 @@ def test_a_hub_id_reads_only_config_files_and_fails_in_one_line_without_them(tmp
     # weights not on disk: the mapped files are counted as the parameters in bf16
     assert found.phase("load").parts["weight files"] == 2 * found.settings["transformer_parameters"]
     assert found.settings["transformer_parameters"] == 8_899_983_424  # Chroma 1's denoiser
+
+
+def test_a_second_start_with_the_same_settings_reuses_the_estimate(tiny_chroma, shapes_dir, tmp_path, monkeypatch):
+    """The estimate is remembered under cache_dir, keyed by what shapes memory: the same settings
+    (or a new learning rate, or another output_dir) reuse it; a new rank or resolution does not."""
+    import tuner.core.estimate
+    from tuner.core.estimate.cached import cached_estimate
+
+    real, calls = tuner.core.estimate.estimate, []
+    monkeypatch.setattr(tuner.core.estimate, "estimate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    host = make_host()
+    base = base_settings(tiny_chroma, shapes_dir, tmp_path)
+
+    def start(**changes):
+        found, remembered = cached_estimate(host, make_config(host, {**base, **changes}), "cpu", tmp_path / "cache")
+        return found.summary(), remembered
+
+    first, remembered = start()
+    assert not remembered and len(calls) == 1
+    assert start() == (first, True) and len(calls) == 1
+    assert start(learning_rate=5e-4, output_dir=str(tmp_path / "elsewhere"), seed=3) == (first, True)
+    assert start(network_rank=8)[1] is False and start(resolution=128)[1] is False and len(calls) == 3
+    for entry in (tmp_path / "cache" / "estimates").iterdir():
+        entry.write_text("{damaged")
+    assert start()[1] is False and len(calls) == 4  # a damaged entry is computed again
+
+
+def test_a_run_prints_the_remembered_estimate(tiny_chroma, shapes_dir, tmp_path, monkeypatch, capsys):
+    import tuner.core.estimate
+
+    settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "memory_estimate": True, "max_train_steps": 1}
+    train(settings)
+    first = [line for line in capsys.readouterr().out.splitlines() if line.startswith("memory estimate")]
+    monkeypatch.setattr(tuner.core.estimate, "estimate", lambda *a, **k: pytest.fail("estimated again"))
+    train({**settings, "output_dir": str(tmp_path / "second")})
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("memory estimate")] == first

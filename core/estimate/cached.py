@@ -1,0 +1,134 @@
+"""The memory estimate a run prints at start, remembered: tracing the real Chroma takes ~17 s on a
+CPU, and a second start with the same settings should not pay it again.
+
+An estimate depends on the settings that shape the model, the batch and the precision, the
+model's config files, the device type, the plugins of the run and the versions of tuner, torch,
+diffusers, transformers and peft. The key is a digest of all of them (keys that cannot change
+memory, such as the learning rate or where outputs go, are left out); the estimate is stored as
+JSON under ``cache_dir/estimates``. Free memory is read anew every time: only the estimate is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuner.core.estimate.report import Estimate, Phase
+from tuner.core.io import atomic_write
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tuner.core.config import Config
+    from tuner.core.plugins import PluginHost
+
+FORMAT = 1
+# keys that decide nothing about memory (a key not listed counts: a miss costs time, never truth)
+IRRELEVANT = {
+    "output_dir",
+    "cache_dir",
+    "data_dir",
+    "eval_data_dir",
+    "resume_from_checkpoint",
+    "existing_output",
+    "seed",
+    "validation_seed",
+    "report_to",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "validation_steps",
+    "max_train_steps",
+    "learning_rate",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "adam_weight_decay",
+    "max_grad_norm",
+    "divergence_skip_limit",
+    "divergence_max_rollbacks",
+    "divergence_lr_factor",
+    "memory_estimate",
+    "caption_dropout_probability",
+    "caption_strategy",
+    "dataset_repeats",
+    "crop_style",
+    "image_background",
+}
+
+
+def _model_files(source: str) -> Any:
+    """What the model's config files say (a local folder), or the hub id (its files are pinned by the
+    revision in the settings)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return source
+    return {
+        str(path.relative_to(folder)): path.read_text(encoding="utf-8", errors="replace")
+        for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*/config.json"))
+    }
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    found = {}
+    for name in ("tuner", "torch", "diffusers", "transformers", "peft", "accelerate"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "-"
+    code = hashlib.sha256()  # the estimator itself, so an edited checkout never reads a stale answer
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(path.read_bytes())
+    found["estimate_code"] = code.hexdigest()[:16]
+    return found
+
+
+def estimate_key(host: PluginHost, config: Config, device_type: str) -> str:
+    from tuner.core.config import model_source
+
+    settings = {k: v for k, v in config.to_dict().items() if k not in IRRELEVANT}
+    plugins = sorted(  # installed plugins (a family's implementation joins its record once loaded: not counted)
+        (r.name, r.distribution, r.version) for r in host.records if r.module is not None and ":" not in r.name
+    )
+    parts = {
+        "format": FORMAT,
+        "settings": settings,
+        "model": _model_files(model_source(config, host.family.flavours)),
+        "device_type": device_type,
+        "plugins": plugins,
+        "versions": _versions(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def from_dict(data: dict[str, Any]) -> Estimate:
+    return Estimate(
+        family=data["family"],
+        source=data["source"],
+        device_type=data["device_type"],
+        precision=data["base_model_precision"],
+        settings=data["settings"],
+        phases=[Phase(**phase) for phase in data["phases"]],
+        notes=list(data.get("notes", [])),
+    )
+
+
+def cached_estimate(host: PluginHost, config: Config, device_type: str, folder: Path) -> tuple[Estimate, bool]:
+    """(the estimate, whether it came from ``folder``); computed and stored when not there."""
+    import tuner.core.estimate as estimates
+
+    path = Path(folder) / "estimates" / f"{estimate_key(host, config, device_type)}.json"
+    try:
+        return from_dict(json.loads(path.read_text(encoding="utf-8"))), True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or damaged: computed again
+    found = estimates.estimate(host, config, device_type)
+    text = json.dumps(found.to_dict(), indent=1)
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    except OSError:  # a cache that cannot be written only costs time
+        pass
+    return found, False
