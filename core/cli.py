@@ -500,7 +500,19 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*FluxPosEmbed.*", category=FutureWarning)
 
 
+def _cpu_defaults() -> None:
+    """OpenMP threads that wait for work spin for a while first (GNU libgomp: 300,000 spins by
+    default); when another process needs the core, the spinning pool collapses (the tiny example:
+    4.6x slower beside one busy process). A short spin keeps a quiet run as fast and a shared core
+    usable (benchmarks: docs/benchmarks.md, "A busy CPU"). Set before torch loads libgomp; a user's
+    own setting wins."""
+    import os
+
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+
 def main() -> None:
+    _cpu_defaults()
     _quiet_libraries()
     _register_plugin_commands()
     try:

@@ -41,8 +41,8 @@ from tuner.core.guard import DivergenceGuard
 from tuner.core.io import check_model_folder, folder_problem
 from tuner.core.lora import lora_parameters
 from tuner.core.resume import Checkpoints
-from tuner.core.runinfo import OutputLock, RunRecord, settle_output_dir
-from tuner.core.runtime import build_lr_scheduler, build_optimizer, has_accelerator, weight_dtype
+from tuner.core.runinfo import OutputLock, RunRecord, read_run, settle_output_dir
+from tuner.core.runtime import build_lr_scheduler, build_optimizer, choose_cpu_threads, has_accelerator, weight_dtype
 from tuner.core.sampler import DatasetBatches
 from tuner.core.state import Position, RunContext, TrainState
 from tuner.core.step import attach_lora, flow_matching_loss, step_seed
@@ -130,11 +130,17 @@ class Trainer:
 
     def train(self) -> TrainResult:
         self.check_folders()  # before any heavy work
+        threads = None
+        if self.ctx.device.type == "cpu":
+            before = read_run(self.config.output_dir) if self.config.resume_from_checkpoint else None
+            threads, line = choose_cpu_threads((before or {}).get("cpu_threads"))
+            self.ctx.log(line)
         with OutputLock(self.config) if self.ctx.is_main else nullcontext():
-            return self._recorded()
+            return self._recorded(threads)
 
-    def _recorded(self) -> TrainResult:
+    def _recorded(self, threads: int | None) -> TrainResult:
         record = RunRecord(self.config) if self.ctx.is_main else None
+        _record(record, cpu_threads=threads)
         try:
             result = self._train(record)
         except Interrupted as exc:

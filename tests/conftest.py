@@ -14,6 +14,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# One thread count for the whole suite (and the runs it starts), so in-process runs compared bit
+# for bit never differ by threads; how a run chooses its threads is tested in test_reliability.py.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 REPO = Path(__file__).resolve().parents[1]
 

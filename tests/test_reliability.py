@@ -428,3 +428,59 @@ def test_progress_redirected_to_a_file_is_not_redrawn_every_step(tiny_chroma, sh
     train({**base_settings(tiny_chroma, shapes_dir, tmp_path), "max_train_steps": 30})
     redraws = capsys.readouterr().err.count("steps:")
     assert redraws <= 4, redraws  # the start, the 5 s interval at most once here, the end (was one per step)
+
+
+def test_cpu_threads_follow_the_idle_cores_unless_the_user_chose(monkeypatch):
+    import torch
+
+    from tuner.core import runtime
+
+    assert runtime.threads_for(2, 2.0) == 2
+    assert runtime.threads_for(2, 1.1) == 1  # one core busy with another process: one thread
+    assert runtime.threads_for(8, 0.2) == 1 and runtime.threads_for(4, None) == 4
+    assert 0 <= runtime.idle_cores(0.05) <= (os.cpu_count() or 1) + 0.01
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(runtime, "idle_cores", lambda interval=0.1: 0.9)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        assert (
+            runtime.choose_cpu_threads()[1]
+            == "CPU threads: 1 (4 usable cores, 0.9 idle now; OMP_NUM_THREADS to choose)"
+        )
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(runtime, "idle_cores", lambda interval=0.1: 4.0)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine share its cores
+        assert runtime.choose_cpu_threads()[1].startswith("CPU threads: 2 (2 usable cores")
+        assert runtime.choose_cpu_threads(resumed=3) == (
+            3,
+            "CPU threads: 3 (as the run it resumes, for an exact resume)",
+        )
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert runtime.choose_cpu_threads()[1] == f"CPU threads: {torch.get_num_threads()} (OMP_NUM_THREADS)"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_resumed_cpu_run_keeps_the_thread_count_of_the_run_it_continues(
+    tiny_chroma, shapes_dir, tmp_path, monkeypatch
+):
+    import torch
+    from tqdm.auto import tqdm
+
+    from tuner.core import runtime
+
+    before = torch.get_num_threads()
+    logged: list[str] = []
+    monkeypatch.setattr(tqdm, "write", lambda message, *a, **kw: logged.append(message))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    settings = settings_for(tiny_chroma, shapes_dir, tmp_path, max_train_steps=2)
+    try:
+        monkeypatch.setattr(runtime, "idle_cores", lambda interval=0.1: 1.0)
+        train(settings)
+        assert read_run(tmp_path / "out")["cpu_threads"] == 1
+        monkeypatch.setattr(runtime, "idle_cores", lambda interval=0.1: 64.0)  # the machine is quiet now
+        train({**settings, "resume_from_checkpoint": "latest", "max_train_steps": 4})
+    finally:
+        torch.set_num_threads(before)
+    assert "CPU threads: 1 (as the run it resumes, for an exact resume)" in logged
