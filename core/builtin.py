@@ -155,6 +155,7 @@ CORE_KEYS = (
         NO_QUANTIZATION,
         "Quantize the frozen denoiser: no_change or a precision a plugin offers (int8-quanto, nf4-bnb).",
         resume_critical=True,
+        recipe=True,  # validation rendered on the quantized base: `tuner sample --recipe` does too
     ),
     *(
         ConfigKey(

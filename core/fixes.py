@@ -14,6 +14,17 @@
   changes the frozen base and raises for ``in_features`` below the block size 64
   (tests/test_quantization.py::test_bitsandbytes_cpu_repack_bug). The NF4 plugin turns the repack
   off per layer (``support_avx512bf16_for_cpu = False``) in ``tuner.plugins.quant_nf4.quantizer``.
+* optimum-quanto 0.2.7 on a CPU multiplies int8 weights by bf16 activations with torch's
+  ``_weight_int8pack_mm``, which crashes the process (SIGSEGV) in some calls (Flux's pipeline under
+  bf16; scales in another dtype than the activations). The int8 plugin replaces the CPU
+  implementation of quanto's ``qbytes_mm`` op with quanto's own portable path
+  (``tuner.plugins.quant_int8.quantizer.avoid_int8pack_on_cpu``;
+  tests/test_quantization.py::test_quanto_int8_crash_on_cpu).
+* diffusers 0.42's Flux-style ``load_lora_weights`` (Flux, Chroma) first compares each LoRA with
+  its base weight read from ``transformer.state_dict()``; a quanto-quantized base stores it as
+  ``weight._data`` and the lookup raises ``KeyError``. ``tuner sample`` on such a base runs the
+  loader's other two steps itself (``lora_state_dict``, ``load_lora_into_transformer``;
+  ``tuner.core.sampling.apply_lora``; tests/test_bf16.py renders on every precision).
 * safetensors 0.8 raises its own ``SafetensorError`` (not ``OSError``) when the disk fills while a
   file is written ("I/O error: No space left on device (os error 28)") and when a truncated file is
   read, so ``except OSError`` misses both. :func:`as_os_error` turns the write failure into the

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from tuner.core import __version__
-from tuner.core.config import model_source
+from tuner.core.config import NO_QUANTIZATION, model_source
 from tuner.core.io import atomic_write, resolved_if_local
 from tuner.core.types import ValidationRequest
 
@@ -104,20 +104,39 @@ def recipe_settings(recipe: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def apply_lora(transformer: torch.nn.Module, lora_file: str, family: Any, scale: float = 1.0) -> None:
+def apply_lora(
+    transformer: torch.nn.Module, lora_file: str, family: Any, scale: float = 1.0, quantized: bool = False
+) -> None:
     """Load a LoRA onto the transformer as a user's diffusers pipeline would (load_lora_weights)."""
+    import inspect
+
     from tuner.core.pipelines import partial_pipeline
     from tuner.core.quantize import import_object
 
-    pipe = partial_pipeline(import_object(family.pipeline_class), transformer=transformer)
+    pipeline_cls = import_object(family.pipeline_class)
+    pipe = partial_pipeline(pipeline_cls, transformer=transformer)
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its notice about the absent text encoder is noise here
     try:
-        pipe.load_lora_weights(lora_file, adapter_name="sample")
+        if quantized and "return_alphas" in inspect.signature(pipeline_cls.lora_state_dict).parameters:
+            # the Flux-style loader first checks each LoRA against its base weight in state_dict(),
+            # which a quanto base stores as weight._data (KeyError; tuner.core.fixes): its two other
+            # steps, without that check (it serves Flux Control LoRAs only)
+            state_dict, alphas, metadata = pipeline_cls.lora_state_dict(
+                lora_file, return_alphas=True, return_lora_metadata=True
+            )
+            pipeline_cls.load_lora_into_transformer(
+                state_dict, network_alphas=alphas, transformer=transformer, adapter_name="sample", metadata=metadata
+            )
+        else:
+            pipe.load_lora_weights(lora_file, adapter_name="sample")
     finally:
         diffusers_logging.set_verbosity(verbosity)
+    for name, param in transformer.named_parameters():
+        if ".lora_" in name:  # as in training and validation: fp32 adapters over a bf16 base (else the
+            param.data = param.data.float()  # recipe renders 1-2 levels off its validation images)
     if scale != 1.0:
         transformer.set_adapters(["sample"], weights=[scale])
 
@@ -148,9 +167,21 @@ def render(
         ]
     del encoders
     text, negative = encoded[:-1], encoded[-1]
-    transformer = load("transformer").to(device)
+    if config.get("base_model_precision", NO_QUANTIZATION) != NO_QUANTIZATION:  # the base validation rendered on
+        from tuner.core.quantize import load_quantized
+
+        transformer = load_quantized(host, config, dtype, device)
+    else:
+        transformer = load("transformer").to(device)
     if lora:
-        apply_lora(transformer, lora, host.family, scale)
+        apply_lora(transformer, lora, host.family, scale, quantized=config.base_model_precision != NO_QUANTIZATION)
+    if config.mixed_precision != "no":  # as in training, whose validation this reproduces: accelerate
+        from accelerate import Accelerator  # runs the model under autocast and hands back fp32 outputs
+
+        from tuner.core.runtime import has_accelerator
+
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not has_accelerator())
+        transformer = accelerator.prepare_model(transformer, evaluation_mode=True)
     vae, scheduler = load("vae").to(device), load("scheduler")
     rendered = []
     for width, height in sizes:

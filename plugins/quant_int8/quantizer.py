@@ -10,6 +10,7 @@ from tuner.core.quantize import plain_linears
 def quantize(model: torch.nn.Module, unit: str, weights: str, exclude: list[str]) -> torch.nn.Module:
     import optimum.quanto as quanto
 
+    avoid_int8pack_on_cpu()
     qtype = getattr(quanto, weights)
     for name in plain_linears(model, unit, exclude):
         # one layer at a time, so only one layer's temporaries exist at once; quanto.quantize is
@@ -21,3 +22,27 @@ def quantize(model: torch.nn.Module, unit: str, weights: str, exclude: list[str]
         quanto.quantize(parent, weights=qtype, include=[child])
         getattr(parent, child).freeze()
     return model
+
+
+_OVERRIDE: list = []  # the torch.library registration below, kept alive
+
+
+def avoid_int8pack_on_cpu() -> None:
+    """optimum-quanto 0.2.7 multiplies int8 weights by bf16 activations on a CPU with torch's
+    ``_weight_int8pack_mm``, which crashes the process (SIGSEGV) in some calls: inside Flux's
+    pipeline (validation, ``tuner sample``) and whenever the weights' scales are not in the
+    activations' dtype. The CPU implementation of its ``quanto::qbytes_mm`` op is replaced, once,
+    by the library's own portable path (dequantize, then matmul); CUDA and MPS keep theirs
+    (tests/test_quantization.py::test_quanto_int8_crash_on_cpu shows the crash and the fix)."""
+    if _OVERRIDE:
+        return
+    import optimum.quanto.library.qbytes_mm as kernels
+
+    def portable(activations: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        if type(activations) is not torch.Tensor:  # quantized activations, as quanto's CPU path does
+            activations = activations.dequantize()
+        return kernels.qbytes_mm(activations, weights, scales)
+
+    library = torch.library.Library("quanto", "IMPL")  # noqa: TOR901 - an override, on purpose
+    library.impl("qbytes_mm", portable, "CPU")
+    _OVERRIDE.append(library)
