@@ -52,6 +52,8 @@ def build_optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.o
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.adam_weight_decay,
         eps=config.adam_epsilon,
+        # one kernel for every parameter on CUDA (the same state, so checkpoints do not change)
+        fused=bool(params) and all(p.is_cuda for p in params),
     )
 
 
@@ -134,3 +136,21 @@ def choose_cpu_threads(resumed: int | None = None) -> tuple[int, str]:
     torch.set_num_threads(threads)
     seen = f", {idle:.1f} idle now" if idle is not None else ""
     return threads, f"CPU threads: {threads} ({usable} usable cores{seen}; OMP_NUM_THREADS to choose)"
+
+
+def attention_kernel(dtype: torch.dtype) -> str:
+    """Which scaled-dot-product-attention kernel a masked attention gets on this GPU, said once at
+    start (Chroma and masked Flux pass a boolean mask, which flash attention does not take)."""
+    try:
+        q = torch.zeros(1, 2, 64, 64, device="cuda", dtype=dtype)
+        mask = torch.ones(1, 1, 64, 64, device="cuda", dtype=torch.bool)
+        params = torch.backends.cuda.SDPAParams(q, q, q, mask, 0.0, False, False)
+        if torch.backends.cuda.can_use_flash_attention(params, False):
+            kernel = "flash"
+        elif torch.backends.cuda.can_use_efficient_attention(params, False):
+            kernel = "memory-efficient"
+        else:
+            kernel = "math (slow)"
+    except Exception as exc:  # an API that moved between torch versions: say so, never stop a run
+        return f"attention: masked attention kernel unknown ({type(exc).__name__})"
+    return f"attention: masked scaled-dot-product attention uses the {kernel} kernel"

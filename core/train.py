@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -42,7 +43,14 @@ from tuner.core.io import check_model_folder, folder_problem
 from tuner.core.lora import lora_parameters
 from tuner.core.resume import Checkpoints
 from tuner.core.runinfo import OutputLock, RunRecord, read_run, settle_output_dir
-from tuner.core.runtime import build_lr_scheduler, build_optimizer, choose_cpu_threads, has_accelerator, weight_dtype
+from tuner.core.runtime import (
+    attention_kernel,
+    build_lr_scheduler,
+    build_optimizer,
+    choose_cpu_threads,
+    has_accelerator,
+    weight_dtype,
+)
 from tuner.core.sampler import DatasetBatches
 from tuner.core.state import Position, RunContext, TrainState
 from tuner.core.step import attach_lora, flow_matching_loss, step_seed
@@ -101,6 +109,9 @@ class Trainer:
                 "(they would read sharded tensors); set it to 0 (the final LoRA is still saved)",
             )
         self.ctx = RunContext(host, config, accelerator, weight_dtype(config), warn)
+        if self.ctx.device.type == "cuda":  # TF32 for the fp32 parts (LoRA, optimizer math, losses)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.checkpoints = Checkpoints(self.ctx)
         self.state: TrainState | None = None
         self.empty_caption: dict[str, torch.Tensor] = {}  # the cached "" encoding (caption dropout)
@@ -131,6 +142,8 @@ class Trainer:
     def train(self) -> TrainResult:
         self.check_folders()  # before any heavy work
         threads = None
+        if self.ctx.device.type == "cuda":
+            self.ctx.log(attention_kernel(self.ctx.weight_dtype))
         if self.ctx.device.type == "cpu":
             before = read_run(self.config.output_dir) if self.config.resume_from_checkpoint else None
             threads, line = choose_cpu_threads((before or {}).get("cpu_threads"))
@@ -185,8 +198,12 @@ class Trainer:
         _record(record, status="training", resumed_step=state.position.step if result.resumed_from else None)
         with self.progress_bar(state) as progress, self.stop_on_interrupt():
             batches = self.batches(dataset, state.position)
+            first_step = time.perf_counter()
             while state.position.step < config.max_train_steps:
                 outcome = self.optimizer_step(state, batches)
+                if config.compile and first_step:  # compile: true pays its compile time here
+                    ctx.log(f"compile: the first step took {time.perf_counter() - first_step:.1f} s (compiling)")
+                    first_step = 0.0
                 if outcome is None:  # non-finite: the step was dropped
                     roll_back = state.guard.skipped_step()
                     ctx.emit(events.Skip, state.position.step, consecutive=state.guard.consecutive)
@@ -470,8 +487,12 @@ class Trainer:
             self.config.seed,
             position.micro_step,
         )
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.config.dataloader_num_workers
+        loader = torch.utils.data.DataLoader(  # pinned on CUDA: the copies below do not block
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.config.dataloader_num_workers,
+            pin_memory=ctx.device.type == "cuda",
         )
         return iter(loader)
 
@@ -511,7 +532,7 @@ class Trainer:
         slice), the family's prediction, and the flow-matching loss."""
         ctx, config, accelerator = self.ctx, self.config, self.ctx.accelerator
         rollbacks, rank, device = state.guard.rollbacks, accelerator.process_index, ctx.device
-        latents = batch["latents"].to(device, torch.float32)
+        latents = batch["latents"].to(device, torch.float32, non_blocking=True)
         local = latents.shape[0]
         global_shape = (local * accelerator.num_processes, *latents.shape[1:])
         shared = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x5EED))
@@ -531,7 +552,7 @@ class Trainer:
             }
         own = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x10CA1, rank))
         torch.manual_seed(step_seed(config.seed, micro_step, rollbacks, 0xD409, rank))  # LoRA dropout
-        text = {k: v.to(device) for k, v in text.items()}
+        text = {k: v.to(device, non_blocking=True) for k, v in text.items()}
         loss = flow_matching_loss(
             ctx.host, config, state.wrapped, latents, noise, sigmas.to(device), text, own, ctx.weight_dtype,
             accelerator.autocast(),

@@ -43,6 +43,10 @@ def avoid_int8pack_on_cpu() -> None:
             activations = activations.dequantize()
         return kernels.qbytes_mm(activations, weights, scales)
 
-    library = torch.library.Library("quanto", "IMPL")  # noqa: TOR901 - an override, on purpose
-    library.impl("qbytes_mm", portable, "CPU")
+    import warnings
+
+    library = torch.library.Library("quanto", "IMPL")
+    with warnings.catch_warnings():  # torch warns that a kernel is overridden: that is the point
+        warnings.simplefilter("ignore")
+        library.impl("qbytes_mm", portable, "CPU")
     _OVERRIDE.append(library)

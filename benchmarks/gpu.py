@@ -1,0 +1,240 @@
+"""The real Chroma's shapes on a GPU: load time, step time, peak memory per phase against `tuner
+estimate`, tuner's step against a bare diffusers + peft step, and model FLOPs utilisation.
+
+    python benchmarks/gpu.py [--precisions no_change int8-quanto nf4-bnb] [--steps 5] [--resolution 1024]
+    python benchmarks/gpu.py --small     # the same code on the CPU with a narrow model (CI runs it)
+
+The denoiser is built from the real config (``examples/models/chroma1-configs``, 8.9B parameters)
+with random weights directly on the GPU in bf16 and saved once to ``--folder``; the text encoder is
+a T5 of the real width (4096) with two layers; the VAE has the real config; the data is a few
+images at ``--resolution``. Each precision runs tuner's own Trainer (rank 16, gradient
+checkpointing, bf16) phase by phase: caching, model load, steps. Prints one JSON object per
+precision and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO / "examples" / "models" / "chroma1-configs"
+# dense bf16 peak of the GPUs this is likely to meet, FLOP/s
+PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+SMALL = dict(attention_head_dim=16, num_attention_heads=2, num_layers=1, num_single_layers=2, joint_attention_dim=64)
+
+
+def build(folder: Path, device: str, small: bool, resolution: int) -> tuple[Path, Path]:
+    """The model folder (once) and a few images."""
+    from diffusers import AutoencoderKL, ChromaTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from tuner.plugins.chroma.tiny import build_tiny_chroma
+    from tuner.testing import shapes_dataset
+
+    model, data = folder / "model", folder / f"data-{resolution}"
+    if not (model / "transformer" / "config.json").exists():
+        build_tiny_chroma(model, seed=0)  # tokenizer, scheduler and the folder layout
+        config = {
+            k: v for k, v in json.loads((REAL / "transformer" / "config.json").read_text()).items() if k[0] != "_"
+        }
+        t5 = json.loads((REAL / "text_encoder" / "config.json").read_text())
+        t5 = {k: v for k, v in t5.items() if k[0] != "_"}
+        if small:
+            config.update(SMALL, axes_dims_rope=[4, 6, 6], approximator_hidden_dim=64)
+            t5.update(d_model=64, d_ff=128, num_heads=2, d_kv=32)
+        t5.update(num_layers=2, num_decoder_layers=2)
+        t5["vocab_size"] = T5EncoderModel.from_pretrained(model / "text_encoder").config.vocab_size
+        torch.manual_seed(0)
+        with torch.device(device):
+            ChromaTransformer2DModel.from_config(config).to(torch.bfloat16).save_pretrained(model / "transformer")
+            T5EncoderModel(T5Config(**t5)).to(torch.bfloat16).save_pretrained(model / "text_encoder")
+            if not small:
+                vae = json.loads((REAL / "vae" / "config.json").read_text())
+                AutoencoderKL.from_config({k: v for k, v in vae.items() if k[0] != "_"}).save_pretrained(model / "vae")
+    if not data.exists():
+        shapes_dataset(data, size=resolution)
+    return model, data
+
+
+def measure(model: Path, data: Path, folder: Path, precision: str, device: str, steps: int, resolution: int) -> dict:
+    from tuner.core.cache import CachedDataset
+    from tuner.core.config import build_config
+    from tuner.core.estimate import estimate
+    from tuner.core.plugins import PluginHost
+    from tuner.core.train import Trainer
+
+    cuda = device == "cuda"
+
+    def peak_reset() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak() -> int | None:
+        return torch.cuda.max_memory_allocated() if cuda else None
+
+    host = PluginHost("chroma")
+    settings = {
+        "pretrained_model_name_or_path": str(model),
+        "data_dir": str(data),
+        "cache_dir": str(folder / "cache"),
+        "output_dir": str(folder / f"out-{precision}"),
+        "existing_output": "overwrite",
+        "resolution": resolution,
+        "tokenizer_max_length": 512 if cuda else 16,
+        "network_rank": 16,
+        "mixed_precision": "bf16",
+        "base_model_precision": precision,
+        "gradient_checkpointing": True,
+        "memory_estimate": False,
+        "max_train_steps": steps + 1,
+    }
+    config = build_config(host, settings, "benchmark", warn=lambda m: None)
+    row: dict = {"precision": precision, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    predicted = estimate(host, config, device)
+    row["estimate_bytes"] = {p.name: p.device if cuda else p.ram for p in predicted.phases}
+    trainer = Trainer(host, config, warn=lambda m: None)
+    peak_reset()
+    prepared = trainer.prepare_data()
+    row["peak_bytes"] = {"caching": peak()}
+    peak_reset()
+    began = time.perf_counter()
+    state = trainer.setup()
+    row["load_s"] = round(time.perf_counter() - began, 2)
+    row["peak_bytes"]["load"] = peak()
+    batches = trainer.batches(CachedDataset(prepared), state.position)
+    trainer.optimizer_step(state, batches)  # warm-up (kernels, allocator)
+    peak_reset()
+    times = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        trainer.optimizer_step(state, batches)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    row["step_s"] = round(sorted(times)[len(times) // 2], 4)
+    row["peak_bytes"]["train"] = peak()
+    row["params"] = sum(p.numel() for p in state.model.parameters())
+    flops = forward_flops(trainer, state, prepared)
+    row["train_flop_per_step"] = 3 * flops  # forward + backward (2x); recomputation not counted
+    peak_flops = next((v for k, v in PEAKS.items() if k in row["device"]), None)
+    row["mfu"] = round(3 * flops / row["step_s"] / peak_flops, 4) if peak_flops else None
+    if precision == "no_change":
+        row["bare_step_s"] = bare_step(model, trainer, state, prepared, device, steps)
+        row["tuner_over_bare"] = round(row["step_s"] / row["bare_step_s"], 3)
+    del trainer, state
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def _batch(trainer, prepared, device) -> tuple:
+    from tuner.core.cache import CachedDataset, collate
+
+    batch = collate([CachedDataset(prepared)[0]])
+    return batch["latents"].to(device), {k: v.to(device) for k, v in batch["text"].items()}
+
+
+def forward_flops(trainer, state, prepared) -> int:
+    """FLOPs of one forward of the denoiser on one batch, counted by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    latents, text = _batch(trainer, prepared, trainer.ctx.device)
+    sigmas = torch.full((latents.shape[0],), 0.5, device=latents.device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, trainer.ctx.autocast():
+        trainer.ctx.host.provide(
+            "predict_flow",
+            transformer=state.model,
+            noisy_latents=latents,
+            sigmas=sigmas,
+            text=text,
+            config=trainer.config,
+            generator=torch.Generator().manual_seed(0),
+        )
+    return counter.get_total_flops()
+
+
+def bare_step(model_dir: Path, trainer, state, prepared, device: str, steps: int) -> float:
+    """The same step by hand: diffusers model + peft adapter + AdamW, bf16, the family's prediction."""
+    from diffusers import ChromaTransformer2DModel
+    from peft import LoraConfig
+
+    model = ChromaTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=torch.bfloat16)
+    model.to(device).requires_grad_(False)
+    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=state.targets))
+    model.enable_gradient_checkpointing()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    latents, text = _batch(trainer, prepared, device)
+    times = []
+    for _ in range(steps + 1):
+        began = time.perf_counter()
+        sigmas = torch.rand(latents.shape[0], device=device)
+        noise = torch.randn_like(latents)
+        s = sigmas.view(-1, 1, 1, 1)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            prediction = trainer.ctx.host.provide(
+                "predict_flow",
+                transformer=model,
+                noisy_latents=(1 - s) * latents + s * noise,
+                sigmas=sigmas,
+                text=text,
+                config=trainer.config,
+                generator=torch.Generator().manual_seed(0),
+            )
+        loss = (prediction.float() - (noise - latents)).pow(2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    return round(sorted(times[1:])[len(times[1:]) // 2], 4)
+
+
+def gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="a narrow model on the CPU (what CI runs)")
+    parser.add_argument("--precisions", nargs="+", default=["no_change", "int8-quanto", "nf4-bnb"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--resolution", type=int, default=None, help="default: 1024 (64 with --small)")
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/tuner-gpu-benchmark"))
+    args = parser.parse_args(argv)
+    device = "cpu" if args.small else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: run with --small on a CPU")
+    resolution = args.resolution or (64 if args.small else 1024)
+    folder = args.folder / ("small" if args.small else "real")
+    model, data = build(folder, device, args.small, resolution)
+    rows = []
+    for precision in args.precisions:
+        row = measure(model, data, folder, precision, device, args.steps, resolution)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    print(
+        "\n| precision | load | step | tuner / bare | peak load (GiB) | peak train (GiB) | estimate train (GiB) | MFU |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['precision']} | {r['load_s']} s | {r['step_s']} s | {r.get('tuner_over_bare', '-')} | "
+            f"{gib(r['peak_bytes']['load'])} | {gib(r['peak_bytes']['train'])} | {gib(r['estimate_bytes'].get('train'))} | "
+            f"{r['mfu'] if r['mfu'] is not None else '-'} |"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""benchmarks/gpu.py --small: the GPU benchmark's code runs in CI, on the CPU with a narrow model."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from .conftest import REPO
+
+
+def test_the_gpu_benchmark_runs_small_on_the_cpu(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", REPO / "benchmarks" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    rows = gpu.main(["--small", "--steps", "1", "--folder", str(tmp_path)])
+    assert [r["precision"] for r in rows] == ["no_change", "int8-quanto", "nf4-bnb"]
+    for row in rows:
+        assert row["step_s"] > 0 and row["load_s"] >= 0 and row["train_flop_per_step"] > 0
+        assert row["estimate_bytes"]["train"] > 0 and row["mfu"] is None  # no GPU peak on a CPU
+    assert rows[0]["tuner_over_bare"] > 0
+    assert "| no_change |" in capsys.readouterr().out
