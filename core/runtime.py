@@ -40,6 +40,22 @@ def device_type() -> str:
     return "cpu"
 
 
+def new_accelerator(mixed_precision: str) -> Any:
+    """An ``accelerate.Accelerator`` for one run (``cpu=True`` on a machine without an accelerator,
+    so ``torchrun``/``accelerate launch`` start gloo processes there too).
+
+    accelerate keeps its state per process and refuses a second Accelerator with another
+    mixed precision ("AcceleratorState has already been initialized"); a process that runs several
+    trainings or samples (tests, a notebook, the web UI's tests) gets a fresh state each time. A
+    launched multi-process run trains once per process and keeps its state as it is."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator())
+
+
 def has_accelerator() -> bool:
     return device_type() != "cpu"
 

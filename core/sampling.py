@@ -176,12 +176,9 @@ def render(
     if lora:
         apply_lora(transformer, lora, host.family, scale, quantized=config.base_model_precision != NO_QUANTIZATION)
     if config.mixed_precision != "no":  # as in training, whose validation this reproduces: accelerate
-        from accelerate import Accelerator  # runs the model under autocast and hands back fp32 outputs
+        from tuner.core.runtime import new_accelerator  # runs the model under autocast, hands back fp32
 
-        from tuner.core.runtime import has_accelerator
-
-        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not has_accelerator())
-        transformer = accelerator.prepare_model(transformer, evaluation_mode=True)
+        transformer = new_accelerator(config.mixed_precision).prepare_model(transformer, evaluation_mode=True)
     vae, scheduler = load("vae").to(device), load("scheduler")
     rendered = []
     for width, height in sizes:

@@ -48,7 +48,7 @@ from tuner.core.runtime import (
     build_lr_scheduler,
     build_optimizer,
     choose_cpu_threads,
-    has_accelerator,
+    new_accelerator,
     weight_dtype,
 )
 from tuner.core.sampler import DatasetBatches
@@ -96,11 +96,7 @@ class Trainer:
     :meth:`optimizer_step` are public so benchmarks and tests can drive single steps."""
 
     def __init__(self, host: PluginHost, config: Config, warn: Callable[[str], None] = warn_user):
-        from accelerate import Accelerator
-
-        # cpu=True on a machine without an accelerator, so `torchrun`/`accelerate launch` start
-        # gloo processes there too (accelerate only picks multi-CPU when told it is on the CPU)
-        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not has_accelerator())
+        accelerator = new_accelerator(config.mixed_precision)  # cpu=True without an accelerator (gloo)
         sharded = str(accelerator.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED")
         if sharded and config.checkpointing_steps:  # the launch, not the config, decides this
             raise config.error(
