@@ -301,11 +301,13 @@ def create_app(
             return JSONResponse(_public(result))
 
         def estimate() -> dict[str, Any]:
-            from tuner.core.estimate import estimate as run_estimate
+            from tuner.core.estimate.cached import cached_estimate
+            from tuner.core.runtime import device_type
 
-            with estimate_lock:
+            config = result["config"]
+            with estimate_lock:  # remembered as a run's start remembers it: toggling back is instant
                 try:
-                    found = run_estimate(host, result["config"])
+                    found, _ = cached_estimate(host, config, device_type(), Path(config.cache_dir))
                 except Exception as exc:  # advisory, as in `tuner run`: a missing config file, no network
                     return {"error": f"memory estimate unavailable: {first_line(exc)}"}
             return {"text": found.table(), "summary": found.summary()}
