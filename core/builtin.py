@@ -175,7 +175,16 @@ CORE_KEYS = (
     ConfigKey("max_train_steps", "int", 1000, "Optimizer steps.", minimum=1),
     ConfigKey("seed", "int", 42, "Seed for data order, noise, sigmas and LoRA init.", minimum=0, maximum=SEED_MAX),
     ConfigKey("learning_rate", "float", 1e-4, "AdamW learning rate.", minimum=0),
-    ConfigKey("lr_scheduler", "str", "constant", "Learning-rate schedule.", choices=("constant", "cosine")),
+    ConfigKey(
+        "lr_scheduler",
+        "str",
+        "constant",
+        "Learning-rate schedule (diffusers' get_scheduler): constant, constant_with_warmup, linear, cosine, "
+        "cosine_with_restarts (lr_num_cycles), polynomial (lr_power); all warm up over lr_warmup_steps.",
+        choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+    ),
+    ConfigKey("lr_num_cycles", "int", 1, "Hard restarts of cosine_with_restarts.", minimum=1),
+    ConfigKey("lr_power", "float", 1.0, "Power of the polynomial decay (1.0: linear).", minimum=0),
     ConfigKey("lr_warmup_steps", "int", 0, "Linear warm-up steps.", minimum=0),
     ConfigKey("max_grad_norm", "float", 1.0, "Gradient clipping norm (0 disables).", minimum=0),
     ConfigKey("adam_beta1", "float", 0.9, "AdamW beta1.", minimum=0, maximum=1, maximum_exclusive=True),

@@ -19,7 +19,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # lr_scheduler values and the diffusers schedule each one builds
-SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}
+# lr_scheduler -> diffusers' get_scheduler name ("constant" warms up too when lr_warmup_steps is set)
+SCHEDULES = {
+    "constant": "constant_with_warmup",
+    "constant_with_warmup": "constant_with_warmup",
+    "linear": "linear",
+    "cosine": "cosine",
+    "cosine_with_restarts": "cosine_with_restarts",
+    "polynomial": "polynomial",
+}
 
 
 def weight_dtype(config: Config) -> torch.dtype:
@@ -81,6 +89,8 @@ def build_lr_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> Any:
         optimizer=optimizer,
         num_warmup_steps=config.lr_warmup_steps,
         num_training_steps=config.max_train_steps,
+        num_cycles=config.lr_num_cycles,
+        power=config.lr_power,
     )
 
 

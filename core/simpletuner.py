@@ -55,8 +55,11 @@ UNSUPPORTED = {
     "lora_type": (lambda v: v != "standard", "tuner trains standard (peft) LoRA only, not {value!r}"),
     "optimizer": (lambda v: v not in ("adamw", "adamw_bf16", "adamw_torch"), "tuner trains with AdamW, not {value!r}"),
     "lr_scheduler": (
-        lambda v: v not in ("constant", "cosine", "constant_with_warmup"),
-        "tuner offers constant and cosine schedules, not {value!r}",
+        lambda v: (
+            v not in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+        ),
+        "tuner offers constant, constant_with_warmup, linear, cosine, cosine_with_restarts and polynomial, "
+        "not {value!r}",
     ),
     "use_ema": (lambda v: bool(v), "tuner keeps no EMA of the LoRA"),
     "snr_gamma": (lambda v: v is not None, "tuner does not weight the loss by SNR (got {value!r})"),
@@ -109,7 +112,7 @@ def convert(path: Path, raw: dict[str, Any], known: set[str]) -> tuple[dict[str,
             if refuse(value):
                 refused.append(f"{key}: " + reason.format(value=value))
             elif key == "lr_scheduler":
-                settings[key] = "constant" if value == "constant_with_warmup" else value
+                settings[key] = value
             elif key == "optimizer":
                 notes.append(f"optimizer {value!r}: tuner trains with torch's AdamW (adam_* keys carry over)")
             continue

@@ -73,7 +73,7 @@ def test_keys_are_mapped_ignored_or_listed(tmp_path, tiny_chroma, shapes_dir):
     settings, notes = simpletuner.load(path, PluginHost("chroma"))
     assert settings["data_dir"] == str(shapes_dir) and settings["caption_strategy"] == "filename"
     assert settings["dataset_repeats"] == 1 and settings["resolution"] == 64
-    assert settings["lora_rank"] == 4 and settings["lr_scheduler"] == "constant"
+    assert settings["lora_rank"] == 4 and settings["lr_scheduler"] == "constant_with_warmup"
     assert settings["cache_dir"] == str(tmp_path / "cache" / "text")
     assert notes == [
         "optimizer 'adamw_bf16': tuner trains with torch's AdamW (adam_* keys carry over)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import weakref
 from collections import Counter
 
@@ -333,3 +334,33 @@ def test_weights_are_never_unpickled(tiny_chroma, shapes_dir, tmp_path, monkeypa
     message = str(info.value)
     assert message.startswith("chroma: the vae of ") and "tuner never unpickles .bin files" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("schedule", "extra", "factor"),
+    [
+        ("linear", {}, lambda p: 1 - p),
+        (  # two hard restarts; diffusers ends it at 0
+            "cosine_with_restarts",
+            {"lr_num_cycles": 2},
+            lambda p: 0.0 if p >= 1 else 0.5 * (1 + math.cos(math.pi * ((2 * p) % 1.0))),
+        ),
+        ("polynomial", {"lr_power": 2.0}, lambda p: ((1e-3 - 1e-7) * (1 - p) ** 2 + 1e-7) / 1e-3),
+    ],
+)
+def test_learning_rate_schedules_follow_their_formulas(tiny_chroma, shapes_dir, tmp_path, schedule, extra, factor):
+    """diffusers' schedules by the names its users know, with their own keys (lr_num_cycles, lr_power)
+    reaching them: the logged learning rate after warm-up is the formula's."""
+    settings = {
+        **base_settings(tiny_chroma, shapes_dir, tmp_path),
+        "lr_scheduler": schedule,
+        "lr_warmup_steps": 2,
+        "max_train_steps": 10,
+        **extra,
+    }
+    result, _, config = train(settings)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows[:2]] == pytest.approx([5e-4, 1e-3])  # linear warm-up (after steps 1, 2)
+    for row in rows[2:]:
+        progress = (row["step"] - 2) / (10 - 2)
+        assert row["lr"] == pytest.approx(1e-3 * factor(progress), rel=1e-6, abs=1e-12), (schedule, row["step"])

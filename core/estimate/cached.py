@@ -41,6 +41,8 @@ IRRELEVANT = {
     "learning_rate",
     "lr_scheduler",
     "lr_warmup_steps",
+    "lr_num_cycles",
+    "lr_power",
     "adam_beta1",
     "adam_beta2",
     "adam_epsilon",

@@ -27,7 +27,7 @@ CORE_GROUPS = {
     ),
     "LoRA": "network_rank lora_alpha lora_dropout",
     "optimisation": (
-        "learning_rate lr_scheduler lr_warmup_steps train_batch_size gradient_accumulation_steps max_train_steps "
+        "learning_rate lr_scheduler lr_warmup_steps lr_num_cycles lr_power train_batch_size gradient_accumulation_steps max_train_steps "
         "max_grad_norm adam_beta1 adam_beta2 adam_epsilon adam_weight_decay gradient_checkpointing seed "
         "flow_schedule_shift flow_schedule_auto_shift flow_sigmoid_scale divergence_skip_limit "
         "divergence_max_rollbacks divergence_lr_factor"
