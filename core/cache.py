@@ -231,6 +231,24 @@ def assign_buckets(
     return kept, plan(sizes, buckets, global_batch)
 
 
+def bucket_tables(config: Config, global_batch: int, warn: Callable[[str], None]) -> list[str]:
+    """What ``tuner buckets`` prints, read from image headers only: each dataset's bucket table
+    (named when there are several); unreadable images and skipped small ones go to ``warn``."""
+    from tuner.core.data import scan_dataset
+    from tuner.core.datasets import resolve
+
+    datasets = resolve(config)
+    tables = []
+    for dataset in datasets:
+        items = scan_dataset(dataset.config.data_dir, warn, dataset.config.caption_strategy)
+        unreadable: list[str] = []
+        _, bucket_plan = assign_buckets(items, dataset.config, global_batch, warn, unreadable)
+        if unreadable:
+            warn(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}")
+        tables.append((f"{dataset.label}: " if len(datasets) > 1 else "") + bucket_plan.table())
+    return tables
+
+
 def prepare_caches(
     host: PluginHost,
     config: Config,

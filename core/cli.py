@@ -214,21 +214,14 @@ def buckets(
     """Print the aspect-ratio buckets a config trains with (sizes and image counts), without training:
     images are read by their headers only."""
     host, cfg = _load_config(plugin, config, set_)
-    from tuner.core.cache import assign_buckets
-    from tuner.core.data import scan_dataset
+    from tuner.core.cache import bucket_tables
     from tuner.core.datasets import resolve
     from tuner.core.errors import warn_user
 
-    datasets = resolve(cfg)
-    if not datasets:
+    if not resolve(cfg):
         raise cfg.error("data_dir", "is required: a folder of images with .txt captions (or datasets:)")
-    for dataset in datasets:
-        items = scan_dataset(dataset.config.data_dir, warn_user, dataset.config.caption_strategy)
-        unreadable: list[str] = []
-        _, plan = assign_buckets(items, dataset.config, cfg.train_batch_size * processes, warn_user, unreadable)
-        if unreadable:
-            warn_user(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}")
-        typer.echo((f"{dataset.label}: " if len(datasets) > 1 else "") + plan.table())
+    for table in bucket_tables(cfg, cfg.train_batch_size * processes, warn_user):
+        typer.echo(table)
 
 
 @app.command()

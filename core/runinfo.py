@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuner.core.io import atomic_write
+from tuner.core.io import atomic_write, resolved_if_local
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -58,9 +58,10 @@ def settings_snapshot(config: Any) -> dict[str, Any]:
     for name, value in sorted(config.to_dict().items()):
         if name in LAUNCH_KEYS or not config.is_set(name):
             continue
-        kind = config.kind(name)
-        if value is not None and (kind == "path" or (name == "pretrained_model_name_or_path" and Path(value).exists())):
+        if value is not None and config.kind(name) == "path":
             value = str(Path(value).resolve())
+        elif name == "pretrained_model_name_or_path":
+            value = resolved_if_local(value)  # a local folder; a hub id stays as it is
         if name == "datasets" and value:
             value = [{**entry, "data_dir": str(Path(entry["data_dir"]).resolve())} for entry in value]
         snapshot[name] = value

@@ -221,20 +221,9 @@ def write_config(file: Path, raw: dict[str, Any]) -> Path:
 
 
 def bucket_table(config: Any) -> str:
-    """What ``tuner buckets`` prints for the config's data (image headers only)."""
-    from tuner.core.cache import assign_buckets
-    from tuner.core.data import scan_dataset
-    from tuner.core.datasets import resolve
+    """What ``tuner buckets`` prints for the config's data (image headers only), its warnings as notes."""
+    from tuner.core.cache import bucket_tables
 
-    lines = []
-    datasets = resolve(config)
-    for dataset in datasets:
-        notes: list[str] = []
-        items = scan_dataset(dataset.config.data_dir, notes.append, dataset.config.caption_strategy)
-        unreadable: list[str] = []
-        _, plan = assign_buckets(items, dataset.config, config.train_batch_size, notes.append, unreadable)
-        lines.append((f"{dataset.label}: " if len(datasets) > 1 else "") + plan.table())
-        if unreadable:
-            lines.append(f"  skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}")
-        lines += [f"  note: {n}" for n in notes]
-    return "\n".join(lines)
+    notes: list[str] = []
+    tables = bucket_tables(config, config.train_batch_size, notes.append)
+    return "\n".join(tables + [f"  note: {n}" for n in notes])

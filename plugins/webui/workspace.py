@@ -303,10 +303,10 @@ def _count_images(folder: Path) -> int:
 
 
 def _header_size(image: Path) -> tuple[list[int] | None, str | None]:
-    from tuner.core.data import image_size
+    from tuner.core.data import image_size, unreadable_errors
 
     try:
         width, height = image_size(image)
-    except Exception as exc:  # what the run counts as unreadable
+    except unreadable_errors() as exc:  # what the run skips as unreadable
         return None, f"unreadable image ({type(exc).__name__})"
     return [width, height], None
