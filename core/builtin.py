@@ -174,7 +174,23 @@ CORE_KEYS = (
     ConfigKey("gradient_accumulation_steps", "int", 1, "Micro-batches per optimizer step.", minimum=1),
     ConfigKey("max_train_steps", "int", 1000, "Optimizer steps.", minimum=1),
     ConfigKey("seed", "int", 42, "Seed for data order, noise, sigmas and LoRA init.", minimum=0, maximum=SEED_MAX),
-    ConfigKey("learning_rate", "float", 1e-4, "AdamW learning rate.", minimum=0),
+    ConfigKey(
+        "learning_rate", "float", 1e-4, "Learning rate (Prodigy: a factor on its own estimate; use 1.0).", minimum=0
+    ),
+    ConfigKey(
+        "optimizer",
+        "str",
+        "adamw",
+        "Optimizer by its registered name: adamw (torch), adamw8bit (bitsandbytes), adafactor (transformers), "
+        "prodigy (prodigyopt), or one an installed plugin offers (tuner plugins lists them).",
+        resume_critical=True,
+    ),
+    ConfigKey(
+        "optimizer_config",
+        "str",
+        None,
+        "Extra optimizer arguments, SimpleTuner's form: 'd_coef=2,safeguard_warmup=false' (values read as YAML).",
+    ),
     ConfigKey(
         "lr_scheduler",
         "str",
@@ -187,10 +203,26 @@ CORE_KEYS = (
     ConfigKey("lr_power", "float", 1.0, "Power of the polynomial decay (1.0: linear).", minimum=0),
     ConfigKey("lr_warmup_steps", "int", 0, "Linear warm-up steps.", minimum=0),
     ConfigKey("max_grad_norm", "float", 1.0, "Gradient clipping norm (0 disables).", minimum=0),
-    ConfigKey("adam_beta1", "float", 0.9, "AdamW beta1.", minimum=0, maximum=1, maximum_exclusive=True),
-    ConfigKey("adam_beta2", "float", 0.999, "AdamW beta2.", minimum=0, maximum=1, maximum_exclusive=True),
-    ConfigKey("adam_weight_decay", "float", 1e-2, "AdamW weight decay.", minimum=0),
-    ConfigKey("adam_epsilon", "float", 1e-8, "AdamW epsilon.", minimum=0),
+    ConfigKey(
+        "adam_beta1",
+        "float",
+        0.9,
+        "beta1 of adamw, adamw8bit and prodigy.",
+        minimum=0,
+        maximum=1,
+        maximum_exclusive=True,
+    ),
+    ConfigKey(
+        "adam_beta2",
+        "float",
+        0.999,
+        "beta2 of adamw, adamw8bit and prodigy.",
+        minimum=0,
+        maximum=1,
+        maximum_exclusive=True,
+    ),
+    ConfigKey("adam_weight_decay", "float", 1e-2, "Decoupled weight decay of adamw, adamw8bit and prodigy.", minimum=0),
+    ConfigKey("adam_epsilon", "float", 1e-8, "Epsilon of adamw, adamw8bit and prodigy.", minimum=0),
     ConfigKey("mixed_precision", "str", "bf16", "accelerate precision.", choices=("no", "fp16", "bf16"), recipe=True),
     ConfigKey("gradient_checkpointing", "bool", True, "Recompute block activations in backward."),
     ConfigKey(
@@ -425,6 +457,50 @@ DIFFUSERS_FORMAT = LoraFormat(
 @hookimpl
 def register_lora_formats(register):
     register(DIFFUSERS_FORMAT)
+
+
+def adam_settings(config) -> dict[str, Any]:
+    """The adam_* keys as the keyword arguments of AdamW-like optimizers."""
+    return {
+        "lr": config.learning_rate,
+        "betas": (config.adam_beta1, config.adam_beta2),
+        "weight_decay": config.adam_weight_decay,
+        "eps": config.adam_epsilon,
+    }
+
+
+def optimizer_options(config) -> dict[str, Any]:
+    """``optimizer_config`` (``'d_coef=2,safeguard_warmup=false'``, SimpleTuner's form) as keyword
+    arguments; each value is read as YAML (numbers, booleans, strings)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for part in (config.optimizer_config or "").split(","):
+        if not part.strip():
+            continue
+        name, equals, value = part.partition("=")
+        if not equals or not name.strip().isidentifier():
+            raise config.error("optimizer_config", f"{part.strip()!r} is not name=value; e.g. 'd_coef=2,eps=1e-8'")
+        try:
+            options[name.strip()] = yaml.safe_load(value.strip())
+        except yaml.YAMLError:
+            raise config.error("optimizer_config", f"{part.strip()!r}: cannot read the value") from None
+    return options
+
+
+def _build_adamw(config, params, options):
+    import torch
+
+    # one kernel for every parameter on CUDA (the same state, so checkpoints do not change)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, **{**adam_settings(config), "fused": fused, **options})
+
+
+@hookimpl
+def register_optimizers(register):
+    from tuner.core.types import OptimizerInfo
+
+    register(OptimizerInfo("adamw", "torch's AdamW (fused on CUDA); adam_* keys", _build_adamw))
 
 
 class JsonlLog:

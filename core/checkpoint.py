@@ -84,14 +84,25 @@ def restore_rng(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> No
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's state dict as safetensors tensors (``"<param index>.<key>"``, nested dicts
+    such as bitsandbytes' quantization state as ``"<index>.<key>.<subkey>"``) and JSON (param
+    groups, numbers)."""
     state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entries in state["state"].items():
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+
+    def flatten(prefix: str, entries: dict[str, Any]) -> None:
         for key, value in entries.items():
+            name = f"{prefix}.{key}"
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value
+                tensors[name] = value
+            elif isinstance(value, dict):
+                flatten(name, value)
             else:
-                scalars[f"{index}.{key}"] = value
+                scalars[name] = value
+
+    for index, entries in state["state"].items():
+        flatten(str(index), entries)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
@@ -100,9 +111,16 @@ def restore_optimizer(
 ) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, value in [*tensors.items(), *saved["scalars"].items()]:
-        index, _, name = key.partition(".")
-        state.setdefault(int(index), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]
+        index, *path, name = key.split(".")
+        entries = state.setdefault(int(index), {})
+        for part in path:
+            entries = entries.setdefault(part, {})
+        entries[name] = value
+    # JSON turned tuples (betas, Adafactor's eps) into lists; optimizers compare and unpack them as tuples
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+        for g in saved["param_groups"]
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -220,7 +238,9 @@ def resume_settings(config: Any, targets: list[str]) -> dict[str, Any]:
 
 def check_resume_settings(saved: dict[str, Any], config: Any, targets: list[str], folder: Path) -> None:
     now = resume_settings(config, targets)
-    differing = [key for key in now if resolved_if_local(saved.get(key)) != now[key]]
+    # a key added after the checkpoint was written was at its default then
+    defaults = {key: config._keys[key].default for key in now if key in config._keys}
+    differing = [key for key in now if resolved_if_local(saved.get(key, defaults.get(key))) != now[key]]
     if differing:
         detail = ", ".join(
             f"{key} ({saved.get(key)!r} -> {now[key]!r})" if key != "targets" else "LoRA targets" for key in differing

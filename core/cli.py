@@ -83,7 +83,7 @@ def plugins(
         None, "--plugin", "-p", help="Build the host of a run of this family (its implementation's hooks listed too)."
     ),
 ) -> None:
-    """List installed plugins with their distribution, version, families, precisions and hooks."""
+    """List installed plugins with their distribution, version, families, precisions, optimizers and hooks."""
     host = _host(plugin)
     if plugin is not None:
         host.hook  # noqa: B018 (loads the family's implementation, as a run does)
@@ -104,6 +104,7 @@ def plugins(
                     (f.implementation for f in host.families.values() if f.plugin == record.name), None
                 ),
                 "precisions": sorted(p.name for p in host.precisions.values() if p.plugin == record.name),
+                "optimizers": sorted(o.name for o in host.optimizers.values() if o.plugin == record.name),
                 "missing": _missing_libraries(host, record),
                 "hooks": host.hooks_of(record.name),
                 "error": record.error,
@@ -114,7 +115,11 @@ def plugins(
         typer.echo(json.dumps(rows, indent=1))
         return
     for row in rows:
-        provides = ", ".join([f"family {f}" for f in row["families"]] + [f"precision {p}" for p in row["precisions"]])
+        provides = ", ".join(
+            [f"family {f}" for f in row["families"]]
+            + [f"precision {p}" for p in row["precisions"]]
+            + [f"optimizer {o}" for o in row["optimizers"]]
+        )
         typer.echo(
             f"{row['name']:<12} {row['distribution']} {row['version']}" + (f"  [{provides}]" if provides else "")
         )
@@ -131,7 +136,7 @@ def plugins(
 
 
 def _missing_libraries(host: Any, record: Any) -> list[str]:
-    """What a plugin needs and this environment lacks: its precisions' ``requires`` and a module's
+    """What a plugin needs and this environment lacks: its precisions' and optimizers' ``requires`` and a module's
     or object's ``REQUIRES`` (with ``INSTALL_HINT``), each with how to install it."""
     import importlib.util
 
@@ -141,8 +146,9 @@ def _missing_libraries(host: Any, record: Any) -> list[str]:
         except (ImportError, ValueError):
             return True
 
+    offered = [*host.precisions.values(), *host.optimizers.values()]
     needs: list[tuple[tuple[str, ...], str]] = [
-        (p.requires, p.install_hint) for p in host.precisions.values() if p.plugin == record.name
+        (p.requires, p.install_hint) for p in offered if p.plugin == record.name
     ]
     if getattr(record.module, "REQUIRES", None):
         needs.append((tuple(record.module.REQUIRES), getattr(record.module, "INSTALL_HINT", "")))

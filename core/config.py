@@ -352,6 +352,7 @@ def build_config(
         if precision != NO_QUANTIZATION and precision not in host.precisions:
             known = ", ".join([NO_QUANTIZATION, *sorted(host.precisions)])
             raise config.error(key, f"unknown precision {precision!r}; choose one of {known}")
+    _check_optimizer(config, host, warn)
     if config.mixed_precision == "fp16":
         from tuner.core.runtime import device_type
 
@@ -360,6 +361,33 @@ def build_config(
     _check_trackers(config, host, warn)
     host.check_config(config, warn)
     return config
+
+
+def _check_optimizer(config: Config, host: PluginHost, warn: Any) -> None:
+    """``optimizer`` names a registered optimizer whose library is installed; ``optimizer_config`` parses."""
+    if "optimizer" not in config:
+        return
+    info = host.optimizers.get(config.optimizer)
+    if info is None:
+        known = ", ".join(sorted(host.optimizers))
+        close = difflib.get_close_matches(config.optimizer, list(host.optimizers), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise config.error("optimizer", f"unknown optimizer {config.optimizer!r}{hint}; registered: {known}")
+    import importlib.util
+
+    lacking = [m for m in info.requires if importlib.util.find_spec(m) is None]
+    if lacking:
+        raise config.error(
+            "optimizer", f"{info.name} needs {', '.join(lacking)}, which is not installed; {info.install_hint}"
+        )
+    from tuner.core.builtin import optimizer_options
+
+    optimizer_options(config)  # a malformed optimizer_config is refused before anything loads
+    if info.name == "prodigy" and config.learning_rate < 0.1:
+        warn(
+            f"{config.source}: learning_rate {config.learning_rate:g} with prodigy: Prodigy finds the step size "
+            "itself and learning_rate multiplies it; 1.0 is the usual value"
+        )
 
 
 def _check_trackers(config: Config, host: PluginHost, warn: Any) -> None:

@@ -45,7 +45,14 @@ if TYPE_CHECKING:  # pragma: no cover - import-cheap module
 
     from tuner.core.config import Config
     from tuner.core.events import TrainEvent
-    from tuner.core.types import ConfigKey, FamilyInfo, LoraFormat, PrecisionInfo, ValidationRequest
+    from tuner.core.types import (
+        ConfigKey,
+        FamilyInfo,
+        LoraFormat,
+        OptimizerInfo,
+        PrecisionInfo,
+        ValidationRequest,
+    )
 
 # --------------------------------------------------------------------------------------------
 # Registration: called on every installed plugin, when the host is built.
@@ -86,6 +93,19 @@ def register_precisions(register: Callable[[PrecisionInfo], None]) -> None:
     streams in (and whole text encoders for ``text_encoder_1_precision``), its ``weight_bytes``
     and ``stored_tensors`` let ``tuner estimate`` count it. Two plugins registering one name is an
     error naming both.
+    """
+
+
+@hookspec
+def register_optimizers(register: Callable[[OptimizerInfo], None]) -> None:
+    """Offer optimizers for the ``optimizer`` key.
+
+    Called on every installed plugin when the host is built. Call ``register(OptimizerInfo(...))``
+    for each optimizer: its ``build(config, params, options)`` makes the optimizer over the
+    adapter's parameters (``options``: the parsed ``optimizer_config``). The core registers
+    ``adamw``; the bundled ``optimizers`` plugin ``adamw8bit``, ``adafactor`` and ``prodigy``. The
+    optimizer's state goes into checkpoints as tensors and JSON (never pickle), so a resume is
+    exact. Two plugins registering one name is an error naming both.
     """
 
 

@@ -22,7 +22,7 @@ import pluggy
 
 from tuner.core import ENTRY_POINT_GROUP, PROJECT_NAME, hookspecs
 from tuner.core.errors import PluginError, first_line
-from tuner.core.types import ConfigKey, FamilyInfo, LoraFormat, PrecisionInfo
+from tuner.core.types import ConfigKey, FamilyInfo, LoraFormat, OptimizerInfo, PrecisionInfo
 
 CORE_PLUGIN_NAME = "core"
 # hooks a family's implementation module may not implement: they run before it is loaded
@@ -31,6 +31,7 @@ MANIFEST_HOOKS = (
     "register_config_keys",
     "register_precisions",
     "register_lora_formats",
+    "register_optimizers",
     "register_commands",
     "check_config",
 )
@@ -119,6 +120,7 @@ class PluginHost:
 
         self.families: dict[str, FamilyInfo] = self._collect("register_families", FamilyInfo, "family")
         self.precisions: dict[str, PrecisionInfo] = self._collect("register_precisions", PrecisionInfo, "precision")
+        self.optimizers: dict[str, OptimizerInfo] = self._collect("register_optimizers", OptimizerInfo, "optimizer")
         self.family: FamilyInfo | None = None
         self._implementation_loaded = False
         self._formats: dict[str, LoraFormat] | None = None

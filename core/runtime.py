@@ -4,7 +4,7 @@
 * the device type: CUDA, then MPS, then XPU, else the CPU;
 * the weight dtype of frozen weights: what ``mixed_precision`` names (``no`` is fp32), the same
   on every device, so `tuner sample` renders in the dtype validation rendered in;
-* the optimizer and the learning-rate schedule of the run.
+* the optimizer (by its registered name) and the learning-rate schedule of the run.
 """
 
 from __future__ import annotations
@@ -68,17 +68,25 @@ def has_accelerator() -> bool:
     return device_type() != "cpu"
 
 
-def build_optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The run's optimizer (``tuner estimate`` builds the same one to count its state)."""
-    return torch.optim.AdamW(
-        params,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-        # one kernel for every parameter on CUDA (the same state, so checkpoints do not change)
-        fused=bool(params) and all(p.is_cuda for p in params),
-    )
+def build_optimizer(host: Any, config: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The run's optimizer, by its registered name (``tuner estimate`` builds the same one to count
+    its state). An argument the optimizer does not take is a one-line error naming it."""
+    from tuner.core.builtin import optimizer_options
+
+    info = host.optimizers[config.optimizer]
+    options = optimizer_options(config)
+    try:
+        return info.build(config, params, options)
+    except TypeError as exc:  # an optimizer_config name the constructor does not take
+        if not options:
+            raise
+        from tuner.core.errors import first_line
+
+        raise config.error("optimizer_config", f"{config.optimizer}: {first_line(exc)}") from None
+    except ValueError as exc:  # a value the optimizer rejects (a negative lr, betas out of range)
+        from tuner.core.errors import first_line
+
+        raise config.error("optimizer", f"{config.optimizer} refuses its settings: {first_line(exc)}") from None
 
 
 def build_lr_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> Any:

@@ -46,14 +46,12 @@ IGNORED = {
     "validation_num_video_frames",
     "override_dataset_config",
     "user_prompt_library",
-    "optimizer_config",
     "enable_xformers_memory_efficient_attention",
     "attention_mechanism",
 }
 # values tuner cannot honour, with the reason
 UNSUPPORTED = {
     "lora_type": (lambda v: v != "standard", "tuner trains standard (peft) LoRA only, not {value!r}"),
-    "optimizer": (lambda v: v not in ("adamw", "adamw_bf16", "adamw_torch"), "tuner trains with AdamW, not {value!r}"),
     "lr_scheduler": (
         lambda v: (
             v not in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -94,6 +92,39 @@ BACKEND_KEYS = {
 }
 
 
+# SimpleTuner's optimizer names -> tuner's registered ones (the same algorithm)
+OPTIMIZERS = {
+    "adamw": "adamw",
+    "adamw_torch": "adamw",
+    "adamw_bf16": "adamw",
+    "optimi-adamw": "adamw",
+    "bnb-adamw": "adamw",
+    "adamw8bit": "adamw8bit",
+    "bnb-adamw8bit": "adamw8bit",
+    "bnb-adamw8bit-paged": "adamw8bit",
+    "ao-adamw8bit": "adamw8bit",
+    "adafactor": "adafactor",
+    "prodigy": "prodigy",
+    "optimi-lion": "lion",
+    "bnb-lion": "lion",
+}
+
+
+def optimizer_name(value: Any) -> tuple[Any, str | None]:
+    """tuner's name for a SimpleTuner optimizer, and a note when the two differ in more than the name."""
+    name = OPTIMIZERS.get(value, value)
+    if value == "adamw_bf16":
+        return name, "optimizer 'adamw_bf16': tuner's adamw keeps the adapter and its state in fp32 (same algorithm)"
+    if value not in OPTIMIZERS:
+        return name, (
+            f"optimizer {value!r}: not one of tuner's; a run accepts it only when an installed plugin registers it "
+            "(`tuner plugins` lists the optimizers)"
+        )
+    if name == "lion":
+        return name, f"optimizer {value!r}: lion is offered by a plugin (examples/tuner-lion), not by tuner itself"
+    return name, None
+
+
 def is_simpletuner(raw: dict[str, Any]) -> bool:
     return any(k.startswith("--") for k in raw) or "data_backend_config" in raw
 
@@ -113,8 +144,11 @@ def convert(path: Path, raw: dict[str, Any], known: set[str]) -> tuple[dict[str,
                 refused.append(f"{key}: " + reason.format(value=value))
             elif key == "lr_scheduler":
                 settings[key] = value
-            elif key == "optimizer":
-                notes.append(f"optimizer {value!r}: tuner trains with torch's AdamW (adam_* keys carry over)")
+            continue
+        if key == "optimizer":
+            settings[key], note = optimizer_name(value)
+            if note:
+                notes.append(note)
             continue
         if key == "data_backend_config":
             settings.update(_backends(path.parent, Path(value), raw))

@@ -391,7 +391,7 @@ class Trainer:
         targets = attach_lora(ctx.host, config, transformer)
         transformer.train()
         params = lora_parameters(transformer)
-        optimizer = build_optimizer(config, params)
+        optimizer = build_optimizer(ctx.host, config, params)
         lr_scheduler = build_lr_scheduler(config, optimizer)
         wrapped, optimizer = ctx.accelerator.prepare(transformer, optimizer)
         self.state = TrainState(

@@ -99,6 +99,27 @@ class PrecisionInfo:
     distribution: str = ""
 
 
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """An ``optimizer`` value a plugin offers.
+
+    ``build(config, params, options)`` returns a ``torch.optim.Optimizer`` over ``params`` (the
+    adapter's fp32 parameters): read ``learning_rate`` and the other keys from ``config``, and
+    pass ``options`` (``optimizer_config``, already parsed to a dict) to the constructor so an
+    option the optimizer does not take is refused by name. Import the library inside ``build``:
+    the plugin's hook module must stay import-cheap. Its state must be tensors, numbers, strings
+    or nested dicts of them (checkpoints hold no pickle).
+    """
+
+    name: str
+    description: str
+    build: Callable[[Any, list[Any], dict[str, Any]], Any]
+    requires: tuple[str, ...] = ()  # importable module names it needs
+    install_hint: str = ""
+    plugin: str = ""
+    distribution: str = ""
+
+
 # Value kinds a ConfigKey can hold.
 KINDS = ("str", "int", "float", "bool", "str_list", "str_or_list", "path", "sizes", "mappings")
 

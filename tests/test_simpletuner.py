@@ -74,9 +74,10 @@ def test_keys_are_mapped_ignored_or_listed(tmp_path, tiny_chroma, shapes_dir):
     assert settings["data_dir"] == str(shapes_dir) and settings["caption_strategy"] == "filename"
     assert settings["dataset_repeats"] == 1 and settings["resolution"] == 64
     assert settings["lora_rank"] == 4 and settings["lr_scheduler"] == "constant_with_warmup"
+    assert settings["optimizer"] == "adamw"
     assert settings["cache_dir"] == str(tmp_path / "cache" / "text")
     assert notes == [
-        "optimizer 'adamw_bf16': tuner trains with torch's AdamW (adam_* keys carry over)",
+        "optimizer 'adamw_bf16': tuner's adamw keeps the adapter and its state in fp32 (same algorithm)",
         f"cache_dir_vae: tuner keeps latents and text embeddings in one cache_dir ({tmp_path / 'cache' / 'text'}), "
         "in its own layout; SimpleTuner's caches are not reused",
         "ignored SimpleTuner key(s) with no effect in tuner: tracker_project_name",
@@ -84,6 +85,26 @@ def test_keys_are_mapped_ignored_or_listed(tmp_path, tiny_chroma, shapes_dir):
     ]
     config = build_config(PluginHost("chroma"), settings, str(path), warn=lambda m: None)
     assert config.network_rank == 4 and config.validation_guidance_real == 3.0
+
+
+@pytest.mark.parametrize(
+    ("given", "name", "note"),
+    [
+        ("bnb-adamw8bit", "adamw8bit", None),
+        ("prodigy", "prodigy", None),
+        ("adafactor", "adafactor", None),
+        ("optimi-lion", "lion", "offered by a plugin"),
+        ("soap", "soap", "a run accepts it only when an installed plugin registers it"),
+    ],
+)
+def test_optimizers_carry_over_by_tuners_name(tmp_path, tiny_chroma, shapes_dir, given, name, note):
+    path = write_simpletuner(
+        tmp_path, tiny_chroma, shapes_dir, **{"--optimizer": given, "--optimizer_config": "d_coef=2"}
+    )
+    settings, notes = simpletuner.load(path, PluginHost("chroma"))
+    assert (settings["optimizer"], settings["optimizer_config"]) == (name, "d_coef=2")
+    said = [n for n in notes if n.startswith(f"optimizer {given!r}")]
+    assert (note in said[0]) if note else not said
 
 
 def test_filename_captions():
@@ -94,7 +115,7 @@ def test_filename_captions():
 @pytest.mark.parametrize(
     ("config_extra", "backend_extra", "message"),
     [
-        ({"--optimizer": "prodigy"}, None, "optimizer: tuner trains with AdamW, not 'prodigy'"),
+        ({"--snr_gamma": 5.0}, None, "snr_gamma: tuner does not weight the loss by SNR"),
         ({"--lora_type": "lycoris"}, None, "lora_type: tuner trains standard"),
         ({}, {"crop_style": "face"}, "crop_style 'face'; tuner crops center or random"),
         ({}, {"caption_strategy": "parquet"}, "caption_strategy 'parquet'; tuner supports textfile and filename"),
@@ -154,11 +175,12 @@ def test_convert_config_reports_every_refusal_at_once_and_names_its_input(tmp_pa
 
     from tuner.core.cli import app
 
-    path = write_simpletuner(tmp_path, tiny_chroma, shapes_dir, **{"--optimizer": "prodigy", "--use_ema": True})
+    path = write_simpletuner(tmp_path, tiny_chroma, shapes_dir, **{"--lr_scheduler": "sine", "--snr_gamma": 5.0})
     result = CliRunner().invoke(app, ["convert-config", str(path), "-o", str(tmp_path / "t.yaml")])
     assert str(result.exception) == (
-        f"{path}: cannot convert 2 key(s): optimizer: tuner trains with AdamW, not 'prodigy'; "
-        "use_ema: tuner keeps no EMA of the LoRA"
+        f"{path}: cannot convert 2 key(s): lr_scheduler: tuner offers constant, constant_with_warmup, linear, "
+        "cosine, cosine_with_restarts and polynomial, not 'sine'; snr_gamma: tuner does not weight the loss by SNR "
+        "(got 5.0)"
     )
     path = write_simpletuner(tmp_path, tiny_chroma, shapes_dir, **{"--lora_rank": "abc"})
     result = CliRunner().invoke(app, ["convert-config", str(path), "-o", str(tmp_path / "t.yaml")])

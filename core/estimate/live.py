@@ -49,6 +49,12 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.current
 
+    def add_bytes(self, size: int) -> None:
+        """Count bytes measured elsewhere as alive from now on (an optimizer's state measured on
+        real tensors when it cannot step on fake ones)."""
+        self.current += size
+        self.peak = max(self.peak, self.current)
+
     def _add(self, storage: torch.UntypedStorage) -> int:
         key = id(storage)
         if key in self._alive and self._alive[key]() is storage:

@@ -9,10 +9,14 @@ are added afterwards, once per precision (:func:`assemble`).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._subclasses.fake_tensor import DataDependentOutputException
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_leaves
 
 from tuner.core.config import NO_QUANTIZATION, model_source
 from tuner.core.encoders import text_encoder_precisions
@@ -215,11 +219,12 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
         raise PluginError(f"model family {host.family.name} ({host.family.plugin}) does not implement example_text")
     with mode, LiveBytes() as live:
         live.track(transformer, text)
-        optimizer = build_optimizer(config, params)
-        for p in params:  # the optimizer's state exists from the first step on
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer = first_step(host, config, params)
+        measured = 0
+        if optimizer is None:  # it reads values of its state: measured on real tensors instead
+            with _disable_current_modes():
+                measured = real_state_bytes(host, config, params)
+            live.add_bytes(measured)
         resident = live.current
         live.reset_peak()
         training_step(host, config, transformer, latent_shape, text, params, optimizer, dtype)
@@ -238,7 +243,8 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
         *lead, h, _ = latent_shape
         factor = largest_bucket(config).height // h  # pixels per latent pixel
         with mode, LiveBytes() as live, torch.no_grad():
-            live.track(transformer, optimizer.state, vae)
+            live.track(transformer, optimizer.state if optimizer else [], vae)
+            live.add_bytes(measured)
             resident = live.current
             transformer.eval()
             text = host.provide("example_text", config=config, transformer=transformer, batch_size=1, dtype=dtype)
@@ -271,6 +277,40 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
     }
 
 
+def first_step(host, config, params) -> Any:
+    """The run's optimizer after its first step on fake tensors (its state exists from then on), or
+    None for one that cannot step on fake tensors: one that reads a value of its state (Prodigy's
+    step size) or runs its own kernels (bitsandbytes)."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    try:
+        optimizer = build_optimizer(host, config, params)
+        optimizer.step()
+    except (DataDependentOutputException, RuntimeError, TypeError, NotImplementedError):
+        optimizer = None
+    for p in params:
+        p.grad = None
+    return optimizer
+
+
+def real_state_bytes(host, config, params) -> int:
+    """The bytes of the optimizer's state after one step, measured on real tensors of each
+    distinct parameter shape (a LoRA has a few) and multiplied by how many parameters share it."""
+    shapes = Counter((tuple(p.shape), p.dtype) for p in params)
+    total = 0
+    for (shape, dtype), count in shapes.items():
+        # non-zero: Prodigy keeps a copy of a parameter only when it is not all zeros (LoRA's B
+        # starts at zero), so the count is an upper bound
+        probe = torch.nn.Parameter(torch.ones(shape, dtype=dtype))
+        probe.grad = torch.zeros_like(probe)
+        optimizer = build_optimizer(host, config, [probe])
+        optimizer.step()
+        total += count * tensor_bytes(
+            t for t in tree_leaves(list(optimizer.state.values())) if isinstance(t, torch.Tensor)
+        )
+    return total
+
+
 def training_step(host, config, transformer, latent_shape, text, params, optimizer, dtype) -> None:
     """One step as training takes it (:func:`tuner.core.step.flow_matching_loss`), on fake tensors."""
     from tuner.core.step import flow_matching_loss
@@ -283,8 +323,10 @@ def training_step(host, config, transformer, latent_shape, text, params, optimiz
     )  # fmt: skip
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if optimizer is not None:  # else its state is counted, its step's temporaries are not
+        optimizer.step()
+    for p in params:
+        p.grad = None
 
 
 def assemble(family, source, device_type, settings, trace: Trace, base: BaseWeights, baseline) -> Estimate:
