@@ -257,6 +257,84 @@ CORE_KEYS = (
     ConfigKey("flow_sigmoid_scale", "float", 1.0, "Scale of the logit-normal sigma density.", minimum=0),
     ConfigKey("flow_schedule_shift", "float", None, "Static sigma shift s (s > 1: more noise).", minimum=0),
     ConfigKey("flow_schedule_auto_shift", "bool", False, "Resolution-dependent sigma shift."),
+    # scheduled sampling (rollout), SimpleTuner's keys
+    ConfigKey(
+        "scheduled_sampling_max_step_offset",
+        "int",
+        0,
+        "Scheduled sampling: a rolled-out sample starts this many inference steps (at most) above its training "
+        "sigma and the model takes its own Euler steps down to it (0: off; 1-4 typical).",
+        minimum=0,
+    ),
+    ConfigKey(
+        "scheduled_sampling_probability",
+        "float",
+        0.0,
+        "Share of samples rolled out (without a ramp).",
+        minimum=0,
+        maximum=1,
+    ),
+    ConfigKey(
+        "scheduled_sampling_prob_start", "float", 0.0, "Rollout share at the start of the ramp.", minimum=0, maximum=1
+    ),
+    ConfigKey(
+        "scheduled_sampling_prob_end", "float", 0.5, "Rollout share at the end of the ramp.", minimum=0, maximum=1
+    ),
+    ConfigKey(
+        "scheduled_sampling_ramp_steps",
+        "int",
+        0,
+        "Steps from prob_start to prob_end (0: no ramp; scheduled_sampling_probability holds).",
+        minimum=0,
+    ),
+    ConfigKey("scheduled_sampling_start_step", "int", 0, "Optimizer step where the ramp starts.", minimum=0),
+    ConfigKey("scheduled_sampling_ramp_shape", "str", "linear", "Shape of the ramp.", choices=("linear", "cosine")),
+    ConfigKey(
+        "scheduled_sampling_strategy",
+        "str",
+        "uniform",
+        "How many steps a rollout takes, 1 to max_step_offset: uniform, biased_early (short ones more often) or "
+        "biased_late (long ones more often).",
+        choices=("uniform", "biased_early", "biased_late"),
+    ),
+    ConfigKey(
+        "scheduled_sampling_num_inference_steps",
+        "int",
+        None,
+        "Length of the inference schedule rollouts step on (default: validation_num_inference_steps).",
+        minimum=1,
+    ),
+    # EMA of the adapter
+    ConfigKey(
+        "use_ema",
+        "bool",
+        False,
+        "Keep an exponential moving average of the LoRA weights; saved beside the LoRA as *_ema.safetensors "
+        "(self-tested too) and in checkpoints.",
+        resume_critical=True,
+    ),
+    ConfigKey(
+        "ema_decay",
+        "float",
+        0.995,
+        "EMA decay per update: ema = decay * ema + (1 - decay) * weights (0.995: about the last 200 updates).",
+        check=lambda value: None if 0 < value < 1 else "must lie strictly between 0 and 1, e.g. 0.995",
+    ),
+    ConfigKey("ema_update_interval", "int", 1, "Update the EMA every N optimizer steps.", minimum=1),
+    ConfigKey(
+        "ema_device",
+        "str",
+        "accelerator",
+        "Where the EMA lives: accelerator (with the model; fastest) or cpu (system RAM; updates copy the "
+        "adapter there).",
+        choices=("accelerator", "cpu"),
+    ),
+    ConfigKey(
+        "validation_use_ema",
+        "bool",
+        False,
+        "Render validation (and the recipe's LoRA) with the EMA weights instead of the trained ones.",
+    ),
     # held-out evaluation
     ConfigKey(
         "eval_steps",
@@ -391,8 +469,32 @@ def check_config(config, warn):
         raise config.error(
             "flow_schedule_shift", "set either flow_schedule_shift or flow_schedule_auto_shift, not both"
         )
+    check_methods(config, warn)
     if config.validation_prompt and config.validation_prompts:
         warn("both validation_prompt and validation_prompts are set; validating with all of them")
+
+
+def check_methods(config, warn) -> None:
+    """Relations between the keys of scheduled sampling and of the EMA."""
+    ramp = config.scheduled_sampling_ramp_steps > 0
+    share = (
+        max(config.scheduled_sampling_prob_start, config.scheduled_sampling_prob_end)
+        if ramp
+        else config.scheduled_sampling_probability
+    )
+    which = "the ramp's prob_start/prob_end" if ramp else "scheduled_sampling_probability"
+    if config.scheduled_sampling_max_step_offset == 0 and share > 0:
+        raise config.error(
+            "scheduled_sampling_max_step_offset",
+            f"is 0, so {which} {share:g} rolls nothing out; set it to the rollout steps (1-4), or the share to 0",
+        )
+    if config.scheduled_sampling_max_step_offset > 0 and share == 0:
+        warn(
+            f"{config.source}: scheduled_sampling_max_step_offset is {config.scheduled_sampling_max_step_offset} but "
+            f"{which} is 0: nothing is rolled out"
+        )
+    if config.validation_use_ema and not config.use_ema:
+        raise config.error("validation_use_ema", "needs use_ema: true (there is no EMA to render with)")
 
 
 def check_dataset(config) -> None:
@@ -430,6 +532,28 @@ def sample_sigmas(config, batch_size, latent_shape, generator):
     from tuner.core import flow
 
     return flow.sample_shifted_logit_normal(config, batch_size, latent_shape, generator)
+
+
+@hookimpl(trylast=True)
+def inference_sigmas(config, scheduler, num_steps, latent_shape):
+    import copy
+
+    import numpy as np
+
+    if not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "sigmas"):
+        return None
+    scheduler = copy.deepcopy(scheduler)  # set_timesteps changes it; validation keeps its own
+    options = {}
+    if getattr(scheduler.config, "use_dynamic_shifting", False):  # the Flux lineage's resolution shift
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)  # 2x2 patches
+        settings = scheduler.config
+        options["mu"] = calculate_shift(
+            tokens, settings.base_image_seq_len, settings.max_image_seq_len, settings.base_shift, settings.max_shift
+        )
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), **options)
+    return scheduler.sigmas.float().cpu()
 
 
 def _export_diffusers(export, transformer):

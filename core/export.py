@@ -22,6 +22,12 @@ if TYPE_CHECKING:  # pragma: no cover
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
+def with_suffix(file: str, suffix: str) -> str:
+    """``pytorch_lora_weights.safetensors`` with ``_ema``: ``pytorch_lora_weights_ema.safetensors``."""
+    stem, dot, extension = file.rpartition(".")
+    return f"{stem}{suffix}{dot}{extension}" if suffix else file
+
+
 def training_record(ctx: RunContext, targets: list[str], step: int) -> dict[str, Any]:
     """tuner's record of how the adapter was trained, stored in every file's metadata."""
     config = ctx.config
@@ -56,18 +62,26 @@ def lora_files(
 
 
 def save_final(
-    ctx: RunContext, model: torch.nn.Module, targets: list[str], step: int, last_good: Callable[[], str]
+    ctx: RunContext,
+    model: torch.nn.Module,
+    targets: list[str],
+    step: int,
+    last_good: Callable[[], str],
+    suffix: str = "",
 ) -> list[Path]:
     """Write the final LoRA in every format to ``output_dir`` (atomically), then reread each file
     as its runtime would and fail the run on any difference. Main process only. ``last_good`` names
-    the newest intact checkpoint for the error message (it verifies checkpoints: called on failure only)."""
+    the newest intact checkpoint for the error message (it verifies checkpoints: called on failure only).
+    ``suffix`` goes before each file's extension (``_ema``: the EMA's files)."""
     from tuner.core.selftest import self_test
 
     folder = ctx.output_dir
     written: dict[str, list[Path]] = {}
     try:
         for name, files in lora_files(ctx, model, targets, step).items():
-            written[name] = [save_safetensors(folder / file, *content) for file, content in files.items()]
+            written[name] = [
+                save_safetensors(folder / with_suffix(file, suffix), *content) for file, content in files.items()
+            ]
     except OSError as exc:
         raise TunerError(f"cannot write the LoRA to {folder}: {exc}; {last_good()} in {folder} is intact") from None
     self_test(ctx.host, model, written)

@@ -274,6 +274,20 @@ def predict_flow(
 
 
 @hookspec(firstresult=True)
+def inference_sigmas(config: Config, scheduler: Any, num_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    """The sigmas the family samples ``num_steps`` steps with at ``latent_shape``, descending from
+    (about) 1 and ending with 0 (``num_steps + 1`` values).
+
+    Called when scheduled sampling (``scheduled_sampling_max_step_offset``) rolls samples out: their
+    Euler steps climb this schedule, so the model sees the inputs its own inference produces.
+    ``scheduler`` is the family's inference scheduler (``load_model("scheduler")``). The core's
+    default asks a flow-matching scheduler of diffusers (``set_timesteps(sigmas=..., mu=...)``) as
+    the Flux and SD3 pipelines do, with the resolution-dependent shift of 2x2-patch transformers.
+    Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
 def generate_images(request: ValidationRequest) -> list[Any]:
     """Render validation images (PIL) with the training transformer, one per prompt and seed.
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tuner.core import __version__, checkpoint, events
+from tuner.core.ema import EMA_FILE
 from tuner.core.export import lora_files
 from tuner.core.runtime import scale_learning_rate
 from tuner.core.state import Position
@@ -28,6 +29,7 @@ class Snapshot:
     optimizer: tuple[dict[str, torch.Tensor], dict[str, Any]]
     lr_scheduler: dict[str, Any]
     guard: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None = None
 
 
 class Checkpoints:
@@ -46,6 +48,7 @@ class Checkpoints:
             optimizer=checkpoint.optimizer_state(state.optimizer),
             lr_scheduler=state.lr_scheduler.state_dict(),
             guard=state.guard.state_dict(),
+            ema={n: t.to("cpu", copy=True) for n, t in state.ema.state_dict().items()} if state.ema else None,
         )
 
     def save(self, state: TrainState) -> Path:
@@ -63,6 +66,8 @@ class Checkpoints:
             files["adapter.safetensors"] = (state.adapter(), None)
             files["optimizer.safetensors"] = (opt_tensors, None)
             files["rng.safetensors"] = (rng_tensors, None)
+            if state.ema is not None:
+                files[EMA_FILE] = (state.ema.state_dict(), None)
             record = {
                 "tuner_version": __version__,
                 "position": vars(position),
@@ -96,6 +101,8 @@ class Checkpoints:
             "lr_scale": position.pop("lr_scale", 1.0),
         }
         _load(state, tensors["adapter"], (tensors["optimizer"], saved["optimizer"]), saved["scheduler"])
+        if state.ema is not None:
+            state.ema.load_state_dict(tensors[EMA_FILE.removesuffix(".safetensors")])
         state.position = Position(step=position["step"], micro_step=position["micro_step"])
         state.guard.load_state_dict(guard)
         checkpoint.restore_rng(tensors["rng"], saved["rng"])
@@ -138,6 +145,8 @@ class Checkpoints:
         else:
             start = self.start
             _load(state, start.adapter, start.optimizer, start.lr_scheduler)
+            if state.ema is not None:
+                state.ema.load_state_dict(start.ema)
             state.position = Position()
             state.guard.load_state_dict(start.guard)
         # the restored optimizer and schedule run at the scale they were saved with

@@ -59,7 +59,6 @@ UNSUPPORTED = {
         "tuner offers constant, constant_with_warmup, linear, cosine, cosine_with_restarts and polynomial, "
         "not {value!r}",
     ),
-    "use_ema": (lambda v: bool(v), "tuner keeps no EMA of the LoRA"),
     "snr_gamma": (lambda v: v is not None, "tuner does not weight the loss by SNR (got {value!r})"),
 }
 BACKEND_KEYS = {
@@ -91,6 +90,21 @@ BACKEND_KEYS = {
     "only_instance_prompt",
 }
 
+
+# SimpleTuner keys whose value tuner replaces with its own way, and what it does instead
+REPLACED = {
+    "scheduled_sampling_sampler": (
+        lambda v: v != "euler",
+        "scheduled_sampling_sampler {value!r}: tuner's rollouts take Euler steps on the family's inference schedule",
+    ),
+    "scheduled_sampling_order": (lambda v: True, None),  # the solver order of the samplers above
+    "scheduled_sampling_reflexflow": (lambda v: True, None),  # said below when SimpleTuner would apply it
+    "ema_validation": (
+        lambda v: v not in ("none", "ema_only"),
+        "ema_validation {value!r}: tuner renders validation with one set of weights (validation_use_ema: true for "
+        "the EMA's)",
+    ),
+}
 
 # SimpleTuner's optimizer names -> tuner's registered ones (the same algorithm)
 OPTIMIZERS = {
@@ -145,6 +159,13 @@ def convert(path: Path, raw: dict[str, Any], known: set[str]) -> tuple[dict[str,
             elif key == "lr_scheduler":
                 settings[key] = value
             continue
+        if key in REPLACED or key.startswith("scheduled_sampling_reflexflow_"):
+            noted, note = REPLACED.get(key, (lambda v: False, None))
+            if noted(value) and note:
+                notes.append(note.format(value=value))
+            if key == "ema_validation" and value == "ema_only":
+                settings["validation_use_ema"] = True
+            continue
         if key == "optimizer":
             settings[key], note = optimizer_name(value)
             if note:
@@ -158,6 +179,12 @@ def convert(path: Path, raw: dict[str, Any], known: set[str]) -> tuple[dict[str,
             ignored.append(key)
         else:
             unknown.append(key)
+    reflexflow = {k.lstrip("-"): v for k, v in raw.items()}.get("scheduled_sampling_reflexflow")
+    if (settings.get("scheduled_sampling_max_step_offset") or 0) > 0 and reflexflow is not False:
+        notes.append(
+            "scheduled_sampling_reflexflow: tuner applies no ReflexFlow terms (SimpleTuner turns them on with "
+            "rollouts unless set false); its target leads a rolled-out latent back to the clean image instead"
+        )
     if refused:  # every key tuner cannot honour, at once
         raise ConfigError(f"{path}: cannot convert {len(refused)} key(s): " + "; ".join(refused))
     if settings.pop("_cache_note", None):

@@ -14,6 +14,7 @@ from tuner.core.guard import DivergenceGuard
 
 if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.config import Config
+    from tuner.core.ema import AdapterEMA
     from tuner.core.events import TrainEvent
     from tuner.core.plugins import PluginHost
 
@@ -77,6 +78,7 @@ class TrainState:
     targets: list[str]  # full names of the adapted modules
     guard: DivergenceGuard
     position: Position = field(default_factory=Position)
+    ema: AdapterEMA | None = None  # use_ema: the moving average of the adapter
 
     def adapter(self) -> dict[str, torch.Tensor]:
         """The trainable parameters by their names in the model."""

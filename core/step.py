@@ -65,10 +65,12 @@ def flow_matching_loss(
     generator: torch.Generator,
     dtype: torch.dtype,
     autocast: Any,
+    noisy_and_target: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Noise ``latents`` to ``sigmas``, ask the family for the velocity, and return the MSE against
-    ``noise - latents``. ``autocast`` is the context the prediction runs in."""
-    noisy, target = flow.noisy_and_target(latents, noise, sigmas)
+    ``noise - latents``. ``autocast`` is the context the prediction runs in. ``noisy_and_target``
+    replaces both (scheduled sampling's rolled-out latents, at the same ``sigmas``)."""
+    noisy, target = noisy_and_target or flow.noisy_and_target(latents, noise, sigmas)
     with autocast:
         prediction = host.provide(
             "predict_flow",

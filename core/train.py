@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tuner.core import events
+from tuner.core import events, rollout
 from tuner.core.builtin import validation_prompts
 from tuner.core.cache import CachedDataset, PreparedData, collate, default_cache_dir, prepare_caches, text_key
 from tuner.core.config import NO_QUANTIZATION, Config
@@ -35,6 +35,7 @@ from tuner.core.data import scan_dataset
 from tuner.core.datasets import choose as choose_dataset
 from tuner.core.datasets import describe as describe_datasets
 from tuner.core.datasets import resolve as resolve_datasets
+from tuner.core.ema import EMA_SUFFIX, AdapterEMA
 from tuner.core.errors import DataError, Interrupted, first_line, warn_user
 from tuner.core.evaluation import Evaluator, split_off
 from tuner.core.export import save_final
@@ -115,6 +116,7 @@ class Trainer:
         self.datasets: list = []  # the run's datasets (tuner.core.datasets.Dataset), from prepare_data
         self._stop = False
         self.phase = "starting"  # what a Ctrl-C would interrupt, for its message
+        self.grids: dict[Any, Any] = {}  # scheduled sampling: the inference scheduler and its sigmas per size
 
     @property
     def config(self) -> Config:
@@ -214,6 +216,8 @@ class Trainer:
                 state.lr_scheduler.step()
                 state.position.step += 1
                 step, loss = state.position.step, outcome.loss
+                if state.ema is not None:
+                    state.ema.update(state.model, step)
                 result.losses.append(loss)
                 lr = state.lr_scheduler.get_last_lr()[0]
                 progress.update(1)
@@ -240,7 +244,7 @@ class Trainer:
                 if evaluator and due(config.eval_steps, step) and not last:
                     result.eval_losses.append(evaluator.run(state.model, step))
                 if due(config.validation_steps, step) and not last:
-                    result.validation_dirs += validator.run(state.model, step)
+                    result.validation_dirs += self.validate(validator, state, step)
         result.steps = state.position.step
         if evaluator:
             result.eval_losses.append(evaluator.run(state.model, state.position.step))
@@ -255,15 +259,28 @@ class Trainer:
         ctx.accelerator.wait_for_everyone()
         if ctx.is_main:
             result.lora_files += save_final(ctx, state.model, state.targets, step, self.checkpoints.last_good)
+            if state.ema is not None:  # the average as a second set of files, self-tested the same way
+                with state.ema.applied(state.model):
+                    result.lora_files += save_final(
+                        ctx, state.model, state.targets, step, self.checkpoints.last_good, EMA_SUFFIX
+                    )
             ctx.emit(events.Save, step, files=[str(p) for p in result.lora_files])
             ctx.log(f"self-test passed: {', '.join(p.name for p in result.lora_files)} reload as trained")
-        final_validation = validator.run(state.model, step)
+        final_validation = self.validate(validator, state, step)
         result.validation_dirs += final_validation
         if final_validation and result.lora_files:
-            validator.write_recipe(result.lora_files)
+            validator.write_recipe(result.lora_files, EMA_SUFFIX if self.config.validation_use_ema else "")
         ctx.accelerator.wait_for_everyone()
         ctx.emit(events.RunEnd, step, lora_files=[str(p) for p in result.lora_files])
         ctx.accelerator.end_training()
+
+    def validate(self, validator: Validator, state: TrainState, step: int) -> list[Path]:
+        """Validation images, rendered with the EMA weights under ``validation_use_ema`` (the
+        trained weights are back in the model afterwards)."""
+        if state.ema is not None and self.config.validation_use_ema:
+            with state.ema.applied(state.model):
+                return validator.run(state.model, step)
+        return validator.run(state.model, step)
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -402,6 +419,7 @@ class Trainer:
             params=params,
             targets=targets,
             guard=DivergenceGuard.from_config(config),
+            ema=AdapterEMA.from_config(config, transformer, ctx.device),
         )
         self.checkpoints.remember_start(self.state)
         return self.state
@@ -546,14 +564,35 @@ class Trainer:
                 name: torch.where(_rows(dropped, value), self.empty_caption[name], value)
                 for name, value in text.items()
             }
+        text = {k: v.to(device, non_blocking=True) for k, v in text.items()}
+        rolled = None
+        if rollout.enabled(config):  # drawn for the global batch, like the noise
+            offsets = rollout.draw_offsets(config, state.position.step, global_shape[0], shared)[mine]
+            if bool(offsets.any()):
+                steps = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x2011, rank))
+                rolled = rollout.roll_out(
+                    ctx.host, config, state.model, latents, noise, sigmas.to(device), offsets,
+                    self.inference_grid(global_shape), text, steps, ctx.weight_dtype, accelerator.autocast,
+                )  # fmt: skip
         own = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x10CA1, rank))
         torch.manual_seed(step_seed(config.seed, micro_step, rollbacks, 0xD409, rank))  # LoRA dropout
-        text = {k: v.to(device, non_blocking=True) for k, v in text.items()}
         loss = flow_matching_loss(
             ctx.host, config, state.wrapped, latents, noise, sigmas.to(device), text, own, ctx.weight_dtype,
-            accelerator.autocast(),
+            accelerator.autocast(), rolled,
         )  # fmt: skip
         return loss, sigmas
+
+    def inference_grid(self, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """The family's inference sigmas at this bucket's size, for scheduled sampling (kept per size)."""
+        key = tuple(latent_shape[1:])
+        if key not in self.grids:
+            ctx = self.ctx
+            if "scheduler" not in self.grids:
+                self.grids["scheduler"] = ctx.host.provide(
+                    "load_model", config=self.config, component="scheduler", dtype=ctx.weight_dtype
+                )
+            self.grids[key] = rollout.inference_grid(ctx.host, self.config, self.grids["scheduler"], latent_shape)
+        return self.grids[key]
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -96,12 +96,14 @@ class Validator:
         ctx.emit(events.Validation, step, folder=str(folder), images=[str(p) for p in written])
         return [folder]
 
-    def write_recipe(self, lora_files: list[Path]) -> Path:
-        """recipe.json and a README with a diffusers snippet, so the previews can be reproduced."""
+    def write_recipe(self, lora_files: list[Path], suffix: str = "") -> Path:
+        """recipe.json and a README with a diffusers snippet, so the previews can be reproduced
+        (``suffix``: the previews were rendered with the EMA, whose files end in ``_ema``)."""
+        from tuner.core.export import with_suffix
         from tuner.core.sampling import make_recipe, write_recipe
 
         ctx = self.ctx
-        lora = next((p for p in lora_files if p.name == LORA_FILE), lora_files[0])
+        lora = next((p for p in lora_files if p.name == with_suffix(LORA_FILE, suffix)), lora_files[0])
         recipe = make_recipe(
             ctx.host, ctx.config, lora, self.component("scheduler"), self.prompts, self.seeds(), self.sizes
         )

@@ -18,3 +18,19 @@ def test_the_gpu_benchmark_runs_small_on_the_cpu(tmp_path, capsys):
         assert row["estimate_bytes"]["train"] > 0 and row["mfu"] is None  # no GPU peak on a CPU
     assert rows[0]["tuner_over_bare"] > 0
     assert "| no_change |" in capsys.readouterr().out
+
+
+def test_the_training_methods_benchmark_runs_small(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("methods_benchmark", REPO / "benchmarks" / "methods.py")
+    methods = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(methods)
+    rows = {
+        r["method"]: r for r in methods.main(["--small", "--steps", "1", "--warmup", "1", "--folder", str(tmp_path)])
+    }
+    assert len(rows) == 9 and all(r["step_s"] > 0 for r in rows.values())
+    plain = rows["adamw (plain LoRA)"]
+    assert plain["optimizer_bytes"] >= 2 * plain["adapter_bytes"]  # AdamW: two fp32 moments per weight
+    assert rows["prodigy"]["optimizer_bytes"] > plain["optimizer_bytes"]
+    assert rows["adafactor"]["optimizer_bytes"] < plain["optimizer_bytes"]
+    assert rows["adamw + EMA (cpu)"]["ema_bytes"] == plain["adapter_bytes"] and plain["ema_bytes"] == 0
+    assert "| rollout k=4 |" in capsys.readouterr().out

@@ -63,6 +63,13 @@ def run(tiny_chroma, datasets, tmp_path, name, processes, batch):
         "validation_prompts": "[]",
         "learning_rate": 5e-3,
         "mixed_precision": "no",
+        # the training methods of #14 keep the promise too: rollouts drawn for the global batch,
+        # an EMA per process (the main one saves it)
+        "scheduled_sampling_max_step_offset": 2,
+        "scheduled_sampling_probability": 0.5,
+        "scheduled_sampling_num_inference_steps": 8,
+        "use_ema": "true",
+        "ema_decay": 0.7,
     }
     overrides = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -82,11 +89,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_
     double, done = run(tiny_chroma, datasets, tmp_path, "two", processes=2, batch=2)
     assert "effective batch 8 (2 processes)" in done.stdout
     assert done.stdout.count("saved ") == 1  # only the main process reports and writes
-    a = load_file(single / "pytorch_lora_weights.safetensors")
-    b = load_file(double / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors"):
+        a, b = load_file(single / name), load_file(double / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
     losses = [
         [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
         for folder in (single, double)
@@ -101,6 +108,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_
         "config.yaml",
         "logs",
         "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights_ema.safetensors",
         "run.json",
         "train_log.jsonl",
     ]

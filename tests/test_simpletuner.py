@@ -107,6 +107,28 @@ def test_optimizers_carry_over_by_tuners_name(tmp_path, tiny_chroma, shapes_dir,
     assert (note in said[0]) if note else not said
 
 
+def test_ema_and_scheduled_sampling_carry_over_and_what_differs_is_said(tmp_path, tiny_chroma, shapes_dir):
+    given = {
+        "--use_ema": True,
+        "--ema_decay": 0.99,
+        "--ema_validation": "ema_only",
+        "--scheduled_sampling_max_step_offset": 3,
+        "--scheduled_sampling_probability": 0.25,
+        "--scheduled_sampling_strategy": "biased_late",
+        "--scheduled_sampling_sampler": "unipc",
+        "--scheduled_sampling_order": 2,
+    }
+    path = write_simpletuner(tmp_path, tiny_chroma, shapes_dir, **given)
+    settings, notes = simpletuner.load(path, PluginHost("chroma"))
+    config = build_config(PluginHost("chroma"), settings, str(path), warn=lambda m: None)
+    assert (config.use_ema, config.ema_decay, config.validation_use_ema) == (True, 0.99, True)
+    assert (config.scheduled_sampling_max_step_offset, config.scheduled_sampling_strategy) == (3, "biased_late")
+    said = " | ".join(notes)
+    assert "scheduled_sampling_sampler 'unipc': tuner's rollouts take Euler steps" in said
+    assert "scheduled_sampling_reflexflow: tuner applies no ReflexFlow terms" in said  # on by default there
+    assert "scheduled_sampling_order" not in said
+
+
 def test_filename_captions():
     items = scan_dataset(REPO / "examples" / "data" / "shapes", print, "filename")
     assert items[0].caption == "00 red circle"
