@@ -1,5 +1,6 @@
 """Training methods against plain LoRA + AdamW on the mid-size Chroma: step time and memory per
-optimizer, with an EMA, and with scheduled sampling at k = 1, 2, 4 rollout steps.
+optimizer, per adapter type (DoRA, LoKr, LoHa at the same rank), with an EMA, and with scheduled
+sampling at k = 1, 2, 4 rollout steps.
 
     OMP_NUM_THREADS=1 python benchmarks/methods.py [--steps 20] [--warmup 3] [--small]
 
@@ -30,6 +31,9 @@ VARIANTS = {
     "adamw8bit": {"optimizer": "adamw8bit"},
     "adafactor": {"optimizer": "adafactor"},
     "prodigy": {"optimizer": "prodigy", "learning_rate": 1.0},
+    "dora": {"lora_type": "dora"},
+    "lokr (factor -1)": {"lora_type": "lokr"},
+    "loha": {"lora_type": "loha"},
     "adamw + EMA (accelerator)": {"use_ema": True},
     "adamw + EMA (cpu)": {"use_ema": True, "ema_device": "cpu"},
     "rollout k=1": {"scheduled_sampling_max_step_offset": 1},
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "seed": 0,
     }
     names = list(VARIANTS)
-    order = [names[0], *names[1:5], names[0], *names[5:], names[0]]  # the baseline at start, middle, end
+    middle = len(names) // 2
+    order = [names[0], *names[1:middle], names[0], *names[middle:], names[0]]  # the baseline at start, middle, end
     results: dict[str, list[dict]] = {}
     for index, name in enumerate(order):
         extra = {**VARIANTS[name], **(ROLLOUT if "rollout" in name else {})}
@@ -112,8 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"MiB fp32), batch 2 at {settings['resolution']}px, fp32, torch threads {torch.get_num_threads()}, "
         f"{'CUDA' if torch.cuda.is_available() else 'CPU'}"
     )
-    print("| method | ms/step | / plain AdamW | optimizer state | EMA | peak CUDA |")
-    print("|---|---|---|---|---|---|")
+    print("| method | ms/step | / plain AdamW | adapter | optimizer state | EMA | peak CUDA |")
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for name in names:
         step = statistics.mean(r["step_s"] for r in results[name])
@@ -125,8 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {name} | {step * 1000:.1f}"
             + (f" ({rounds})" if len(results[name]) > 1 else "")
             + f" | {step / base:.2f} | "
-            f"{one['optimizer_bytes'] / 2**20:.2f} MiB | {one['ema_bytes'] / 2**20:.2f} MiB | "
-            + (f"{peak / 2**20:.0f} MiB |" if peak else "n/a |")
+            f"{one['adapter_bytes'] / 2**20:.2f} MiB | {one['optimizer_bytes'] / 2**20:.2f} MiB | "
+            f"{one['ema_bytes'] / 2**20:.2f} MiB | " + (f"{peak / 2**20:.0f} MiB |" if peak else "n/a |")
         )
     return rows
 

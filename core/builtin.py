@@ -27,6 +27,9 @@ def _colour_problem(value: str) -> str | None:
     return None
 
 
+# lora_type values (tuner.core.adapters says what each is; kept here, where no torch is imported)
+ADAPTER_TYPES = ("lora", "dora", "lokr", "loha")
+
 # torch seeds generators with 64-bit integers; validation adds the prompt's index to the seed
 SEED_MAX = 2**63 - 1
 
@@ -144,6 +147,26 @@ CORE_KEYS = (
         minimum=0,
     ),
     # LoRA
+    ConfigKey(
+        "lora_type",
+        "str",
+        "lora",
+        "Adapter type (peft): lora; dora (LoRA with a magnitude per output row); lokr (Kronecker product, "
+        "LyCORIS keys: ComfyUI loads it, diffusers cannot); loha (Hadamard product of two low-rank products, "
+        "LyCORIS keys: ComfyUI only).",
+        choices=ADAPTER_TYPES,
+        resume_critical=True,
+    ),
+    ConfigKey(
+        "lokr_factor",
+        "int",
+        -1,
+        "LoKr: split each layer width into this factor and the rest (must divide every adapted width); -1: as "
+        "square as possible.",
+        minimum=-1,
+        check=lambda value: "0 is not a factor; use -1 or a divisor such as 4, 8, 16" if value == 0 else None,
+        resume_critical=True,
+    ),
     ConfigKey("network_rank", "int", 16, "LoRA rank.", aliases=("lora_rank",), minimum=1, resume_critical=True),
     ConfigKey(
         "lora_alpha", "float", None, "LoRA alpha (default: the rank, i.e. scale 1).", minimum=0, resume_critical=True
@@ -493,6 +516,8 @@ def check_methods(config, warn) -> None:
             f"{config.source}: scheduled_sampling_max_step_offset is {config.scheduled_sampling_max_step_offset} but "
             f"{which} is 0: nothing is rolled out"
         )
+    if config.lora_type in ("lokr", "loha") and config.is_set("lora_dropout") and config.lora_dropout:
+        warn(f"{config.source}: lora_dropout is ignored by lora_type {config.lora_type} (peft's LoKr/LoHa have none)")
     if config.validation_use_ema and not config.use_ema:
         raise config.error("validation_use_ema", "needs use_ema: true (there is no EMA to render with)")
 
@@ -565,7 +590,7 @@ def _export_diffusers(export, transformer):
 def _read_diffusers(path, transformer, family):
     from tuner.core.selftest import read_with_diffusers
 
-    return read_with_diffusers(path, transformer, family)
+    return read_with_diffusers(path, transformer, family)  # LoKr/LoHa: with ComfyUI's arithmetic
 
 
 DIFFUSERS_FORMAT = LoraFormat(

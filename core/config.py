@@ -345,6 +345,12 @@ def build_config(
                     f"{family.latent_alignment}; use {family.latent_alignment}, 32 or 64",
                 )
         config._values["lora_format"] = _lora_formats(config, host)
+        left_out = [f for f in host.lora_formats if f not in config.lora_format]
+        if left_out and isinstance(raw.get("lora_format"), str) and raw.get("lora_format") in ALL_FORMATS:
+            warn(
+                f"{source}: lora_format {raw['lora_format']}: {', '.join(left_out)} cannot store lora_type "
+                f"{config.lora_type}; writing {', '.join(config.lora_format)}"
+            )
     from tuner.core.builtin import TEXT_ENCODER_PRECISIONS
 
     for key in ("base_model_precision", *TEXT_ENCODER_PRECISIONS):
@@ -423,12 +429,13 @@ def _lora_formats(config: Config, host: PluginHost) -> list[str]:
     """``lora_format`` as the list of registered format names it stands for."""
     value = config.lora_format
     known = list(host.lora_formats)  # in registration order: the core's diffusers first
+    kind = config.get("lora_type", "lora")
     if value in ALL_FORMATS:
         if value == "both" and len(known) != 2:
             raise config.error(
                 "lora_format", f"'both' means two formats, but {host.family.name} writes {', '.join(known)}; use all"
             )
-        return known
+        return [f for f in known if kind in host.lora_formats[f].adapter_types]
     wanted = [value] if isinstance(value, str) else list(value)
     unknown = [f for f in wanted if f not in known]
     if unknown or not wanted:
@@ -436,6 +443,14 @@ def _lora_formats(config: Config, host: PluginHost) -> list[str]:
             "lora_format",
             f"{', '.join(map(repr, unknown)) or 'an empty list'}: choose from {', '.join(known)}, or all",
         )
+    for name in wanted:
+        if kind not in host.lora_formats[name].adapter_types:
+            able = [f for f in known if kind in host.lora_formats[f].adapter_types]
+            raise config.error(
+                "lora_format",
+                f"{name} cannot store lora_type {kind} (it holds {', '.join(host.lora_formats[name].adapter_types)}); "
+                f"use {' or '.join(able)}",
+            )
     return list(dict.fromkeys(wanted))
 
 

@@ -1,4 +1,5 @@
-"""LoRA adapters on the denoiser: target resolution, peft wiring, and the diffusers/ComfyUI file layout."""
+"""Adapters on the denoiser: target resolution, peft wiring, and the diffusers/ComfyUI file layout
+(the adapter types themselves: :mod:`tuner.core.adapters`)."""
 
 from __future__ import annotations
 
@@ -35,20 +36,14 @@ def resolve_targets(model: torch.nn.Module, patterns: Iterable[str], exclude_pre
 
 
 def add_lora(transformer: torch.nn.Module, targets: list[str], config: Any) -> None:
-    """Freeze the base and add a peft LoRA adapter on exactly ``targets`` (full module names; never
-    empty: :func:`tuner.core.step.attach_lora` refuses that first)."""
-    from peft import LoraConfig
+    """Freeze the base and add the run's peft adapter (``lora_type``) on exactly ``targets`` (full
+    module names; never empty: :func:`tuner.core.step.attach_lora` refuses that first)."""
+    from tuner.core.adapters import check_layers, peft_config
 
+    check_layers(config, transformer, targets)
     transformer.requires_grad_(False)
-    lora_config = LoraConfig(
-        r=config.network_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        # anchored full names, so a name is never matched as a suffix of another
-        target_modules="^(" + "|".join(re.escape(t) for t in targets) + ")$",
-        init_lora_weights=True,
-    )
-    transformer.add_adapter(lora_config)
+    # anchored full names, so a name is never matched as a suffix of another
+    transformer.add_adapter(peft_config(config, "^(" + "|".join(re.escape(t) for t in targets) + ")$"))
     for param in transformer.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # adapters train in fp32 over a bf16/quantized base
@@ -63,8 +58,10 @@ def export_from(
 ) -> LoraExport:
     from peft.utils import get_peft_model_state_dict
 
+    from tuner.core.adapters import module_of
+
     state = get_peft_model_state_dict(transformer)
-    modules = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    modules = sorted({module_of(k) for k in state})
     return LoraExport(
         state_dict=state,
         rank=config.network_rank,
@@ -80,6 +77,10 @@ def diffusers_layout(export: LoraExport) -> dict[str, torch.Tensor]:
     diffusers reads the ``.alpha`` tensors as network alphas and ComfyUI scales by alpha/rank from
     them (it ignores file metadata), so the strength survives a reload in both when alpha != rank.
     """
+    from tuner.core.adapters import is_lycoris, lycoris_layout
+
+    if is_lycoris(export.state_dict):  # LoKr/LoHa: LyCORIS keys, ComfyUI reads .alpha tensors
+        return lycoris_layout(export.state_dict, export.alphas, export.rank, TRANSFORMER_PREFIX)
     tensors = {TRANSFORMER_PREFIX + k: v for k, v in export.state_dict.items()}
     if export.alpha_in == "tensors":
         for module, alpha in export.alphas.items():
@@ -100,7 +101,7 @@ def file_metadata(export: LoraExport) -> dict[str, str]:
             "alpha_pattern": {} if len({export.alphas[m] for m in modules}) == 1 else dict(export.alphas),
             "rank_pattern": {},
             "target_modules": modules,
-            "use_dora": False,
+            "use_dora": export.metadata.get("lora_type") == "dora",
             "lora_bias": False,
         }
         metadata["lora_adapter_metadata"] = json.dumps({f"transformer.{k}": v for k, v in peft_config.items()})

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tuner.core.adapters import base_weight, dora_delta, is_lycoris, read_lycoris
 from tuner.core.errors import TunerError, first_line
 from tuner.core.types import FamilyInfo, LoraReading
 
@@ -27,15 +28,11 @@ class SelfTestFailed(TunerError):
 
 
 def adapter_deltas(model: torch.nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """``scale * B @ A`` of every peft LoRA layer of ``adapter``, by module name."""
-    deltas = {}
-    for name, module in model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, torch.nn.ModuleDict) and adapter in lora_a:
-            down = lora_a[adapter].weight.detach().float()
-            up = module.lora_B[adapter].weight.detach().float()
-            deltas[name] = module.scaling[adapter] * (up @ down)
-    return deltas
+    """The weight change of every adapted layer as training applies it, by module name (peft's
+    own arithmetic for each adapter type: :func:`tuner.core.adapters.trained_deltas`)."""
+    from tuner.core.adapters import trained_deltas
+
+    return trained_deltas(model, adapter)
 
 
 def read_with_diffusers(path: str, transformer: torch.nn.Module, family: FamilyInfo) -> LoraReading:
@@ -53,6 +50,8 @@ def read_with_diffusers(path: str, transformer: torch.nn.Module, family: FamilyI
         raise TunerError(f"model family {family.name} declares no pipeline_class to read diffusers LoRAs with")
     pipeline_cls = import_object(family.pipeline_class)
     tensors = load_file(path)
+    if is_lycoris(tensors):  # LoKr/LoHa: diffusers' loaders read LoRA only; ComfyUI is the runtime
+        return LoraReading(*read_lycoris(tensors, transformer))
     # diffusers raises on a lora_A without its lora_B (or the reverse): report those, read the rest
     incomplete = _incomplete_pairs(list(tensors))
     usable = {k: v for k, v in tensors.items() if k not in incomplete}
@@ -83,11 +82,13 @@ def read_with_diffusers(path: str, transformer: torch.nn.Module, family: FamilyI
         if key.startswith(("text_encoder.", "text_encoder_2.")):
             continue  # loaded into a text encoder by diffusers; not the transformer's business
         module = _module_of(key)
+        if key.endswith(".lora_magnitude_vector") and module in linears:
+            continue  # read with its module's A and B
         if not key.startswith("transformer.") or module not in linears or key.endswith(".alpha"):
             unmatched.append(key)  # diffusers would load this into nothing (or ignore it)
             continue
         if ".lora_A." not in key:
-            continue  # B is read together with its A
+            continue  # B (and a DoRA magnitude) is read together with its A
         down = state_dict[key].float()
         up = state_dict[key.replace(".lora_A.", ".lora_B.")].float()
         rank = down.shape[0]
@@ -95,12 +96,17 @@ def read_with_diffusers(path: str, transformer: torch.nn.Module, family: FamilyI
         if alpha is None:
             alpha = config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", rank))
         deltas[module] = float(alpha) / rank * (up @ down)
+        magnitude = state_dict.get(f"transformer.{module}.lora_magnitude_vector")
+        if magnitude is not None:  # DoRA, as peft applies it once diffusers has loaded it
+            deltas[module] = dora_delta(
+                base_weight(transformer.get_submodule(module)), deltas[module], magnitude.float()
+            )
     return LoraReading(deltas, sorted(set(unmatched)))
 
 
 def _module_of(key: str) -> str:
     name = key.removeprefix("transformer.")
-    for marker in (".lora_A", ".lora_B", ".lora_down", ".lora_up", ".alpha"):
+    for marker in (".lora_A", ".lora_B", ".lora_down", ".lora_up", ".lora_magnitude_vector", ".alpha"):
         if marker in name:
             return name.split(marker)[0]
     return name

@@ -51,7 +51,6 @@ IGNORED = {
 }
 # values tuner cannot honour, with the reason
 UNSUPPORTED = {
-    "lora_type": (lambda v: v != "standard", "tuner trains standard (peft) LoRA only, not {value!r}"),
     "lr_scheduler": (
         lambda v: (
             v not in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -166,6 +165,8 @@ def convert(path: Path, raw: dict[str, Any], known: set[str]) -> tuple[dict[str,
             if key == "ema_validation" and value == "ema_only":
                 settings["validation_use_ema"] = True
             continue
+        if key in ("lora_type", "lycoris_config", "use_dora"):
+            continue  # read together below
         if key == "optimizer":
             settings[key], note = optimizer_name(value)
             if note:
@@ -179,7 +180,12 @@ def convert(path: Path, raw: dict[str, Any], known: set[str]) -> tuple[dict[str,
             ignored.append(key)
         else:
             unknown.append(key)
-    reflexflow = {k.lstrip("-"): v for k, v in raw.items()}.get("scheduled_sampling_reflexflow")
+    given = {k.lstrip("-"): v for k, v in raw.items()}
+    try:
+        settings.update(adapter_settings(path.parent, given, notes))
+    except ConfigError as exc:
+        refused.append(str(exc))
+    reflexflow = given.get("scheduled_sampling_reflexflow")
     if (settings.get("scheduled_sampling_max_step_offset") or 0) > 0 and reflexflow is not False:
         notes.append(
             "scheduled_sampling_reflexflow: tuner applies no ReflexFlow terms (SimpleTuner turns them on with "
@@ -199,6 +205,50 @@ def convert(path: Path, raw: dict[str, Any], known: set[str]) -> tuple[dict[str,
             f"ignored SimpleTuner key(s) tuner does not know; check they do not matter: {', '.join(sorted(unknown))}"
         )
     return settings, notes
+
+
+# LyCORIS algorithms tuner trains (peft's LoKr and LoHa), by the name lycoris_config gives
+LYCORIS_ALGOS = {"lokr": "lokr", "loha": "loha"}
+FULL_LYCORIS_DIM = 10000  # LyCORIS' "no decomposition": whole factor matrices, scale 1
+
+
+def adapter_settings(base: Path, given: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """``lora_type`` (standard / lycoris with its ``lycoris_config`` JSON) and ``use_dora`` as tuner's
+    ``lora_type`` and its keys."""
+    kind = given.get("lora_type", "standard")
+    if kind == "standard":
+        return {"lora_type": "dora"} if given.get("use_dora") else {}
+    if kind != "lycoris":
+        raise ConfigError(f"lora_type: tuner trains standard (peft) LoRA, DoRA and LyCORIS LoKr/LoHa, not {kind!r}")
+    if not given.get("lycoris_config"):
+        raise ConfigError("lora_type: lycoris needs lycoris_config (a JSON file with algo lokr or loha)")
+    config_path = Path(given["lycoris_config"])
+    config_path = config_path if config_path.is_absolute() else base / config_path
+    try:
+        lycoris = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"lycoris_config: cannot read {config_path}: {exc}") from None
+    algo = lycoris.get("algo")
+    if algo not in LYCORIS_ALGOS:
+        raise ConfigError(f"lycoris_config: algo {algo!r} in {config_path}; tuner trains {', '.join(LYCORIS_ALGOS)}")
+    settings: dict[str, Any] = {"lora_type": LYCORIS_ALGOS[algo]}
+    dim, alpha = lycoris.get("linear_dim"), lycoris.get("linear_alpha")
+    if dim is not None:
+        settings["network_rank"] = int(dim)
+        settings["lora_alpha"] = float(dim if dim >= FULL_LYCORIS_DIM else (alpha if alpha is not None else dim))
+        if dim >= FULL_LYCORIS_DIM:
+            notes.append(
+                f"lycoris_config: linear_dim {dim} means whole LoKr factors in LyCORIS, which scales them by 1: "
+                "lora_alpha is set to the rank to match"
+            )
+    if "factor" in lycoris and algo == "lokr":
+        settings["lokr_factor"] = int(lycoris["factor"])
+    left = sorted(set(lycoris) - {"algo", "linear_dim", "linear_alpha", "factor", "multiplier"})
+    if left:
+        notes.append(
+            f"lycoris_config: {', '.join(left)} not carried over (tuner adapts the flux_lora_target preset's layers)"
+        )
+    return settings
 
 
 def _backends(base: Path, backend_path: Path, raw: dict[str, Any]) -> dict[str, Any]:

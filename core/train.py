@@ -433,6 +433,12 @@ class Trainer:
             f"effective batch {effective_batch}" + (f" ({processes} processes)" if processes > 1 else "")
         )
         ctx.log(prepared.table)
+        if self.config.lora_type != "lora":
+            from tuner.core.adapters import LOADED_BY
+
+            ctx.log(
+                f"adapter: {self.config.lora_type}; pytorch_lora_weights.safetensors loads in {LOADED_BY[self.config.lora_type]}"
+            )
         ctx.emit(
             events.RunStart,
             state.position.step,

@@ -219,5 +219,8 @@ class LoraFormat:
     export: Callable[[LoraExport, Any], dict[str, dict[str, Any]]]
     read: Callable[[str, Any, FamilyInfo], LoraReading]
     detect: Callable[[list[str]], bool] | None = None
+    # the lora_type values it can store (a fused layout cannot hold a Kronecker or Hadamard product
+    # per q/k/v); ``lora_format: all`` leaves a format out for the others, naming it
+    adapter_types: tuple[str, ...] = ("lora", "dora", "lokr", "loha")
     plugin: str = ""
     distribution: str = ""

@@ -27,7 +27,12 @@ def test_the_training_methods_benchmark_runs_small(tmp_path, capsys):
     rows = {
         r["method"]: r for r in methods.main(["--small", "--steps", "1", "--warmup", "1", "--folder", str(tmp_path)])
     }
-    assert len(rows) == 9 and all(r["step_s"] > 0 for r in rows.values())
+    assert len(rows) == 12 and all(r["step_s"] > 0 for r in rows.values())
+    assert (
+        rows["lokr (factor -1)"]["adapter_bytes"]
+        < rows["adamw (plain LoRA)"]["adapter_bytes"]
+        < rows["loha"]["adapter_bytes"]
+    )
     plain = rows["adamw (plain LoRA)"]
     assert plain["optimizer_bytes"] >= 2 * plain["adapter_bytes"]  # AdamW: two fp32 moments per weight
     assert rows["prodigy"]["optimizer_bytes"] > plain["optimizer_bytes"]

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -22,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(tiny_chroma, datasets, tmp_path, name, processes, batch):
+def run(tiny_chroma, datasets, tmp_path, name, processes, batch, extra=None):
     out = tmp_path / name
     launcher = (
         [
@@ -70,6 +71,7 @@ def run(tiny_chroma, datasets, tmp_path, name, processes, batch):
         "scheduled_sampling_num_inference_steps": 8,
         "use_ema": "true",
         "ema_decay": 0.7,
+        **(extra or {}),
     }
     overrides = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -79,14 +81,16 @@ def run(tiny_chroma, datasets, tmp_path, name, processes, batch):
     return out, done
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_dir, mixed_dir, tmp_path):
+@pytest.mark.parametrize(("kind", "steps"), [("lora", 8), ("dora", 4), ("lokr", 4), ("loha", 4)])
+def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_dir, mixed_dir, tmp_path, kind, steps):
     datasets = [
         {"id": "squares", "data_dir": str(shapes_dir), "weight": 2},
         # three buckets; caption dropout drawn for the global batch: the same samples either way
         {"id": "mixed", "data_dir": str(mixed_dir), "aspect_bucket_alignment": 16, "caption_dropout_probability": 0.3},
     ]
-    single, _ = run(tiny_chroma, datasets, tmp_path, "one", processes=1, batch=4)
-    double, done = run(tiny_chroma, datasets, tmp_path, "two", processes=2, batch=2)
+    extra = {"lora_type": kind, "max_train_steps": steps}
+    single, _ = run(tiny_chroma, datasets, tmp_path, "one", processes=1, batch=4, extra=extra)
+    double, done = run(tiny_chroma, datasets, tmp_path, "two", processes=2, batch=2, extra=extra)
     assert "effective batch 8 (2 processes)" in done.stdout
     assert done.stdout.count("saved ") == 1  # only the main process reports and writes
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors"):
@@ -98,7 +102,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_
         [json.loads(line)["loss"] for line in (folder / "train_log.jsonl").read_text().splitlines()]
         for folder in (single, double)
     ]
-    assert len(losses[0]) == len(losses[1]) == 8
+    assert len(losses[0]) == len(losses[1]) == steps
     rows = [json.loads(line) for line in (double / "train_log.jsonl").read_text().splitlines()]
     assert len({tuple(size) for row in rows for size in row["sizes"]}) > 1  # several buckets were trained
     assert {d for row in rows for d in row["datasets"]} == {"squares", "mixed"}

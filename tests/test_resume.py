@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,22 @@ def run_trainer(settings, *plugins, warnings=None):
         if isinstance(plugin, StopAt):
             plugin.trainer = trainer
     return trainer, trainer.train()
+
+
+def assert_resume_is_exact(straight, stop_at, files=("pytorch_lora_weights.safetensors",), **changes):
+    """Train ``straight`` through; train it again into a sibling folder (with ``changes``), stopped
+    by a Ctrl-C after step ``stop_at`` and resumed; ``files`` of both output folders are equal,
+    bit for bit."""
+    run_trainer(straight)
+    first = Path(straight["output_dir"])
+    again = {**straight, "output_dir": str(first.parent.parent / "resumed" / "out"), **changes}
+    with pytest.raises(Interrupted):
+        run_trainer(again, ("stop", StopAt(stop_at)))
+    run_trainer({**again, "resume_from_checkpoint": "latest"})
+    for name in files:
+        ours, resumed = load_file(first / name), load_file(Path(again["output_dir"]) / name)
+        assert ours.keys() == resumed.keys() and ours, name
+        assert all(torch.equal(ours[k], resumed[k]) for k in ours), f"{name} differs after a resume"
 
 
 def log_rows(folder):

@@ -9,13 +9,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tuner.core import hookimpl, rollout
-from tuner.core.errors import ConfigError, Interrupted
+from tuner.core.errors import ConfigError
 
 from .conftest import base_settings, make_config, make_host, train
-from .test_resume import StopAt, run_trainer
+from .test_resume import assert_resume_is_exact
 
 GRID = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64)
 
@@ -153,14 +152,7 @@ def test_offsets_follow_the_strategy_and_the_probability_its_ramp(tiny_chroma, s
 def test_a_resumed_rollout_run_continues_exactly(tiny_chroma, shapes_dir, tmp_path):
     straight = rollout_settings(tiny_chroma, shapes_dir, tmp_path / "a", max_train_steps=6, checkpointing_steps=3,
                                 scheduled_sampling_probability=0.5, lora_dropout=0.1)  # fmt: skip
-    run_trainer(straight)
-    interrupted = {**straight, "output_dir": str(tmp_path / "b" / "out"), "checkpointing_steps": 5}
-    with pytest.raises(Interrupted):
-        run_trainer(interrupted, ("stop", StopAt(2)))
-    run_trainer({**interrupted, "resume_from_checkpoint": "latest"})
-    ours = load_file(tmp_path / "a" / "out" / "pytorch_lora_weights.safetensors")
-    resumed = load_file(tmp_path / "b" / "out" / "pytorch_lora_weights.safetensors")
-    assert all(torch.equal(ours[k], resumed[k]) for k in ours)
+    assert_resume_is_exact(straight, 2, checkpointing_steps=5)
 
 
 @pytest.mark.parametrize(

@@ -129,6 +129,31 @@ def test_ema_and_scheduled_sampling_carry_over_and_what_differs_is_said(tmp_path
     assert "scheduled_sampling_order" not in said
 
 
+@pytest.mark.parametrize(
+    ("lycoris", "expected"),
+    [
+        (
+            {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 16,
+             "apply_preset": {"target_module": ["Attention"]}},
+            {"lora_type": "lokr", "network_rank": 10000, "lora_alpha": 10000.0, "lokr_factor": 16},
+        ),
+        ({"algo": "loha", "linear_dim": 16, "linear_alpha": 8}, {"lora_type": "loha", "network_rank": 16, "lora_alpha": 8.0}),
+    ],
+)  # fmt: skip
+def test_lycoris_configs_become_lokr_or_loha(tmp_path, tiny_chroma, shapes_dir, lycoris, expected):
+    (tmp_path / "lycoris.json").write_text(json.dumps(lycoris))
+    path = write_simpletuner(
+        tmp_path, tiny_chroma, shapes_dir, **{"--lora_type": "lycoris", "--lycoris_config": "lycoris.json"}
+    )
+    settings, notes = simpletuner.load(path, PluginHost("chroma"))
+    assert {k: settings.get(k) for k in expected} == expected
+    if "apply_preset" in lycoris:
+        assert any("apply_preset not carried over" in n for n in notes)
+        assert any("lora_alpha is set to the rank" in n for n in notes)
+    dora = write_simpletuner(tmp_path, tiny_chroma, shapes_dir, **{"--use_dora": True})
+    assert simpletuner.load(dora, PluginHost("chroma"))[0]["lora_type"] == "dora"
+
+
 def test_filename_captions():
     items = scan_dataset(REPO / "examples" / "data" / "shapes", print, "filename")
     assert items[0].caption == "00 red circle"
@@ -138,7 +163,8 @@ def test_filename_captions():
     ("config_extra", "backend_extra", "message"),
     [
         ({"--snr_gamma": 5.0}, None, "snr_gamma: tuner does not weight the loss by SNR"),
-        ({"--lora_type": "lycoris"}, None, "lora_type: tuner trains standard"),
+        ({"--lora_type": "lycoris"}, None, "lora_type: lycoris needs lycoris_config"),
+        ({"--lora_type": "glora"}, None, "lora_type: tuner trains standard"),
         ({}, {"crop_style": "face"}, "crop_style 'face'; tuner crops center or random"),
         ({}, {"caption_strategy": "parquet"}, "caption_strategy 'parquet'; tuner supports textfile and filename"),
         ({}, {"type": "aws"}, "type 'aws'; tuner reads local folders only"),

@@ -134,7 +134,46 @@ def export_comfyui(
         out[f"{key}.lora_A.weight"] = down
         out[f"{key}.lora_B.weight"] = up
         out[f"{key}.alpha"] = torch.tensor(alphas[members[0]] * len(members), dtype=torch.float32)
+        if any(f"{m}.lora_magnitude_vector" in state_dict for m in members):
+            out[f"{key}.dora_scale"] = _dora_scale(state_dict, alphas, rank, transformer, where, target)
     return out
+
+
+def _fused_base(transformer: torch.nn.Module, where: dict[str, Place], target: str) -> tuple[torch.Tensor, list[str]]:
+    """The BFL weight ``target`` as ComfyUI holds it: its diffusers modules' base weights stacked
+    in BFL row order (dequantized, fp32), and those modules in that order."""
+    from tuner.core.adapters import base_weight
+
+    members = sorted((m for m, p in where.items() if p.target == target), key=lambda m: where[m].start)
+    rows = []
+    for module in members:
+        weight = base_weight(transformer.get_submodule(module))
+        rows.append(_swap_halves(weight) if where[module].swapped else weight)
+    return torch.cat(rows, dim=0), members
+
+
+def _dora_scale(state_dict, alphas, rank, transformer, where, target) -> torch.Tensor:
+    """ComfyUI's ``dora_scale`` for a fused weight, one value per output row: it computes
+    ``W' = (W + dW) * dora_scale / ||W||_row`` (the base weight's row norms), and peft trained
+    ``W' = m * (W + dW) / ||W + dW||_row``, so ``dora_scale = m * ||W||_row / ||W + dW||_row``, row
+    by row; rows of modules without an adapter keep ``||W||_row`` (no change)."""
+    from tuner.core.adapters import base_weight
+
+    _, members = _fused_base(transformer, where, target)
+    scales = []
+    for module in members:
+        weight = base_weight(transformer.get_submodule(module))
+        norm = weight.norm(p=2, dim=1)
+        magnitude = state_dict.get(f"{module}.lora_magnitude_vector")
+        if magnitude is None:
+            row = norm
+        else:
+            down = state_dict[f"{module}.lora_A.weight"].float()
+            up = state_dict[f"{module}.lora_B.weight"].float()
+            combined = weight + alphas[module] / rank * (up @ down)
+            row = magnitude.float() * norm / combined.norm(p=2, dim=1)
+        scales.append(_swap_halves(row) if where[module].swapped else row)
+    return torch.cat(scales).unsqueeze(1)
 
 
 def read_comfyui(
@@ -160,6 +199,14 @@ def read_comfyui(
         alpha = tensors.get(f"{name}.alpha")
         scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
         fused = scale * (up.float() @ down.float())
+        dora_scale = tensors.get(f"{name}.dora_scale")
+        if dora_scale is not None:  # ComfyUI's weight_decompose, per output row: (W + dW) * s / ||W||_row
+            weight, _ = _fused_base(transformer, where, target)
+            if dora_scale.shape[0] != weight.shape[0]:
+                unmatched += [f"{name}.dora_scale"]  # LyCORIS' per-column convention: not what tuner writes
+            else:
+                norm = weight.norm(p=2, dim=1, keepdim=True) + torch.finfo(torch.float32).eps
+                fused = (weight + fused) * (dora_scale.float().view(-1, 1) / norm) - weight
         for module in members[target]:
             place = where[module]
             rows = fused[place.start : place.start + place.rows]
