@@ -4,11 +4,12 @@ sampling at k = 1, 2, 4 rollout steps.
 
     OMP_NUM_THREADS=1 python benchmarks/methods.py [--steps 20] [--warmup 3] [--small]
 
-Each variant is tuner's full loop (``Trainer.train``, timed from its JSONL log) on the model and
-cached data of step_overhead.py; the plain AdamW run is repeated at the start, the middle and the
+Each variant is tuner's full loop (``Trainer.train``, timed from its JSONL log), in a process of
+its own (its peak resident memory is its own; ``--small`` runs them in this process), on the
+model of step_overhead.py; the plain AdamW run is repeated at the start, the middle and the
 end, and every ratio is against the mean of those three, so drift in machine speed shows. Memory:
 the bytes of what the method keeps (adapter, optimizer state, EMA), counted from the tensors
-themselves, and on CUDA the peak allocated during the steps. Rollouts run with probability 1: the
+themselves, the process's peak resident memory, and on CUDA the peak allocated. Rollouts run with probability 1: the
 cost of rolling out every sample. ``--small`` uses the tiny Chroma (CI runs it).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -49,7 +51,20 @@ def tensors_bytes(found) -> int:
     return sum(t.numel() * t.element_size() for t in tree_leaves(found) if isinstance(t, torch.Tensor))
 
 
-def run(settings: dict, steps: int, warmup: int) -> dict:
+def run(settings: dict, steps: int, warmup: int, isolated: bool) -> dict:
+    """One variant; ``isolated``: in a process of its own, so its peak resident memory is its own."""
+    if not isolated:
+        return run_here(settings, steps, warmup)
+    command = [sys.executable, __file__, "--one", json.dumps(settings), "--steps", str(steps), "--warmup", str(warmup)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{settings}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_here(settings: dict, steps: int, warmup: int) -> dict:
+    import resource
+
     from tuner.core.config import build_config
     from tuner.core.plugins import PluginHost
     from tuner.core.train import Trainer
@@ -69,6 +84,7 @@ def run(settings: dict, steps: int, warmup: int) -> dict:
         "optimizer_bytes": tensors_bytes(list(inner.state.values())),
         "ema_bytes": tensors_bytes(state.ema.state_dict()) if state.ema else 0,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
         "parameters": sum(p.numel() for p in state.model.parameters()),
     }
 
@@ -80,7 +96,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--small", action="store_true", help="the tiny Chroma, a few steps (CI)")
     parser.add_argument("--folder", type=Path, default=None)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a variant's settings, in this process
     args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_here(json.loads(args.one), args.steps, args.warmup)))
+        return []
     from tuner.plugins.chroma.tiny import build_tiny_chroma
     from tuner.testing import shapes_dataset
 
@@ -108,7 +128,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results: dict[str, list[dict]] = {}
     for index, name in enumerate(order):
         extra = {**VARIANTS[name], **(ROLLOUT if "rollout" in name else {})}
-        measured = run({**settings, **extra, "output_dir": str(tmp / f"out{index}")}, args.steps, args.warmup)
+        variant = {**settings, **extra, "output_dir": str(tmp / f"out{index}")}
+        measured = run(variant, args.steps, args.warmup, isolated=not args.small)
         results.setdefault(name, []).append(measured)
     base = statistics.mean(r["step_s"] for r in results[names[0]])
     first = results[names[0]][0]
@@ -117,8 +138,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"MiB fp32), batch 2 at {settings['resolution']}px, fp32, torch threads {torch.get_num_threads()}, "
         f"{'CUDA' if torch.cuda.is_available() else 'CPU'}"
     )
-    print("| method | ms/step | / plain AdamW | adapter | optimizer state | EMA | peak CUDA |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| method | ms/step | / plain AdamW | adapter | optimizer state | EMA | peak RSS (+ over plain) | peak CUDA |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for name in names:
         step = statistics.mean(r["step_s"] for r in results[name])
@@ -131,7 +154,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             + (f" ({rounds})" if len(results[name]) > 1 else "")
             + f" | {step / base:.2f} | "
             f"{one['adapter_bytes'] / 2**20:.2f} MiB | {one['optimizer_bytes'] / 2**20:.2f} MiB | "
-            f"{one['ema_bytes'] / 2**20:.2f} MiB | " + (f"{peak / 2**20:.0f} MiB |" if peak else "n/a |")
+            f"{one['ema_bytes'] / 2**20:.2f} MiB | {one['peak_rss_bytes'] / 2**20:.0f} MiB "
+            f"({(one['peak_rss_bytes'] - first['peak_rss_bytes']) / 2**20:+.0f}) | "
+            + (f"{peak / 2**20:.0f} MiB |" if peak else "n/a |")
         )
     return rows
 

@@ -101,13 +101,10 @@ def base_weight(layer: torch.nn.Module) -> torch.Tensor:
     from peft.utils.integrations import dequantize_module_weight
 
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-    weight = dequantize_module_weight(base)  # bitsandbytes; others come back as they are
-    # optimum-quanto's QTensor dequantizes itself; never call torch's Tensor.dequantize on a float
-    # Parameter: it returns the Parameter and leaves its grad_fn NotImplemented (truthy), after
-    # which torch refuses to assign that weight again
-    if type(weight).__module__.startswith("optimum.quanto"):
-        weight = weight.dequantize()
-    return weight.detach().float()
+    from tuner.core.fixes import dequantized
+
+    # bitsandbytes' weights through peft's helper, tensor subclasses (optimum-quanto) by their own method
+    return dequantized(dequantize_module_weight(base)).detach().float()
 
 
 def trained_deltas(model: torch.nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:

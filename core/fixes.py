@@ -30,6 +30,16 @@
   read, so ``except OSError`` misses both. :func:`as_os_error` turns the write failure into the
   ``OSError`` it is (``tuner.core.io.save_safetensors`` applies it to every write), and
   :data:`READ_ERRORS` is what loaders catch (tests/test_reliability.py shows both).
+* peft 0.21's LoKr and LoHa layers draw ``torch.rand(1) > module_dropout`` in every training
+  forward, even with no module dropout; on the fake tensors of ``tuner estimate`` that comparison
+  is data-dependent and raises. :func:`no_module_dropout_draw` marks those layers (and only them)
+  as not training while the estimate traces: peft then skips the draw and computes the same
+  adapter path (tuner sets no rank dropout); tests/test_estimate.py estimates every type.
+* torch 2.13: ``Tensor.dequantize()`` on a float ``Parameter`` returns the Parameter itself and
+  leaves its ``grad_fn`` set to ``NotImplemented`` (truthy), after which a module refuses that
+  weight ("Cannot assign non-leaf Tensor to parameter"). :func:`dequantized` calls ``dequantize``
+  only where a tensor subclass defines its own (optimum-quanto's); DoRA reads base weights with it
+  (tests/test_adapters.py shows the bug).
 """
 
 from __future__ import annotations
@@ -79,3 +89,25 @@ def _checkpointed_forward(forward, *args, **kwargs):
     if torch.is_grad_enabled():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return forward(*args, **kwargs)
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A base weight as floats: a tensor subclass with its own ``dequantize`` (optimum-quanto's,
+    torchao's) dequantized, any other returned as it is (never torch's own ``Tensor.dequantize``
+    on a float Parameter: see the module's docstring)."""
+    if type(weight).dequantize is not torch.Tensor.dequantize:
+        return weight.dequantize()
+    return weight
+
+
+def no_module_dropout_draw(model: torch.nn.Module) -> int:
+    """Mark peft's LoKr/LoHa layers of ``model`` as not training (their own flag only), so their
+    forward skips the module-dropout draw; returns how many (see the module's docstring)."""
+    found = 0
+    for module in model.modules():
+        if type(module).__module__.startswith(("peft.tuners.lokr", "peft.tuners.loha")) and hasattr(
+            module, "module_dropout"
+        ):
+            module.training = False
+            found += 1
+    return found

@@ -210,3 +210,21 @@ def test_check_lora_reads_each_type(tiny_chroma, shapes_dir, tmp_path, kind):
     save_file(tensors, renamed)
     out = CliRunner().invoke(app, [command[0], str(renamed), *command[2:]])
     assert out.exit_code == 1 and "to_kk" in out.output, out.output
+
+
+def test_torch_dequantize_on_a_float_parameter_breaks_it_and_tuner_never_calls_it():
+    """The bug behind tuner.core.fixes.dequantized: torch's Tensor.dequantize on a float Parameter
+    leaves a grad_fn behind, and the module then refuses the weight."""
+    from tuner.core.adapters import base_weight
+    from tuner.core.fixes import dequantized
+
+    layer = torch.nn.Linear(4, 4)
+    layer.weight.dequantize()
+    with pytest.raises(ValueError, match="Cannot assign non-leaf Tensor"):
+        with torch.no_grad():
+            layer.weight += 1
+    clean = torch.nn.Linear(4, 4)
+    assert dequantized(clean.weight) is clean.weight
+    assert torch.equal(base_weight(clean), clean.weight)
+    with torch.no_grad():
+        clean.weight += 1  # still assignable

@@ -90,6 +90,30 @@ def test_estimate_matches_a_measured_training_step(small_chroma, shapes_dir, tmp
     assert sum(train.parts.values()) == train.device
 
 
+@pytest.mark.parametrize(
+    ("lora_type", "optimizer"),
+    [("dora", "adamw"), ("lokr", "adamw"), ("loha", "adamw"), ("lora", "adamw8bit"), ("lora", "adafactor"),
+     ("lora", "prodigy")],
+)  # fmt: skip
+def test_estimate_matches_each_adapter_type_and_optimizer(small_chroma, shapes_dir, tmp_path, lora_type, optimizer):
+    """DoRA's norms, LoKr's and LoHa's full-size products, and optimizers that cannot step on
+    fake tensors (their state measured on real ones) are counted as a real step holds them."""
+    from tuner.core.estimate import estimate
+
+    settings = {
+        **base_settings(small_chroma, shapes_dir, tmp_path),
+        "train_batch_size": 2,
+        "resolution": 128,
+        "gradient_checkpointing": False,
+        "lora_type": lora_type,
+        "optimizer": optimizer,
+        "network_rank": 16,
+    }
+    measured, (host, config) = measured_training_step(settings)
+    train = estimate(host, config, "cpu").phase("train")
+    assert 0.95 * measured <= train.device <= 1.05 * measured, (train.device, measured)
+
+
 def test_checkpointing_and_batch_size_move_the_estimate_the_right_way(tiny_chroma, shapes_dir, tmp_path):
     from tuner.core.estimate import estimate
 

@@ -24,6 +24,7 @@ from tuner.core.errors import PluginError
 from tuner.core.estimate.live import LiveBytes, keep_input
 from tuner.core.estimate.models import ModelFiles, build_on_meta, tensor_bytes, to_fake
 from tuner.core.estimate.report import Estimate, Phase, process_rss
+from tuner.core.fixes import no_module_dropout_draw
 from tuner.core.runtime import autocast, build_optimizer, weight_dtype
 from tuner.core.runtime import device_type as local_device_type
 
@@ -206,6 +207,7 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
     from tuner.core.step import attach_lora
 
     targets = attach_lora(host, config, transformer)  # the same function (and errors) as training
+    no_module_dropout_draw(transformer)  # peft's LoKr/LoHa would draw a random number on fake tensors
     for name in keeps_inputs:
         transformer.get_submodule(name).register_forward_hook(keep_input)
     to_fake(transformer, mode)
