@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-ADAPTER_TYPES = ("lora", "dora", "lokr", "loha")
 # which runtimes load each type's pytorch_lora_weights.safetensors fully (said at the start of a run)
 LOADED_BY = {
     "lora": "diffusers and ComfyUI",
