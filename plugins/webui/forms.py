@@ -25,19 +25,27 @@ CORE_GROUPS = {
         "minimum_image_size image_background caption_strategy caption_dropout_probability dataset_repeats cache_dir "
         "dataloader_num_workers eval_data_dir eval_split"
     ),
-    "LoRA": "network_rank lora_alpha lora_dropout",
+    "LoRA": "lora_type network_rank lora_alpha lora_dropout lokr_factor",
     "optimisation": (
         "learning_rate lr_scheduler lr_warmup_steps lr_num_cycles lr_power train_batch_size gradient_accumulation_steps max_train_steps "
         "max_grad_norm adam_beta1 adam_beta2 adam_epsilon adam_weight_decay gradient_checkpointing seed "
         "flow_schedule_shift flow_schedule_auto_shift flow_sigmoid_scale divergence_skip_limit "
-        "divergence_max_rollbacks divergence_lr_factor"
+        "divergence_max_rollbacks divergence_lr_factor optimizer optimizer_config use_ema ema_decay "
+        "ema_update_interval ema_device compile compile_backend"
     ),
     "validation": "eval_steps eval_sigma_levels",
-    "saving": "output_dir checkpointing_steps checkpoints_total_limit lora_format report_to",
+    "saving": "output_dir checkpointing_steps checkpoints_total_limit lora_format report_to existing_output",
 }
 GROUP_OF = {name: group for group, names in CORE_GROUPS.items() for name in names.split()}
 # Shown above "advanced" besides the keys `tuner configure` asks for.
-CENTRAL = {"pretrained_model_name_or_path", "lora_alpha", "validation_steps", "checkpointing_steps"}
+CENTRAL = {
+    "pretrained_model_name_or_path",
+    "lora_type",
+    "lora_alpha",
+    "optimizer",
+    "validation_steps",
+    "checkpointing_steps",
+}
 # Chosen elsewhere in the UI (the family selector, the resume button) or not a choice at all.
 HIDDEN = {"model_type", "model_family", "resume_from_checkpoint"}
 # The UI's own defaults: the core's cache_dir default (~/.cache/tuner) is outside the workspace.
@@ -53,6 +61,9 @@ MEMORY_KEYS = {
     "pretrained_model_name_or_path",
     "model_flavour",
     "offload_during_startup",
+    "lora_type",
+    "optimizer",
+    "use_ema",
 }
 
 
@@ -63,7 +74,7 @@ def group_of(name: str) -> str:
         return "validation"
     if "lora" in name or name.startswith("network_"):
         return "LoRA"
-    if name.startswith(("flux_guidance", "flow_", "noise_", "timestep")) or "sigma" in name:
+    if name.startswith(("flux_guidance", "flow_", "noise_", "timestep", "scheduled_sampling_")) or "sigma" in name:
         return "optimisation"
     if "caption" in name or name.startswith(("dataset", "crop_", "aspect_")):
         return "data"
