@@ -116,7 +116,8 @@ class Trainer:
         self.datasets: list = []  # the run's datasets (tuner.core.datasets.Dataset), from prepare_data
         self._stop = False
         self.phase = "starting"  # what a Ctrl-C would interrupt, for its message
-        self.grids: dict[Any, Any] = {}  # scheduled sampling: the inference scheduler and its sigmas per size
+        self.grids: dict[tuple[int, ...], torch.Tensor] = {}  # scheduled sampling: inference sigmas per size
+        self.scheduler: Any = None  # the family's inference scheduler, loaded for the first rollout
 
     @property
     def config(self) -> Config:
@@ -593,11 +594,11 @@ class Trainer:
         key = tuple(latent_shape[1:])
         if key not in self.grids:
             ctx = self.ctx
-            if "scheduler" not in self.grids:
-                self.grids["scheduler"] = ctx.host.provide(
+            if self.scheduler is None:
+                self.scheduler = ctx.host.provide(
                     "load_model", config=self.config, component="scheduler", dtype=ctx.weight_dtype
                 )
-            self.grids[key] = rollout.inference_grid(ctx.host, self.config, self.grids["scheduler"], latent_shape)
+            self.grids[key] = rollout.inference_grid(ctx.host, self.config, self.scheduler, latent_shape)
         return self.grids[key]
 
 
