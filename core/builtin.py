@@ -14,7 +14,7 @@ from typing import Any
 
 from tuner.core import events, hookimpl
 from tuner.core.config import NO_QUANTIZATION
-from tuner.core.types import ConfigKey, LoraFormat
+from tuner.core.types import ConfigKey, LoraFormat, OptimizerInfo
 
 
 def _colour_problem(value: str) -> str | None:
@@ -647,8 +647,6 @@ def _build_adamw(config, params, options):
 
 @hookimpl
 def register_optimizers(register):
-    from tuner.core.types import OptimizerInfo
-
     register(OptimizerInfo("adamw", "torch's AdamW (fused on CUDA); adam_* keys", _build_adamw))
 
 
