@@ -25,10 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 REAL = REPO / "examples" / "models" / "chroma1-configs"
 # dense bf16 peak of the GPUs this is likely to meet, FLOP/s
 PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+_ATTENTION = None  # --attention: the kernel restriction, held for the whole process
 SMALL = dict(attention_head_dim=16, num_attention_heads=2, num_layers=1, num_single_layers=2, joint_attention_dim=64)
 
 
-def build(folder: Path, device: str, small: bool, resolution: int) -> tuple[Path, Path]:
+def build(
+    folder: Path, device: str, small: bool, resolution: int, depth: tuple[int, int] | None = None
+) -> tuple[Path, Path]:
     """The model folder (once) and a few images."""
     from diffusers import AutoencoderKL, ChromaTransformer2DModel
     from transformers import T5Config, T5EncoderModel
@@ -44,12 +47,19 @@ def build(folder: Path, device: str, small: bool, resolution: int) -> tuple[Path
         }
         t5 = json.loads((REAL / "text_encoder" / "config.json").read_text())
         t5 = {k: v for k, v in t5.items() if k[0] != "_"}
+        if depth:  # the real widths with fewer blocks: a quick check of the real shapes
+            config.update(num_layers=depth[0], num_single_layers=depth[1])
         if small:
             config.update(SMALL, axes_dims_rope=[4, 6, 6], approximator_hidden_dim=64)
             t5.update(d_model=64, d_ff=128, num_heads=2, d_kv=32)
         t5.update(num_layers=2, num_decoder_layers=2)
         t5["vocab_size"] = T5EncoderModel.from_pretrained(model / "text_encoder").config.vocab_size
         torch.manual_seed(0)
+        for part in (
+            ("transformer", "text_encoder") if small else ("transformer", "text_encoder", "vae")
+        ):  # rebuilt below
+            for stale in (model / part).glob("*.safetensors"):
+                stale.unlink()
         with torch.device(device):
             ChromaTransformer2DModel.from_config(config).to(torch.bfloat16).save_pretrained(model / "transformer")
             T5EncoderModel(T5Config(**t5)).to(torch.bfloat16).save_pretrained(model / "text_encoder")
@@ -61,7 +71,17 @@ def build(folder: Path, device: str, small: bool, resolution: int) -> tuple[Path
     return model, data
 
 
-def measure(model: Path, data: Path, folder: Path, precision: str, device: str, steps: int, resolution: int) -> dict:
+def measure(
+    model: Path,
+    data: Path,
+    folder: Path,
+    precision: str,
+    device: str,
+    steps: int,
+    resolution: int,
+    checkpointing: bool = True,
+    bare_first: bool = False,
+) -> dict:
     from tuner.core.cache import CachedDataset
     from tuner.core.config import build_config
     from tuner.core.estimate import estimate
@@ -90,7 +110,7 @@ def measure(model: Path, data: Path, folder: Path, precision: str, device: str, 
         "network_rank": 16,
         "mixed_precision": "bf16",
         "base_model_precision": precision,
-        "gradient_checkpointing": True,
+        "gradient_checkpointing": checkpointing,
         "memory_estimate": False,
         "max_train_steps": steps + 1,
     }
@@ -107,6 +127,8 @@ def measure(model: Path, data: Path, folder: Path, precision: str, device: str, 
     state = trainer.setup()
     row["load_s"] = round(time.perf_counter() - began, 2)
     row["peak_bytes"]["load"] = peak()
+    if bare_first:  # the same step by hand first: is a fault tuner's or the stack's?
+        print(json.dumps({"bare_step_s": bare_step(model, trainer, state, prepared, device, 1)}), flush=True)
     batches = trainer.batches(CachedDataset(prepared), state.position)
     trainer.optimizer_step(state, batches)  # warm-up (kernels, allocator)
     peak_reset()
@@ -211,16 +233,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--resolution", type=int, default=None, help="default: 1024 (64 with --small)")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/tuner-gpu-benchmark"))
+    parser.add_argument("--depth", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"), help="fewer blocks (real widths)")
+    parser.add_argument("--bare-first", action="store_true", help="run the bare diffusers + peft step first")
+    parser.add_argument("--no-checkpointing", action="store_true", help="gradient_checkpointing: false")
+    parser.add_argument(
+        "--attention", choices=("default", "math", "efficient", "flash"), default="default",
+        help="restrict scaled-dot-product attention to one kernel",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.attention != "default":
+        backends = {"math": "MATH", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION"}
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        global _ATTENTION  # kept: a collected context manager restores the previous kernels
+        _ATTENTION = sdpa_kernel(getattr(SDPBackend, backends[args.attention]))
+        _ATTENTION.__enter__()
     device = "cpu" if args.small else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --small on a CPU")
     resolution = args.resolution or (64 if args.small else 1024)
-    folder = args.folder / ("small" if args.small else "real")
-    model, data = build(folder, device, args.small, resolution)
+    folder = args.folder / ("small" if args.small else "real") / ("-".join(map(str, args.depth)) if args.depth else "")
+    model, data = build(folder, device, args.small, resolution, args.depth)
     rows = []
     for precision in args.precisions:
-        row = measure(model, data, folder, precision, device, args.steps, resolution)
+        row = measure(
+            model, data, folder, precision, device, args.steps, resolution, not args.no_checkpointing, args.bare_first
+        )
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(

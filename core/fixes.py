@@ -40,6 +40,14 @@
   weight ("Cannot assign non-leaf Tensor to parameter"). :func:`dequantized` calls ``dequantize``
   only where a tensor subclass defines its own (optimum-quanto's); DoRA reads base weights with it
   (tests/test_adapters.py shows the bug).
+* torch 2.11 (cu130, H200): scaled-dot-product attention picks cuDNN's kernel for the Flux
+  lineage's boolean masks, and the first training backward through it fails
+  (``mha_graph.execute(...).is_good()`` under ``CUDA_LAUNCH_BLOCKING=1``; without it, an illegal
+  memory access surfaces later in an unrelated GEMM or the gradient norm). Seen with the real
+  Chroma widths at 512 and 1024 px, with and without checkpointing. :func:`no_cudnn_attention`
+  turns that kernel off for CUDA runs; the memory-efficient kernel takes the same masks. Shown on a
+  GPU only (CI has none): ``benchmarks/gpu_bisect.sh`` ran each variant in its own process; the
+  real Chroma's bf16 step failed before this and ran after it (docs/benchmarks.md, GPU).
 """
 
 from __future__ import annotations
@@ -111,3 +119,8 @@ def no_module_dropout_draw(model: torch.nn.Module) -> int:
             module.training = False
             found += 1
     return found
+
+
+def no_cudnn_attention() -> None:
+    """Keep scaled-dot-product attention off cuDNN's kernel (see the module's docstring)."""
+    torch.backends.cuda.enable_cudnn_sdp(False)

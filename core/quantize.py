@@ -77,6 +77,10 @@ def block_units(model: torch.nn.Module) -> list[str]:
 class WeightFiles:
     """Tensor name -> safetensors file of a diffusers model folder; tensors are copied out per unit.
 
+    A sharded folder is read through its ``*.safetensors.index.json``, an unsharded one from
+    ``diffusion_pytorch_model.safetensors``: other weight files in the folder (a stale save of
+    another size, found on a GPU: docs/benchmarks.md) are never mixed in.
+
     Files are memory-mapped only while one unit is read, so the mapped pages of the whole model
     never count against the process at once.
     """
@@ -84,10 +88,24 @@ class WeightFiles:
     def __init__(self, folder: Path):
         from safetensors import safe_open
 
-        self.files = sorted(folder.glob("*.safetensors"))
+        self.where: dict[str, Path] = {}
+        indexes = sorted(folder.glob("*.safetensors.index.json"))
+        if indexes:  # sharded: the index says which file holds each tensor, as diffusers reads it
+            try:
+                weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise PluginError(f"{indexes[0]}: not a safetensors index ({first_line(exc)})") from None
+            self.where = {name: folder / file for name, file in weight_map.items()}
+            self.files = sorted(set(self.where.values()))
+            absent = [f for f in self.files if not f.is_file()]
+            if absent:
+                raise PluginError(f"{indexes[0]} names {absent[0].name}, which is not in {folder}")
+            return
+        # one file: diffusers' own name when present, so a stray file beside it is never mixed in
+        own = folder / "diffusion_pytorch_model.safetensors"
+        self.files = [own] if own.is_file() else sorted(folder.glob("*.safetensors"))
         if not self.files:
             raise PluginError(f"{folder} holds no .safetensors weights (tuner never unpickles .bin files)")
-        self.where: dict[str, Path] = {}
         for file in self.files:
             with safe_open(str(file), framework="pt") as handle:
                 self.where.update(dict.fromkeys(handle.keys(), file))

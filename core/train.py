@@ -39,6 +39,7 @@ from tuner.core.ema import EMA_SUFFIX, AdapterEMA
 from tuner.core.errors import DataError, Interrupted, first_line, warn_user
 from tuner.core.evaluation import Evaluator, split_off
 from tuner.core.export import save_final
+from tuner.core.fixes import no_cudnn_attention
 from tuner.core.guard import DivergenceGuard
 from tuner.core.io import check_model_folder, folder_problem
 from tuner.core.lora import lora_parameters
@@ -109,6 +110,7 @@ class Trainer:
         if self.ctx.device.type == "cuda":  # TF32 for the fp32 parts (LoRA, optimizer math, losses)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+            no_cudnn_attention()
         self.checkpoints = Checkpoints(self.ctx)
         self.state: TrainState | None = None
         self.empty_caption: dict[str, torch.Tensor] = {}  # the cached "" encoding (caption dropout)

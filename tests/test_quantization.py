@@ -49,6 +49,27 @@ def test_only_the_declared_modules_stay_unquantized(tiny_chroma, shapes_dir, tmp
     torch.testing.assert_close(model.x_embedder.weight, reference.x_embedder.weight, rtol=0, atol=0)
 
 
+def test_a_sharded_folder_is_read_through_its_index_and_stray_files_are_not_mixed_in(tiny_chroma, shapes_dir, tmp_path):
+    """Found on a GPU: a folder with the real model's shards beside a stale single file of a tiny
+    model fed the tiny model's tensors into the real one (\"a tensor of shape [32] in bias\")."""
+    import shutil
+
+    from diffusers import ChromaTransformer2DModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_chroma, folder)
+    reference = ChromaTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    wider = ChromaTransformer2DModel.from_config({**reference.config, "approximator_hidden_dim": 48})
+    wider.save_pretrained(folder / "transformer", max_shard_size="20KB")  # shards + index, beside the old file
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    assert len(list((folder / "transformer").glob("*.safetensors"))) > 2
+    host = make_host()
+    config = make_config(host, {**base_settings(folder, shapes_dir, tmp_path), "base_model_precision": "int8-quanto"})
+    model = load_quantized(host, config, torch.float32)
+    for name in ("distilled_guidance_layer.in_proj.weight", "x_embedder.weight"):
+        torch.testing.assert_close(model.get_parameter(name), wider.get_parameter(name), rtol=0, atol=0)
+
+
 def test_blocks_are_quantized_one_at_a_time_as_they_stream_in(tiny_chroma, shapes_dir, tmp_path):
     """At every quantize call, float (unquantized, quantizable) weights exist only in the current unit."""
     seen = []
