@@ -48,11 +48,11 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from tuner.core.cache import prepare_caches
-    from tuner.core.config import build_config
-    from tuner.core.data import scan_dataset
-    from tuner.core.plugins import PluginHost
-    from tuner.core.train import Trainer
+    from tuner.core.config.build import build_config
+    from tuner.core.data.cache import prepare_caches
+    from tuner.core.data.images import scan_dataset
+    from tuner.core.host.manager import PluginHost
+    from tuner.core.run.trainer import Trainer
     from tuner.plugins.chroma.tiny import build_tiny_chroma
 
     tmp = Path(tempfile.mkdtemp(prefix="tuner-bucket-bench-"))
@@ -80,7 +80,7 @@ def main() -> None:
         prepared = prepare_caches(host, config, items, [], torch.device("cpu"), torch.float32, lambda m: None, 4)
         timings[label] = time.perf_counter() - start
     print(prepared.plan.table())
-    from tuner.core.sampler import BucketBatches
+    from tuner.core.data.sampler import BucketBatches
 
     epoch = BucketBatches([e.bucket for e in prepared.entries], 4, 1, 0, 0, 0).per_epoch
     config = build_config(host, {**settings, "max_train_steps": epoch}, "bench", warn=lambda m: None)

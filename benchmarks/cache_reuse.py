@@ -20,9 +20,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--resolution", type=int, default=256)
     args = parser.parse_args()
-    from tuner.core.config import build_config
-    from tuner.core.plugins import PluginHost
-    from tuner.core.train import Trainer
+    from tuner.core.config.build import build_config
+    from tuner.core.host.manager import PluginHost
+    from tuner.core.run.trainer import Trainer
     from tuner.plugins.chroma.tiny import build_tiny_chroma
     from tuner.testing import shapes_dataset
 

@@ -36,12 +36,12 @@ def rss_kib(field: str) -> int:
 def measure(model: Path, data: Path, work: Path, precision: str, checkpointing: bool) -> dict:
     import torch
 
-    from tuner.core.cache import CachedDataset
-    from tuner.core.config import build_config
+    from tuner.core.config.build import build_config
+    from tuner.core.data.cache import CachedDataset
     from tuner.core.estimate import LiveBytes, estimate
-    from tuner.core.plugins import PluginHost
-    from tuner.core.quantize import release_freed_memory
-    from tuner.core.train import Trainer
+    from tuner.core.host.manager import PluginHost
+    from tuner.core.model.quantize import release_freed_memory
+    from tuner.core.run.trainer import Trainer
 
     host = PluginHost("chroma")
     settings = {

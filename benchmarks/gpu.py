@@ -82,11 +82,11 @@ def measure(
     checkpointing: bool = True,
     bare_first: bool = False,
 ) -> dict:
-    from tuner.core.cache import CachedDataset
-    from tuner.core.config import build_config
+    from tuner.core.config.build import build_config
+    from tuner.core.data.cache import CachedDataset
     from tuner.core.estimate import estimate
-    from tuner.core.plugins import PluginHost
-    from tuner.core.train import Trainer
+    from tuner.core.host.manager import PluginHost
+    from tuner.core.run.trainer import Trainer
 
     cuda = device == "cuda"
 
@@ -156,7 +156,7 @@ def measure(
 
 
 def _batch(trainer, prepared, device) -> tuple:
-    from tuner.core.cache import CachedDataset, collate
+    from tuner.core.data.cache import CachedDataset, collate
 
     batch = collate([CachedDataset(prepared)[0]])
     return batch["latents"].to(device), {k: v.to(device) for k, v in batch["text"].items()}

@@ -65,9 +65,9 @@ def run(settings: dict, steps: int, warmup: int, isolated: bool) -> dict:
 def run_here(settings: dict, steps: int, warmup: int) -> dict:
     import resource
 
-    from tuner.core.config import build_config
-    from tuner.core.plugins import PluginHost
-    from tuner.core.train import Trainer
+    from tuner.core.config.build import build_config
+    from tuner.core.host.manager import PluginHost
+    from tuner.core.run.trainer import Trainer
 
     host = PluginHost("chroma")
     config = build_config(host, {**settings, "max_train_steps": warmup + steps}, "benchmark", warn=lambda m: None)

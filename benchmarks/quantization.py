@@ -60,10 +60,10 @@ def build(folder: Path) -> None:
 
 def measure(folder: Path, precision: str, steps: int) -> dict:
     from tuner.core import hookimpl
-    from tuner.core.config import build_config
-    from tuner.core.plugins import PluginHost
-    from tuner.core.quantize import load_quantized, quantized_bytes
-    from tuner.core.train import Trainer
+    from tuner.core.config.build import build_config
+    from tuner.core.host.manager import PluginHost
+    from tuner.core.model.quantize import load_quantized, quantized_bytes
+    from tuner.core.run.trainer import Trainer
 
     class QuantizeEverything:  # what the reference trainer does for Chroma
         @hookimpl(wrapper=True)
@@ -102,7 +102,7 @@ def measure(folder: Path, precision: str, steps: int) -> dict:
         host.precisions[precision].quantize(warm, "", [])
         warm(torch.randn(1, 256, dtype=torch.bfloat16))
         del warm
-    from tuner.core.quantize import release_freed_memory
+    from tuner.core.model.quantize import release_freed_memory
 
     release_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")

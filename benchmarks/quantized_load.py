@@ -56,9 +56,9 @@ def build(folder: Path, width: int = 64) -> None:
 
 
 def measure(folder: Path, precision: str, way: str) -> dict:
-    from tuner.core.config import build_config
-    from tuner.core.plugins import PluginHost
-    from tuner.core.quantize import load_quantized, quantized_bytes, release_freed_memory
+    from tuner.core.config.build import build_config
+    from tuner.core.host.manager import PluginHost
+    from tuner.core.model.quantize import load_quantized, quantized_bytes, release_freed_memory
 
     host = PluginHost("chroma")
     settings = {

@@ -34,9 +34,10 @@ def run_phases(cache: str, output: str, real: bool) -> dict[str, float]:
     """One start in this (fresh) process: seconds per phase."""
     times: dict[str, float] = {}
     began = time.perf_counter()
-    from tuner.core.config import build_config, read_config_file
-    from tuner.core.plugins import PluginHost
-    from tuner.core.train import Trainer
+    from tuner.core.config.build import build_config
+    from tuner.core.config.values import read_config_file
+    from tuner.core.host.manager import PluginHost
+    from tuner.core.run.trainer import Trainer
 
     times["import"] = time.perf_counter() - began
     mark = time.perf_counter()
@@ -61,7 +62,7 @@ def run_phases(cache: str, output: str, real: bool) -> dict[str, float]:
     state = trainer.setup()
     times["model load"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    from tuner.core.cache import CachedDataset
+    from tuner.core.data.cache import CachedDataset
 
     trainer.optimizer_step(state, trainer.batches(CachedDataset(prepared), state.position))
     times["first step"] = time.perf_counter() - mark

@@ -38,9 +38,9 @@ def build(tmp: Path) -> tuple[Path, Path]:
 
 
 def tuner_seconds_per_step(settings: dict, steps: int, warmup: int) -> tuple[float, object]:
-    from tuner.core.config import build_config
-    from tuner.core.plugins import PluginHost
-    from tuner.core.train import Trainer
+    from tuner.core.config.build import build_config
+    from tuner.core.host.manager import PluginHost
+    from tuner.core.run.trainer import Trainer
 
     host = PluginHost("chroma")
     config = build_config(host, {**settings, "max_train_steps": warmup + steps}, "benchmark", warn=lambda m: None)
@@ -55,7 +55,7 @@ def bare_seconds_per_step(model_dir: Path, trainer, settings: dict, steps: int, 
     from diffusers import ChromaPipeline, ChromaTransformer2DModel
     from peft import LoraConfig
 
-    from tuner.core.cache import CachedDataset, collate
+    from tuner.core.data.cache import CachedDataset, collate
 
     torch.manual_seed(0)
     model = ChromaTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
@@ -70,7 +70,7 @@ def bare_seconds_per_step(model_dir: Path, trainer, settings: dict, steps: int, 
     latents, embeds = batch["latents"], batch["text"]["prompt_embeds"]
     mask = batch["text"]["attention_mask"]
     b, c, h, w = latents.shape
-    img_ids = ChromaPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
+    img_ids = ChromaPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)  # noqa: SLF001 - diffusers has no public helper for the ids
     txt_ids = torch.zeros(embeds.shape[1], 3)
     joint = torch.cat([mask, torch.ones(b, (h // 2) * (w // 2), dtype=torch.bool)], 1)
     generator = torch.Generator().manual_seed(0)

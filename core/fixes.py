@@ -24,7 +24,7 @@
   its base weight read from ``transformer.state_dict()``; a quanto-quantized base stores it as
   ``weight._data`` and the lookup raises ``KeyError``. ``tuner sample`` on such a base runs the
   loader's other two steps itself (``lora_state_dict``, ``load_lora_into_transformer``;
-  ``tuner.core.sampling.apply_lora``; tests/test_bf16.py renders on every precision).
+  ``tuner.core.run.sampling.apply_lora``; tests/test_bf16.py renders on every precision).
 * safetensors 0.8 raises its own ``SafetensorError`` (not ``OSError``) when the disk fills while a
   file is written ("I/O error: No space left on device (os error 28)") and when a truncated file is
   read, so ``except OSError`` misses both. :func:`as_os_error` turns the write failure into the
@@ -86,9 +86,9 @@ def checkpoint_blocks(model: torch.nn.Module) -> int:
     block_classes = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or [])
     wrapped = 0
     for module in model.modules():
-        if type(module).__name__ in block_classes and not getattr(module, "_tuner_checkpointed", False):
+        if type(module).__name__ in block_classes and not getattr(module, "tuner_checkpointed", False):
             module.forward = functools.partial(_checkpointed_forward, module.forward)
-            module._tuner_checkpointed = True
+            module.tuner_checkpointed = True  # a mark: wrapped once, however often it is called
             wrapped += 1
     return wrapped
 

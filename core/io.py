@@ -85,37 +85,3 @@ def folder_problem(path: str | Path) -> str | None:
     except OSError as exc:
         return f"{folder} is not writable ({exc.strerror or exc})"
     return None
-
-
-def check_model_folder(host: Any, config: Any) -> None:
-    """A local model folder must exist and be of the run's family, said in one line before anything
-    loads: a path that is not there would be tried on the hub (and reported as a connection error),
-    and another family's folder would load the wrong encoders and fail deep in torch. Hub ids pass."""
-    import json
-
-    from tuner.core.config import model_source
-
-    family = host.family
-    source = model_source(config, family.flavours)
-    folder = Path(source).expanduser()
-    key = "pretrained_model_name_or_path"
-    if not folder.exists():
-        hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and "\\" not in source
-        if not hub_id or Path(source.split("/")[0]).is_dir():  # models/typo: a local folder for sure
-            raise config.error(key, f"{source}: no such folder (a hub id is namespace/name)")
-        from tuner.core.hub import check_hub_model
-
-        check_hub_model(source, config.revision, f"{config.source}: {key}")
-        return
-    try:
-        found = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return  # not a pipeline folder: the loader says what is missing
-    wanted = family.pipeline_class.rsplit(".", 1)[-1]
-    if found and wanted and found != wanted:
-        owners = [f.name for f in host.families.values() if f.pipeline_class.rsplit(".", 1)[-1] == found]
-        hint = f"use --plugin {owners[0]}" if owners else "no installed family trains it"
-        raise config.error(
-            key,
-            f"{source} holds a {found} (model_index.json), not {family.name}'s {wanted}; {hint} or a {family.name} model",
-        )

@@ -12,7 +12,7 @@ OUT = Path(__file__).resolve().parent / "hooks.md"
 
 
 def render() -> str:
-    from tuner.core import hookspecs
+    from tuner.core.host import hookspecs
 
     lines = [
         "# Hook reference",

@@ -19,9 +19,9 @@ SHAPES = ("circle", "square", "triangle")
 
 
 def make_host(*plugins: Any, family: str | None = None, installed: bool = False):
-    """A :class:`tuner.core.plugins.PluginHost` with ``plugins`` (module objects or ``(name, obj)``
+    """A :class:`tuner.core.host.manager.PluginHost` with ``plugins`` (module objects or ``(name, obj)``
     pairs) registered like installed ones; ``installed=True`` adds the entry-point plugins too."""
-    from tuner.core.plugins import PluginHost
+    from tuner.core.api import PluginHost
 
     pairs = [p if isinstance(p, tuple) else (getattr(p, "__name__", type(p).__name__), p) for p in plugins]
     return PluginHost(family, extra_plugins=pairs, entry_points=installed)

@@ -70,7 +70,7 @@ class FamilyContract:
         return make_host(("family-under-test", importlib.import_module(self.plugin_module)), family=self.family)
 
     def config(self, host, model: Path, data: Path, out: Path, **extra):
-        from tuner.core.config import build_config
+        from tuner.core.api import build_config
 
         return build_config(host, {**self.settings(model, data, out), **extra}, "contract", warn=lambda m: None)
 
@@ -109,7 +109,7 @@ class FamilyContract:
     def test_lora_targets_match_linear_modules(self, tiny_model, dataset, tmp_path):
         import torch
 
-        from tuner.core.lora import resolve_targets
+        from tuner.core.api import resolve_targets
 
         host = self.host()
         config = self.config(host, tiny_model, dataset, tmp_path)
@@ -133,7 +133,7 @@ class FamilyContract:
         assert bool((sigmas > 0).all() and (sigmas <= 1).all()), "sigmas must lie in (0, 1]"
 
     def test_trains_a_step_and_the_saved_lora_round_trips(self, tiny_model, dataset, tmp_path):
-        from tuner.core.train import Trainer
+        from tuner.core.api import Trainer
 
         host = self.host()
         trainer = Trainer(host, self.config(host, tiny_model, dataset, tmp_path), warn=lambda m: None)
@@ -145,7 +145,7 @@ class FamilyContract:
     def test_example_text_matches_a_real_encoding_and_the_estimate_runs(self, tiny_model, dataset, tmp_path):
         import torch
 
-        from tuner.core.estimate import estimate
+        from tuner.core.api import estimate
 
         host = self.host()
         config = self.config(host, tiny_model, dataset, tmp_path)

@@ -25,8 +25,7 @@ from typing import Any
 import pytest
 
 from tuner.core import hookimpl
-from tuner.core.errors import Interrupted
-from tuner.core.events import StepEnd
+from tuner.core.api import Interrupted, StepEnd
 from tuner.testing.contract import HEAVY
 
 
@@ -97,8 +96,7 @@ class OptimizerContract:
         )
 
     def trainer(self, settings: dict[str, Any]):
-        from tuner.core.config import build_config
-        from tuner.core.train import Trainer
+        from tuner.core.api import Trainer, build_config
 
         host = self.host()
         return Trainer(host, build_config(host, settings, "contract", warn=lambda m: None), warn=lambda m: None)

@@ -16,7 +16,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 # One thread count for the whole suite (and the runs it starts), so in-process runs compared bit
 # for bit never differ by threads; how a run chooses its threads is tested in test_reliability.py.
-os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+# Under pytest-xdist (-n auto) the cores are shared out: two workers at two threads each on two
+# cores compete for every core and torch collapses (minutes instead of seconds).
+# The controller process sets it too and its workers inherit that, so a value this file set (marked)
+# is replaced in each worker; one the user set is kept.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if "OMP_NUM_THREADS" not in os.environ or os.environ.get("TUNER_TEST_THREADS") == os.environ["OMP_NUM_THREADS"]:
+    os.environ["OMP_NUM_THREADS"] = os.environ["TUNER_TEST_THREADS"] = str(
+        max(1, len(os.sched_getaffinity(0)) // _workers)
+    )
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,20 +100,20 @@ def base_settings(model: Path, data: Path, tmp_path: Path, family: str = "chroma
 
 
 def make_host(*extra_plugins: tuple[str, object], family: str = "chroma"):
-    from tuner.core.plugins import PluginHost
+    from tuner.core.host.manager import PluginHost
 
     return PluginHost(family, extra_plugins=extra_plugins)
 
 
 def make_config(host, settings: dict[str, Any], warnings: list[str] | None = None):
-    from tuner.core.config import build_config
+    from tuner.core.config.build import build_config
 
     return build_config(host, settings, "test.yaml", warn=(warnings.append if warnings is not None else None))
 
 
 def train(settings: dict[str, Any], *extra_plugins: tuple[str, object], warnings: list[str] | None = None):
     """Run training through the plugin host, the way `tuner run` does; returns (result, host, config)."""
-    from tuner.core.train import Trainer
+    from tuner.core.run.trainer import Trainer
 
     host = make_host(*extra_plugins, family=settings.get("model_family", "chroma"))
     config = make_config(host, settings, warnings)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuner.core.adapters import read_lycoris, trained_deltas
 from tuner.core.errors import ConfigError
-from tuner.core.train import Trainer
+from tuner.core.model.adapters import read_lycoris, trained_deltas
+from tuner.core.run.trainer import Trainer
 
 from .conftest import base_settings, make_config, make_host
 from .test_resume import assert_resume_is_exact
@@ -215,8 +215,8 @@ def test_check_lora_reads_each_type(tiny_chroma, shapes_dir, tmp_path, kind):
 def test_torch_dequantize_on_a_float_parameter_breaks_it_and_tuner_never_calls_it():
     """The bug behind tuner.core.fixes.dequantized: torch's Tensor.dequantize on a float Parameter
     leaves a grad_fn behind, and the module then refuses the weight."""
-    from tuner.core.adapters import base_weight
     from tuner.core.fixes import dequantized
+    from tuner.core.model.adapters import base_weight
 
     layer = torch.nn.Linear(4, 4)
     layer.weight.dequantize()

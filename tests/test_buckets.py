@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
 
 from tuner.core import hookimpl
-from tuner.core.buckets import Bucket, bucket_sizes, crop_box, nearest, plan
+from tuner.core.data.buckets import Bucket, bucket_sizes, crop_box, nearest, plan
+from tuner.core.data.sampler import BucketBatches
 from tuner.core.errors import ConfigError
-from tuner.core.events import StepEnd
-from tuner.core.sampler import BucketBatches
+from tuner.core.host.events import StepEnd
 
 from .conftest import base_settings, make_config, make_host, train
 
@@ -188,7 +189,7 @@ def test_small_images_are_skipped_with_a_count_and_bad_alignment_is_refused(tiny
 def test_exif_rotated_images_train_upright(tmp_path):
     from PIL import Image
 
-    from tuner.core.data import image_size, load_image
+    from tuner.core.data.images import image_size, load_image
 
     upright = Image.new("RGB", (40, 80), (0, 0, 0))
     upright.paste((255, 0, 0), (0, 0, 40, 20))  # red at the top
@@ -225,9 +226,12 @@ def test_buckets_fill_batches_from_one_shape(tiny_chroma, mixed_dir, tmp_path):
             seen.append(tuple(noisy_latents.shape))
             return (yield)
 
-    train(mixed_settings(tiny_chroma, mixed_dir, tmp_path, max_train_steps=6, checkpointing_steps=0), ("s", Shapes()))
-    assert all(shape[0] == 2 for shape in seen) and len({shape[2:] for shape in seen}) >= 2
-    assert torch.Size(seen[0]).numel() > 0
+    # one epoch: 12 squares, 4 wide and 4 tall images in global batches of 2 -> 6 + 2 + 2 batches
+    train(mixed_settings(tiny_chroma, mixed_dir, tmp_path, max_train_steps=10, checkpointing_steps=0), ("s", Shapes()))
+    assert len(seen) == 10 and all(shape[0] == 2 for shape in seen)
+    per_shape = Counter(shape[2:] for shape in seen)  # every image once: each bucket's batch count
+    assert sorted(per_shape.values()) == [2, 2, 6]
+    assert len({shape[2:] for shape in seen[:6]}) > 1  # the buckets' batches interleave, not bucket by bucket
 
 
 class Captions:
@@ -244,7 +248,7 @@ class Captions:
 
 
 def test_caption_dropout_trains_the_empty_caption_at_the_rate_asked_and_reproducibly(tiny_chroma, mixed_dir, tmp_path):
-    from tuner.core.cache import TensorCache, _fingerprint, text_key
+    from tuner.core.data.cache import TensorCache, cache_key, text_key
 
     settings = mixed_settings(
         tiny_chroma,
@@ -259,11 +263,11 @@ def test_caption_dropout_trains_the_empty_caption_at_the_rate_asked_and_reproduc
         spy = Captions()
         host = make_host(("captions", spy))
         config = make_config(host, {**settings, "output_dir": str(tmp_path / name / "out")})
-        from tuner.core.train import Trainer
+        from tuner.core.run.trainer import Trainer
 
         trainer = Trainer(host, config, warn=lambda m: None)
         trainer.prepare_data()
-        text = TensorCache(tmp_path / "a" / "cache", "text", _fingerprint(host, config, "text", "text_encoder"))
+        text = TensorCache(tmp_path / "a" / "cache", "text", cache_key(host, config, "text", "text_encoder"))
         spy.empty = text.load(text_key(""))["prompt_embeds"]
         trainer.train()
         runs.append(spy.dropped)
@@ -281,8 +285,8 @@ def test_flux_trains_in_buckets_too(tiny_flux, mixed_dir, tmp_path):
 
 
 def test_random_crops_are_drawn_per_image_and_epoch_and_resume_exactly(tiny_chroma, mixed_dir, tmp_path):
-    from tuner.core.cache import CachedDataset
-    from tuner.core.train import Trainer
+    from tuner.core.data.cache import CachedDataset
+    from tuner.core.run.trainer import Trainer
 
     # square buckets only, so the 2:1 and 1:2 images have a remainder to crop at random
     extra = {"aspect_bucket_max_ratio": 1.0, "crop_style": "random", "train_batch_size": 4, "checkpointing_steps": 6}
@@ -292,9 +296,9 @@ def test_random_crops_are_drawn_per_image_and_epoch_and_resume_exactly(tiny_chro
     )
     assert encodes.images == 20 * 3  # 12 batches of 4 over 20 images reach 3 epochs: a crop for each
 
-    from tuner.core.buckets import crop_box
-    from tuner.core.cache import crop_offset
-    from tuner.core.data import image_size
+    from tuner.core.data.buckets import crop_box
+    from tuner.core.data.cache import crop_offset
+    from tuner.core.data.images import image_size
 
     host = make_host()
     config = make_config(host, mixed_settings(tiny_chroma, mixed_dir, tmp_path / "a", max_train_steps=12, **extra))

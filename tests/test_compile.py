@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from tuner.core import hookimpl
-from tuner.core.events import RunStart
+from tuner.core.host.events import RunStart
 
 from .conftest import base_settings, train
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tuner.core.config import parse_overrides, read_config_file
+from tuner.core.config.values import parse_overrides, read_config_file
 from tuner.core.errors import ConfigError
 
 from .conftest import make_config, make_host

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tuner.core.config import build_config
-from tuner.core.datasets import OVERRIDES, OWN
+from tuner.core.config.build import build_config
+from tuner.core.config.datasets import OVERRIDES, OWN
 from tuner.core.errors import ConfigError, TunerError
 
 from .conftest import base_settings, make_host

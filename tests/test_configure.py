@@ -7,8 +7,9 @@ import sys
 
 import yaml
 
-from tuner.core.config import build_config, read_config_file
-from tuner.core.plugins import PluginHost
+from tuner.core.config.build import build_config
+from tuner.core.config.values import read_config_file
+from tuner.core.host.manager import PluginHost
 
 
 def configure(answers: str, *args: str):

@@ -15,8 +15,8 @@ import torch
 
 from tuner.core import hookimpl
 from tuner.core.errors import ConfigError, PluginError
-from tuner.core.events import RunEnd, RunStart, StepEnd
-from tuner.core.types import FamilyInfo
+from tuner.core.host.events import RunEnd, RunStart, StepEnd
+from tuner.core.host.records import FamilyInfo
 
 from .conftest import base_settings, make_config, make_host, train
 
@@ -115,7 +115,7 @@ class NoTargets:
 
 def test_estimate_and_training_refuse_a_target_list_that_matches_nothing_alike(tiny_chroma, shapes_dir, tmp_path):
     from tuner.core.estimate import estimate
-    from tuner.core.train import Trainer
+    from tuner.core.run.trainer import Trainer
 
     host = make_host(("no-targets", NoTargets()))
     config = make_config(host, base_settings(tiny_chroma, shapes_dir, tmp_path))
@@ -129,9 +129,9 @@ def test_estimate_and_training_refuse_a_target_list_that_matches_nothing_alike(t
 
 def test_config_checks_run_where_the_config_is_built(monkeypatch):
     """fp16 without CUDA is refused by build_config, so estimate and configure refuse it too."""
-    import tuner.core.runtime
+    import tuner.core.training.runtime
 
-    monkeypatch.setattr(tuner.core.runtime, "device_type", lambda: "cpu")
+    monkeypatch.setattr(tuner.core.training.runtime, "device_type", lambda: "cpu")
     with pytest.raises(ConfigError, match=r"mixed_precision: fp16 needs a CUDA GPU; use bf16 or no"):
         make_config(make_host(), {"mixed_precision": "fp16"})
     with pytest.raises(ConfigError, match=r"lora_format: 'safetensors': choose from diffusers, comfyui, or all"):
@@ -194,8 +194,8 @@ def test_trackers_receive_typed_events(tiny_chroma, shapes_dir, tmp_path):
 def test_building_a_config_never_imports_the_family_implementation():
     code = (
         "import sys\n"
-        "from tuner.core.plugins import PluginHost\n"
-        "from tuner.core.config import build_config\n"
+        "from tuner.core.host.manager import PluginHost\n"
+        "from tuner.core.config.build import build_config\n"
         "host = PluginHost('chroma')\n"
         "build_config(host, {'network_rank': 8, 'lora_format': 'all'}, 'x', warn=print)\n"
         "print([m for m in ('torch', 'tuner.plugins.chroma.model') if m in sys.modules])"

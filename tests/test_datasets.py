@@ -115,8 +115,8 @@ def test_a_missing_dataset_folder_is_named(tiny_chroma, shapes_dir, mixed_dir, t
 
 
 def test_simpletuner_backends_become_datasets_and_train(tiny_chroma, shapes_dir, mixed_dir, tmp_path):
-    from tuner.core import simpletuner
-    from tuner.core.plugins import PluginHost
+    from tuner.core.config import simpletuner
+    from tuner.core.host.manager import PluginHost
 
     backends = [
         {"id": "subject", "type": "local", "instance_data_dir": str(shapes_dir), "caption_strategy": "textfile",

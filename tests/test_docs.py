@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from tuner.core import hookspecs
+from tuner.core.host import hookspecs
 
 from .conftest import REPO
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tuner.core import hookimpl
 from tuner.core.errors import ConfigError
-from tuner.core.events import RunStart, StepEnd
+from tuner.core.host.events import RunStart, StepEnd
 
 from .conftest import base_settings, make_config, make_host, train
 from .test_resume import assert_resume_is_exact

@@ -35,14 +35,14 @@ def test_live_bytes_counts_each_storage_once_until_it_is_freed():
 def measured_training_step(settings: dict) -> tuple[int, object]:
     """Peak live bytes of a real second training step through the Trainer (real tensors, CPU)."""
     from tuner.core.estimate import LiveBytes
-    from tuner.core.train import Trainer
+    from tuner.core.run.trainer import Trainer
 
     host = make_host()
     config = make_config(host, settings)
     trainer = Trainer(host, config, warn=lambda m: None)
     prepared = trainer.prepare_data()
     state = trainer.setup()
-    from tuner.core.cache import CachedDataset
+    from tuner.core.data.cache import CachedDataset
 
     batches = trainer.batches(CachedDataset(prepared), state.position)
     trainer.optimizer_step(state, batches)  # the optimizer has state from here on
@@ -132,7 +132,7 @@ def test_checkpointing_and_batch_size_move_the_estimate_the_right_way(tiny_chrom
 @pytest.mark.parametrize("precision", ["int8-quanto", "int4-quanto", "nf4-bnb"])
 def test_quantized_weights_match_the_loaded_model(tiny_chroma, shapes_dir, tmp_path, precision):
     from tuner.core.estimate import estimate
-    from tuner.core.quantize import load_quantized, quantized_bytes
+    from tuner.core.model.quantize import load_quantized, quantized_bytes
 
     host = make_host()
     config = make_config(host, {**base_settings(tiny_chroma, shapes_dir, tmp_path), "base_model_precision": precision})
@@ -146,7 +146,7 @@ def test_quantized_weights_match_the_loaded_model(tiny_chroma, shapes_dir, tmp_p
 def test_each_backend_stores_a_layer_in_the_bytes_it_declares(shape):
     """PrecisionInfo.weight_bytes against the backends' real quantized layers (bf16 and fp32
     models; quanto's group size depends on the width, NF4 adds code tables)."""
-    from tuner.core.quantize import quantized_bytes
+    from tuner.core.model.quantize import quantized_bytes
 
     host = make_host()
     for dtype in (torch.bfloat16, torch.float32):

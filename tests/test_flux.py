@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from tuner.core import flow
 from tuner.core.errors import ConfigError
-from tuner.core.train import Trainer
+from tuner.core.model import flow
+from tuner.core.run.trainer import Trainer
 
 from .conftest import base_settings, make_config, make_host, train
 

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuner.core import hookimpl
-from tuner.core.builtin import DIFFUSERS_FORMAT
+from tuner.core.builtin.defaults import DIFFUSERS_FORMAT
 from tuner.core.errors import ConfigError
-from tuner.core.selftest import SelfTestFailed, adapter_deltas
-from tuner.core.train import Trainer
-from tuner.core.types import FamilyInfo, LoraFormat
+from tuner.core.host.records import FamilyInfo, LoraFormat
+from tuner.core.model.selftest import SelfTestFailed, adapter_deltas
+from tuner.core.run.trainer import Trainer
 
 from .conftest import REPO, base_settings, make_config, make_host
 

@@ -12,7 +12,7 @@ import torch
 
 from tuner.core.errors import DataError
 from tuner.core.fixes import checkpoint_blocks
-from tuner.core.types import ValidationRequest
+from tuner.core.host.records import ValidationRequest
 from tuner.plugins.fluxlike import latents as fl
 
 from .conftest import base_settings, make_config, make_host
@@ -191,8 +191,8 @@ def test_pipeline_float_mask_does_not_mask(host, config):
 
 
 def test_text_cache_without_masks_is_refused(host, config, tmp_path):
-    from tuner.core.cache import prepare_caches
-    from tuner.core.data import scan_dataset
+    from tuner.core.data.cache import prepare_caches
+    from tuner.core.data.images import scan_dataset
 
     items = scan_dataset(config.data_dir, lambda m: None)[:1]
     prepared = prepare_caches(host, config, items, [], "cpu", torch.float32, lambda m: None)

@@ -30,7 +30,7 @@ class MaterializedLayers(TorchDispatchMode):
 
 def encode(host, config, offloaded_check: list):
     """Encode two images and two captions the way caching does; record what was materialized."""
-    from tuner.core.encoders import load_text_encoders, load_vae
+    from tuner.core.model.encoders import load_text_encoders, load_vae
 
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     vae = load_vae(host, config, CPU, torch.float32)
@@ -95,8 +95,8 @@ def test_the_estimate_counts_offloaded_caching_one_layer_at_a_time(tiny_chroma, 
 
 
 def test_text_encoder_precision_quantizes_t5_and_keys_the_text_cache(tiny_chroma, shapes_dir, tmp_path):
-    from tuner.core.cache import TensorCache, _fingerprint
-    from tuner.core.encoders import load_text_encoders
+    from tuner.core.data.cache import TensorCache, cache_key
+    from tuner.core.model.encoders import load_text_encoders
 
     host = make_host()
     settings = base_settings(tiny_chroma, shapes_dir, tmp_path)
@@ -113,9 +113,9 @@ def test_text_encoder_precision_quantizes_t5_and_keys_the_text_cache(tiny_chroma
     error = (a["prompt_embeds"] - b["prompt_embeds"]).abs().max() / b["prompt_embeds"].abs().max()
     assert 0 < error < 0.05  # int8 changes the encoding a little, so it must not share a cache
     root = tmp_path / "cache"
-    keyed = {TensorCache(root, "text", _fingerprint(host, c, "text", "text_encoder")).dir for c in (plain, quantized)}
+    keyed = {TensorCache(root, "text", cache_key(host, c, "text", "text_encoder")).dir for c in (plain, quantized)}
     assert len(keyed) == 2
-    latents = {TensorCache(root, "latents", _fingerprint(host, c, "latents", "vae")).dir for c in (plain, quantized)}
+    latents = {TensorCache(root, "latents", cache_key(host, c, "latents", "vae")).dir for c in (plain, quantized)}
     assert len(latents) == 1  # image latents do not depend on the text encoder
 
     result, _, _ = train({**settings, "text_encoder_1_precision": "int8-quanto", "max_train_steps": 2})
@@ -123,7 +123,7 @@ def test_text_encoder_precision_quantizes_t5_and_keys_the_text_cache(tiny_chroma
 
     # the estimate counts the encoder as the backend stores it
     from tuner.core.estimate import estimate
-    from tuner.core.quantize import quantized_bytes
+    from tuner.core.model.quantize import quantized_bytes
 
     counted = estimate(host, quantized, "cuda").phase("encode text").parts["text encoders"]
     stored = quantized_bytes(encoders.encoder, host.precisions["int8-quanto"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tuner.core.errors import ConfigError
-from tuner.core.types import OptimizerInfo
+from tuner.core.host.records import OptimizerInfo
 from tuner.testing.optimizer_contract import OptimizerContract
 
 from .conftest import base_settings, make_config, make_host, train
@@ -27,7 +27,7 @@ class SharedModel:
 
 
 class TestAdamW(SharedModel, OptimizerContract):
-    optimizer, plugin_module, class_name = "adamw", "tuner.core.builtin", "AdamW"
+    optimizer, plugin_module, class_name = "adamw", "tuner.core.builtin.defaults", "AdamW"
 
     def host(self):  # the core registers adamw itself
         import tuner.plugins.chroma.plugin as chroma

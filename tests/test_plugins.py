@@ -10,8 +10,8 @@ import pytest
 
 from tuner.core import hookimpl
 from tuner.core.errors import PluginError
-from tuner.core.plugins import PluginHost
-from tuner.core.types import FamilyInfo
+from tuner.core.host.manager import PluginHost
+from tuner.core.host.records import FamilyInfo
 
 
 def test_bundled_plugins_are_found_through_entry_points():
@@ -57,7 +57,7 @@ def test_two_plugins_registering_one_family_is_an_error_naming_both():
 
 
 def test_two_distributions_with_one_entry_point_name_are_one_line_naming_both():
-    from tuner.core.plugins import _tuner_version
+    from tuner.core.host.manager import tuner_version
 
     class Another:
         pass
@@ -65,7 +65,7 @@ def test_two_distributions_with_one_entry_point_name_are_one_line_naming_both():
     with pytest.raises(PluginError) as clash:
         PluginHost(extra_plugins=[("flux", Another())])
     assert str(clash.value) == (
-        f"two plugins are named 'flux': from distribution tuner {_tuner_version()} and from (registered in process) -; "
+        f"two plugins are named 'flux': from distribution tuner {tuner_version()} and from (registered in process) -; "
         "uninstall one, or leave one out with TUNER_DISABLE_PLUGINS=(registered in process)"
     )
 
@@ -95,8 +95,8 @@ def test_a_provide_hook_with_no_answer_is_a_clear_error():
 
 def test_importing_the_cli_and_hook_modules_does_not_import_torch():
     code = (
-        "import sys, tuner.core.cli, tuner.core.hookspecs, tuner.core.config\n"
-        "from tuner.core.plugins import PluginHost; PluginHost('chroma')\n"
+        "import sys, tuner.core.cli, tuner.core.host.hookspecs, tuner.core.config.values\n"
+        "from tuner.core.host.manager import PluginHost; PluginHost('chroma')\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft', 'accelerate') if m in sys.modules]\n"
         "print(heavy)"
     )

@@ -9,10 +9,10 @@ import torch
 
 from tuner.core import hookimpl
 from tuner.core.errors import PluginError
-from tuner.core.events import RunStart
-from tuner.core.quantize import excluded, load_quantized, quantized_bytes, require_backend
-from tuner.core.train import Trainer
-from tuner.core.types import PrecisionInfo
+from tuner.core.host.events import RunStart
+from tuner.core.host.records import PrecisionInfo
+from tuner.core.model.quantize import excluded, load_quantized, quantized_bytes, require_backend
+from tuner.core.run.trainer import Trainer
 
 from .conftest import base_settings, make_config, make_host, train
 

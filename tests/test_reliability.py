@@ -14,9 +14,9 @@ import pytest
 
 from tuner.core import hookimpl
 from tuner.core.errors import ConfigError
-from tuner.core.events import StepEnd
-from tuner.core.runinfo import OutputLock, read_run
-from tuner.core.train import run as tuner_run
+from tuner.core.host.events import StepEnd
+from tuner.core.outputs.runinfo import OutputLock, read_run
+from tuner.core.run.trainer import run as tuner_run
 
 from .conftest import base_settings, make_config, make_host, train
 
@@ -181,8 +181,8 @@ def test_a_disk_filling_up_inside_safetensors_is_the_one_line_disk_full_error(
     import safetensors.torch
     from safetensors import SafetensorError
 
-    from tuner.core import checkpoint
     from tuner.core.errors import TunerError
+    from tuner.core.outputs import checkpoint
 
     real = safetensors.torch.save_file
 
@@ -340,8 +340,8 @@ def test_16_bit_float_and_transparent_images_keep_their_pixels(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from tuner.core.buckets import Bucket
-    from tuner.core.data import load_image
+    from tuner.core.data.buckets import Bucket
+    from tuner.core.data.images import load_image
 
     bucket = Bucket(16, 16)
     grey16 = tmp_path / "grey16.png"
@@ -433,7 +433,7 @@ def test_progress_redirected_to_a_file_is_not_redrawn_every_step(tiny_chroma, sh
 def test_cpu_threads_follow_the_idle_cores_unless_the_user_chose(monkeypatch):
     import torch
 
-    from tuner.core import runtime
+    from tuner.core.training import runtime
 
     assert runtime.threads_for(2, 2.0) == 2
     assert runtime.threads_for(2, 1.1) == 1  # one core busy with another process: one thread
@@ -468,7 +468,7 @@ def test_a_resumed_cpu_run_keeps_the_thread_count_of_the_run_it_continues(
     import torch
     from tqdm.auto import tqdm
 
-    from tuner.core import runtime
+    from tuner.core.training import runtime
 
     before = torch.get_num_threads()
     logged: list[str] = []

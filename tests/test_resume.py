@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tuner.core import checkpoint, hookimpl
+from tuner.core import hookimpl
 from tuner.core.errors import ConfigError, Diverged, Interrupted, TunerError
-from tuner.core.events import StepEnd
-from tuner.core.train import Trainer
+from tuner.core.host.events import StepEnd
+from tuner.core.outputs import checkpoint
+from tuner.core.run.trainer import Trainer
 
 from .conftest import REPO, base_settings, make_config, make_host, train
 
@@ -290,8 +291,9 @@ class FailAt:
 def test_a_run_describes_itself_and_resumes_from_its_own_config_anywhere(
     tiny_chroma, shapes_dir, tmp_path, monkeypatch
 ):
-    from tuner.core.config import build_config, read_config_file
-    from tuner.core.runinfo import process_alive, read_run
+    from tuner.core.config.build import build_config
+    from tuner.core.config.values import read_config_file
+    from tuner.core.outputs.runinfo import process_alive, read_run
 
     monkeypatch.chdir(tiny_chroma.parent)  # the model given relative, with a trailing slash
     settings = settings_for(tiny_chroma, shapes_dir, tmp_path, pretrained_model_name_or_path=f"./{tiny_chroma.name}/")

@@ -10,8 +10,10 @@ import json
 import pytest
 import torch
 
-from tuner.core import hookimpl, rollout
+from tuner.core import hookimpl
 from tuner.core.errors import ConfigError
+from tuner.core.training import rollout
+from tuner.core.training.step import MicroBatch, Prediction
 
 from .conftest import base_settings, make_config, make_host, train
 from .test_resume import assert_resume_is_exact
@@ -47,10 +49,9 @@ def rolled(field, tiny_chroma, shapes_dir, tmp_path, sigmas, offsets):
     clean = torch.randn(1, 16, 4, 4, generator=generator).expand(len(sigmas), -1, -1, -1).clone()
     noise = torch.randn(1, 16, 4, 4, generator=generator).expand(len(sigmas), -1, -1, -1).clone()
     text = {"prompt_embeds": torch.zeros(len(sigmas), 3, 32)}
-    noisy, target = rollout.roll_out(
-        host, config, torch.nn.Linear(1, 1), clean, noise, torch.tensor(sigmas), torch.tensor(offsets), GRID, text,
-        torch.Generator(), torch.float32, contextlib.nullcontext,
-    )  # fmt: skip
+    model = Prediction(host, config, torch.nn.Linear(1, 1), torch.float32, contextlib.nullcontext)
+    batch = MicroBatch(clean, noise, torch.tensor(sigmas), text, torch.Generator())
+    noisy, target = rollout.roll_out(model, batch, torch.tensor(offsets), GRID)
     return clean, noise, noisy, target
 
 

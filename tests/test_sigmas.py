@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from tuner.core import flow, hookimpl
-from tuner.core.types import FamilyInfo
+from tuner.core import hookimpl
+from tuner.core.host.records import FamilyInfo
+from tuner.core.model import flow
 
 from .conftest import make_config, make_host
 

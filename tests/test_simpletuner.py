@@ -10,11 +10,12 @@ import sys
 import pytest
 import yaml
 
-from tuner.core import simpletuner
-from tuner.core.config import build_config, read_config_file
-from tuner.core.data import scan_dataset
+from tuner.core.config import simpletuner
+from tuner.core.config.build import build_config
+from tuner.core.config.values import read_config_file
+from tuner.core.data.images import scan_dataset
 from tuner.core.errors import ConfigError
-from tuner.core.plugins import PluginHost
+from tuner.core.host.manager import PluginHost
 
 from .conftest import REPO
 

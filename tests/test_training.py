@@ -14,8 +14,8 @@ from safetensors import safe_open
 
 from tuner.core import hookimpl
 from tuner.core.errors import ConfigError, DataError
-from tuner.core.lora import METADATA_KEY, read_metadata
-from tuner.core.train import Trainer
+from tuner.core.model.lora import METADATA_KEY, read_metadata
+from tuner.core.run.trainer import Trainer
 
 from .conftest import base_settings, make_config, make_host, train
 
@@ -269,7 +269,7 @@ def test_a_missing_model_is_a_one_line_error(shapes_dir, tmp_path):
 def test_captions_and_files_a_dataset_folder_really_holds(tmp_path, shapes_dir):
     """Empty captions warn like missing ones; .TXT and UTF-16 captions are read; hidden files and
     folders are skipped; a symlinked subfolder is followed, a link loop is not."""
-    from tuner.core.data import scan_dataset
+    from tuner.core.data.images import scan_dataset
 
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)

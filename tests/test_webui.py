@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tuner.core.runinfo import read_run
+from tuner.core.outputs.runinfo import read_run
 
 from .conftest import REPO, base_settings, train
 from .webui_support import TOKEN, free_port, make_workspace
@@ -199,8 +199,9 @@ def test_form_errors_are_the_messages_tuner_run_prints(client, workspace):
 
 
 def test_save_config_writes_what_tuner_run_reads(client, workspace):
-    from tuner.core.config import build_config, read_config_file
-    from tuner.core.plugins import PluginHost
+    from tuner.core.config.build import build_config
+    from tuner.core.config.values import read_config_file
+    from tuner.core.host.manager import PluginHost
 
     response = client.post(
         "/api/config", json={"family": "chroma", "values": {**VALUES, "validation_prompts": "a\nb\n"}}
@@ -367,9 +368,9 @@ def test_a_run_from_a_terminal_holds_the_queue(workspace):
 def test_tuner_server_binds_loopback_prints_a_token_url_and_refuses_other_addresses(workspace):
     from typer.testing import CliRunner
 
-    from tuner.core.cli import _register_plugin_commands, app
+    from tuner.core.cli import app, register_plugin_commands
 
-    _register_plugin_commands()
+    register_plugin_commands()
     refused = CliRunner().invoke(app, ["server", "--host", "0.0.0.0"])
     assert refused.exit_code != 0 and "not a loopback address" in str(refused.exception)
     assert "--allow-remote" in str(refused.exception)
@@ -411,9 +412,9 @@ def test_tuner_server_binds_loopback_prints_a_token_url_and_refuses_other_addres
 def test_without_the_extra_the_command_names_it(monkeypatch):
     from typer.testing import CliRunner
 
-    from tuner.core.cli import _register_plugin_commands, app
+    from tuner.core.cli import app, register_plugin_commands
 
-    _register_plugin_commands()
+    register_plugin_commands()
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install tuner` without [webui]
     result = CliRunner().invoke(app, ["server"])
     assert str(result.exception) == "tuner server needs the webui extra: pip install 'tuner[webui]'"

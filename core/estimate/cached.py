@@ -19,8 +19,8 @@ from tuner.core.estimate.report import Estimate, Phase
 from tuner.core.io import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tuner.core.config import Config
-    from tuner.core.plugins import PluginHost
+    from tuner.core.config.values import Config
+    from tuner.core.host.manager import PluginHost
 
 FORMAT = 1
 # keys that decide nothing about memory (a key not listed counts: a miss costs time, never truth)
@@ -89,7 +89,7 @@ def _versions() -> dict[str, str]:
 
 
 def estimate_key(host: PluginHost, config: Config, device_type: str) -> str:
-    from tuner.core.config import model_source
+    from tuner.core.config.values import model_source
 
     settings = {k: v for k, v in config.to_dict().items() if k not in IRRELEVANT}
     plugins = sorted(  # installed plugins (a family's implementation joins its record once loaded: not counted)

@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tuner.core.quantize import stored
+from tuner.core.model.quantize import stored
 
 
 class LiveBytes(TorchDispatchMode):

@@ -103,7 +103,7 @@ def to_fake(module: torch.nn.Module, mode: Any) -> torch.nn.Module:
 
     with mode:
         for sub in module.modules():
-            for table in (sub._parameters, sub._buffers):
+            for table in (sub._parameters, sub._buffers):  # noqa: SLF001 - swap tensors in place, no public API
                 for name, tensor in list(table.items()):
                     if tensor is not None:
                         table[name] = fake(tensor)

@@ -1,7 +1,7 @@
 """Running a run's code on fake tensors, phase by phase, and counting what is alive.
 
 The caching phases run the family's ``encode_images`` and the text encoders; the training phase
-runs :func:`tuner.core.step.attach_lora` and :func:`tuner.core.step.flow_matching_loss` (what
+runs :func:`tuner.core.training.step.attach_lora` and :func:`tuner.core.training.step.flow_matching_loss` (what
 training runs) with the run's optimizer; the validation phase runs one denoiser pass and the VAE
 decode. Each phase is measured as a :class:`Phase` of live bytes; the base precision's weights
 are added afterwards, once per precision (:func:`assemble`).
@@ -18,19 +18,20 @@ from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_leaves
 
-from tuner.core.config import NO_QUANTIZATION, model_source
-from tuner.core.encoders import text_encoder_precisions
+from tuner.core.config.keys.model import NO_QUANTIZATION
+from tuner.core.config.values import model_source
 from tuner.core.errors import PluginError
 from tuner.core.estimate.live import LiveBytes, keep_input
 from tuner.core.estimate.models import ModelFiles, build_on_meta, tensor_bytes, to_fake
 from tuner.core.estimate.report import Estimate, Phase, process_rss
 from tuner.core.fixes import no_module_dropout_draw
-from tuner.core.runtime import autocast, build_optimizer, weight_dtype
-from tuner.core.runtime import device_type as local_device_type
+from tuner.core.model.encoders import text_encoder_precisions
+from tuner.core.training.runtime import autocast, build_optimizer, weight_dtype
+from tuner.core.training.runtime import device_type as local_device_type
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tuner.core.config import Config
-    from tuner.core.plugins import PluginHost
+    from tuner.core.config.values import Config
+    from tuner.core.host.manager import PluginHost
 
 
 @dataclass
@@ -67,7 +68,7 @@ def estimate_precisions(
     per distinct behaviour of quantized layers (whether their backend keeps inputs for backward)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from tuner.core.quantize import block_units, import_object
+    from tuner.core.model.quantize import block_units, import_object
 
     family = host.family
     device_type = device_type or local_device_type()
@@ -113,7 +114,7 @@ def estimate_precisions(
 
 
 def base_weights(host: PluginHost, config: Config, transformer: torch.nn.Module, precision: str) -> BaseWeights:
-    from tuner.core.quantize import plain_linears
+    from tuner.core.model.quantize import plain_linears
 
     stored = tensor_bytes([*transformer.parameters(), *transformer.buffers()])
     if precision == NO_QUANTIZATION:
@@ -158,7 +159,7 @@ def run_offloaded(module: torch.nn.Module, live: LiveBytes) -> list[Any]:
 def trace_caching(host, config, files, components, dtype, mode) -> tuple[list[Phase], tuple[int, ...], torch.nn.Module]:
     """The VAE alone encoding images, then every text encoder together encoding captions; with
     ``offload_during_startup`` their weights stay in RAM and reach the device a layer at a time."""
-    from tuner.core.cache import TEXT_BATCH, VAE_BATCH
+    from tuner.core.data.cache import TEXT_BATCH, VAE_BATCH
 
     offloaded = config.offload_during_startup
     phases = []
@@ -203,8 +204,8 @@ def trace_caching(host, config, files, components, dtype, mode) -> tuple[list[Ph
 
 def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, keeps_inputs, trace) -> dict:
     """The LoRA on the run's targets, a training step as from the second step on, and validation."""
-    from tuner.core.builtin import validation_prompts
-    from tuner.core.step import attach_lora
+    from tuner.core.config.keys.validation import validation_prompts
+    from tuner.core.training.step import attach_lora
 
     targets = attach_lora(host, config, transformer)  # the same function (and errors) as training
     no_module_dropout_draw(transformer)  # peft's LoKr/LoHa would draw a random number on fake tensors
@@ -239,7 +240,7 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
 
     # validation: the model in eval mode beside the VAE, one denoiser pass, then the decode
     if validation_prompts(config):
-        from tuner.core.builtin import validation_sizes
+        from tuner.core.config.keys.validation import validation_sizes
 
         val_width, val_height = max(validation_sizes(config), key=lambda s: s[0] * s[1])  # the largest
         *lead, h, _ = latent_shape
@@ -314,15 +315,15 @@ def real_state_bytes(host, config, params) -> int:
 
 
 def training_step(host, config, transformer, latent_shape, text, params, optimizer, dtype) -> None:
-    """One step as training takes it (:func:`tuner.core.step.flow_matching_loss`), on fake tensors."""
-    from tuner.core.step import flow_matching_loss
+    """One step as training takes it (:func:`tuner.core.training.step.flow_matching_loss`), on fake tensors."""
+    from tuner.core.training.step import MicroBatch, Prediction, flow_matching_loss
 
     batch = config.train_batch_size
     latents = torch.zeros(batch, *latent_shape)
+    model = Prediction(host, config, transformer, dtype, lambda: autocast("cpu", dtype))
     loss = flow_matching_loss(
-        host, config, transformer, latents, torch.randn_like(latents), torch.rand(batch), text, torch.Generator(),
-        dtype, autocast("cpu", dtype),
-    )  # fmt: skip
+        model, MicroBatch(latents, torch.randn_like(latents), torch.rand(batch), text, torch.Generator())
+    )
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
     if optimizer is not None:  # else its state is counted, its step's temporaries are not
@@ -363,8 +364,8 @@ def assemble(family, source, device_type, settings, trace: Trace, base: BaseWeig
 
 def largest_bucket(config: Config) -> Any:
     """The bucket with the most pixels, of every dataset: where a run's activations peak."""
-    from tuner.core.buckets import bucket_sizes
-    from tuner.core.datasets import resolve
+    from tuner.core.config.datasets import resolve
+    from tuner.core.data.buckets import bucket_sizes
 
     views = [d.config for d in resolve(config)] or [config]
     buckets = [

@@ -11,8 +11,7 @@ from typing import Any
 import torch
 
 from tuner.core import hookimpl
-from tuner.core.config import model_source
-from tuner.core.pipelines import partial_pipeline, render
+from tuner.core.api import model_source, partial_pipeline, render
 from tuner.plugins.chroma import sigmas as chroma_sigmas
 from tuner.plugins.chroma import snippet
 from tuner.plugins.chroma.plugin import APPROXIMATOR, FAMILY, HIGH_PRECISION, PRESETS

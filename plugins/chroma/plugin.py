@@ -8,7 +8,7 @@ always on, no guidance embedding, a quadratic tail remap of sigmas, and real CFG
 from __future__ import annotations
 
 from tuner.core import hookimpl
-from tuner.core.types import ConfigKey, FamilyInfo
+from tuner.core.api import ConfigKey, FamilyInfo
 from tuner.plugins.fluxlike import keys as shared
 from tuner.plugins.fluxlike.formats import COMFYUI
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tuner.core import flow
+from tuner.core.api import flow
 
 SIMPLETUNER_SHIFT = 3.0
 

@@ -9,10 +9,8 @@ from typing import Any
 
 import torch
 
-from tuner.core import flow, hookimpl
-from tuner.core.config import model_source
-from tuner.core.errors import PluginError, first_line
-from tuner.core.pipelines import partial_pipeline, render
+from tuner.core import hookimpl
+from tuner.core.api import PluginError, first_line, flow, model_source, partial_pipeline, render
 from tuner.plugins.flux.plugin import FAMILY, HIGH_PRECISION, PRESETS
 from tuner.plugins.fluxlike import latents as fl
 from tuner.plugins.fluxlike import model as shared

@@ -7,7 +7,7 @@ resolution-dependent shift (or schnell's fast schedule), optional attention mask
 from __future__ import annotations
 
 from tuner.core import hookimpl
-from tuner.core.types import ConfigKey, FamilyInfo
+from tuner.core.api import ConfigKey, FamilyInfo
 from tuner.plugins.fluxlike import keys as shared
 from tuner.plugins.fluxlike.formats import COMFYUI
 

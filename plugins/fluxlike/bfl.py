@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tuner.core.errors import PluginError
+from tuner.core.api import PluginError
 
 PREFIX = "diffusion_model."
 DOUBLE = {
@@ -142,7 +142,7 @@ def export_comfyui(
 def _fused_base(transformer: torch.nn.Module, where: dict[str, Place], target: str) -> tuple[torch.Tensor, list[str]]:
     """The BFL weight ``target`` as ComfyUI holds it: its diffusers modules' base weights stacked
     in BFL row order (dequantized, fp32), and those modules in that order."""
-    from tuner.core.adapters import base_weight
+    from tuner.core.api import base_weight
 
     members = sorted((m for m, p in where.items() if p.target == target), key=lambda m: where[m].start)
     rows = []
@@ -157,7 +157,7 @@ def _dora_scale(state_dict, alphas, rank, transformer, where, target) -> torch.T
     ``W' = (W + dW) * dora_scale / ||W||_row`` (the base weight's row norms), and peft trained
     ``W' = m * (W + dW) / ||W + dW||_row``, so ``dora_scale = m * ||W||_row / ||W + dW||_row``, row
     by row; rows of modules without an adapter keep ``||W||_row`` (no change)."""
-    from tuner.core.adapters import base_weight
+    from tuner.core.api import base_weight
 
     _, members = _fused_base(transformer, where, target)
     scales = []

@@ -3,7 +3,7 @@ Import-cheap: the family manifests register it; the work is imported when a file
 
 from __future__ import annotations
 
-from tuner.core.types import LoraFormat
+from tuner.core.api import LoraFormat
 
 COMFYUI_FILE = "pytorch_lora_weights_comfyui.safetensors"
 
@@ -17,7 +17,7 @@ def _export(export, transformer):
 def _read(path, transformer, family):
     from safetensors.torch import load_file
 
-    from tuner.core.types import LoraReading
+    from tuner.core.api import LoraReading
     from tuner.plugins.fluxlike import bfl
 
     deltas, unmatched = bfl.read_comfyui(load_file(path), transformer)

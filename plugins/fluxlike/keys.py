@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tuner.core.types import ConfigKey
+from tuner.core.api import ConfigKey
 
 ATTENTION = [
     "to_k",

@@ -7,9 +7,7 @@ from typing import Any
 
 import torch
 
-from tuner.core.errors import ConfigError, PluginError, first_line
-from tuner.core.fixes import READ_ERRORS
-from tuner.core.lora import resolve_targets
+from tuner.core.api import READ_ERRORS, ConfigError, PluginError, first_line, resolve_targets
 from tuner.plugins.fluxlike import latents as fl
 
 

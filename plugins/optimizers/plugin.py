@@ -5,8 +5,7 @@ package). Import-cheap: each library is imported when its optimizer is built."""
 from __future__ import annotations
 
 from tuner.core import hookimpl
-from tuner.core.builtin import adam_settings
-from tuner.core.types import OptimizerInfo
+from tuner.core.api import OptimizerInfo, adam_settings
 
 
 def build_adamw8bit(config, params, options):

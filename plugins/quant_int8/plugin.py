@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from tuner.core import hookimpl
-from tuner.core.types import PrecisionInfo
+from tuner.core.api import PrecisionInfo
 
 HINT = "install it with: pip install optimum-quanto  (or: pip install 'tuner[quanto]')"
 PRECISIONS = {"int8-quanto": "qint8", "int4-quanto": "qint4"}

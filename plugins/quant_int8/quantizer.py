@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tuner.core.quantize import plain_linears
+from tuner.core.api import plain_linears
 
 
 def quantize(model: torch.nn.Module, unit: str, weights: str, exclude: list[str]) -> torch.nn.Module:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tuner.core import hookimpl
-from tuner.core.types import PrecisionInfo
+from tuner.core.api import PrecisionInfo
 
 
 def nf4_bytes(out_features: int, in_features: int, float_bytes: int) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tuner.core.quantize import plain_linears, release_freed_memory
+from tuner.core.api import plain_linears, release_freed_memory
 
 
 def quantize(model: torch.nn.Module, unit: str, exclude: list[str]) -> torch.nn.Module:

@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tuner.core.config import NO_QUANTIZATION, build_config
-from tuner.core.errors import ConfigError, DataError, PluginError
+from tuner.core.api import NO_QUANTIZATION, ConfigError, DataError, PluginError, build_config
 from tuner.plugins.webui.workspace import OutsideWorkspace, Workspace
 
 # The seed guide's sections, in its order.
@@ -118,7 +117,7 @@ def form_schema(host: Any) -> dict[str, Any]:
 
 
 def _central_order() -> dict[str, int]:
-    from tuner.core.builtin import ASKED
+    from tuner.core.api import CONFIGURE_ORDER as ASKED
 
     return {name: index for index, name in enumerate(ASKED)}
 
@@ -208,8 +207,8 @@ def _inside_workspace(workspace: Workspace, config: Any) -> None:
 
 def _check_data(config: Any) -> None:
     """The cheap data checks of a run (a folder with images), before a job is queued."""
-    from tuner.core.data import scan_dataset
-    from tuner.core.datasets import resolve
+    from tuner.core.api import resolve_datasets as resolve
+    from tuner.core.api import scan_dataset
 
     datasets = resolve(config)
     if not datasets:
@@ -224,7 +223,7 @@ def _check_data(config: Any) -> None:
 def write_config(file: Path, raw: dict[str, Any]) -> Path:
     import yaml
 
-    from tuner.core.io import atomic_write
+    from tuner.core.api import atomic_write
 
     text = f"# written by tuner server; run it from the workspace with: tuner run --config configs/{file.name}\n"
     text += yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
@@ -233,7 +232,7 @@ def write_config(file: Path, raw: dict[str, Any]) -> Path:
 
 def bucket_table(config: Any) -> str:
     """What ``tuner buckets`` prints for the config's data (image headers only), its warnings as notes."""
-    from tuner.core.cache import bucket_tables
+    from tuner.core.api import bucket_tables
 
     notes: list[str] = []
     tables = bucket_tables(config, config.train_batch_size, notes.append)

@@ -19,8 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tuner.core.io import atomic_write
-from tuner.core.runinfo import process_alive, process_started, read_run
+from tuner.core.api import atomic_write, process_alive, process_started, read_run
 from tuner.plugins.webui.workspace import LIVE, Workspace
 
 STATE_FOLDER = ".tuner-server"
@@ -134,6 +133,11 @@ class Jobs:
             del self._children[child.pid]
             return False
         return process_alive(job.get("pid"), None, job.get("pid_started"))
+
+    def waiting(self) -> list[dict[str, Any]]:
+        """A snapshot of the queued jobs, in their order."""
+        with self._lock:
+            return [dict(job) for job in self.queued]
 
     def job_for(self, output_dir: Path) -> dict[str, Any] | None:
         """The queued or running job of a run folder, if any."""

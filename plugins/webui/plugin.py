@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 
 from tuner.core import hookimpl
-from tuner.core.errors import ConfigError, PluginError
+from tuner.core.api import ConfigError, PluginError
 
 EXTRA_HINT = "tuner server needs the webui extra: pip install 'tuner[webui]'"
 TOKEN_VARIABLE = "TUNER_SERVER_TOKEN"

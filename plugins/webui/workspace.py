@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner.core.runinfo import RUN_FILE, duration, process_alive, read_run
+from tuner.core.api import RUN_FILE, duration, process_alive, read_run
 
 SKIPPED_FOLDERS = {"cache", "validation", "samples", "logs", "node_modules", "__pycache__", "site-packages"}
 MAX_DEPTH = 4
@@ -250,7 +250,7 @@ class LogCache:
 def browse(workspace: Workspace, relative: str) -> dict[str, Any]:
     """A folder for the data picker: its subfolders (with image counts), its images with captions,
     and the files a run would skip, each with the reason."""
-    from tuner.core.data import IMAGE_SUFFIXES, image_files, read_caption
+    from tuner.core.api import IMAGE_SUFFIXES, image_files, read_caption
 
     folder = workspace.resolve(relative or ".")
     if not folder.is_dir():
@@ -294,7 +294,7 @@ def browse(workspace: Workspace, relative: str) -> dict[str, Any]:
 
 
 def _count_images(folder: Path) -> int:
-    from tuner.core.data import image_files
+    from tuner.core.api import image_files
 
     try:
         return len(image_files(folder))
@@ -303,7 +303,7 @@ def _count_images(folder: Path) -> int:
 
 
 def _header_size(image: Path) -> tuple[list[int] | None, str | None]:
-    from tuner.core.data import image_size, unreadable_errors
+    from tuner.core.api import image_size, unreadable_errors
 
     try:
         width, height = image_size(image)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tuner.core import hookimpl
-from tuner.core.types import OptimizerInfo
+from tuner.core.api import OptimizerInfo
 
 
 def build(config, params, options):

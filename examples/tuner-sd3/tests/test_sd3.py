@@ -89,8 +89,8 @@ def test_lora_with_alpha_unlike_rank_reloads_in_diffusers(tiny_sd3, tmp_path):
     """SD3's diffusers loader ignores .alpha tensors: the file carries alpha in its adapter metadata."""
     from diffusers import StableDiffusion3Pipeline
 
-    from tuner.core.config import build_config
-    from tuner.core.train import Trainer
+    from tuner.core.config.build import build_config
+    from tuner.core.run.trainer import Trainer
 
     host = make_host(("sd3", plugin), family="sd3")
     settings = sd3_settings(tiny_sd3, tmp_path, lora_alpha=16, max_train_steps=4, learning_rate=5e-3)
@@ -123,9 +123,9 @@ def test_lora_with_alpha_unlike_rank_reloads_in_diffusers(tiny_sd3, tmp_path):
 def test_recipe_carries_sd3_keys_and_resume_refuses_a_changed_sd3_target(tiny_sd3, tmp_path):
     """The core names no family's keys: SD3's ConfigKey flags decide what recipe.json records and
     what a resume must match."""
-    from tuner.core.config import build_config
+    from tuner.core.config.build import build_config
     from tuner.core.errors import ConfigError
-    from tuner.core.train import Trainer
+    from tuner.core.run.trainer import Trainer
 
     host = make_host(("sd3", plugin), family="sd3")
     settings = sd3_settings(
@@ -151,7 +151,7 @@ def test_recipe_carries_sd3_keys_and_resume_refuses_a_changed_sd3_target(tiny_sd
 
 
 def test_sd3_refuses_img2img_validation_it_cannot_honour():
-    from tuner.core.config import build_config
+    from tuner.core.config.build import build_config
     from tuner.core.errors import ConfigError
 
     host = make_host(("sd3", plugin), family="sd3")

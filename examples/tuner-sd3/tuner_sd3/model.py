@@ -10,10 +10,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from tuner.core import hookimpl
-from tuner.core.config import model_source
-from tuner.core.errors import ConfigError, PluginError, first_line
-from tuner.core.lora import resolve_targets
-from tuner.core.pipelines import partial_pipeline, render
+from tuner.core.api import ConfigError, PluginError, first_line, model_source, partial_pipeline, render, resolve_targets
 from tuner_sd3.plugin import FAMILY, PRESETS
 
 

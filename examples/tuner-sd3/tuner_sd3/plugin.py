@@ -5,7 +5,7 @@ with the family when a run selects it."""
 from __future__ import annotations
 
 from tuner.core import hookimpl
-from tuner.core.types import ConfigKey, FamilyInfo
+from tuner.core.api import ConfigKey, FamilyInfo
 
 FAMILY = FamilyInfo(
     name="sd3",

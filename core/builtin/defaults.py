@@ -1,0 +1,103 @@
+"""The core's own plugin: it registers the core's config keys, the family-neutral defaults
+(``trylast``, so any installed plugin overrides them), the diffusers LoRA format and AdamW.
+
+It uses the same ``@hookimpl`` as third-party plugins, is loaded by the host by name (like an entry
+point) and keeps heavy imports inside the hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from tuner.core import hookimpl
+from tuner.core.config.keys import ASKED, CORE_KEYS
+from tuner.core.config.keys.optimization import adam_settings
+from tuner.core.config.relations import check_relations
+from tuner.core.host.records import LoraFormat, OptimizerInfo
+
+
+@hookimpl
+def register_config_keys(register):
+    for key in CORE_KEYS:
+        register(replace(key, ask=key.name in ASKED))
+
+
+@hookimpl
+def check_config(config, warn):
+    check_relations(config, warn)
+
+
+@hookimpl(trylast=True)
+def encode_images(vae, pixels):
+    latents = vae.encode(pixels).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+@hookimpl(trylast=True)
+def sample_sigmas(config, batch_size, latent_shape, generator):
+    from tuner.core.model import flow
+
+    return flow.sample_shifted_logit_normal(config, batch_size, latent_shape, generator)
+
+
+@hookimpl(trylast=True)
+def inference_sigmas(config, scheduler, num_steps, latent_shape):
+    import copy
+
+    import numpy as np
+
+    if not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "sigmas"):
+        return None
+    scheduler = copy.deepcopy(scheduler)  # set_timesteps changes it; validation keeps its own
+    options = {}
+    if getattr(scheduler.config, "use_dynamic_shifting", False):  # the Flux lineage's resolution shift
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)  # 2x2 patches
+        settings = scheduler.config
+        options["mu"] = calculate_shift(
+            tokens, settings.base_image_seq_len, settings.max_image_seq_len, settings.base_shift, settings.max_shift
+        )
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), **options)
+    return scheduler.sigmas.float().cpu()
+
+
+def _export_diffusers(export, transformer):
+    from tuner.core.model.lora import diffusers_layout
+
+    return {"pytorch_lora_weights.safetensors": diffusers_layout(export)}
+
+
+def _read_diffusers(path, transformer, family):
+    from tuner.core.model.selftest import read_with_diffusers
+
+    return read_with_diffusers(path, transformer, family)  # LoKr/LoHa: with ComfyUI's arithmetic
+
+
+DIFFUSERS_FORMAT = LoraFormat(
+    "diffusers",
+    "pytorch_lora_weights.safetensors: diffusers names with a scalar .alpha per module "
+    "(diffusers' load_lora_weights; ComfyUI reads it too)",
+    export=_export_diffusers,
+    read=_read_diffusers,
+    detect=lambda keys: any(k.startswith("transformer.") for k in keys),
+)
+
+
+@hookimpl
+def register_lora_formats(register):
+    register(DIFFUSERS_FORMAT)
+
+
+def _build_adamw(config, params, options):
+    import torch
+
+    # one kernel for every parameter on CUDA (the same state, so checkpoints do not change)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, **{**adam_settings(config), "fused": fused, **options})
+
+
+@hookimpl
+def register_optimizers(register):
+    register(OptimizerInfo("adamw", "torch's AdamW (fused on CUDA); adam_* keys", _build_adamw))

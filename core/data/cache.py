@@ -1,0 +1,426 @@
+"""On-disk caches of VAE latents and text encodings, reused when the model and settings match.
+
+Layout: ``<cache_dir>/<kind>/<fingerprint>/<entry>.safetensors`` with ``fingerprint.json`` beside
+the entries. The fingerprint hashes the model identity and every setting that changes what an
+entry holds (core ones plus each plugin's ``cache_fingerprint``). Latent entries are keyed by the
+image's path, size and modification time and by its bucket and crop, so changing the bucket
+settings re-encodes exactly the images whose bucket changed; text entries by the text itself.
+Encoders are loaded only when an entry is missing and are released before training starts.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuner.core.config.keys.model import NO_QUANTIZATION
+from tuner.core.config.values import model_source
+from tuner.core.data.buckets import Bucket, BucketPlan, bucket_sizes, plan
+from tuner.core.data.images import Item, image_size, load_image, unreadable_errors
+from tuner.core.errors import DataError
+from tuner.core.io import atomic_write, save_safetensors
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from tuner.core.config.values import Config
+    from tuner.core.host.manager import PluginHost
+
+# 2: latent entries keyed by bucket and crop; 3: 16-bit, float and transparent images decoded anew
+CACHE_FORMAT = 3
+VAE_BATCH = 4
+TEXT_BATCH = 8
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tuner"
+
+
+class TensorCache:
+    """One folder of safetensors entries sharing a fingerprint."""
+
+    def __init__(self, root: Path, kind: str, fingerprint: dict[str, Any]):
+        self.kind = kind
+        self.damaged: list[str] = []  # entries found unreadable (and removed) by has()
+        self.dir = root / kind / _digest(fingerprint)[:20]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        marker = self.dir / "fingerprint.json"
+        if not marker.exists():
+            atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(fingerprint, indent=1, default=str)))
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        """Whether a readable entry exists. Its header is read (which checks that the file covers
+        every tensor it declares), so an entry cut off by a crash or a full disk is found when the
+        cache is opened, removed and encoded again, instead of failing the run when drawn."""
+        path = self.path(key)
+        if not path.is_file():
+            return False
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception:  # SafetensorError: truncated or garbage
+            path.unlink(missing_ok=True)
+            self.damaged.append(path.name)
+            return False
+        return True
+
+    def load(self, key: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.path(key)))
+        except Exception as exc:
+            raise DataError(
+                f"{self.kind} cache entry {self.path(key)} is unreadable ({exc}); delete {self.dir} to rebuild it"
+            ) from None
+
+    def tensor_names(self, key: str) -> set[str]:
+        """Names stored in an entry, read from the file header only."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path(key)), framework="pt") as handle:
+                return set(handle.keys())
+        except Exception as exc:
+            raise DataError(
+                f"{self.kind} cache entry {self.path(key)} is unreadable ({exc}); delete {self.dir} to rebuild it"
+            ) from None
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_safetensors(self.path(key), tensors)
+
+
+def image_key(path: Path) -> str:
+    stat = path.stat()
+    return _digest([str(path.resolve()), stat.st_size, stat.st_mtime_ns])[:32]
+
+
+def text_key(text: str) -> str:
+    return _digest(text)[:32]
+
+
+def _model_identity(config: Config, host: PluginHost, component: str) -> dict[str, Any]:
+    source = model_source(config, host.family.flavours)
+    identity: dict[str, Any] = {"family": host.family.name, "source": source, "revision": config.revision}
+    folder = Path(source)
+    if folder.is_dir():  # a local model: its files' sizes and times stand for its weights
+        files = (
+            sorted(p for p in (folder / component).rglob("*") if p.is_file()) if (folder / component).is_dir() else []
+        )
+        identity["source"] = str(folder.resolve())
+        identity["files"] = [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return identity
+
+
+def cache_key(host: PluginHost, config: Config, kind: str, component: str) -> dict[str, Any]:
+    """What a cache entry of ``kind`` depends on: the format, the model (component), the settings
+    that change an encoding and every plugin's ``cache_fingerprint``; its digest names the folder."""
+    parts: dict[str, Any] = {"format": CACHE_FORMAT, "model": _model_identity(config, host, component)}
+    if kind == "text":  # quantized text encoders encode differently; unset keeps existing caches valid
+        from tuner.core.config.keys.model import TEXT_ENCODER_PRECISIONS
+
+        parts.update(
+            {k: config[k] for k in TEXT_ENCODER_PRECISIONS if config.get(k, NO_QUANTIZATION) != NO_QUANTIZATION}
+        )
+    for contribution in host.hook.cache_fingerprint(config=config, kind=kind):
+        if contribution:
+            parts.update(contribution)
+    return parts
+
+
+def crop_offset(config: Config, path: Path, epoch: int = 0) -> float:
+    """Where a random crop sits along the axis with a remainder: drawn per image and epoch from the
+    run's seed (so a resumed run crops alike); 0.5 for centred crops."""
+    if config.crop_style != "random":
+        return 0.5
+    return int(_digest([config.seed, image_key(path), epoch])[:8], 16) / 0xFFFFFFFF
+
+
+def latent_key(config: Config, path: Path, bucket: Bucket, epoch: int = 0) -> str:
+    offset = crop_offset(config, path, epoch)
+    parts = [image_key(path), bucket.width, bucket.height, config.crop_style, offset]
+    if config.image_background != "white":  # transparent images look different on it
+        parts.append(config.image_background)
+    return _digest(parts)[:32]
+
+
+def crop_epochs(config: Config, plan: BucketPlan, global_batch: int, batch_count: int) -> int:
+    """How many epochs ``batch_count`` global batches span: the random crops to cache per image
+    (one set of latents otherwise)."""
+    if config.crop_style != "random":
+        return 1
+    repeats = 1 + config.dataset_repeats
+    per_epoch = sum(-(-count * repeats // global_batch) for count in plan.counts().values())
+    return max(1, -(-batch_count // max(per_epoch, 1)))
+
+
+@dataclass
+class Entry:
+    """One training image: its cached latents and caption, and the bucket it trains in."""
+
+    latent: str
+    text: str
+    bucket: Bucket
+    dataset: int = 0  # which of the run's datasets it belongs to
+    variants: tuple[str, ...] = ()  # with random crops: the latents of each epoch's crop
+    image: Path | None = None  # the image file
+
+
+@dataclass
+class PreparedData:
+    latents: TensorCache
+    text: TensorCache
+    entries: list[Entry]
+    skipped: int
+    plan: BucketPlan
+    table: str = ""  # the bucket table to print (every dataset's, for several)
+
+    def __post_init__(self) -> None:
+        self.table = self.table or self.plan.table()
+
+
+def measure(
+    items: list[Item], config: Config, warn: Callable[[str], None], unreadable: list[str]
+) -> tuple[list[Item], list[tuple[int, int]]]:
+    """Each image's size from its header; unreadable ones are added to ``unreadable``, ones below
+    ``minimum_image_size`` skipped with a warning and a count."""
+    kept, sizes, small = [], [], []
+    minimum, by_area = config.minimum_image_size, config.resolution_type == "area"
+    for item in items:
+        try:
+            width, height = image_size(item.image)
+        except unreadable_errors() as exc:
+            unreadable.append(f"{item.image.name} ({type(exc).__name__})")
+            continue
+        if minimum and ((width * height) ** 0.5 if by_area else min(width, height)) < minimum:
+            small.append(f"{item.image.name} ({width}x{height})")
+            continue
+        kept.append(item)
+        sizes.append((width, height))
+    if small:
+        what = "sqrt(width x height)" if by_area else "shorter side"
+        warn(
+            f"skipped {len(small)} image(s) whose {what} is below minimum_image_size {minimum}: "
+            + ", ".join(small[:5])
+            + (" ..." if len(small) > 5 else "")
+        )
+    return kept, sizes
+
+
+def assign_buckets(
+    items: list[Item], config: Config, global_batch: int, warn: Callable[[str], None], unreadable: list[str]
+) -> tuple[list[Item], BucketPlan]:
+    """The images that train and the bucket of each (``tuner buckets`` prints the same plan)."""
+    kept, sizes = measure(items, config, warn, unreadable)
+    buckets = bucket_sizes(
+        config.resolution, config.resolution_type, config.aspect_bucket_alignment, config.aspect_bucket_max_ratio
+    )
+    return kept, plan(sizes, buckets, global_batch)
+
+
+def bucket_tables(config: Config, global_batch: int, warn: Callable[[str], None]) -> list[str]:
+    """What ``tuner buckets`` prints, read from image headers only: each dataset's bucket table
+    (named when there are several); unreadable images and skipped small ones go to ``warn``."""
+    from tuner.core.config.datasets import resolve
+    from tuner.core.data.images import scan_dataset
+
+    datasets = resolve(config)
+    tables = []
+    for dataset in datasets:
+        items = scan_dataset(dataset.config.data_dir, warn, dataset.config.caption_strategy)
+        unreadable: list[str] = []
+        _, bucket_plan = assign_buckets(items, dataset.config, global_batch, warn, unreadable)
+        if unreadable:
+            warn(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}")
+        tables.append((f"{dataset.label}: " if len(datasets) > 1 else "") + bucket_plan.table())
+    return tables
+
+
+def prepare_caches(
+    host: PluginHost,
+    config: Config,
+    items: list[Item],
+    extra_texts: list[str],
+    device: Any,
+    dtype: torch.dtype,
+    warn: Callable[[str], None],
+    global_batch: int = 1,
+    batch_count: int = 1,
+) -> PreparedData:
+    """Make sure every image has cached latents at its bucket's size (with random crops, one crop
+    per epoch that ``batch_count`` global batches reach) and every caption/prompt a cached encoding.
+    Encoders are loaded only for what is missing and are freed afterwards.
+    """
+    import torch
+
+    from tuner.core.model.encoders import load_text_encoders, load_vae
+
+    root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    latents = TensorCache(root, "latents", cache_key(host, config, "latents", "vae"))
+    text = TensorCache(root, "text", cache_key(host, config, "text", "text_encoder"))
+
+    unreadable: list[str] = []
+    transparent: set[str] = set()  # images composited on image_background (said once)
+    usable, bucket_plan = assign_buckets(items, config, global_batch, warn, unreadable)
+    vae = None
+    while True:  # an image that fails to decode is dropped and the buckets planned again
+        epochs = crop_epochs(config, bucket_plan, global_batch, batch_count)
+        wanted = [
+            (i, b, e, latent_key(config, i.image, b, e))
+            for i, b in zip(usable, bucket_plan.buckets, strict=True)
+            for e in range(epochs)
+        ]
+        missing = [(i, b, e, k) for i, b, e, k in wanted if not latents.has(k)]
+        if not missing:
+            break
+        vae = vae or load_vae(host, config, device, dtype)
+        failed = []
+        missing.sort(key=lambda m: (m[1].aspect, m[1].width))  # one bucket (one pixel size) per VAE batch
+        with torch.no_grad():
+            for bucket in dict.fromkeys(b for _, b, _, _ in missing):
+                group = [m for m in missing if m[1] == bucket]
+                for start in range(0, len(group), VAE_BATCH):
+                    chunk, pixels = [], []
+                    for item, _, epoch, key in group[start : start + VAE_BATCH]:
+                        if item in failed:
+                            continue
+                        try:
+                            offset = crop_offset(config, item.image, epoch)
+                            pixels.append(
+                                load_image(
+                                    item.image,
+                                    bucket,
+                                    config.crop_style,
+                                    offset,
+                                    config.image_background,
+                                    lambda item=item: transparent.add(item.image.name),
+                                )
+                            )
+                            chunk.append(key)
+                        except unreadable_errors() as exc:
+                            failed.append(item)
+                            unreadable.append(f"{item.image.name} ({type(exc).__name__})")
+                    if chunk:
+                        encoded = host.provide(
+                            "encode_images", vae=vae, pixels=torch.stack(pixels).to(device, dtype), config=config
+                        )
+                        for key, latent in zip(chunk, encoded, strict=True):
+                            latents.save(key, {"latents": latent.float()})
+        if not failed:
+            break
+        kept = [item for item in usable if item not in failed]
+        usable, bucket_plan = assign_buckets(kept, config, global_batch, lambda m: None, [])
+    if vae is not None:
+        del vae
+        gc.collect()
+    if unreadable:
+        warn(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}")
+    if transparent:
+        names = sorted(transparent)
+        warn(
+            f"{len(names)} image(s) with transparency composited on {config.image_background} (image_background): "
+            + ", ".join(names[:3])
+            + (" ..." if len(names) > 3 else "")
+        )
+    if not usable:
+        raise DataError(f"data_dir {config.data_dir}: none of the {len(items)} images could be used")
+
+    texts = list(dict.fromkeys([item.caption for item in usable] + extra_texts))
+    missing_texts = [t for t in texts if not text.has(text_key(t))]
+    if missing_texts:
+        encoders = load_text_encoders(host, config, device, dtype, warn)
+        # captions in batches; prompts (validation) one at a time, as `tuner sample` encodes them,
+        # so that a recipe reproduces the validation images bit for bit
+        captions = [t for t in missing_texts if t not in extra_texts]
+        batches = [captions[i : i + TEXT_BATCH] for i in range(0, len(captions), TEXT_BATCH)]
+        batches += [[t] for t in missing_texts if t in extra_texts]
+        with torch.no_grad():
+            for batch in batches:
+                encoded = host.provide(
+                    "encode_prompts", text_encoders=encoders, prompts=batch, config=config, device=device
+                )
+                for row, t in enumerate(batch):
+                    text.save(text_key(t), {name: value[row] for name, value in encoded.items()})
+        del encoders
+        gc.collect()
+
+    for cache in (latents, text):
+        if cache.damaged:
+            warn(
+                f"rebuilt {len(cache.damaged)} damaged {cache.kind} cache entr{'y' if len(cache.damaged) == 1 else 'ies'} in {cache.dir}"
+            )
+    required = host.family.required_text_keys
+    for t in texts:  # refuse entries written without what the family needs (e.g. masks)
+        stored = text.tensor_names(text_key(t))
+        lacking = [name for name in required if name not in stored]
+        if lacking:
+            raise DataError(
+                f"text cache entry {text.path(text_key(t))} has no {', '.join(lacking)} "
+                f"(written by an older tuner or another tool); delete {text.dir} to rebuild the text cache"
+            )
+    epochs = crop_epochs(config, bucket_plan, global_batch, batch_count)
+    entries = [
+        Entry(
+            latent_key(config, i.image, b),
+            text_key(i.caption),
+            b,
+            variants=tuple(latent_key(config, i.image, b, e) for e in range(epochs)) if epochs > 1 else (),
+            image=i.image,
+        )
+        for i, b in zip(usable, bucket_plan.buckets, strict=True)
+    ]
+    return PreparedData(latents, text, entries, len(unreadable), bucket_plan)
+
+
+class CachedDataset:
+    """torch-style dataset over cached entries: ``{"latents", "text", "size", "dataset"}`` per
+    item, ``size`` being the bucket's ``(height, width)`` in pixels. Indices past the end name the
+    same items in later epochs (their own random crops)."""
+
+    def __init__(self, prepared: PreparedData):
+        self.prepared = prepared
+
+    def __len__(self) -> int:
+        return len(self.prepared.entries)
+
+    def buckets(self) -> list[Bucket]:
+        return [entry.bucket for entry in self.prepared.entries]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Item ``index % len(self)``; ``index // len(self)`` is its epoch (which random crop)."""
+        epoch, position = divmod(index, len(self.prepared.entries))
+        entry = self.prepared.entries[position]
+        key = entry.variants[epoch % len(entry.variants)] if entry.variants else entry.latent
+        return {
+            "latents": self.prepared.latents.load(key)["latents"],
+            "text": self.prepared.text.load(entry.text),
+            "size": (entry.bucket.height, entry.bucket.width),
+            "dataset": entry.dataset,
+        }
+
+
+def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    return {
+        "latents": torch.stack([r["latents"] for r in rows]),  # one bucket per batch: one shape
+        "text": {name: torch.stack([r["text"][name] for r in rows]) for name in rows[0]["text"]},
+        "size": rows[0]["size"],
+        "dataset": rows[0]["dataset"],  # one dataset per batch too
+    }

@@ -1,0 +1,170 @@
+"""The dataset: a folder of images with same-stem ``.txt`` captions, read into aspect-ratio buckets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuner.core.data.buckets import Bucket, crop_box
+from tuner.core.errors import DataError
+
+
+def unreadable_errors() -> tuple[type[Exception], ...]:
+    """What reading an unusable image raises: a damaged or foreign file, or one past PIL's
+    decompression-bomb limit (counted and skipped like the others, never the end of a run)."""
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Item:
+    image: Path
+    caption: str
+
+
+def caption_from_filename(image: Path) -> str:
+    """SimpleTuner's ``filename`` strategy: the stem, underscores as spaces."""
+    return " ".join(image.stem.replace("_", " ").split())
+
+
+def image_files(root: Path) -> list[Path]:
+    """Images under ``root``, sorted: subfolders and symlinked subfolders followed (each real
+    folder once, so link loops end), hidden files and folders (``.ipynb_checkpoints``, macOS
+    ``._*`` files) skipped."""
+    import os
+
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        found += [Path(folder) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def read_caption(path: Path, warn: Callable[[str], None]) -> str:
+    """A caption file's text on one line: UTF-8 (with or without BOM) or UTF-16 with a BOM;
+    undecodable bytes are replaced, with a warning."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = raw.decode("utf-16", errors="replace")
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            warn(f"caption {path} is not UTF-8; undecodable bytes were replaced")
+            text = raw.decode("utf-8", errors="replace")
+    return " ".join(text.split())
+
+
+def scan_dataset(data_dir: str | Path, warn: Callable[[str], None], caption_strategy: str = "textfile") -> list[Item]:
+    """List the images under ``data_dir`` (see :func:`image_files`) with their captions.
+
+    A missing or empty caption (a same-stem ``.txt`` file, any case of the extension) trains with
+    an empty caption (one warning with the count). An empty folder is an error.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data_dir {root} is not a folder")
+    images = image_files(root)
+    if not images:
+        raise DataError(f"data_dir {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    captions = {}  # (folder, stem) -> caption file, whatever the case of ".txt"
+    for folder in {image.parent for image in images}:
+        for file in folder.iterdir():
+            if file.suffix.lower() == ".txt" and not file.name.startswith("."):
+                captions.setdefault((folder, file.stem), file)
+    items, uncaptioned = [], []
+    for image in images:
+        if caption_strategy == "filename":
+            items.append(Item(image, caption_from_filename(image)))
+            continue
+        caption_file = captions.get((image.parent, image.stem))
+        caption = read_caption(caption_file, warn) if caption_file is not None else ""
+        if not caption:
+            uncaptioned.append(image.name)
+        items.append(Item(image, caption))
+    if uncaptioned:
+        shown = ", ".join(uncaptioned[:3]) + (" ..." if len(uncaptioned) > 3 else "")
+        warn(
+            f"{len(uncaptioned)} image(s) in {root} have no caption (no .txt file, or an empty one) and train "
+            f"with an empty caption: {shown}"
+        )
+    return items
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` as the image will be trained (EXIF rotation applied), from its header.
+
+    Raises one of :data:`UNREADABLE` for an unreadable file (the caller skips it)."""
+    from PIL import Image
+
+    with Image.open(path) as img:  # beyond PIL's decompression-bomb limit: DecompressionBombError
+        width, height = img.size
+        orientation = img.getexif().get(0x0112, 1)  # 5-8: stored rotated by 90 degrees
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def as_rgb(img: Any, background: str = "white", on_transparency: Callable[[], None] | None = None) -> Any:
+    """An 8-bit RGB image of any PIL mode. ``convert("RGB")`` alone clips 16-bit and 32-bit greyscale
+    (``I;16``, ``I``) and float (``F``) images to white and drops transparency, leaving whatever
+    colour the transparent pixels hold: those are scaled to 0-255, and transparent images are
+    composited on ``background`` (``on_transparency`` is called so the run can say so once)."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else float(values.max(initial=0.0))
+        if img.mode == "F" and top <= 1.0:
+            top = 1.0  # float images in [0, 1]
+        elif img.mode == "I" and top <= 65535:
+            top = 65535.0 if top > 255 else 255.0  # 16-bit PNGs open as "I"
+        scaled = np.clip(values / max(top, 1e-12) * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    transparent = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+    if transparent:
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:  # some pixel is (partly) transparent
+            if on_transparency is not None:
+                on_transparency()
+            canvas = Image.new("RGBA", rgba.size, background)
+            return Image.alpha_composite(canvas, rgba).convert("RGB")
+        return rgba.convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(
+    path: Path,
+    bucket: Bucket,
+    crop_style: str = "center",
+    offset: float = 0.5,
+    background: str = "white",
+    on_transparency: Callable[[], None] | None = None,
+):
+    """Read an image as a ``[3, height, width]`` float tensor in [-1, 1] for ``bucket``: 8-bit RGB
+    (see :func:`as_rgb`), upright (EXIF), resized to cover the bucket, cropped by the remainder (see
+    :func:`crop_box`).
+
+    Raises ``OSError``/``ValueError`` for an unreadable file (the caller skips it).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = as_rgb(ImageOps.exif_transpose(img), background, on_transparency)
+        width, height, left, top = crop_box(img.width, img.height, bucket, crop_style, offset)
+        img = img.resize((width, height), Image.Resampling.BICUBIC)
+        img = img.crop((left, top, left + bucket.width, top + bucket.height))
+        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -1,0 +1,226 @@
+"""Plain records passed through hooks. Import-cheap: no torch at module level."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from tuner.core.config.values import Config
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """A model family a plugin implements.
+
+    ``flavours`` maps a ``model_flavour`` value to the hub id (or local folder) it loads;
+    ``default_flavour`` is used when the config sets none.
+    """
+
+    name: str
+    description: str
+    flavours: dict[str, str]
+    default_flavour: str
+    # tensors every cached text encoding must hold; a cache missing one is refused (rebuild it)
+    required_text_keys: tuple[str, ...] = ()
+    # the diffusers class of the denoiser and its subfolder: lets the core stream and quantize it
+    transformer_class: str = ""
+    transformer_subfolder: str = "transformer"
+    # the diffusers pipeline class whose LoRA loader is the reference reader of diffusers LoRAs
+    pipeline_class: str = ""
+    # where that loader reads lora_alpha: "tensors" (a scalar .alpha per module, which ComfyUI
+    # reads too; Flux and Chroma) or "metadata" (diffusers' lora_adapter_metadata; SD3 ignores
+    # .alpha tensors)
+    lora_alpha_in: str = "tensors"
+    # the config key `tuner sample --guidance` sets (the scale validation samples with)
+    guidance_key: str = "validation_guidance"
+    # image sides must be multiples of this (the VAE's downscale times the denoiser's patch size:
+    # 8 x 2 for the Flux lineage and SD3); aspect_bucket_alignment must be a multiple of it
+    latent_alignment: int = 16
+    # the module holding the family's heavy hooks (torch, diffusers), registered as part of the
+    # family when it is selected for a run and first asked for something; the entry-point module
+    # stays a cheap manifest (this record, config keys, check_config)
+    implementation: str = ""
+    # attribute names of the text encoder modules on what load_model("text_encoders") returns, in
+    # SimpleTuner's numbering (text_encoder_N_precision quantizes the Nth; offloading moves all)
+    text_encoders: tuple[str, ...] = ()
+    # capabilities that config keys may need (ConfigKey.needs), e.g. "img2img"
+    supports: tuple[str, ...] = ()
+    # keys offered by the core or a shared module that this family accepts but does not use
+    # (a warning when set), and keys it refuses when set to anything but their default: key -> why
+    ignored_keys: dict[str, str] = field(default_factory=dict)
+    refused_keys: dict[str, str] = field(default_factory=dict)
+    plugin: str = ""  # filled in by the host
+    distribution: str = ""  # filled in by the host
+
+    @property
+    def capabilities(self) -> set[str]:
+        """What keys may need: ``supports``, plus ``text_encoder_N`` for each text encoder it names."""
+        return set(self.supports) | {f"text_encoder_{n}" for n in range(1, len(self.text_encoders) + 1)}
+
+    def refusal(self, key: ConfigKey) -> str | None:
+        """Why this family refuses ``key`` when it is set, or None."""
+        if key.name in self.refused_keys:
+            return self.refused_keys[key.name]
+        if key.needs and key.needs not in self.capabilities:
+            return f"{self.name} does not support {key.needs}"
+        return None
+
+
+@dataclass(frozen=True)
+class PrecisionInfo:
+    """A ``base_model_precision`` value a quantization plugin applies."""
+
+    name: str
+    description: str
+    requires: tuple[str, ...] = ()  # importable module names the backend needs
+    install_hint: str = ""
+    # bytes a quantized Linear weight of shape (out_features, in_features) is stored in, scales
+    # included, when the model's float dtype takes float_bytes per element; ``tuner estimate``
+    # counts quantized weights with it (None: counted unquantized)
+    weight_bytes: Callable[[int, int, int], float] | None = None
+    # its layers keep their input for the backward pass even with a frozen weight (as
+    # optimum-quanto's autograd functions do); ``tuner estimate`` counts those inputs
+    keeps_inputs: bool = False
+    # quantize(model, unit, exclude): quantize, in place, the plain nn.Linear layers inside
+    # ``model.get_submodule(unit)`` (unit "" is the whole model) except the module paths in
+    # ``exclude`` and everything under them. Called once per loading unit of the denoiser as
+    # its weights arrive, and on whole text encoders (text_encoder_1_precision). Import the
+    # library inside it: the plugin's hook module must stay import-cheap.
+    quantize: Callable[[Any, str, list[str]], Any] | None = None
+    # stored_tensors(tensor): the tensors a quantized weight is stored in beyond its own storage
+    # (scales, code tables kept beside it, as bitsandbytes' quant_state); ``tuner estimate`` and
+    # the byte counts use it. Tensor subclasses that flatten (quanto) need nothing here.
+    stored_tensors: Callable[[Any], list[Any]] | None = None
+    plugin: str = ""
+    distribution: str = ""
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """An ``optimizer`` value a plugin offers.
+
+    ``build(config, params, options)`` returns a ``torch.optim.Optimizer`` over ``params`` (the
+    adapter's fp32 parameters): read ``learning_rate`` and the other keys from ``config``, and
+    pass ``options`` (``optimizer_config``, already parsed to a dict) to the constructor so an
+    option the optimizer does not take is refused by name. Import the library inside ``build``:
+    the plugin's hook module must stay import-cheap. Its state must be tensors, numbers, strings
+    or nested dicts of them (checkpoints hold no pickle).
+    """
+
+    name: str
+    description: str
+    build: Callable[[Any, list[Any], dict[str, Any]], Any]
+    requires: tuple[str, ...] = ()  # importable module names it needs
+    install_hint: str = ""
+    plugin: str = ""
+    distribution: str = ""
+
+
+# Value kinds a ConfigKey can hold.
+KINDS = ("str", "int", "float", "bool", "str_list", "str_or_list", "path", "sizes", "mappings")
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One config key: its kind, default, allowed values and help text.
+
+    ``kind`` is one of ``KINDS``. ``choices`` restricts the value (for ``str_or_list`` it
+    restricts the string form only). ``sizes`` takes an int (a square), ``"WIDTHxHEIGHT"``, or a
+    list (or comma-separated string) of them, and holds a list of ``[width, height]``. ``nullable`` allows ``null``. ``minimum`` and ``maximum`` bound numbers (every numeric key should
+    say its range, so a value only torch would reject is refused when the config is read).
+    ``multiple_of`` constrains ints. ``check`` may reject a value by returning a message.
+    """
+
+    name: str
+    kind: str
+    default: Any = None
+    help: str = ""
+    aliases: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
+    nullable: bool = False
+    minimum: float | None = None
+    maximum: float | None = None  # with maximum_exclusive, values must stay below it: [0, 1) for dropout
+    maximum_exclusive: bool = False
+    multiple_of: int | None = None
+    ask: bool = False  # `tuner configure` asks for it (central settings)
+    # changing it changes what the adapter means: resuming a checkpoint with another value is refused
+    resume_critical: bool = False
+    # it changes how images are rendered: recipe.json records it, `tuner sample --recipe` reuses it
+    recipe: bool = False
+    # a family capability (FamilyInfo.supports) the key needs; a family without it refuses the key
+    needs: str = ""
+    # a last look at a value of the right kind: a message when it cannot work, else None
+    check: Callable[[Any], str | None] | None = field(default=None, compare=False, repr=False)
+    owner: str = ""  # plugin that offered the key; filled in by the host
+
+
+@dataclass
+class ValidationRequest:
+    """Everything :func:`generate_images` needs to render one validation round."""
+
+    transformer: Any
+    vae: Any
+    scheduler: Any
+    prompts: list[str]
+    text: list[dict[str, torch.Tensor]]  # one cached encoding per prompt, batch dim 1
+    negative_text: dict[str, torch.Tensor] | None  # batch dim 1
+    seeds: list[int]
+    width: int
+    height: int
+    num_inference_steps: int
+    config: Config
+    device: Any = None
+
+
+@dataclass
+class LoraExport:
+    """The trained adapter as handed to :func:`export_lora`.
+
+    ``state_dict`` holds peft names without prefix (``transformer_blocks.0.attn.to_q.lora_A.weight``),
+    ``alphas`` the lora_alpha per adapted module path, ``metadata`` tuner's training record.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    rank: int
+    alphas: dict[str, float]
+    metadata: dict[str, Any]
+    alpha_in: str = "tensors"  # the family's FamilyInfo.lora_alpha_in
+
+
+@dataclass
+class LoraReading:
+    """A LoRA file as its runtime would apply it, per module of the transformer.
+
+    ``deltas`` maps a module name to the weight change the runtime adds (``scale * B @ A``);
+    ``unmatched`` lists the file's keys the runtime would not load.
+    """
+
+    deltas: dict[str, torch.Tensor]
+    unmatched: list[str]
+
+
+@dataclass(frozen=True)
+class LoraFormat:
+    """A LoRA file format (a ``lora_format`` value) a plugin writes and reads.
+
+    ``export(export, transformer)`` returns ``{file name: {key: tensor}}`` for the trained adapter
+    (``transformer`` has it attached); ``read(path, transformer, family)`` reads a file the way its
+    target runtime does (a :class:`LoraReading`) without changing ``transformer``'s adapters;
+    ``detect(keys)`` says whether a file with these tensor names is in this format (``tuner
+    check-lora --format auto``). Import heavy libraries inside the functions.
+    """
+
+    name: str
+    description: str
+    export: Callable[[LoraExport, Any], dict[str, dict[str, Any]]]
+    read: Callable[[str, Any, FamilyInfo], LoraReading]
+    detect: Callable[[list[str]], bool] | None = None
+    # the lora_type values it can store (a fused layout cannot hold a Kronecker or Hadamard product
+    # per q/k/v); ``lora_format: all`` leaves a format out for the others, naming it
+    adapter_types: tuple[str, ...] = ("lora", "dora", "lokr", "loha")
+    plugin: str = ""
+    distribution: str = ""

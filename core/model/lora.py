@@ -1,0 +1,116 @@
+"""Adapters on the denoiser: target resolution, peft wiring, and the diffusers/ComfyUI file layout
+(the adapter types themselves: :mod:`tuner.core.model.adapters`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from tuner.core.host.records import LoraExport
+
+# safetensors metadata key of tuner's own training record. Deliberately not diffusers'
+# `lora_adapter_metadata`: diffusers refuses a file carrying both that and `.alpha` tensors.
+METADATA_KEY = "tuner_training"
+TRANSFORMER_PREFIX = "transformer."
+
+
+def resolve_targets(model: torch.nn.Module, patterns: Iterable[str], exclude_prefixes: Iterable[str] = ()) -> list[str]:
+    """Full names of the Linear modules that peft would match with ``target_modules=patterns``.
+
+    A pattern matches a module whose name equals it or ends with ``.<pattern>`` (peft's rule).
+    Modules under any of ``exclude_prefixes`` are dropped.
+    """
+    patterns = list(patterns)
+    excluded = tuple(p.rstrip(".") + "." for p in exclude_prefixes)
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.startswith(excluded):
+            continue
+        if any(name == p or name.endswith("." + p) for p in patterns):
+            found.append(name)
+    return found
+
+
+def add_lora(transformer: torch.nn.Module, targets: list[str], config: Any) -> None:
+    """Freeze the base and add the run's peft adapter (``lora_type``) on exactly ``targets`` (full
+    module names; never empty: :func:`tuner.core.training.step.attach_lora` refuses that first)."""
+    from tuner.core.model.adapters import check_layers, peft_config
+
+    check_layers(config, transformer, targets)
+    transformer.requires_grad_(False)
+    # anchored full names, so a name is never matched as a suffix of another
+    transformer.add_adapter(peft_config(config, "^(" + "|".join(re.escape(t) for t in targets) + ")$"))
+    for param in transformer.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # adapters train in fp32 over a bf16/quantized base
+
+
+def lora_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def export_from(
+    transformer: torch.nn.Module, config: Any, metadata: dict[str, Any], alpha_in: str = "tensors"
+) -> LoraExport:
+    from peft.utils import get_peft_model_state_dict
+
+    from tuner.core.model.adapters import module_of
+
+    state = get_peft_model_state_dict(transformer)
+    modules = sorted({module_of(k) for k in state})
+    return LoraExport(
+        state_dict=state,
+        rank=config.network_rank,
+        alphas={m: float(config.lora_alpha) for m in modules},
+        metadata=metadata,
+        alpha_in=alpha_in,
+    )
+
+
+def diffusers_layout(export: LoraExport) -> dict[str, torch.Tensor]:
+    """``transformer.<module>.lora_A/B.weight`` plus a scalar ``transformer.<module>.alpha`` per module.
+
+    diffusers reads the ``.alpha`` tensors as network alphas and ComfyUI scales by alpha/rank from
+    them (it ignores file metadata), so the strength survives a reload in both when alpha != rank.
+    """
+    from tuner.core.model.adapters import is_lycoris, lycoris_layout
+
+    if is_lycoris(export.state_dict):  # LoKr/LoHa: LyCORIS keys, ComfyUI reads .alpha tensors
+        return lycoris_layout(export.state_dict, export.alphas, export.rank, TRANSFORMER_PREFIX)
+    tensors = {TRANSFORMER_PREFIX + k: v for k, v in export.state_dict.items()}
+    if export.alpha_in == "tensors":
+        for module, alpha in export.alphas.items():
+            tensors[f"{TRANSFORMER_PREFIX}{module}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return tensors
+
+
+def file_metadata(export: LoraExport) -> dict[str, str]:
+    """tuner's training record; for families whose diffusers loader reads alpha from
+    ``lora_adapter_metadata`` (and never both: diffusers refuses a file with both), that too."""
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(export.metadata, sort_keys=True)}
+    if export.alpha_in == "metadata":
+        modules = sorted(export.alphas)
+        alphas = {export.alphas[m] for m in modules}
+        peft_config = {
+            "r": export.rank,
+            "lora_alpha": alphas.pop() if len(alphas) == 1 else export.rank,
+            "alpha_pattern": {} if len({export.alphas[m] for m in modules}) == 1 else dict(export.alphas),
+            "rank_pattern": {},
+            "target_modules": modules,
+            "use_dora": export.metadata.get("lora_type") == "dora",
+            "lora_bias": False,
+        }
+        metadata["lora_adapter_metadata"] = json.dumps({f"transformer.{k}": v for k, v in peft_config.items()})
+    return metadata
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        meta = handle.metadata() or {}
+    return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}

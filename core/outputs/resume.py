@@ -1,0 +1,168 @@
+"""A run's checkpoints: saving the training state, resuming from it, and rolling back to it when
+training diverges. The files themselves (atomic writes, manifests, no pickle) are
+:mod:`tuner.core.outputs.checkpoint`'s business; this module maps a :class:`TrainState` onto them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tuner.core import __version__
+from tuner.core.host import events
+from tuner.core.outputs import checkpoint
+from tuner.core.outputs.export import lora_files
+from tuner.core.training.ema import EMA_FILE
+from tuner.core.training.runtime import scale_learning_rate
+from tuner.core.training.state import Position
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tuner.core.training.state import RunContext, TrainState
+
+
+@dataclass
+class Snapshot:
+    """The state a rollback returns to before any checkpoint exists, in host memory (it must not
+    take accelerator memory all run long)."""
+
+    adapter: dict[str, torch.Tensor]
+    optimizer: tuple[dict[str, torch.Tensor], dict[str, Any]]
+    lr_scheduler: dict[str, Any]
+    guard: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None = None
+
+
+class Checkpoints:
+    """Save, find, restore and roll back the checkpoints of one run's ``output_dir``."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.start: Snapshot | None = None
+
+    def remember_start(self, state: TrainState) -> None:
+        """Keep the freshly initialised state as the rollback target until a checkpoint exists."""
+        if self.ctx.is_main:
+            checkpoint.prune(self.ctx.output_dir, 0)  # leftovers of saves cut off by a crash
+        self.start = Snapshot(
+            adapter={n: t.to("cpu", copy=True) for n, t in state.adapter().items()},
+            optimizer=checkpoint.optimizer_state(state.optimizer),
+            lr_scheduler=state.lr_scheduler.state_dict(),
+            guard=state.guard.state_dict(),
+            ema={n: t.to("cpu", copy=True) for n, t in state.ema.state_dict().items()} if state.ema else None,
+        )
+
+    def save(self, state: TrainState) -> Path:
+        ctx, position = self.ctx, state.position
+        folder = ctx.output_dir / f"checkpoint-{position.step}"
+        ctx.accelerator.wait_for_everyone()
+        if ctx.is_main:
+            files = {
+                name: content
+                for per_format in lora_files(ctx, state.model, state.targets, position.step).values()
+                for name, content in per_format.items()
+            }
+            opt_tensors, opt_state = checkpoint.optimizer_state(state.optimizer)
+            rng_tensors, rng_scalars = checkpoint.rng_state()
+            files["adapter.safetensors"] = (state.adapter(), None)
+            files["optimizer.safetensors"] = (opt_tensors, None)
+            files["rng.safetensors"] = (rng_tensors, None)
+            if state.ema is not None:
+                files[EMA_FILE] = (state.ema.state_dict(), None)
+            record = {
+                "tuner_version": __version__,
+                "position": vars(position),
+                "guard": state.guard.state_dict(),
+                "optimizer": opt_state,
+                "scheduler": state.lr_scheduler.state_dict(),
+                "rng": rng_scalars,
+                "resume_settings": checkpoint.resume_settings(ctx.config, state.targets),
+                "config": ctx.config.to_dict(),
+            }
+            checkpoint.write_checkpoint(folder, files, record, lambda: self.last_good(folder))
+            checkpoint.prune(ctx.output_dir, ctx.config.checkpoints_total_limit or 0)
+            ctx.emit(events.Save, position.step, files=[str(folder / name) for name in files], checkpoint=str(folder))
+        ctx.accelerator.wait_for_everyone()
+        return folder
+
+    def last_good(self, writing: Path | None = None) -> str:
+        """The newest intact checkpoint's name (other than the one being written), for messages."""
+        good = [
+            p for _, p in checkpoint.checkpoints(self.ctx.output_dir) if p != writing and checkpoint.verify(p) is None
+        ]
+        return good[-1].name if good else "no earlier checkpoint"
+
+    def restore(self, state: TrainState, folder: Path) -> None:
+        saved, tensors = checkpoint.read_checkpoint(folder)
+        checkpoint.check_resume_settings(saved["resume_settings"], self.ctx.config, state.targets, folder)
+        position = dict(saved["position"])
+        # checkpoints of tuner 0.1 kept the guard's counters in the position
+        guard = saved.get("guard") or {
+            "rollbacks": position.pop("rollbacks", 0),
+            "lr_scale": position.pop("lr_scale", 1.0),
+        }
+        _load(state, tensors["adapter"], (tensors["optimizer"], saved["optimizer"]), saved["scheduler"])
+        if state.ema is not None:
+            state.ema.load_state_dict(tensors[EMA_FILE.removesuffix(".safetensors")])
+        state.position = Position(step=position["step"], micro_step=position["micro_step"])
+        state.guard.load_state_dict(guard)
+        checkpoint.restore_rng(tensors["rng"], saved["rng"])
+
+    def resume(self, state: TrainState) -> Path | None:
+        """Restore ``resume_from_checkpoint`` (``latest``: the newest intact one) into ``state``."""
+        config, wanted = self.ctx.config, self.ctx.config.resume_from_checkpoint
+        if not wanted:
+            return None
+        if wanted == "latest":
+            folder = checkpoint.latest_valid(self.ctx.output_dir, self.ctx.warn)
+            if folder is None:
+                self.ctx.warn(
+                    f"resume_from_checkpoint: latest: no checkpoint in {self.ctx.output_dir}; starting at step 0"
+                )
+                return None
+        else:
+            folder = Path(wanted)
+            if not folder.is_dir():
+                raise config.error("resume_from_checkpoint", f"{folder} is not a checkpoint folder")
+        self.restore(state, folder)
+        if state.position.step >= config.max_train_steps:  # `tuner run` says so before loading anything
+            raise config.error(
+                "max_train_steps",
+                f"{folder.name} is at step {state.position.step} and max_train_steps is {config.max_train_steps}: "
+                f"nothing to train; raise max_train_steps above {state.position.step} to train on",
+            )
+        self.ctx.log(f"resumed from {folder} at step {state.position.step}")
+        return folder
+
+    def roll_back(self, state: TrainState) -> None:
+        """Return to the newest intact checkpoint (or the start) with the learning rate scaled down;
+        the guard raises :class:`~tuner.core.errors.Diverged` when its rollbacks are used up."""
+        guard = state.guard
+        lr_scale = guard.begin_rollback(state.position.step + 1)
+        rollbacks = guard.rollbacks
+        folder = checkpoint.latest_valid(self.ctx.output_dir, self.ctx.warn)
+        if folder is not None:
+            self.restore(state, folder)
+        else:
+            start = self.start
+            _load(state, start.adapter, start.optimizer, start.lr_scheduler)
+            if state.ema is not None:
+                state.ema.load_state_dict(start.ema)
+            state.position = Position()
+            state.guard.load_state_dict(start.guard)
+        # the restored optimizer and schedule run at the scale they were saved with
+        scale_learning_rate(state.optimizer, state.lr_scheduler, lr_scale / guard.lr_scale)
+        guard.load_state_dict({"rollbacks": rollbacks, "lr_scale": lr_scale})
+        target = folder.name if folder is not None else "the start"
+        self.ctx.log(f"rolled back to {target} (step {state.position.step}); learning rate x{lr_scale:g}")
+        self.ctx.emit(events.Rollback, state.position.step, to=target, lr_scale=lr_scale, rollbacks=rollbacks)
+
+
+def _load(state: TrainState, adapter, optimizer_state, scheduler_state) -> None:
+    parameters = dict(state.model.named_parameters())
+    with torch.no_grad():
+        for name, value in adapter.items():
+            parameters[name].copy_(value.to(parameters[name].device))
+    checkpoint.restore_optimizer(state.optimizer, *optimizer_state)
+    state.lr_scheduler.load_state_dict(scheduler_state)

@@ -1,0 +1,115 @@
+"""A run's data, made ready before the model loads: every dataset scanned and filtered, its images
+in buckets and cached as latents, captions and validation prompts cached as text encodings, and
+the held-out images of the eval loss split off and cached too."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from tuner.core.config.datasets import choose as choose_dataset
+from tuner.core.config.datasets import describe as describe_datasets
+from tuner.core.config.datasets import resolve as resolve_datasets
+from tuner.core.config.keys.validation import validation_prompts
+from tuner.core.data.cache import PreparedData, prepare_caches, text_key
+from tuner.core.data.images import scan_dataset
+from tuner.core.errors import DataError
+from tuner.core.run.evaluation import split_off
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from tuner.core.training.state import RunContext
+
+
+@dataclass
+class RunData:
+    """What :func:`prepare_data` made ready."""
+
+    prepared: PreparedData  # the training images of every dataset, cached, in one list
+    datasets: list[Any]  # tuner.core.config.datasets.Dataset, in the config's order
+    empty_caption: dict[str, torch.Tensor] = field(default_factory=dict)  # "" encoded (caption dropout)
+    held_out: PreparedData | None = None  # the eval loss's cached images (eval_steps)
+
+
+def prepare_data(ctx: RunContext) -> RunData:
+    """Scan, filter, bucket and cache every dataset (the main process first, the others reuse its
+    cache entries); a one-line error names the dataset when one has no usable image."""
+    config = ctx.config
+    datasets = resolve_datasets(config)
+    if not datasets:
+        raise config.error("data_dir", "is required: a folder of images with .txt captions (or datasets:)")
+    prompts = validation_prompts(config)
+    extra = prompts + [config.validation_negative_prompt or ""] if prompts else []
+    if any(d.config.caption_dropout_probability > 0 for d in datasets):
+        extra.append("")  # what a dropped caption trains with
+    global_batch = config.train_batch_size * ctx.accelerator.num_processes
+    scanned = [_scan(ctx, d, datasets) for d in datasets]
+    held_out_items: list = []
+    if config.eval_split:  # from the first dataset
+        if config.eval_split >= len(scanned[0]):
+            raise config.error(
+                "eval_split", f"{config.eval_split} would hold out every one of the {len(scanned[0])} images"
+            )
+        scanned[0], held_out_items = split_off(scanned[0], config.eval_split, config.seed)
+    elif config.eval_data_dir:
+        held_out_items = scan_dataset(config.eval_data_dir, ctx.warn, config.caption_strategy)
+    micro_batches = config.max_train_steps * config.gradient_accumulation_steps
+    weights = [d.weight for d in datasets]
+    drawn = (  # global batches each dataset gives: how many epochs of random crops to cache
+        Counter(choose_dataset(config.seed, k, weights) for k in range(micro_batches))
+        if len(weights) > 1
+        else {0: micro_batches}
+    )
+    parts, held_out = [], None
+    with ctx.accelerator.main_process_first():
+        for number, (dataset, items) in enumerate(zip(datasets, scanned, strict=True)):
+            with _naming(dataset, datasets):  # no usable image after the filters, or too few for a batch
+                part = prepare_caches(
+                    ctx.host, dataset.config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch,
+                    batch_count=drawn[number],
+                )  # fmt: skip
+                entries = [replace(e, dataset=number) for e in part.entries] * (1 + dataset.config.dataset_repeats)
+                if len(entries) < global_batch:
+                    raise DataError(
+                        f"data_dir {dataset.config.data_dir} has {len(entries)} usable image(s), fewer than one "
+                        f"global batch ({config.train_batch_size} x {ctx.accelerator.num_processes} processes)"
+                    )
+            parts.append(replace(part, entries=entries))
+        if held_out_items:
+            held_out = prepare_caches(ctx.host, config, held_out_items, [], ctx.device, ctx.weight_dtype, ctx.warn)
+    empty_caption = parts[0].text.load(text_key("")) if "" in extra else {}
+    return RunData(_joined(parts, datasets), datasets, empty_caption, held_out)
+
+
+def _joined(parts: list[PreparedData], datasets: list[Any]) -> PreparedData:
+    """Several datasets' caches as one list of entries, with a table of each one's buckets and share."""
+    if len(parts) == 1:
+        return parts[0]
+    shares = describe_datasets(datasets)
+    table = "\n".join(
+        f"{d.label}, {shares[d.id]['share']:.0%} of batches: {p.plan.table()}"
+        for d, p in zip(datasets, parts, strict=True)
+    )
+    entries = [e for part in parts for e in part.entries]
+    return replace(parts[0], entries=entries, skipped=sum(p.skipped for p in parts), table=table)
+
+
+def _scan(ctx: RunContext, dataset: Any, datasets: list[Any]) -> list:
+    """A dataset's images and captions."""
+    with _naming(dataset, datasets):
+        return scan_dataset(dataset.config.data_dir, ctx.warn, dataset.config.caption_strategy)
+
+
+@contextmanager
+def _naming(dataset: Any, datasets: list[Any]) -> Iterator[None]:
+    """With several datasets, a DataError raised inside names the entry."""
+    try:
+        yield
+    except DataError as exc:
+        if len(datasets) == 1:
+            raise
+        raise DataError(f"{dataset.label}: {exc}") from None

@@ -1,0 +1,202 @@
+"""Rendering images outside training with exactly what validation used: `tuner sample` and recipes.
+
+A recipe (``output_dir/recipe.json``, written with every final LoRA that has validation prompts)
+records the base model, the LoRA file and scale, prompts, negative prompt, seeds, size, steps,
+guidance and the settings that shape sampling. ``tuner sample --recipe recipe.json`` renders the
+same images through the same hooks; the README beside it carries a diffusers-only snippet.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuner.core import __version__
+from tuner.core.config.keys.model import NO_QUANTIZATION
+from tuner.core.config.values import model_source
+from tuner.core.host.records import ValidationRequest
+from tuner.core.io import atomic_write, resolved_if_local
+
+RECIPE = "recipe.json"
+
+
+def make_recipe(
+    host: Any,
+    config: Any,
+    lora_file: Path,
+    scheduler: Any,
+    prompts: list[str],
+    seeds: list[int],
+    sizes: list[tuple[int, int]],
+) -> dict[str, Any]:
+    family = host.family
+    return {
+        "tuner_version": __version__,
+        "family": family.name,
+        "pipeline_class": family.pipeline_class,
+        # local paths resolved: the recipe works from any folder
+        "base_model": resolved_if_local(model_source(config, family.flavours)),
+        "lora_file": str(Path(lora_file).resolve()),
+        "lora_scale": 1.0,
+        "prompts": prompts,
+        "negative_prompt": config.validation_negative_prompt or "",
+        "seeds": seeds,
+        "width": sizes[0][0],  # the first size (the diffusers snippet renders it)
+        "height": sizes[0][1],
+        "sizes": [list(size) for size in sizes],
+        "steps": config.validation_num_inference_steps,
+        "guidance_key": family.guidance_key,
+        "guidance": config.get(family.guidance_key),
+        "scheduler": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
+        # every key flagged `recipe` by whoever offers it (the family's own sampling keys too)
+        "settings": {k: resolved_if_local(v) for k, v in config.flagged("recipe").items()},
+    }
+
+
+def write_recipe(folder: Path, recipe: dict[str, Any], snippet: str | None) -> Path:
+    path = atomic_write(folder / RECIPE, lambda tmp: Path(tmp).write_text(json.dumps(recipe, indent=1)))
+    lines = [
+        f"# LoRA trained with tuner {recipe['tuner_version']}",
+        "",
+        f"Base model `{recipe['base_model']}` ({recipe['family']}), LoRA `{Path(recipe['lora_file']).name}`.",
+        "Reproduce the validation images with tuner:",
+        "",
+        "```bash",
+        f"tuner sample --recipe {path}",
+        "```",
+    ]
+    if snippet:
+        lines += ["", "or with diffusers alone:", "", "```python", snippet.rstrip(), "```"]
+    atomic_write(folder / "README.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return path
+
+
+RECIPE_KEYS = ("family", "lora_file", "prompts", "seeds", "settings", "steps", "negative_prompt", "guidance_key")
+
+
+def recipe_problem(recipe: Any) -> str | None:
+    """What makes a recipe unusable (the keys it lacks), or None."""
+    if not isinstance(recipe, dict):
+        return "not a JSON object"
+    missing = [key for key in RECIPE_KEYS if key not in recipe]
+    if not recipe.get("sizes") and not ("width" in recipe and "height" in recipe):
+        missing.append("sizes")
+    if missing:
+        return f"missing {', '.join(missing)} (written by another tool, or edited?)"
+    if not isinstance(recipe["settings"], dict):
+        return "settings is not a mapping"
+    return None
+
+
+def recipe_settings(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The config a recipe samples with."""
+    settings = {k: v for k, v in recipe["settings"].items() if v is not None}
+    settings.update(
+        {
+            "validation_num_inference_steps": recipe["steps"],
+            "validation_negative_prompt": recipe["negative_prompt"],
+            "validation_resolution": recipe.get("sizes") or [[recipe["width"], recipe["height"]]],
+            recipe["guidance_key"]: recipe.get("guidance"),
+        }
+    )
+    return settings
+
+
+def apply_lora(
+    transformer: torch.nn.Module, lora_file: str, family: Any, scale: float = 1.0, quantized: bool = False
+) -> None:
+    """Load a LoRA onto the transformer as a user's diffusers pipeline would (load_lora_weights)."""
+    import inspect
+
+    from tuner.core.model.pipelines import partial_pipeline
+    from tuner.core.model.quantize import import_object
+
+    pipeline_cls = import_object(family.pipeline_class)
+    pipe = partial_pipeline(pipeline_cls, transformer=transformer)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its notice about the absent text encoder is noise here
+    try:
+        if quantized and "return_alphas" in inspect.signature(pipeline_cls.lora_state_dict).parameters:
+            # the Flux-style loader first checks each LoRA against its base weight in state_dict(),
+            # which a quanto base stores as weight._data (KeyError; tuner.core.fixes): its two other
+            # steps, without that check (it serves Flux Control LoRAs only)
+            state_dict, alphas, metadata = pipeline_cls.lora_state_dict(
+                lora_file, return_alphas=True, return_lora_metadata=True
+            )
+            pipeline_cls.load_lora_into_transformer(
+                state_dict, network_alphas=alphas, transformer=transformer, adapter_name="sample", metadata=metadata
+            )
+        else:
+            pipe.load_lora_weights(lora_file, adapter_name="sample")
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    for name, param in transformer.named_parameters():
+        if ".lora_" in name:  # as in training and validation: fp32 adapters over a bf16 base (else the
+            param.data = param.data.float()  # recipe renders 1-2 levels off its validation images)
+    if scale != 1.0:
+        transformer.set_adapters(["sample"], weights=[scale])
+
+
+def render(
+    host: Any,
+    config: Any,
+    prompts: list[str],
+    seeds: list[int],
+    lora: str | None,
+    sizes: list[tuple[int, int]],
+    scale: float = 1.0,
+) -> list[list[Any]]:
+    """Load the base, apply the LoRA, encode, and render through the family's generate_images:
+    the images of every prompt, per size."""
+    from tuner.core.model.encoders import load_text_encoders
+    from tuner.core.training.runtime import autocast, device_type, weight_dtype
+
+    dtype = weight_dtype(config)  # the rule training and validation follow
+    device = torch.device(device_type())
+    load = lambda component: host.provide("load_model", config=config, component=component, dtype=dtype)  # noqa: E731
+    encoders = load_text_encoders(host, config, device, dtype)
+    texts = [*prompts, config.validation_negative_prompt or ""]
+    with torch.no_grad():  # one text per batch, as training cached its validation prompts
+        encoded = [
+            host.provide("encode_prompts", text_encoders=encoders, prompts=[t], config=config, device=device)
+            for t in texts
+        ]
+    del encoders
+    text, negative = encoded[:-1], encoded[-1]
+    if config.get("base_model_precision", NO_QUANTIZATION) != NO_QUANTIZATION:  # the base validation rendered on
+        from tuner.core.model.quantize import load_quantized
+
+        transformer = load_quantized(host, config, dtype, device)
+    else:
+        transformer = load("transformer").to(device)
+    if lora:
+        apply_lora(transformer, lora, host.family, scale, quantized=config.base_model_precision != NO_QUANTIZATION)
+    if config.mixed_precision != "no":  # as in training, whose validation this reproduces: accelerate
+        from tuner.core.training.runtime import new_accelerator  # runs the model under autocast, hands back fp32
+
+        transformer = new_accelerator(config.mixed_precision).prepare_model(transformer, evaluation_mode=True)
+    vae, scheduler = load("vae").to(device), load("scheduler")
+    rendered = []
+    for width, height in sizes:
+        request = ValidationRequest(
+            transformer=transformer.eval(),
+            vae=vae,
+            scheduler=scheduler,
+            prompts=prompts,
+            text=text,
+            negative_text=negative,
+            seeds=seeds,
+            width=width,
+            height=height,
+            num_inference_steps=config.validation_num_inference_steps,
+            config=config,
+            device=device,
+        )
+        with torch.no_grad(), autocast(device.type, dtype):  # as validation renders under accelerate's autocast
+            rendered.append(host.provide("generate_images", request=request))
+    return rendered

@@ -1,0 +1,319 @@
+"""The training loop: caches, model, LoRA, then steps on accelerate. No model family in here.
+
+Read :meth:`Trainer.train` top to bottom. Every family-specific step is a hook call on the plugin
+host, and every other concern has its own room: the data made ready (:mod:`tuner.core.run.preparation`),
+one optimizer step and its loss, shared with ``tuner estimate`` (:mod:`tuner.core.training.stepper`),
+stopping on a signal (:mod:`tuner.core.run.stopping`), what the run reports
+(:mod:`tuner.core.run.reporting`), checkpoints, resume and rollback (:mod:`tuner.core.outputs.resume`),
+the LoRA files (:mod:`tuner.core.outputs.export`) and validation (:mod:`tuner.core.run.validation`).
+
+Every random draw of a micro-batch is seeded from where it happens and the data order is a function
+of the micro-step, so a resumed run continues exactly as an uninterrupted one and N processes train
+what one process with the same global batch would.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tuner.core.config.keys.model import NO_QUANTIZATION
+from tuner.core.data.cache import CachedDataset, PreparedData, default_cache_dir
+from tuner.core.errors import Interrupted, first_line, warn_user
+from tuner.core.fixes import no_cudnn_attention
+from tuner.core.host import events
+from tuner.core.io import folder_problem
+from tuner.core.model.hub import check_model_folder
+from tuner.core.model.lora import lora_parameters
+from tuner.core.outputs.export import save_final
+from tuner.core.outputs.resume import Checkpoints
+from tuner.core.outputs.runinfo import OutputLock, RunRecord, read_run, settle_output_dir
+from tuner.core.run import reporting
+from tuner.core.run.evaluation import Evaluator
+from tuner.core.run.preparation import RunData, prepare_data
+from tuner.core.run.stopping import StopRequest, interrupted_message
+from tuner.core.run.validation import Validator
+from tuner.core.training.ema import EMA_SUFFIX, AdapterEMA
+from tuner.core.training.guard import DivergenceGuard
+from tuner.core.training.runtime import (
+    attention_kernel,
+    build_lr_scheduler,
+    build_optimizer,
+    choose_cpu_threads,
+    new_accelerator,
+    weight_dtype,
+)
+from tuner.core.training.state import Position, RunContext, TrainState
+from tuner.core.training.step import attach_lora
+from tuner.core.training.stepper import StepOutcome, Stepper
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tuner.core.config.values import Config
+    from tuner.core.host.manager import PluginHost
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    lora_files: list[Path] = field(default_factory=list)
+    validation_dirs: list[Path] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+    resumed_from: Path | None = None
+    rollbacks: int = 0
+    eval_losses: list[float | None] = field(default_factory=list)  # mean eval loss per evaluation (main process)
+
+
+def due(every: int | None, step: int) -> bool:
+    return bool(every) and step % every == 0
+
+
+class Trainer:
+    """One run: ``Trainer(host, config).train()``. :meth:`prepare_data`, :meth:`setup`,
+    :meth:`batches` and :meth:`optimizer_step` are public so benchmarks and tests can drive steps."""
+
+    def __init__(self, host: PluginHost, config: Config, warn: Callable[[str], None] = warn_user):
+        accelerator = new_accelerator(config.mixed_precision)  # cpu=True without an accelerator (gloo)
+        sharded = str(accelerator.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED")
+        if sharded and config.checkpointing_steps:  # the launch, not the config, decides this
+            raise config.error(
+                "checkpointing_steps",
+                f"full-state checkpoints are not supported under {accelerator.distributed_type} yet "
+                "(they would read sharded tensors); set it to 0 (the final LoRA is still saved)",
+            )
+        self.ctx = RunContext(host, config, accelerator, weight_dtype(config), warn)
+        if self.ctx.device.type == "cuda":  # TF32 for the fp32 parts (LoRA, optimizer math, losses)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            no_cudnn_attention()
+        self.checkpoints = Checkpoints(self.ctx)
+        self.state: TrainState | None = None
+        self.data: RunData | None = None
+        self.stepper = Stepper(self.ctx, [], {})
+        self.stop = StopRequest(self.ctx.log)
+        self.phase = "starting"  # what a Ctrl-C would interrupt, for its message
+
+    @property
+    def config(self) -> Config:
+        return self.ctx.config
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The trained transformer, once set up."""
+        return self.state.model if self.state else None
+
+    @property
+    def targets(self) -> list[str]:
+        return self.state.targets if self.state else []
+
+    def request_stop(self) -> None:
+        """Finish the current step, save a checkpoint and stop (what Ctrl-C does)."""
+        self.stop.request()
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        self.check_folders()  # before any heavy work
+        threads = None
+        if self.ctx.device.type == "cuda":
+            self.ctx.log(attention_kernel(self.ctx.weight_dtype))
+        if self.ctx.device.type == "cpu":
+            before = read_run(self.config.output_dir) if self.config.resume_from_checkpoint else None
+            threads, line = choose_cpu_threads((before or {}).get("cpu_threads"))
+            self.ctx.log(line)
+        with OutputLock(self.config) if self.ctx.is_main else nullcontext():
+            record = RunRecord(self.config) if self.ctx.is_main else None
+            _record(record, cpu_threads=threads)
+            try:
+                result = self._train(record)
+            except Interrupted as exc:
+                _record(record, status="stopped", error=str(exc))
+                raise
+            except KeyboardInterrupt:
+                step = self.state.position.step if self.state else 0
+                message = interrupted_message(self.phase, step, self.checkpoints.last_good())
+                _record(record, status="interrupted", error=message)
+                raise Interrupted(message) from None
+            except BaseException as exc:
+                _record(record, status="failed", error=first_line(exc))
+                raise
+            _record(record, status="finished", lora_files=[str(p) for p in result.lora_files], step=result.steps)
+            return result
+
+    def _train(self, record: RunRecord | None) -> TrainResult:
+        ctx, config = self.ctx, self.config
+        self.phase = "estimating memory"
+        self.report_memory_estimate()
+        torch.manual_seed(config.seed)  # LoRA initialisation
+        self.phase = "caching latents and captions"
+        prepared = self.prepare_data()
+        self.phase = "loading the model"
+        state = self.setup()
+        validator = Validator(ctx, prepared)
+        held_out = self.data.held_out if self.data else None
+        evaluator = Evaluator(ctx, held_out) if config.eval_steps and held_out else None
+        result = TrainResult(ctx.output_dir, 0, resumed_from=self.checkpoints.resume(state))
+        dataset = CachedDataset(prepared)
+        reporting.announce(ctx, state, prepared, result.resumed_from)
+        self.phase = "training"
+        _record(record, status="training", resumed_step=state.position.step if result.resumed_from else None)
+        with reporting.progress_bar(ctx, state) as progress, self.stop.on_signals():
+            batches = self.batches(dataset, state.position)
+            first_step = time.perf_counter()
+            while state.position.step < config.max_train_steps:
+                outcome = self.optimizer_step(state, batches)
+                if config.compile and first_step:  # compile: true pays its compile time here
+                    ctx.log(f"compile: the first step took {time.perf_counter() - first_step:.1f} s (compiling)")
+                    first_step = 0.0
+                if outcome is None:  # non-finite: the step was dropped
+                    roll_back = state.guard.skipped_step()
+                    ctx.emit(events.Skip, state.position.step, consecutive=state.guard.consecutive)
+                    ctx.log(f"step {state.position.step + 1}: non-finite loss or gradient, step skipped")
+                    if roll_back:
+                        self.checkpoints.roll_back(state)
+                        result.rollbacks = state.guard.rollbacks
+                        progress.n = state.position.step
+                        batches = self.batches(dataset, state.position)
+                    continue
+                state.guard.finite_step()
+                state.lr_scheduler.step()
+                state.position.step += 1
+                step = state.position.step
+                if state.ema is not None:
+                    state.ema.update(state.model, step)
+                result.losses.append(outcome.loss)
+                reporting.report_step(ctx, state, outcome, progress)
+                last = step == config.max_train_steps
+                if self.stop.agreed(ctx.accelerator):
+                    saved = self.checkpoints.save(state)
+                    raise Interrupted(
+                        f"interrupted at step {step}; saved {saved}; continue with --set resume_from_checkpoint=latest"
+                    )
+                if due(config.checkpointing_steps, step) and not last:
+                    result.checkpoints.append(self.checkpoints.save(state))
+                if evaluator and due(config.eval_steps, step) and not last:
+                    result.eval_losses.append(evaluator.run(state.model, step))
+                if due(config.validation_steps, step) and not last:
+                    result.validation_dirs += self.validate(validator, state, step)
+        result.steps = state.position.step
+        if evaluator:
+            result.eval_losses.append(evaluator.run(state.model, state.position.step))
+        self.finish(state, validator, result)
+        return result
+
+    def finish(self, state: TrainState, validator: Validator, result: TrainResult) -> None:
+        """The final checkpoint, the LoRA files (self-tested), the last validation and the recipe."""
+        ctx, step = self.ctx, state.position.step
+        if self.config.checkpointing_steps:  # the final state too, so a finished run can be extended
+            result.checkpoints.append(self.checkpoints.save(state))
+        ctx.accelerator.wait_for_everyone()
+        if ctx.is_main:
+            result.lora_files += save_final(ctx, state.model, state.targets, step, self.checkpoints.last_good)
+            if state.ema is not None:  # the average as a second set of files, self-tested the same way
+                with state.ema.applied(state.model):
+                    result.lora_files += save_final(
+                        ctx, state.model, state.targets, step, self.checkpoints.last_good, EMA_SUFFIX
+                    )
+            ctx.emit(events.Save, step, files=[str(p) for p in result.lora_files])
+            ctx.log(f"self-test passed: {', '.join(p.name for p in result.lora_files)} reload as trained")
+        final_validation = self.validate(validator, state, step)
+        result.validation_dirs += final_validation
+        if final_validation and result.lora_files:
+            validator.write_recipe(result.lora_files, EMA_SUFFIX if self.config.validation_use_ema else "")
+        ctx.accelerator.wait_for_everyone()
+        ctx.emit(events.RunEnd, step, lora_files=[str(p) for p in result.lora_files])
+        ctx.accelerator.end_training()
+
+    def validate(self, validator: Validator, state: TrainState, step: int) -> list[Path]:
+        """Validation images, rendered with the EMA weights under ``validation_use_ema`` (the
+        trained weights are back in the model afterwards)."""
+        if state.ema is not None and self.config.validation_use_ema:
+            with state.ema.applied(state.model):
+                return validator.run(state.model, step)
+        return validator.run(state.model, step)
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def check_folders(self) -> None:
+        """output_dir and cache_dir must be folders tuner can write to: a one-line error naming the
+        key now, not after caching and loading."""
+        config = self.config
+        for key, path in (("output_dir", config.output_dir), ("cache_dir", config.cache_dir or default_cache_dir())):
+            problem = folder_problem(path)
+            if problem is not None:
+                raise config.error(key, problem)
+        check_model_folder(self.ctx.host, config)
+
+    def report_memory_estimate(self) -> Any:
+        return reporting.report_memory_estimate(self.ctx)
+
+    def prepare_data(self) -> PreparedData:
+        """Every dataset cached (:func:`tuner.core.run.preparation.prepare_data`); the steps draw from it."""
+        self.data = prepare_data(self.ctx)
+        self.stepper = Stepper(self.ctx, self.data.datasets, self.data.empty_caption)
+        return self.data.prepared
+
+    def load_transformer(self) -> torch.nn.Module:
+        """The frozen denoiser on the device (streamed and quantized when a precision is set)."""
+        ctx, config = self.ctx, self.config
+        if config.base_model_precision == NO_QUANTIZATION:
+            transformer = ctx.host.provide("load_model", config=config, component="transformer", dtype=ctx.weight_dtype)
+        else:  # streamed block by block, each block quantized as it arrives
+            from tuner.core.model.quantize import load_quantized
+
+            transformer = load_quantized(ctx.host, config, ctx.weight_dtype, ctx.device)
+        return transformer.to(ctx.device)
+
+    def setup(self, transformer: torch.nn.Module | None = None) -> TrainState:
+        """Load the denoiser (unless given, from :meth:`load_transformer`), put the LoRA on it,
+        build optimizer and schedule, hand them to accelerate, and remember the start as the first
+        rollback target."""
+        ctx, config = self.ctx, self.config
+        transformer = transformer if transformer is not None else self.load_transformer()
+        targets = attach_lora(ctx.host, config, transformer)
+        transformer.train()
+        params = lora_parameters(transformer)
+        optimizer = build_optimizer(ctx.host, config, params)
+        lr_scheduler = build_lr_scheduler(config, optimizer)
+        wrapped, optimizer = ctx.accelerator.prepare(transformer, optimizer)
+        self.state = TrainState(
+            model=ctx.accelerator.unwrap_model(wrapped),
+            wrapped=wrapped,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            params=params,
+            targets=targets,
+            guard=DivergenceGuard.from_config(config),
+            ema=AdapterEMA.from_config(config, transformer, ctx.device),
+        )
+        self.checkpoints.remember_start(self.state)
+        return self.state
+
+    # -- steps (tuner.core.training.stepper) ----------------------------------------------------
+
+    def batches(self, dataset: CachedDataset, position: Position):
+        return self.stepper.batches(dataset, position)
+
+    def optimizer_step(self, state: TrainState, batches) -> StepOutcome | None:
+        return self.stepper.optimizer_step(state, batches)
+
+
+def _record(record: RunRecord | None, **fields: Any) -> None:
+    if record is not None:
+        record.update(**fields)
+
+
+def run(host: PluginHost, config: Config, warn: Callable[[str], None] = warn_user) -> TrainResult:
+    """A run as `tuner run` starts it: an output_dir holding an earlier run is dealt with first
+    (``existing_output``), then the Trainer trains."""
+    main = os.environ.get("RANK", "0") == "0"  # every process decides (the same); the first one says so
+    config = settle_output_dir(config, print if main else lambda message: None)
+    return Trainer(host, config, warn).train()

@@ -1,0 +1,104 @@
+"""The web UI's API for runs: the list, one run's progress, stop, resume and sample (each a queued
+``tuner`` process)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tuner.core.api import CONFIG_FILE
+from tuner.plugins.webui.jobs import tuner_command
+from tuner.plugins.webui.server import Server, problem, read_json
+
+
+def routes(server: Server) -> list[Route]:
+    async def api_runs(request: Request) -> Response:
+        rows = server.space.runs()
+        waiting = [
+            {
+                "path": server.space.relative(job["output_dir"]),
+                "name": Path(job["output_dir"]).name,
+                "kind": job["kind"],
+            }
+            for job in server.jobs.waiting()
+        ]
+        return JSONResponse({"runs": rows, "queued": waiting})
+
+    async def api_run(request: Request) -> Response:
+        folder = server.run_folder(request)
+        try:
+            since = max(0, int(request.query_params.get("since", "0")))
+        except ValueError:
+            since = 0
+        detail = server.space.run_detail(folder, since)
+        job = server.jobs.job_for(folder)
+        detail["job"] = {"kind": job["kind"], "state": job["state"]} if job else None
+        if job and job["kind"] == "run" and detail["status"] in ("none", "finished", "stopped", "died", "failed"):
+            detail["status"] = "queued" if job["state"] == "queued" else "launching"
+        return JSONResponse(detail)
+
+    async def api_stop(request: Request) -> Response:
+        return JSONResponse({"message": server.jobs.stop(server.run_folder(request))})
+
+    async def api_resume(request: Request) -> Response:
+        folder = server.run_folder(request)
+        body = await read_json(request)
+        config = folder / CONFIG_FILE
+        if not config.is_file():
+            return problem(f"{server.space.relative(folder)} has no {CONFIG_FILE} to resume from")
+        if server.jobs.job_for(folder) or (server.space.run_summary(folder) or {}).get("alive"):
+            return problem("the run is queued or running")
+        argv = [*tuner_command(), "run", "--config", str(config), "--set", "resume_from_checkpoint=latest"]
+        if body.get("max_train_steps") not in (None, ""):
+            try:
+                steps = int(body["max_train_steps"])
+            except (TypeError, ValueError):
+                return problem(f"max_train_steps: {body['max_train_steps']!r} is not a whole number")
+            argv += ["--set", f"max_train_steps={steps}"]
+        server.jobs.submit("run", argv, folder, folder / "console.log", label=f"resume {folder.name}")
+        return JSONResponse({"message": "queued: resumes from the last checkpoint"})
+
+    async def api_sample(request: Request) -> Response:
+        folder = server.run_folder(request)
+        body = await read_json(request)
+        prompt = str(body.get("prompt") or "").strip()
+        if not prompt:
+            return problem("prompt: write what to render")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = folder / "samples" / stamp
+        recipe = folder / "recipe.json"
+        if recipe.is_file():
+            argv = [*tuner_command(), "sample", "--recipe", str(recipe)]
+        else:
+            loras = sorted(folder.glob("*.safetensors"))
+            if not loras or not (folder / CONFIG_FILE).is_file():
+                return problem("no LoRA yet: sampling needs a finished run")
+            argv = [*tuner_command(), "sample", "--config", str(folder / CONFIG_FILE), "--lora", str(loras[0])]
+        argv += ["--prompt", prompt, "--out", str(out)]
+        for field, option, kind in (
+            ("seed", "--seed", int),
+            ("steps", "--steps", int),
+            ("guidance", "--guidance", float),
+            ("lora_scale", "--lora-scale", float),
+        ):
+            if body.get(field) not in (None, ""):
+                try:
+                    argv += [option, str(kind(body[field]))]
+                except (TypeError, ValueError):
+                    return problem(f"{field}: {body[field]!r} is not a number")
+        server.jobs.submit("sample", argv, folder, out / "sample.log", label=f"sample {folder.name}")
+        return JSONResponse(
+            {"message": f"queued: images go to {server.space.relative(out)}", "folder": server.space.relative(out)}
+        )
+
+    return [
+        Route("/api/runs", api_runs),
+        Route("/api/run/{path:path}/stop", api_stop, methods=["POST"]),
+        Route("/api/run/{path:path}/resume", api_resume, methods=["POST"]),
+        Route("/api/run/{path:path}/sample", api_sample, methods=["POST"]),
+        Route("/api/run/{path:path}", api_run),
+    ]
