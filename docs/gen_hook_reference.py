@@ -17,7 +17,7 @@ def render() -> str:
     lines = [
         "# Hook reference",
         "",
-        "Generated from `core/hookspecs.py` by `docs/gen_hook_reference.py`; do not edit by hand.",
+        "Generated from `core/host/hookspecs.py` by `docs/gen_hook_reference.py`; do not edit by hand.",
         "",
         inspect.getdoc(hookspecs),
         "",

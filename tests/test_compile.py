@@ -4,6 +4,7 @@ for the tiny model with inductor); GPU speed is measured by benchmarks/gpu.py.""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -28,6 +29,7 @@ class Blocks:
             Blocks.total = len(blocks)
 
 
+@pytest.mark.slow
 def test_regional_compilation_trains_the_same_losses_as_eager(tiny_chroma, shapes_dir, tmp_path, monkeypatch):
     from tqdm.auto import tqdm
 

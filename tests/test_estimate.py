@@ -179,6 +179,7 @@ def chroma1_estimates():
     return {e.precision: e for e in estimate_precisions(host, config, list(SEED_TABLE), "cuda")}
 
 
+@pytest.mark.slow
 def test_real_chroma_training_lands_within_20_percent_of_the_seed_table(chroma1_estimates):
     none = chroma1_estimates["no_change"]
     assert none.settings["transformer_parameters"] == pytest.approx(8.9e9, rel=0.01)
@@ -284,6 +285,7 @@ def hub_cache_with(root, repo: str, folder) -> None:
     (cached / "refs" / "main").write_text("0" * 40)
 
 
+@pytest.mark.slow
 def test_a_hub_id_reads_only_config_files_and_fails_in_one_line_without_them(tmp_path, monkeypatch):
     from tuner.core.errors import PluginError
     from tuner.core.estimate import estimate

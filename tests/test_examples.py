@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from .conftest import REPO
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["chroma", "flux"])
 def test_example_config_trains_from_the_command_line(tmp_path, family):
     command = [

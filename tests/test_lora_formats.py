@@ -169,6 +169,7 @@ class _FamilyOnly:
         register(FamilyInfo("onlydiffusers", "writes the core's format only", {"base": "x/y"}, "base"))
 
 
+@pytest.mark.slow
 def test_check_lora_accepts_good_files_and_flags_renamed_keys(tiny_chroma, shapes_dir, tmp_path):
     _, result = trained(tmp_path, tiny_chroma, shapes_dir)
     diffusers_file = tmp_path / "out" / "pytorch_lora_weights.safetensors"

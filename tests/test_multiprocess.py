@@ -81,6 +81,7 @@ def run(tiny_chroma, datasets, tmp_path, name, processes, batch, extra=None):
     return out, done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "steps"), [("lora", 8), ("dora", 4), ("lokr", 4), ("loha", 4)])
 def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_dir, mixed_dir, tmp_path, kind, steps):
     datasets = [

@@ -151,6 +151,7 @@ def chroma1_nf4(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_real_chroma_at_nf4_peaks_in_training_with_offload(chroma1_nf4):
     """Without the key T5-XXL in bf16 (10.9 GiB) is the peak of a 4-bit run; with it, training is."""
     from tuner.core.estimate import GiB, shortfalls

@@ -225,6 +225,7 @@ def test_bitsandbytes_cpu_repack_bug():
         assert torch.equal(fixed.weight.data, before)
 
 
+@pytest.mark.slow
 def test_quanto_int8_crash_on_cpu():
     """The library bug (in a subprocess: it kills the process) and the plugin's fix: bf16
     activations against int8 weights whose scales are fp32, as validation meets them."""

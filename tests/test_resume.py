@@ -221,6 +221,7 @@ def test_persistent_nan_stops_with_a_clear_message(tiny_chroma, shapes_dir, tmp_
         run_trainer(settings, ("poison", PoisonSteps(set(range(1, 100)))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_chroma, shapes_dir, tmp_path, stop):
     out = tmp_path / "out"

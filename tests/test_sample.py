@@ -71,6 +71,7 @@ def test_the_readme_snippet_reproduces_validation_with_diffusers_alone(trained_r
         assert np.abs(pixels(tmp_path / f"sample_{seed}.png") - validation).max() <= 1
 
 
+@pytest.mark.slow
 def test_sample_options_and_lora_scale(trained_run, tiny_chroma, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(

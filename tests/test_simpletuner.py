@@ -177,6 +177,7 @@ def test_what_tuner_cannot_honour_is_refused(tmp_path, tiny_chroma, shapes_dir, 
         simpletuner.load(path, PluginHost("chroma"))
 
 
+@pytest.mark.slow
 def test_tuner_run_takes_the_simpletuner_config_and_convert_config_writes_the_equivalent(
     tmp_path, tiny_chroma, shapes_dir
 ):

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import REPO
 
 EXAMPLE = REPO / "examples" / "tuner-sd3"
@@ -44,6 +46,7 @@ def test_the_tutorial_assembles_into_the_example_package(tmp_path):
             compile(text, path, "exec")  # valid Python when pasted
 
 
+@pytest.mark.slow
 def test_the_tutorial_package_installs_and_trains(tmp_path):
     source, site = tmp_path / "tuner-sd3", tmp_path / "site"
     assemble(source)

@@ -213,10 +213,21 @@ def test_save_config_writes_what_tuner_run_reads(client, workspace):
     assert (config.model_family, config.network_rank, config.max_train_steps) == ("chroma", 16, 4)
 
 
+def phase_mib(table: str, phase: str) -> float:
+    """The memory panel's tensor bytes of one phase, in MiB (the table's first figure on its row)."""
+    row = next(line for line in table.splitlines() if line.strip().startswith(phase))
+    value, unit = row[len(row) - len(row.lstrip()) + len(phase) :].split()[:2]
+    return float(value) * {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}[unit]
+
+
 def test_the_memory_panel_and_bucket_table_follow_the_settings(client):
     small = client.post("/api/estimate", json={"family": "chroma", "values": VALUES}).json()
     large = client.post("/api/estimate", json={"family": "chroma", "values": {**VALUES, "resolution": "128"}}).json()
-    assert "64 px" in small["text"] and "128 px" in large["text"] and small["text"] != large["text"]
+    assert "64 px" in small["text"] and "128 px" in large["text"]
+    # the numbers follow too: encoding images holds 4x the pixels, training more activations
+    ratio = phase_mib(large["text"], "encode images") / phase_mib(small["text"], "encode images")
+    assert 3 < ratio < 5, (small["text"], large["text"])
+    assert phase_mib(large["text"], "train") > phase_mib(small["text"], "train")
     buckets = client.post(
         "/api/buckets",
         json={"family": "chroma", "values": {**VALUES, "resolution": "128", "aspect_bucket_alignment": "32"}},

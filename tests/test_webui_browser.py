@@ -58,6 +58,7 @@ def fill(page, key: str, value: str) -> None:
         field.fill(value)
 
 
+@pytest.mark.slow
 def test_a_person_trains_watches_stops_resumes_downloads_and_samples(browser, tmp_path, monkeypatch):
     # the README's bundled tiny model and its 20 images in three aspect ratios
     workspace = make_workspace(

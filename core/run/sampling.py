@@ -9,6 +9,8 @@ same images through the same hooks; the README beside it carries a diffusers-onl
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -181,22 +183,30 @@ def render(
 
         transformer = new_accelerator(config.mixed_precision).prepare_model(transformer, evaluation_mode=True)
     vae, scheduler = load("vae").to(device), load("scheduler")
-    rendered = []
+    request = ValidationRequest(
+        transformer=transformer.eval(),
+        vae=vae,
+        scheduler=scheduler,
+        prompts=prompts,
+        text=text,
+        negative_text=negative,
+        seeds=seeds,
+        width=sizes[0][0],
+        height=sizes[0][1],
+        num_inference_steps=config.validation_num_inference_steps,
+        config=config,
+        device=device,
+    )
+    # as validation renders: under accelerate's autocast
+    return [images for _, images in render_sizes(host, request, sizes, lambda: autocast(device.type, dtype))]
+
+
+def render_sizes(
+    host: Any, request: ValidationRequest, sizes: list[tuple[int, int]], autocast: Any
+) -> Iterator[tuple[tuple[int, int], list[Any]]]:
+    """The family's ``generate_images`` for ``request`` at each ``(width, height)``, without
+    gradients, each inside a fresh ``autocast()``: validation and ``tuner sample`` both render here."""
     for width, height in sizes:
-        request = ValidationRequest(
-            transformer=transformer.eval(),
-            vae=vae,
-            scheduler=scheduler,
-            prompts=prompts,
-            text=text,
-            negative_text=negative,
-            seeds=seeds,
-            width=width,
-            height=height,
-            num_inference_steps=config.validation_num_inference_steps,
-            config=config,
-            device=device,
-        )
-        with torch.no_grad(), autocast(device.type, dtype):  # as validation renders under accelerate's autocast
-            rendered.append(host.provide("generate_images", request=request))
-    return rendered
+        with torch.no_grad(), autocast():
+            images = host.provide("generate_images", request=replace(request, width=width, height=height))
+        yield (width, height), images

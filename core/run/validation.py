@@ -15,6 +15,7 @@ from tuner.core.host import events
 from tuner.core.host.records import ValidationRequest
 from tuner.core.io import atomic_write
 from tuner.core.outputs.export import LORA_FILE
+from tuner.core.run.sampling import render_sizes
 
 if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.data.cache import PreparedData
@@ -64,23 +65,21 @@ class Validator:
         was_training = model.training
         model.eval()
         rng = torch.get_rng_state()  # validation must not disturb the training's random stream
-        for width, height in self.sizes:
-            request = ValidationRequest(
-                transformer=model,
-                vae=self.component("vae"),
-                scheduler=self.component("scheduler"),
-                prompts=self.prompts,
-                text=[_batched(text.load(text_key(p)), ctx.device) for p in self.prompts],
-                negative_text=_batched(text.load(text_key(config.validation_negative_prompt or "")), ctx.device),
-                seeds=seeds,
-                width=width,
-                height=height,
-                num_inference_steps=config.validation_num_inference_steps,
-                config=config,
-                device=ctx.device,
-            )
-            with torch.no_grad(), ctx.autocast():
-                images = ctx.host.provide("generate_images", request=request)
+        request = ValidationRequest(
+            transformer=model,
+            vae=self.component("vae"),
+            scheduler=self.component("scheduler"),
+            prompts=self.prompts,
+            text=[_batched(text.load(text_key(p)), ctx.device) for p in self.prompts],
+            negative_text=_batched(text.load(text_key(config.validation_negative_prompt or "")), ctx.device),
+            seeds=seeds,
+            width=self.sizes[0][0],
+            height=self.sizes[0][1],
+            num_inference_steps=config.validation_num_inference_steps,
+            config=config,
+            device=ctx.device,
+        )
+        for (width, height), images in render_sizes(ctx.host, request, self.sizes, ctx.autocast):
             suffix = f"_{width}x{height}" if len(self.sizes) > 1 else ""
             paths = [folder / f"{i:02d}{suffix}.png" for i in range(len(images))]
             for path, image in zip(paths, images, strict=True):

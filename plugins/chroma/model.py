@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tuner.core import hookimpl
-from tuner.core.api import model_source, partial_pipeline, render
+from tuner.core.api import partial_pipeline, render
 from tuner.plugins.chroma import sigmas as chroma_sigmas
 from tuner.plugins.chroma import snippet
 from tuner.plugins.chroma.plugin import APPROXIMATOR, FAMILY, HIGH_PRECISION, PRESETS
@@ -33,36 +33,13 @@ class T5Encoder:
 
 @hookimpl
 def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
-    """``from_pretrained`` on a hub id or local diffusers folder (the hub client honours HF_ENDPOINT)."""
-    from diffusers import AutoencoderKL, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import ChromaTransformer2DModel
+    from transformers import T5EncoderModel
 
-    source = model_source(config, FAMILY.flavours)
-    kw = {"revision": config.revision} if config.revision else {}
+    def text_encoders(hub: shared.Pretrained) -> T5Encoder:
+        return T5Encoder(hub.tokenizer("tokenizer"), hub.encoder(T5EncoderModel, "text_encoder"))
 
-    def text_encoders() -> T5Encoder:
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-        encoder = T5EncoderModel.from_pretrained(
-            source, subfolder="text_encoder", dtype=dtype, use_safetensors=True, **kw
-        )
-        return T5Encoder(tokenizer, encoder.eval())
-
-    return shared.load_component(
-        "chroma",
-        source,
-        component,
-        {
-            "transformer": lambda: ChromaTransformer2DModel.from_pretrained(
-                source, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, **kw
-            ),
-            "vae": lambda: AutoencoderKL.from_pretrained(
-                source, subfolder="vae", torch_dtype=dtype, use_safetensors=True, **kw
-            ),
-            "text_encoders": text_encoders,
-            "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kw),
-        },
-    )
+    return shared.load_flux_lineage(FAMILY, config, component, dtype, ChromaTransformer2DModel, text_encoders)
 
 
 @hookimpl

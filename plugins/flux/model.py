@@ -34,40 +34,18 @@ class ClipT5Encoders:
 
 @hookimpl
 def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
-    source = model_source(config, FAMILY.flavours)
-    kw = {"revision": config.revision} if config.revision else {}
-
-    def text_encoders() -> ClipT5Encoders:
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-
+    def text_encoders(hub: shared.Pretrained) -> ClipT5Encoders:
         return ClipT5Encoders(
-            AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
-            CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder", dtype=dtype, use_safetensors=True, **kw
-            ).eval(),
-            AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw),
-            T5EncoderModel.from_pretrained(
-                source, subfolder="text_encoder_2", dtype=dtype, use_safetensors=True, **kw
-            ).eval(),
+            hub.tokenizer("tokenizer"),
+            hub.encoder(CLIPTextModel, "text_encoder"),
+            hub.tokenizer("tokenizer_2"),
+            hub.encoder(T5EncoderModel, "text_encoder_2"),
         )
 
-    return shared.load_component(
-        "flux",
-        source,
-        component,
-        {
-            "transformer": lambda: FluxTransformer2DModel.from_pretrained(
-                source, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, **kw
-            ),
-            "vae": lambda: AutoencoderKL.from_pretrained(
-                source, subfolder="vae", torch_dtype=dtype, use_safetensors=True, **kw
-            ),
-            "text_encoders": text_encoders,
-            "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kw),
-        },
-    )
+    return shared.load_flux_lineage(FAMILY, config, component, dtype, FluxTransformer2DModel, text_encoders)
 
 
 @hookimpl

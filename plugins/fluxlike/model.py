@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from tuner.core.api import READ_ERRORS, ConfigError, PluginError, first_line, resolve_targets
+from tuner.core.api import READ_ERRORS, ConfigError, PluginError, first_line, model_source, resolve_targets
 from tuner.plugins.fluxlike import latents as fl
 
 
@@ -31,6 +31,51 @@ def load_component(family: str, source: str, component: str, loaders: dict[str, 
                 f".bin files; convert them to safetensors): {first_line(exc)}"
             ) from None
         raise PluginError(f"{family}: cannot load the {component} of {source!r}: {first_line(exc)}") from None
+
+
+class Pretrained:
+    """``from_pretrained`` on one model source (a hub id or a local diffusers folder, at the run's
+    revision): safetensors only, weights in the run's dtype (the hub client honours HF_ENDPOINT)."""
+
+    def __init__(self, source: str, revision: str | None, dtype: torch.dtype):
+        self.source, self.dtype = source, dtype
+        self.options = {"revision": revision} if revision else {}
+
+    def model(self, cls: Any, subfolder: str) -> Any:
+        """A diffusers model (``torch_dtype``)."""
+        return cls.from_pretrained(
+            self.source, subfolder=subfolder, torch_dtype=self.dtype, use_safetensors=True, **self.options
+        )
+
+    def encoder(self, cls: Any, subfolder: str) -> Any:
+        """A transformers text encoder (``dtype``), in eval mode."""
+        return cls.from_pretrained(
+            self.source, subfolder=subfolder, dtype=self.dtype, use_safetensors=True, **self.options
+        ).eval()
+
+    def tokenizer(self, subfolder: str) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.source, subfolder=subfolder, **self.options)
+
+
+def load_flux_lineage(
+    family: Any, config: Any, component: str, dtype: torch.dtype, transformer: Any, text_encoders: Any
+) -> Any:
+    """``load_model`` for a family laid out like Flux: ``transformer`` (its diffusers class), the
+    Flux VAE, the flow-matching Euler scheduler, and ``text_encoders(pretrained)`` for the text side."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    hub = Pretrained(model_source(config, family.flavours), config.revision, dtype)
+    loaders = {
+        "transformer": lambda: hub.model(transformer, "transformer"),
+        "vae": lambda: hub.model(AutoencoderKL, "vae"),
+        "text_encoders": lambda: text_encoders(hub),
+        "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(
+            hub.source, subfolder="scheduler", **hub.options
+        ),
+    }
+    return load_component(family.name, hub.source, component, loaders)
 
 
 def lora_targets(

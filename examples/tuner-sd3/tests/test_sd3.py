@@ -48,6 +48,7 @@ def test_tuner_plugins_lists_the_package_with_its_distribution():
     assert "register_commands" in row["hooks"]
 
 
+@pytest.mark.slow
 def test_the_command_line_builds_a_tiny_sd3_and_trains_it(tmp_path):
     model, data = tmp_path / "tiny-sd3", shapes_dataset(tmp_path / "data", size=64)
     cli = [sys.executable, "-m", "tuner.core.cli"]
