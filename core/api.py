@@ -31,6 +31,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
             "LoraExport",
             "LoraReading",
             "ValidationRequest",
+            "KEY_GROUPS",
+            "in_group",
         )
     },
     **{

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tuner.core.host.manager import PluginHost
 from tuner.core.outputs.runinfo import read_run
 
 from .conftest import REPO, base_settings, train
@@ -201,7 +202,6 @@ def test_form_errors_are_the_messages_tuner_run_prints(client, workspace):
 def test_save_config_writes_what_tuner_run_reads(client, workspace):
     from tuner.core.config.build import build_config
     from tuner.core.config.values import read_config_file
-    from tuner.core.host.manager import PluginHost
 
     response = client.post(
         "/api/config", json={"family": "chroma", "values": {**VALUES, "validation_prompts": "a\nb\n"}}
@@ -429,3 +429,38 @@ def test_without_the_extra_the_command_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if `pip install tuner` without [webui]
     result = CliRunner().invoke(app, ["server"])
     assert str(result.exception) == "tuner server needs the webui extra: pip install 'tuner[webui]'"
+
+
+def test_the_form_is_built_from_the_key_records_not_from_key_names():
+    """forms.py reads a run's values where it needs them (where the run goes, which data) but keeps
+    no table of keys: a key's group, place and meaning to the form come from its ConfigKey."""
+    import ast
+
+    names = {name for family in ("chroma", "flux", "sd3") for name in PluginHost(family).config_keys()}
+    tree = ast.parse((REPO / "plugins" / "webui" / "forms.py").read_text())
+    used = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    reads = {"output_dir", "data_dir", "datasets", "cache_dir", "caption_strategy", "model_family", "train_batch_size"}
+    assert used & names <= reads
+
+
+def test_a_plugin_key_lands_in_the_form_where_its_record_says():
+    from tuner.core.api import ConfigKey, PluginError, hookimpl
+    from tuner.plugins.webui import forms
+
+    class Keys:
+        def __init__(self, **fields):
+            self.fields = fields
+
+        @hookimpl
+        def register_config_keys(self, register):
+            register(ConfigKey("my_crop_margin", "int", 0, "Pixels kept around a crop.", **self.fields))
+
+    host = PluginHost("chroma", extra_plugins=[("mine", Keys(group="data", central=True, memory=True))])
+    data = next(g for g in forms.form_schema(host)["groups"] if g["name"] == "data")
+    field = next(f for f in data["central"] if f["name"] == "my_crop_margin")
+    assert field["memory"] and field["owner"] == "mine"
+    hidden = PluginHost("chroma", extra_plugins=[("mine", Keys(in_form=False))])
+    assert all(f["name"] != "my_crop_margin" for g in forms.form_schema(hidden)["groups"] for f in g["advanced"])
+    with pytest.raises(PluginError, match=r"plugin 'mine'.*my_crop_margin.*group 'extras'; use one of model, data"):
+        PluginHost("chroma", extra_plugins=[("mine", Keys(group="extras"))]).config_keys()

@@ -163,11 +163,17 @@ def _missing_libraries(host: Any, record: Any) -> list[str]:
 
 @app.command()
 def keys(plugin: str = typer.Option(..., "--plugin", "-p", help="Model family.")) -> None:
-    """List the config keys a family accepts, with defaults, aliases and the plugin that owns each;
-    keys the family ignores or refuses say so."""
+    """List the config keys a family accepts, in their groups, with defaults, aliases and the plugin
+    that owns each; keys the family ignores or refuses say so."""
+    from tuner.core.host.records import KEY_GROUPS
+
     host = _host(plugin)
     family = host.family
-    for key in sorted(host.config_keys().values(), key=lambda k: k.name):
+    keys = host.config_keys().values()
+    ordered = sorted(keys, key=lambda k: (KEY_GROUPS.index(k.group), k.name))
+    for index, key in enumerate(ordered):
+        if index == 0 or ordered[index - 1].group != key.group:
+            typer.echo(f"{'' if index == 0 else chr(10)}[{key.group}]")
         aliases = f" (alias: {', '.join(key.aliases)})" if key.aliases else ""
         choices = f" [{'|'.join(key.choices)}]" if key.choices else ""
         typer.echo(f"{key.name}{aliases}: {key.kind}{choices} = {key.default!r}  <{key.owner}>\n    {key.help}")

@@ -64,9 +64,9 @@ def run_wizard(
     for key in asked:
         default = key.default
         choices = key.choices
-        if key.name == "model_flavour":
+        if key.choices_from == "flavours":
             default, choices = info.default_flavour, tuple(info.flavours)
-        elif key.name == "base_model_precision":
+        elif key.choices_from == "precisions":
             choices = (NO_QUANTIZATION, *sorted(host.precisions))
         shown = "; ".join(default) if isinstance(default, list) else ("" if default is None else str(default))
         shown = given.get(key.name, shown)

@@ -15,7 +15,7 @@ import importlib
 import importlib.metadata
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -24,7 +24,15 @@ import pluggy
 from tuner.core import ENTRY_POINT_GROUP, PROJECT_NAME
 from tuner.core.errors import PluginError, first_line
 from tuner.core.host import hookspecs
-from tuner.core.host.records import ConfigKey, FamilyInfo, LoraFormat, OptimizerInfo, PrecisionInfo
+from tuner.core.host.records import (
+    CHOICE_SOURCES,
+    KEY_GROUPS,
+    ConfigKey,
+    FamilyInfo,
+    LoraFormat,
+    OptimizerInfo,
+    PrecisionInfo,
+)
 
 CORE_PLUGIN_NAME = "core"
 # the core's own plugins, registered first in every host: imported by name like entry points (the
@@ -284,7 +292,18 @@ class PluginHost:
                         f"config key {key.name!r} is offered by plugin {keys[key.name].owner!r} "
                         f"and by plugin {impl.plugin_name!r}"
                     )
-                keys[key.name] = _with_owner(key, self._record(impl.plugin_name))
+                record = self._record(impl.plugin_name)
+                if key.group not in ("", *KEY_GROUPS) or key.choices_from not in ("", *CHOICE_SOURCES):
+                    bad = (
+                        f"group {key.group!r}"
+                        if key.group not in ("", *KEY_GROUPS)
+                        else f"choices_from {key.choices_from!r}"
+                    )
+                    known = KEY_GROUPS if key.group not in ("", *KEY_GROUPS) else CHOICE_SOURCES
+                    raise PluginError(
+                        f"{record.label}: config key {key.name!r} has {bad}; use one of {', '.join(known)}"
+                    )
+                keys[key.name] = replace(_with_owner(key, record), group=key.group or KEY_GROUPS[0])
         return keys
 
     @property

@@ -122,6 +122,10 @@ class OptimizerInfo:
 
 # Value kinds a ConfigKey can hold.
 KINDS = ("str", "int", "float", "bool", "str_list", "str_or_list", "path", "sizes", "mappings")
+# The sections keys are shown and listed in (the seed guide's), in order: ConfigKey.group
+KEY_GROUPS = ("model", "data", "LoRA", "optimisation", "validation", "saving")
+# Where ConfigKey.choices_from takes the allowed values from
+CHOICE_SOURCES = ("flavours", "precisions")
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,8 @@ class ConfigKey:
     list (or comma-separated string) of them, and holds a list of ``[width, height]``. ``nullable`` allows ``null``. ``minimum`` and ``maximum`` bound numbers (every numeric key should
     say its range, so a value only torch would reject is refused when the config is read).
     ``multiple_of`` constrains ints. ``check`` may reject a value by returning a message.
+    The fields after ``check`` say where the key is shown (``group``, ``central``, ``in_form``) and
+    what it means to the web UI; none of them changes what a value means.
     """
 
     name: str
@@ -155,6 +161,22 @@ class ConfigKey:
     needs: str = ""
     # a last look at a value of the right kind: a message when it cannot work, else None
     check: Callable[[Any], str | None] | None = field(default=None, compare=False, repr=False)
+    # the section it is shown and listed in: one of KEY_GROUPS ("" is model); the web UI's form and
+    # `tuner keys` group by it
+    group: str = ""
+    # shown among its group's central settings (above "advanced") even if `tuner configure` does not ask it
+    central: bool = False
+    # offered in the web UI's new-run form (False: chosen elsewhere there, like the family, or never)
+    in_form: bool = True
+    # changing it changes the memory estimate (the web UI's memory panel refreshes on it)
+    memory: bool = False
+    # its values are what is installed: "flavours" (the family's) or "precisions" (no_change and the
+    # quantizers'), one of CHOICE_SOURCES
+    choices_from: str = ""
+    # a folder of images and captions (the web UI offers its data picker)
+    image_folder: bool = False
+    # the default when a workspace holds the run (the web UI's): a path relative to the workspace
+    workspace_default: Any = None
     owner: str = ""  # plugin that offered the key; filled in by the host
 
 
@@ -224,3 +246,10 @@ class LoraFormat:
     adapter_types: tuple[str, ...] = ("lora", "dora", "lokr", "loha")
     plugin: str = ""
     distribution: str = ""
+
+
+def in_group(group: str, keys: tuple[ConfigKey, ...]) -> tuple[ConfigKey, ...]:
+    """``keys`` with ``group`` set where a key names none (a module of keys declares its section once)."""
+    from dataclasses import replace
+
+    return tuple(key if key.group else replace(key, group=group) for key in keys)

@@ -64,6 +64,7 @@ KEYS = (
         minimum=0,
         ask=True,
         recipe=True,
+        group="validation",
     ),
     ConfigKey(
         "chroma_sigma_remap",
@@ -73,6 +74,7 @@ KEYS = (
         "(covers all of (0,1)); 'threshold' is SimpleTuner's rule (shift 3, branch at 0.5; "
         "never trains sigma in [0.25, 0.75)).",
         choices=("random", "threshold"),
+        group="optimisation",
     ),
 )
 

@@ -51,7 +51,15 @@ KEYS = (
         "Mask T5 padding in the transformer's attention (off in Flux's own training).",
         recipe=True,
     ),
-    ConfigKey("validation_guidance", "float", 3.5, "Distilled guidance at validation (dev).", minimum=0, recipe=True),
+    ConfigKey(
+        "validation_guidance",
+        "float",
+        3.5,
+        "Distilled guidance at validation (dev).",
+        minimum=0,
+        recipe=True,
+        group="validation",
+    ),
     ConfigKey(
         "validation_guidance_real",
         "float",
@@ -59,6 +67,7 @@ KEYS = (
         "Real CFG scale at validation; > 1 runs a second pass with the negative prompt.",
         minimum=0,
         recipe=True,
+        group="validation",
     ),
 )
 

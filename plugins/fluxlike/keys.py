@@ -40,6 +40,7 @@ def lora_target_key(presets: dict[str, list[str]], default: str = "all") -> Conf
         choices=tuple(presets),
         ask=True,
         resume_critical=True,
+        group="LoRA",
     )
 
 
@@ -60,10 +61,22 @@ GUIDANCE_KEYS = (
         "constant",
         "Training guidance value: constant or random-range.",
         choices=("constant", "random-range"),
+        group="optimisation",
     ),
-    ConfigKey("flux_guidance_value", "float", 1.0, "Guidance value with flux_guidance_mode constant.", minimum=0),
-    ConfigKey("flux_guidance_min", "float", 1.0, "Lower bound of random-range guidance.", minimum=0),
-    ConfigKey("flux_guidance_max", "float", 4.0, "Upper bound of random-range guidance.", minimum=0),
+    ConfigKey(
+        "flux_guidance_value",
+        "float",
+        1.0,
+        "Guidance value with flux_guidance_mode constant.",
+        minimum=0,
+        group="optimisation",
+    ),
+    ConfigKey(
+        "flux_guidance_min", "float", 1.0, "Lower bound of random-range guidance.", minimum=0, group="optimisation"
+    ),
+    ConfigKey(
+        "flux_guidance_max", "float", 4.0, "Upper bound of random-range guidance.", minimum=0, group="optimisation"
+    ),
 )
 
 FAST_SCHEDULE = ConfigKey("flux_fast_schedule", "bool", False, "Schnell's four-level sigma schedule.")

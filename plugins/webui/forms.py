@@ -7,96 +7,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tuner.core.api import NO_QUANTIZATION, ConfigError, DataError, PluginError, build_config
+from tuner.core.api import (
+    CONFIGURE_ORDER,
+    KEY_GROUPS,
+    NO_QUANTIZATION,
+    ConfigError,
+    DataError,
+    PluginError,
+    build_config,
+)
 from tuner.plugins.webui.workspace import OutsideWorkspace, Workspace
-
-# The seed guide's sections, in its order.
-GROUPS = ("model", "data", "LoRA", "optimisation", "validation", "saving")
-# Where the core's keys go; a plugin's key is placed by its name (see group_of).
-CORE_GROUPS = {
-    "model": (
-        "model_flavour pretrained_model_name_or_path revision base_model_precision mixed_precision "
-        "text_encoder_1_precision text_encoder_2_precision text_encoder_3_precision offload_during_startup "
-        "memory_estimate tokenizer_max_length"
-    ),
-    "data": (
-        "data_dir datasets resolution resolution_type aspect_bucket_alignment aspect_bucket_max_ratio crop_style "
-        "minimum_image_size image_background caption_strategy caption_dropout_probability dataset_repeats cache_dir "
-        "dataloader_num_workers eval_data_dir eval_split"
-    ),
-    "LoRA": "lora_type network_rank lora_alpha lora_dropout lokr_factor",
-    "optimisation": (
-        "learning_rate lr_scheduler lr_warmup_steps lr_num_cycles lr_power train_batch_size gradient_accumulation_steps max_train_steps "
-        "max_grad_norm adam_beta1 adam_beta2 adam_epsilon adam_weight_decay gradient_checkpointing seed "
-        "flow_schedule_shift flow_schedule_auto_shift flow_sigmoid_scale divergence_skip_limit "
-        "divergence_max_rollbacks divergence_lr_factor optimizer optimizer_config use_ema ema_decay "
-        "ema_update_interval ema_device compile compile_backend"
-    ),
-    "validation": "eval_steps eval_sigma_levels",
-    "saving": "output_dir checkpointing_steps checkpoints_total_limit lora_format report_to existing_output",
-}
-GROUP_OF = {name: group for group, names in CORE_GROUPS.items() for name in names.split()}
-# Shown above "advanced" besides the keys `tuner configure` asks for.
-CENTRAL = {
-    "pretrained_model_name_or_path",
-    "lora_type",
-    "lora_alpha",
-    "optimizer",
-    "validation_steps",
-    "checkpointing_steps",
-}
-# Chosen elsewhere in the UI (the family selector, the resume button) or not a choice at all.
-HIDDEN = {"model_type", "model_family", "resume_from_checkpoint"}
-# The UI's own defaults: the core's cache_dir default (~/.cache/tuner) is outside the workspace.
-UI_DEFAULTS = {"cache_dir": "cache"}
-# Keys whose change alters the memory estimate: the memory panel refreshes on them.
-MEMORY_KEYS = {
-    "base_model_precision",
-    "mixed_precision",
-    "resolution",
-    "train_batch_size",
-    "network_rank",
-    "gradient_checkpointing",
-    "pretrained_model_name_or_path",
-    "model_flavour",
-    "offload_during_startup",
-    "lora_type",
-    "optimizer",
-    "use_ema",
-}
-
-
-def group_of(name: str) -> str:
-    if name in GROUP_OF:
-        return GROUP_OF[name]
-    if name.startswith(("validation_", "eval_")):
-        return "validation"
-    if "lora" in name or name.startswith("network_"):
-        return "LoRA"
-    if name.startswith(("flux_guidance", "flow_", "noise_", "timestep", "scheduled_sampling_")) or "sigma" in name:
-        return "optimisation"
-    if "caption" in name or name.startswith(("dataset", "crop_", "aspect_")):
-        return "data"
-    return "model"
 
 
 def form_schema(host: Any) -> dict[str, Any]:
-    """The family's keys grouped for the form; keys the family refuses or ignores are left out."""
+    """The family's keys in their groups (``ConfigKey.group``), central ones first; keys the form
+    does not offer (``in_form``) and keys the family refuses or ignores are left out."""
     family = host.family
     keys = host.config_keys()
-    groups: dict[str, dict[str, list[dict[str, Any]]]] = {g: {"central": [], "advanced": []} for g in GROUPS}
+    groups: dict[str, dict[str, list[dict[str, Any]]]] = {g: {"central": [], "advanced": []} for g in KEY_GROUPS}
     for key in sorted(keys.values(), key=lambda k: k.name):
-        if key.name in HIDDEN or key.name in family.ignored_keys or family.refusal(key) is not None:
+        if not key.in_form or key.name in family.ignored_keys or family.refusal(key) is not None:
             continue
-        default, choices = key.default, key.choices
-        default = UI_DEFAULTS.get(key.name, default)
-        if key.name == "model_flavour":
+        default = key.workspace_default if key.workspace_default is not None else key.default
+        choices = key.choices
+        if key.choices_from == "flavours":
             default, choices = family.default_flavour, tuple(family.flavours)
-        elif key.name in ("base_model_precision",) or key.name.startswith("text_encoder_"):
+        elif key.choices_from == "precisions":
             choices = (NO_QUANTIZATION, *sorted(host.precisions))
-            default = (
-                default if default is not None else (None if key.name != "base_model_precision" else NO_QUANTIZATION)
-            )
         field = {
             "name": key.name,
             "kind": key.kind,
@@ -105,21 +42,15 @@ def form_schema(host: Any) -> dict[str, Any]:
             "nullable": key.nullable,
             "help": key.help,
             "owner": key.owner,
-            "memory": key.name in MEMORY_KEYS,
-            "browse": key.kind == "path" and key.name.endswith("data_dir"),
+            "memory": key.memory,
+            "browse": key.image_folder,
         }
-        place = "central" if key.ask or key.name in CENTRAL else "advanced"
-        groups[group_of(key.name)][place].append(field)
-    order = _central_order()
+        place = "central" if key.ask or key.central else "advanced"
+        groups[key.group][place].append(field)
+    order = {name: index for index, name in enumerate(CONFIGURE_ORDER)}
     for parts in groups.values():
         parts["central"].sort(key=lambda f: (order.get(f["name"], len(order)), f["name"]))
-    return {"family": family.name, "groups": [{"name": g, **groups[g]} for g in GROUPS]}
-
-
-def _central_order() -> dict[str, int]:
-    from tuner.core.api import CONFIGURE_ORDER as ASKED
-
-    return {name: index for index, name in enumerate(ASKED)}
+    return {"family": family.name, "groups": [{"name": g, **groups[g]} for g in KEY_GROUPS]}
 
 
 def parse_values(host: Any, values: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +61,7 @@ def parse_values(host: Any, values: dict[str, Any]) -> dict[str, Any]:
     raw: dict[str, Any] = {}
     for name, value in values.items():
         key = keys.get(name)
-        if key is None or name in HIDDEN:
+        if key is None or not key.in_form:
             raise ConfigError(f"form: {name}: not a key of {host.family.name}")
         if value is None or value == "" or value == []:
             continue
@@ -167,8 +98,9 @@ def validate(workspace: Workspace, host: Any, values: dict[str, Any], check_data
     except ConfigError as exc:
         return _error(str(exc), "form")
     raw["model_family"] = host.family.name
-    for name, value in UI_DEFAULTS.items():
-        raw.setdefault(name, value)
+    for key in host.config_keys().values():  # e.g. the cache inside the workspace, not ~/.cache
+        if key.workspace_default is not None:
+            raw.setdefault(key.name, key.workspace_default)
     file = config_file(workspace, raw)
     source = f"configs/{file.name}"  # what `tuner run --config` from the workspace would name
     warnings: list[str] = []

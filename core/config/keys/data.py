@@ -3,7 +3,7 @@ caches."""
 
 from __future__ import annotations
 
-from tuner.core.host.records import ConfigKey
+from tuner.core.host.records import ConfigKey, in_group
 
 
 def _colour_problem(value: str) -> str | None:
@@ -16,95 +16,111 @@ def _colour_problem(value: str) -> str | None:
     return None
 
 
-KEYS = (
-    ConfigKey(
-        "data_dir", "path", None, "Folder of images with same-stem .txt captions.", aliases=("instance_data_dir",)
+KEYS = in_group(
+    "data",
+    (
+        ConfigKey(
+            "data_dir",
+            "path",
+            None,
+            "Folder of images with same-stem .txt captions.",
+            aliases=("instance_data_dir",),
+            image_folder=True,
+        ),
+        ConfigKey(
+            "datasets",
+            "mappings",
+            None,
+            "Several datasets instead of data_dir: a list of entries with data_dir and any of id, weight, kind "
+            "(training or regularisation), resolution, resolution_type, repeats, caption_strategy, "
+            "caption_dropout_probability, crop_style, aspect_bucket_max_ratio, aspect_bucket_alignment, "
+            "minimum_image_size.",
+        ),
+        ConfigKey(
+            "caption_strategy",
+            "str",
+            "textfile",
+            "textfile: same-stem .txt captions; filename: the image's name is its caption.",
+            choices=("textfile", "filename"),
+        ),
+        ConfigKey(
+            "dataset_repeats", "int", 0, "Extra passes over each image per epoch (SimpleTuner's repeats).", minimum=0
+        ),
+        ConfigKey(
+            "caption_dropout_probability",
+            "float",
+            0.0,
+            "Train this share of samples with the empty caption (drawn per sample from the seed and the step), "
+            "so the LoRA also works without its trigger words and with classifier-free guidance.",
+            minimum=0,
+            maximum=1,
+        ),
+        ConfigKey(
+            "cache_dir",
+            "path",
+            None,
+            "Latent and text caches (default: $XDG_CACHE_HOME/tuner).",
+            recipe=True,
+            workspace_default="cache",
+        ),
+        ConfigKey(
+            "resolution",
+            "int",
+            512,
+            "Training size in pixels: the side of the square bucket (resolution_type area: every bucket holds about "
+            "resolution^2 pixels) or the shorter side (pixel).",
+            minimum=16,
+            multiple_of=16,
+            recipe=True,
+            memory=True,
+        ),
+        ConfigKey(
+            "resolution_type",
+            "str",
+            "area",
+            "area: buckets of about resolution^2 pixels at each aspect ratio; pixel: the shorter side is resolution.",
+            choices=("area", "pixel"),
+        ),
+        ConfigKey(
+            "aspect_bucket_alignment",
+            "int",
+            64,
+            "Bucket sides are multiples of this (SimpleTuner's default 64); a multiple of the family's latent "
+            "alignment (16 for Chroma and Flux: the VAE's 8 times 2x2 patches).",
+            minimum=8,
+        ),
+        ConfigKey(
+            "aspect_bucket_max_ratio",
+            "float",
+            3.0,
+            "Widest (and tallest) bucket, as long side / short side; wider images are cropped there, never "
+            "stretched. 1.0: square only.",
+            minimum=1.0,
+        ),
+        ConfigKey(
+            "crop_style",
+            "str",
+            "center",
+            "Where an image is cropped after it is resized to cover its bucket: center, or random (drawn per image "
+            "and epoch from the seed; a crop is cached for each epoch the run reaches).",
+            choices=("center", "random"),
+        ),
+        ConfigKey(
+            "image_background",
+            "str",
+            "white",
+            "Colour transparent images are composited on before encoding (a name or #RRGGBB), as other trainers "
+            "do; the run says which images had transparency.",
+            check=lambda value: _colour_problem(value),
+        ),
+        ConfigKey(
+            "minimum_image_size",
+            "int",
+            0,
+            "Skip images smaller than this (sqrt(width x height) with resolution_type area, the shorter side with "
+            "pixel), with a warning and a count.",
+            minimum=0,
+        ),
+        ConfigKey("dataloader_num_workers", "int", 0, "Worker processes reading cached items.", minimum=0),
     ),
-    ConfigKey(
-        "datasets",
-        "mappings",
-        None,
-        "Several datasets instead of data_dir: a list of entries with data_dir and any of id, weight, kind "
-        "(training or regularisation), resolution, resolution_type, repeats, caption_strategy, "
-        "caption_dropout_probability, crop_style, aspect_bucket_max_ratio, aspect_bucket_alignment, "
-        "minimum_image_size.",
-    ),
-    ConfigKey(
-        "caption_strategy",
-        "str",
-        "textfile",
-        "textfile: same-stem .txt captions; filename: the image's name is its caption.",
-        choices=("textfile", "filename"),
-    ),
-    ConfigKey(
-        "dataset_repeats", "int", 0, "Extra passes over each image per epoch (SimpleTuner's repeats).", minimum=0
-    ),
-    ConfigKey(
-        "caption_dropout_probability",
-        "float",
-        0.0,
-        "Train this share of samples with the empty caption (drawn per sample from the seed and the step), "
-        "so the LoRA also works without its trigger words and with classifier-free guidance.",
-        minimum=0,
-        maximum=1,
-    ),
-    ConfigKey("cache_dir", "path", None, "Latent and text caches (default: $XDG_CACHE_HOME/tuner).", recipe=True),
-    ConfigKey(
-        "resolution",
-        "int",
-        512,
-        "Training size in pixels: the side of the square bucket (resolution_type area: every bucket holds about "
-        "resolution^2 pixels) or the shorter side (pixel).",
-        minimum=16,
-        multiple_of=16,
-        recipe=True,
-    ),
-    ConfigKey(
-        "resolution_type",
-        "str",
-        "area",
-        "area: buckets of about resolution^2 pixels at each aspect ratio; pixel: the shorter side is resolution.",
-        choices=("area", "pixel"),
-    ),
-    ConfigKey(
-        "aspect_bucket_alignment",
-        "int",
-        64,
-        "Bucket sides are multiples of this (SimpleTuner's default 64); a multiple of the family's latent "
-        "alignment (16 for Chroma and Flux: the VAE's 8 times 2x2 patches).",
-        minimum=8,
-    ),
-    ConfigKey(
-        "aspect_bucket_max_ratio",
-        "float",
-        3.0,
-        "Widest (and tallest) bucket, as long side / short side; wider images are cropped there, never "
-        "stretched. 1.0: square only.",
-        minimum=1.0,
-    ),
-    ConfigKey(
-        "crop_style",
-        "str",
-        "center",
-        "Where an image is cropped after it is resized to cover its bucket: center, or random (drawn per image "
-        "and epoch from the seed; a crop is cached for each epoch the run reaches).",
-        choices=("center", "random"),
-    ),
-    ConfigKey(
-        "image_background",
-        "str",
-        "white",
-        "Colour transparent images are composited on before encoding (a name or #RRGGBB), as other trainers "
-        "do; the run says which images had transparency.",
-        check=lambda value: _colour_problem(value),
-    ),
-    ConfigKey(
-        "minimum_image_size",
-        "int",
-        0,
-        "Skip images smaller than this (sqrt(width x height) with resolution_type area, the shorter side with "
-        "pixel), with a warning and a count.",
-        minimum=0,
-    ),
-    ConfigKey("dataloader_num_workers", "int", 0, "Worker processes reading cached items.", minimum=0),
 )

@@ -3,52 +3,75 @@ weights (the denoiser's and each text encoder's)."""
 
 from __future__ import annotations
 
-from tuner.core.host.records import ConfigKey
+from tuner.core.host.records import ConfigKey, in_group
 
 NO_QUANTIZATION = "no_change"  # base_model_precision / text_encoder_N_precision: leave the weights as loaded
 
 TEXT_ENCODER_PRECISIONS = ("text_encoder_1_precision", "text_encoder_2_precision", "text_encoder_3_precision")
 
-KEYS = (
-    ConfigKey("model_type", "str", "lora", "Only LoRA training is supported.", choices=("lora",)),
-    ConfigKey("model_family", "str", None, "Model family; the same as --plugin.", resume_critical=True, recipe=True),
-    ConfigKey(
-        "model_flavour",
-        "str",
-        None,
-        "Family flavour (e.g. chroma: base, hd, flash).",
-        resume_critical=True,
-        recipe=True,
-    ),
-    ConfigKey(
-        "pretrained_model_name_or_path",
-        "str",
-        None,
-        "Hub id or local diffusers folder; overrides the flavour.",
-        resume_critical=True,
-        recipe=True,
-    ),
-    ConfigKey(
-        "revision", "str", None, "Hub revision (branch, tag or commit) of the model.", resume_critical=True, recipe=True
-    ),
-    ConfigKey(
-        "base_model_precision",
-        "str",
-        NO_QUANTIZATION,
-        "Quantize the frozen denoiser: no_change or a precision a plugin offers (int8-quanto, nf4-bnb).",
-        resume_critical=True,
-        recipe=True,  # validation rendered on the quantized base: `tuner sample --recipe` does too
-    ),
-    *(
+KEYS = in_group(
+    "model",
+    (
+        ConfigKey("model_type", "str", "lora", "Only LoRA training is supported.", choices=("lora",), in_form=False),
         ConfigKey(
-            f"text_encoder_{n}_precision",
+            "model_family",
+            "str",
+            None,
+            "Model family; the same as --plugin.",
+            resume_critical=True,
+            recipe=True,
+            in_form=False,
+        ),
+        ConfigKey(
+            "model_flavour",
+            "str",
+            None,
+            "Family flavour (e.g. chroma: base, hd, flash).",
+            resume_critical=True,
+            recipe=True,
+            choices_from="flavours",
+            memory=True,
+        ),
+        ConfigKey(
+            "pretrained_model_name_or_path",
+            "str",
+            None,
+            "Hub id or local diffusers folder; overrides the flavour.",
+            resume_critical=True,
+            recipe=True,
+            central=True,
+            memory=True,
+        ),
+        ConfigKey(
+            "revision",
+            "str",
+            None,
+            "Hub revision (branch, tag or commit) of the model.",
+            resume_critical=True,
+            recipe=True,
+        ),
+        ConfigKey(
+            "base_model_precision",
             "str",
             NO_QUANTIZATION,
-            f"Quantize text encoder {n} (SimpleTuner's numbering: Chroma's 1 is T5; Flux's 1 is CLIP, 2 is T5) "
-            "while captions are encoded: no_change or a precision a plugin offers. Part of the text cache's key.",
-            needs=f"text_encoder_{n}",
+            "Quantize the frozen denoiser: no_change or a precision a plugin offers (int8-quanto, nf4-bnb).",
+            resume_critical=True,
             recipe=True,
-        )
-        for n in (1, 2, 3)
+            choices_from="precisions",
+            memory=True,  # validation rendered on the quantized base: `tuner sample --recipe` does too
+        ),
+        *(
+            ConfigKey(
+                f"text_encoder_{n}_precision",
+                "str",
+                NO_QUANTIZATION,
+                f"Quantize text encoder {n} (SimpleTuner's numbering: Chroma's 1 is T5; Flux's 1 is CLIP, 2 is T5) "
+                "while captions are encoded: no_change or a precision a plugin offers. Part of the text cache's key.",
+                needs=f"text_encoder_{n}",
+                recipe=True,
+                choices_from="precisions",
+            )
+            for n in (1, 2, 3)
+        ),
     ),
 )

@@ -40,6 +40,7 @@ KEYS = (
         choices=tuple(PRESETS),
         ask=True,  # `tuner configure` asks for it
         resume_critical=True,  # resuming with other targets is refused
+        group="LoRA",  # where the web UI's form and `tuner keys` show it
     ),
     ConfigKey("tokenizer_max_length", "int", 256, "T5 tokens per caption.", minimum=1, recipe=True),
     ConfigKey(
@@ -49,6 +50,7 @@ KEYS = (
         "CFG scale at validation (1.0: a single pass).",
         minimum=0,
         recipe=True,  # recipe.json records it; `tuner sample --recipe` renders with it
+        group="validation",
     ),
 )
 
