@@ -198,3 +198,23 @@ def test_the_inference_schedule_is_the_familys_and_a_plugin_may_replace_it(tiny_
     )
     rolled_out = [s for sigmas, grad in recorder.calls if not grad for s in sigmas]
     assert rolled_out and all(abs(s * 8 - round(s * 8)) < 1e-6 for s in rolled_out)  # multiples of 1/8
+
+
+def test_the_resolution_shift_is_the_one_diffusers_pipelines_apply(tiny_chroma, shapes_dir, tmp_path):
+    """The core computes a dynamic-shifting scheduler's mu from the scheduler's own config (no
+    family's pipeline imported); it equals diffusers' calculate_shift, which Flux's and Chroma's
+    pipelines call, at every sequence length."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from tuner.core.model import flow
+
+    host = make_host()
+    config = make_config(host, base_settings(tiny_chroma, shapes_dir, tmp_path))
+    scheduler = host.provide("load_model", config=config, component="scheduler", dtype=torch.float32)
+    settings = scheduler.config
+    assert settings.use_dynamic_shifting
+    for seq_len in (64, 256, 1024, 4096, 6400):
+        expected = calculate_shift(
+            seq_len, settings.base_image_seq_len, settings.max_image_seq_len, settings.base_shift, settings.max_shift
+        )
+        assert flow.dynamic_shift_mu(seq_len, settings) == pytest.approx(expected, rel=1e-12)

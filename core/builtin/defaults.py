@@ -51,14 +51,10 @@ def inference_sigmas(config, scheduler, num_steps, latent_shape):
         return None
     scheduler = copy.deepcopy(scheduler)  # set_timesteps changes it; validation keeps its own
     options = {}
-    if getattr(scheduler.config, "use_dynamic_shifting", False):  # the Flux lineage's resolution shift
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    if getattr(scheduler.config, "use_dynamic_shifting", False):  # the resolution shift its pipelines apply
+        from tuner.core.model import flow
 
-        tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)  # 2x2 patches
-        settings = scheduler.config
-        options["mu"] = calculate_shift(
-            tokens, settings.base_image_seq_len, settings.max_image_seq_len, settings.base_shift, settings.max_shift
-        )
+        options["mu"] = flow.dynamic_shift_mu(flow.packed_tokens(latent_shape), scheduler.config)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), **options)
     return scheduler.sigmas.float().cpu()
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from tuner.core.config.datasets import resolve
-from tuner.core.config.keys.model import NO_QUANTIZATION, TEXT_ENCODER_PRECISIONS
+from tuner.core.config.keys.model import NO_QUANTIZATION
 from tuner.core.config.keys.optimization import optimizer_options
 from tuner.core.config.keys.saving import trackers
 from tuner.core.config.values import Config, validate
@@ -61,7 +61,7 @@ def build_config(
                 f"{source}: lora_format {raw['lora_format']}: {', '.join(left_out)} cannot store lora_type "
                 f"{config.lora_type}; writing {', '.join(config.lora_format)}"
             )
-    for key in ("base_model_precision", *TEXT_ENCODER_PRECISIONS):
+    for key in (name for name, declared in config.keys.items() if declared.choices_from == "precisions"):
         precision = config.get(key, NO_QUANTIZATION)
         if precision != NO_QUANTIZATION and precision not in host.precisions:
             known = ", ".join([NO_QUANTIZATION, *sorted(host.precisions)])
@@ -95,11 +95,8 @@ def _check_optimizer(config: Config, host: PluginHost, warn: Any) -> None:
             "optimizer", f"{info.name} needs {', '.join(lacking)}, which is not installed; {info.install_hint}"
         )
     optimizer_options(config)  # a malformed optimizer_config is refused before anything loads
-    if info.name == "prodigy" and config.learning_rate < 0.1:
-        warn(
-            f"{config.source}: learning_rate {config.learning_rate:g} with prodigy: Prodigy finds the step size "
-            "itself and learning_rate multiplies it; 1.0 is the usual value"
-        )
+    if info.check is not None:  # what the optimizer itself says of these settings
+        info.check(config, warn)
 
 
 def _check_trackers(config: Config, host: PluginHost, warn: Any) -> None:

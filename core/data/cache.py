@@ -133,10 +133,14 @@ def cache_key(host: PluginHost, config: Config, kind: str, component: str) -> di
     that change an encoding and every plugin's ``cache_fingerprint``; its digest names the folder."""
     parts: dict[str, Any] = {"format": CACHE_FORMAT, "model": _model_identity(config, host, component)}
     if kind == "text":  # quantized text encoders encode differently; unset keeps existing caches valid
-        from tuner.core.config.keys.model import TEXT_ENCODER_PRECISIONS
+        from tuner.core.config.keys.model import text_encoder_precision_keys
 
         parts.update(
-            {k: config[k] for k in TEXT_ENCODER_PRECISIONS if config.get(k, NO_QUANTIZATION) != NO_QUANTIZATION}
+            {
+                k: config[k]
+                for k in text_encoder_precision_keys(config.keys)
+                if config.get(k, NO_QUANTIZATION) != NO_QUANTIZATION
+            }
         )
     for contribution in host.hook.cache_fingerprint(config=config, kind=kind):
         if contribution:

@@ -116,6 +116,10 @@ class OptimizerInfo:
     build: Callable[[Any, list[Any], dict[str, Any]], Any]
     requires: tuple[str, ...] = ()  # importable module names it needs
     install_hint: str = ""
+    # check(config, warn): a last look at the run's settings when this optimizer is chosen: call
+    # warn(line) for a setting that works badly with it, raise config.error(key, why) for one that
+    # cannot work (Prodigy warns about an AdamW-sized learning_rate)
+    check: Callable[[Any, Callable[[str], None]], None] | None = None
     plugin: str = ""
     distribution: str = ""
 

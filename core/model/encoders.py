@@ -26,9 +26,9 @@ def text_encoder_modules(host: PluginHost, encoders: Any) -> list[torch.nn.Modul
 
 def text_encoder_precisions(config: Config) -> list[str]:
     """``text_encoder_N_precision`` for N = 1, 2, 3."""
-    from tuner.core.config.keys.model import TEXT_ENCODER_PRECISIONS
+    from tuner.core.config.keys.model import text_encoder_precision_keys
 
-    return [config.get(key, NO_QUANTIZATION) for key in TEXT_ENCODER_PRECISIONS]
+    return [config.get(key, NO_QUANTIZATION) for key in text_encoder_precision_keys(config.keys)]
 
 
 def offload(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -6,6 +6,7 @@ noisy = (1 - sigma) * x0 + sigma * noise,  target = noise - x0,  loss = mean MSE
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -33,6 +34,27 @@ def resolution_shift(
     return math.exp(mu)
 
 
+def packed_tokens(latent_shape: tuple[int, ...]) -> int:
+    """Image tokens of a latent of ``latent_shape`` in 2x2 patches (the Flux lineage, SD3, Qwen-Image)."""
+    return (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+
+
+def dynamic_shift_mu(image_seq_len: int, constants: Any) -> float:
+    """mu of a flow-matching scheduler with ``use_dynamic_shifting``: linear in the image sequence
+    length between its config's (``base_image_seq_len``, ``base_shift``) and (``max_image_seq_len``,
+    ``max_shift``), as diffusers' pipelines compute it; diffusers' defaults where the config has none."""
+    get = constants.get if hasattr(constants, "get") else lambda name, default: getattr(constants, name, default)
+    return math.log(
+        resolution_shift(
+            image_seq_len,
+            get("base_image_seq_len", 256),
+            get("max_image_seq_len", 4096),
+            get("base_shift", 0.5),
+            get("max_shift", 1.15),
+        )
+    )
+
+
 def sample_shifted_logit_normal(
     config,
     batch_size: int,
@@ -46,15 +68,7 @@ def sample_shifted_logit_normal(
     defaults when absent). The sequence length is that of 2x2-packed latents."""
     sigmas = logit_normal(batch_size, generator, config.flow_sigmoid_scale)
     if config.flow_schedule_auto_shift:
-        constants = shift_constants or {}
-        seq_len = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
-        shift = resolution_shift(
-            seq_len,
-            constants.get("base_image_seq_len", 256),
-            constants.get("max_image_seq_len", 4096),
-            constants.get("base_shift", 0.5),
-            constants.get("max_shift", 1.15),
-        )
+        shift = math.exp(dynamic_shift_mu(packed_tokens(latent_shape), shift_constants or {}))
         sigmas = shift_sigmas(sigmas, shift)
     elif config.flow_schedule_shift is not None:
         sigmas = shift_sigmas(sigmas, config.flow_schedule_shift)

@@ -25,6 +25,14 @@ def build_adafactor(config, params, options):
     return Adafactor(params, **{**settings, **options})
 
 
+def check_prodigy(config, warn):
+    if config.learning_rate < 0.1:
+        warn(
+            f"{config.source}: learning_rate {config.learning_rate:g} with prodigy: Prodigy finds the step size "
+            "itself and learning_rate multiplies it; 1.0 is the usual value"
+        )
+
+
 def build_prodigy(config, params, options):
     from prodigyopt import Prodigy
 
@@ -61,5 +69,6 @@ def register_optimizers(register):
             build_prodigy,
             requires=("prodigyopt",),
             install_hint="install it with: pip install prodigyopt  (or: pip install 'tuner[prodigy]')",
+            check=check_prodigy,
         )
     )

@@ -3,11 +3,23 @@ weights (the denoiser's and each text encoder's)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from tuner.core.host.records import ConfigKey, in_group
 
 NO_QUANTIZATION = "no_change"  # base_model_precision / text_encoder_N_precision: leave the weights as loaded
 
-TEXT_ENCODER_PRECISIONS = ("text_encoder_1_precision", "text_encoder_2_precision", "text_encoder_3_precision")
+
+def text_encoder_precision_keys(keys: Any) -> list[str]:
+    """The names of the keys that quantize text encoder 1, 2, ... in that order: the precision keys
+    (``choices_from="precisions"``) that need a text encoder (``needs="text_encoder_N"``)."""
+    found = {
+        int(key.needs.rsplit("_", 1)[1]): key.name
+        for key in keys.values()
+        if key.choices_from == "precisions" and key.needs.startswith("text_encoder_")
+    }
+    return [found[n] for n in sorted(found)]
+
 
 KEYS = in_group(
     "model",
