@@ -48,7 +48,7 @@ def measured_training_step(settings: dict) -> tuple[int, object]:
     trainer.optimizer_step(state, batches)  # the optimizer has state from here on
     precision = host.precisions.get(config.base_model_precision)
     with LiveBytes(precision.stored_tensors if precision else None) as live:
-        live.track(state.model, state.optimizer.state)
+        live.track(state.model, state.optimizer.state, state.ema.average if state.ema else {})
         trainer.optimizer_step(state, batches)
     return live.peak, (host, config)
 
@@ -112,6 +112,79 @@ def test_estimate_matches_each_adapter_type_and_optimizer(small_chroma, shapes_d
     measured, (host, config) = measured_training_step(settings)
     train = estimate(host, config, "cpu").phase("train")
     assert 0.95 * measured <= train.device <= 1.05 * measured, (train.device, measured)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"use_ema": True},
+        {"scheduled_sampling_max_step_offset": 2, "scheduled_sampling_probability": 1.0},
+        {"caption_dropout_probability": 0.5},
+        {"gradient_accumulation_steps": 2},
+    ],
+    ids=["ema", "rollout", "caption-dropout", "accumulation"],
+)
+def test_estimate_matches_each_training_method(small_chroma, shapes_dir, tmp_path, method):
+    """The estimate runs the run's own optimizer step, so what a method adds to a step is counted."""
+    from tuner.core.estimate import estimate
+
+    settings = {
+        **base_settings(small_chroma, shapes_dir, tmp_path),
+        "train_batch_size": 2,
+        "resolution": 128,
+        "gradient_checkpointing": False,
+        **method,
+    }
+    measured, (host, config) = measured_training_step(settings)
+    train = estimate(host, config, "cpu").phase("train")
+    assert 0.95 * measured <= train.device <= 1.05 * measured, (train.device, measured)
+
+
+def test_the_estimate_traces_the_optimizer_step_that_trains(tiny_chroma, shapes_dir, tmp_path, monkeypatch):
+    """One function object trains and is traced: a spy on Stepper.optimizer_step sees the Trainer's
+    step and the estimate's (fake-tensor) step, and with scheduled sampling on the estimate runs the
+    model's own rollout steps too."""
+    from tuner.core import hookimpl
+    from tuner.core.estimate import estimate
+    from tuner.core.estimate.trace import TracingStepper
+    from tuner.core.run.trainer import Trainer
+    from tuner.core.training.stepper import Stepper
+
+    assert TracingStepper.optimizer_step is Stepper.optimizer_step
+    assert TracingStepper.training_loss is Stepper.training_loss
+    callers = []
+    original = Stepper.optimizer_step
+
+    def spy(self, state, batches):
+        callers.append(type(self).__name__)
+        return original(self, state, batches)
+
+    monkeypatch.setattr(Stepper, "optimizer_step", spy)
+    settings = {
+        **base_settings(tiny_chroma, shapes_dir, tmp_path),
+        "scheduled_sampling_max_step_offset": 2,
+        "scheduled_sampling_probability": 0.5,
+    }
+    host = make_host()
+    config = make_config(host, settings)
+    passes = []
+
+    class Count:
+        @hookimpl(wrapper=True)
+        def predict_flow(self):
+            passes.append(torch.is_grad_enabled())
+            return (yield)
+
+    estimate(make_host(("count", Count())), config, "cpu")
+    assert callers == ["TracingStepper"]
+    assert passes.count(False) >= 1 and passes.count(True) >= 1  # rollout steps (no grad) and the trained pass
+    trainer = Trainer(host, config, warn=lambda m: None)
+    from tuner.core.data.cache import CachedDataset
+
+    prepared = trainer.prepare_data()
+    state = trainer.setup()
+    assert trainer.optimizer_step(state, trainer.batches(CachedDataset(prepared), state.position)) is not None
+    assert callers == ["TracingStepper", "Stepper"]
 
 
 def test_checkpointing_and_batch_size_move_the_estimate_the_right_way(tiny_chroma, shapes_dir, tmp_path):

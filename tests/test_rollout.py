@@ -51,7 +51,7 @@ def rolled(field, tiny_chroma, shapes_dir, tmp_path, sigmas, offsets):
     text = {"prompt_embeds": torch.zeros(len(sigmas), 3, 32)}
     model = Prediction(host, config, torch.nn.Linear(1, 1), torch.float32, contextlib.nullcontext)
     batch = MicroBatch(clean, noise, torch.tensor(sigmas), text, torch.Generator())
-    noisy, target = rollout.roll_out(model, batch, torch.tensor(offsets), GRID)
+    noisy, target = rollout.roll_out(model, batch, rollout.chains(GRID, torch.tensor(sigmas), torch.tensor(offsets)))
     return clean, noise, noisy, target
 
 

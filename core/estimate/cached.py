@@ -81,8 +81,10 @@ def _versions() -> dict[str, str]:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             found[name] = "-"
-    code = hashlib.sha256()  # the estimator itself, so an edited checkout never reads a stale answer
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    # the estimator and the training step it traces, so an edited checkout never reads a stale answer
+    code = hashlib.sha256()
+    core = Path(__file__).parents[1]
+    for path in sorted([*(core / "estimate").glob("*.py"), *(core / "training").glob("*.py")]):
         code.update(path.read_bytes())
     found["estimate_code"] = code.hexdigest()[:16]
     return found

@@ -1,15 +1,17 @@
 """Running a run's code on fake tensors, phase by phase, and counting what is alive.
 
 The caching phases run the family's ``encode_images`` and the text encoders; the training phase
-runs :func:`tuner.core.training.step.attach_lora` and :func:`tuner.core.training.step.flow_matching_loss` (what
-training runs) with the run's optimizer; the validation phase runs one denoiser pass and the VAE
-decode. Each phase is measured as a :class:`Phase` of live bytes; the base precision's weights
+runs :func:`tuner.core.training.step.attach_lora` and the run's own optimizer step
+(:meth:`tuner.core.training.stepper.Stepper.optimizer_step`: caption dropout, scheduled sampling,
+backward, clipping, the optimizer) with the run's optimizer and EMA; the validation phase runs one
+denoiser pass and the VAE decode. Each phase is measured as a :class:`Phase` of live bytes; the base precision's weights
 are added afterwards, once per precision (:func:`assemble`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +28,10 @@ from tuner.core.estimate.models import ModelFiles, build_on_meta, tensor_bytes, 
 from tuner.core.estimate.report import Estimate, Phase, process_rss
 from tuner.core.fixes import no_module_dropout_draw
 from tuner.core.model.encoders import text_encoder_precisions
+from tuner.core.training.ema import AdapterEMA
 from tuner.core.training.runtime import autocast, build_optimizer, weight_dtype
 from tuner.core.training.runtime import device_type as local_device_type
+from tuner.core.training.stepper import StepOutcome, Stepper
 
 if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.config.values import Config
@@ -98,7 +102,8 @@ def estimate_precisions(
     largest_block = max(tensor_bytes(transformer.get_submodule(u).parameters()) for u in units)
     checkpoint_bytes = files.weight_bytes(family.transformer_subfolder, transformer)
 
-    mode = FakeTensorMode()
+    # real inputs become fake: a step's small draws (sigmas, offsets) are made on real tensors
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     caching, latent_shape, vae = trace_caching(host, config, files, components, dtype, mode)
     traces, estimates = {}, []
     baseline = process_rss()
@@ -223,6 +228,8 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
     with mode, LiveBytes() as live:
         live.track(transformer, text)
         optimizer = first_step(host, config, params)
+        # use_ema: the average beside the adapter (counted while alive; ema_device cpu keeps it in RAM)
+        ema = AdapterEMA.from_config(config, transformer, torch.device("cpu")) if config.ema_device != "cpu" else None
         measured = 0
         if optimizer is None:  # it reads values of its state: measured on real tensors instead
             with _disable_current_modes():
@@ -230,7 +237,8 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
             live.add_bytes(measured)
         resident = live.current
         live.reset_peak()
-        training_step(host, config, transformer, latent_shape, text, params, optimizer, dtype)
+        training_step(host, config, transformer, latent_shape, text, params, optimizer, dtype, targets)
+        del ema
     text_bytes = tensor_bytes(text.values())
     parts = {
         "LoRA + optimizer state": resident - trace.traced_weights - text_bytes,
@@ -314,22 +322,100 @@ def real_state_bytes(host, config, params) -> int:
     return total
 
 
-def training_step(host, config, transformer, latent_shape, text, params, optimizer, dtype) -> None:
-    """One step as training takes it (:func:`tuner.core.training.step.flow_matching_loss`), on fake tensors."""
-    from tuner.core.training.step import MicroBatch, Prediction, flow_matching_loss
+class TracingAccelerator:
+    """What a step asks of accelerate, for one process on the CPU: the estimate traces the step as one
+    process takes it (several processes each hold the same on their device)."""
 
-    batch = config.train_batch_size
-    latents = torch.zeros(batch, *latent_shape)
-    model = Prediction(host, config, transformer, dtype, lambda: autocast("cpu", dtype))
-    loss = flow_matching_loss(
-        model, MicroBatch(latents, torch.randn_like(latents), torch.rand(batch), text, torch.Generator())
+    num_processes, process_index, device = 1, 0, torch.device("cpu")
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def autocast(self) -> Any:
+        return autocast("cpu", self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def no_sync(self, model: Any) -> Any:
+        return nullcontext()
+
+    def clip_grad_norm_(self, params: list[torch.nn.Parameter], limit: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, limit)
+
+
+class TracingStepper(Stepper):
+    """The run's :class:`~tuner.core.training.stepper.Stepper` on fake tensors: the same
+    ``optimizer_step`` (tests/test_estimate.py asserts it is the same function), with the decisions
+    that need values answered here: the small draws run on real tensors, a traced step is finite,
+    and scheduled sampling steps on an evenly spaced grid of the run's length (only the number of
+    steps changes memory)."""
+
+    def exact(self) -> Any:
+        return _disable_current_modes()
+
+    def finite(self, loss: torch.Tensor, grad_norm: Any) -> bool:
+        return True
+
+    def outcome(self, loss, sigmas, grad_norm, sizes, used) -> StepOutcome:
+        return StepOutcome(0.0, [], 0.0, sizes, used)
+
+    def inference_grid(self, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        config = self.ctx.config
+        steps = config.scheduled_sampling_num_inference_steps or config.validation_num_inference_steps
+        with _disable_current_modes():
+            return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+
+
+class _NoStep:
+    """An optimizer whose state was measured on real tensors (it cannot step on fake ones)."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def training_step(host, config, transformer, latent_shape, text, params, optimizer, dtype, targets) -> None:
+    """One optimizer step as training takes it, on fake tensors: the run's own
+    :meth:`~tuner.core.training.stepper.Stepper.optimizer_step` (micro-batches with caption dropout
+    and scheduled sampling, backward, clipping, the optimizer step)."""
+    from tuner.core.config.datasets import resolve
+    from tuner.core.training import rollout
+    from tuner.core.training.guard import DivergenceGuard
+    from tuner.core.training.state import Position, RunContext, TrainState
+
+    if rollout.enabled(config):  # the step that holds the most: every sample rolls out
+        config = config.derive({"scheduled_sampling_probability": 1.0, "scheduled_sampling_ramp_steps": 0})
+    ctx = RunContext(host, config, TracingAccelerator(dtype), dtype, lambda message: None)
+    datasets = resolve(config)
+    empty = {name: value[0] for name, value in text.items()}  # the cached "" encoding, one sample
+    stepper = TracingStepper(
+        ctx, datasets, empty if any(d.config.caption_dropout_probability for d in datasets) else {}
     )
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
-    if optimizer is not None:  # else its state is counted, its step's temporaries are not
-        optimizer.step()
-    for p in params:
-        p.grad = None
+    state = TrainState(
+        model=transformer,
+        wrapped=transformer,
+        optimizer=optimizer if optimizer is not None else _NoStep(params),
+        lr_scheduler=None,
+        params=params,
+        targets=targets,
+        guard=DivergenceGuard.from_config(config),
+        position=Position(),
+    )
+    batch = {
+        "latents": torch.zeros(config.train_batch_size, *latent_shape),
+        "text": text,
+        "size": [0, 0],
+        "dataset": 0,
+    }
+    with torch.random.fork_rng(devices=[]):  # the step seeds LoRA dropout; the caller's stream stays
+        stepper.optimizer_step(state, iter([batch] * config.gradient_accumulation_steps))
 
 
 def assemble(family, source, device_type, settings, trace: Trace, base: BaseWeights, baseline) -> Estimate:

@@ -85,17 +85,15 @@ def chains(grid: torch.Tensor, sigmas: torch.Tensor, offsets: torch.Tensor) -> l
 
 
 @torch.no_grad()
-def roll_out(
-    model: Prediction, batch: MicroBatch, offsets: torch.Tensor, grid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def roll_out(model: Prediction, batch: MicroBatch, paths: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
     """The noisy latents at the batch's sigmas and the training target, with the samples whose
-    ``offsets`` are positive produced by the model's own Euler steps (see the module's docstring)."""
+    ``paths`` (:func:`chains`) climb above their sigma produced by the model's own Euler steps down
+    them (see the module's docstring)."""
     from tuner.core.model import flow
 
     latents, noise, sigmas, text = batch.latents, batch.noise, batch.sigmas, batch.text
     transformer = model.transformer
     noisy, target = flow.noisy_and_target(latents, noise, sigmas)
-    paths = chains(grid, sigmas, offsets)
     steps = [len(path) - 1 for path in paths]
     longest = max(steps, default=0)
     if longest == 0:

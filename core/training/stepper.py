@@ -84,18 +84,18 @@ class Stepper:
                 accelerator.backward(loss / accumulation)
             state.position.micro_step += 1
             losses.append(loss.detach().float())
-            sigmas += drawn.tolist()
+            sigmas.append(drawn)
         step_loss = torch.stack(losses).mean()
         if accelerator.num_processes > 1:
             step_loss = accelerator.reduce(step_loss.to(accelerator.device), reduction="mean")
         limit = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(state.params, limit)
-        if not (torch.isfinite(step_loss) and torch.isfinite(torch.as_tensor(grad_norm))):
+        if not self.finite(step_loss, grad_norm):
             state.optimizer.zero_grad(set_to_none=True)
             return None
         state.optimizer.step()
         state.optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(float(step_loss), sigmas, float(grad_norm), sizes, used)
+        return self.outcome(step_loss, sigmas, grad_norm, sizes, used)
 
     def training_loss(
         self, state: TrainState, batch: dict[str, Any], micro_step: int
@@ -107,23 +107,25 @@ class Stepper:
         local = latents.shape[0]
         global_shape = (local * accelerator.num_processes, *latents.shape[1:])
         shared = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x5EED))
-        sigmas = ctx.host.provide(
-            "sample_sigmas", config=config, batch_size=global_shape[0], latent_shape=global_shape, generator=shared
-        )
-        noise = torch.randn(global_shape, generator=shared)
         mine = slice(rank * local, (rank + 1) * local)
-        sigmas, noise = sigmas[mine], noise[mine].to(device)
+        with self.exact():
+            sigmas = ctx.host.provide(
+                "sample_sigmas", config=config, batch_size=global_shape[0], latent_shape=global_shape, generator=shared
+            )[mine]
+        noise = torch.randn(global_shape, generator=shared)[mine].to(device)
         text = self.caption_dropout(batch, global_shape[0], shared, mine)
         text = {k: v.to(device, non_blocking=True) for k, v in text.items()}
         model = Prediction(ctx.host, config, state.wrapped, ctx.weight_dtype, accelerator.autocast)
-        rolled = None
+        rolled, paths = None, None
         if rollout.enabled(config):  # drawn for the global batch, like the noise
-            offsets = rollout.draw_offsets(config, state.position.step, global_shape[0], shared)[mine]
-            if bool(offsets.any()):
-                steps = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x2011, rank))
-                own_model = Prediction(ctx.host, config, state.model, ctx.weight_dtype, accelerator.autocast)
-                drafted = MicroBatch(latents, noise, sigmas.to(device), text, steps)
-                rolled = rollout.roll_out(own_model, drafted, offsets, self.inference_grid(global_shape))
+            with self.exact():
+                offsets = rollout.draw_offsets(config, state.position.step, global_shape[0], shared)[mine]
+                if bool(offsets.any()):
+                    paths = rollout.chains(self.inference_grid(global_shape), sigmas, offsets)
+        if paths is not None:
+            steps = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x2011, rank))
+            own_model = Prediction(ctx.host, config, state.model, ctx.weight_dtype, accelerator.autocast)
+            rolled = rollout.roll_out(own_model, MicroBatch(latents, noise, sigmas.to(device), text, steps), paths)
         own = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x10CA1, rank))
         torch.manual_seed(step_seed(config.seed, micro_step, rollbacks, 0xD409, rank))  # LoRA dropout
         loss = flow_matching_loss(model, MicroBatch(latents, noise, sigmas.to(device), text, own), rolled)
@@ -137,10 +139,28 @@ class Stepper:
         dropout = self.datasets[batch["dataset"]].config.caption_dropout_probability if self.datasets else 0.0
         if dropout <= 0:
             return text
-        dropped = (torch.rand(global_size, generator=shared) < dropout)[mine]
+        with self.exact():
+            dropped = (torch.rand(global_size, generator=shared) < dropout)[mine]
         return {
             name: torch.where(_rows(dropped, value), self.empty_caption[name], value) for name, value in text.items()
         }
+
+    # -- what a step decides from values: ``tuner estimate`` runs this class's steps on fake
+    # tensors, which have shapes but no values, through a subclass that answers these three
+    # (tuner.core.estimate.trace.TracingStepper); everything else is the same code
+
+    def exact(self) -> Any:
+        """The context of the step's small draws (sigmas, caption dropout, rollout offsets: a few
+        numbers per sample) that decide what the step does; in training, just the step's context."""
+        return nullcontext()
+
+    def finite(self, loss: torch.Tensor, grad_norm: Any) -> bool:
+        return bool(torch.isfinite(loss) and torch.isfinite(torch.as_tensor(grad_norm)))
+
+    def outcome(
+        self, loss: torch.Tensor, sigmas: list[torch.Tensor], grad_norm: Any, sizes: list, used: list
+    ) -> StepOutcome:
+        return StepOutcome(float(loss), torch.cat(sigmas).tolist(), float(grad_norm), sizes, used)
 
     def inference_grid(self, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """The family's inference sigmas at this bucket's size, for scheduled sampling (kept per size)."""
