@@ -1,6 +1,7 @@
 """How close `tuner estimate` lands to measured memory, on the tiny and a mid-size Chroma (CPU, fp32).
 
     OMP_NUM_THREADS=1 python benchmarks/estimate_accuracy.py
+    OMP_NUM_THREADS=1 python benchmarks/estimate_accuracy.py --methods   # each adapter type and method
 
 Each case runs in a process of its own: the caches are built, the estimate is taken (on fake
 tensors, before any denoiser weight is loaded, as `tuner run` does), then the real run loads
@@ -33,7 +34,22 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def measure(model: Path, data: Path, work: Path, precision: str, checkpointing: bool) -> dict:
+# the training methods the estimate must count (--methods): what each adds to the settings
+METHODS = {
+    "lora": {},
+    "dora": {"lora_type": "dora"},
+    "lokr": {"lora_type": "lokr"},
+    "loha": {"lora_type": "loha"},
+    "ema": {"use_ema": True},
+    "rollout (k <= 2)": {"scheduled_sampling_max_step_offset": 2, "scheduled_sampling_probability": 1.0},
+    "caption dropout": {"caption_dropout_probability": 0.5},
+    "accumulation 2": {"gradient_accumulation_steps": 2},
+}
+
+
+def measure(
+    model: Path, data: Path, work: Path, precision: str, checkpointing: bool, extra: dict | None = None
+) -> dict:
     import torch
 
     from tuner.core.config.build import build_config
@@ -58,6 +74,7 @@ def measure(model: Path, data: Path, work: Path, precision: str, checkpointing: 
         "base_model_precision": precision,
         "memory_estimate": False,
         "seed": 0,
+        **(extra or {}),
     }
     config = build_config(host, settings, "benchmark", warn=lambda m: None)
     trainer = Trainer(host, config, warn=lambda m: None)
@@ -78,7 +95,7 @@ def measure(model: Path, data: Path, work: Path, precision: str, checkpointing: 
     trainer.optimizer_step(state, batches)
     info = host.precisions.get(precision)
     with LiveBytes(info.stored_tensors if info else None) as live:
-        live.track(state.model, state.optimizer.state)
+        live.track(state.model, state.optimizer.state, state.ema.average if state.ema else {})
         trainer.optimizer_step(state, batches)
     train = found.phase("train")
     load = found.phases[0]
@@ -99,10 +116,12 @@ def measure(model: Path, data: Path, work: Path, precision: str, checkpointing: 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--methods", action="store_true", help="each adapter type and training method (mid-size)")
     args = parser.parse_args()
     if args.one:
         job = json.loads(args.one)
-        print(json.dumps(measure(Path(job["model"]), Path(job["data"]), Path(job["work"]), job["p"], job["c"])))
+        work = Path(job["work"])
+        print(json.dumps(measure(Path(job["model"]), Path(job["data"]), work, job["p"], job["c"], job.get("extra"))))
         return
     sys.path.insert(0, str(Path(__file__).parent))
     from quantization import build
@@ -110,6 +129,18 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="tuner-estimate-bench-"))
     build(folder)  # the mid-size Chroma of the quantization benchmark, and a dataset
     models = {"tiny": REPO / "examples" / "models" / "tiny-chroma", "mid-size": folder / "model"}
+    if args.methods:
+        print("| method (mid-size, no_change, checkpointing on) | train: estimate / live |")
+        print("|---|---|")
+        for label, extra in METHODS.items():
+            job = {"model": str(models["mid-size"]), "data": str(folder / "data"), "work": str(folder / "methods")}
+            job.update(p="no_change", c=True, extra=extra)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True, check=True
+            )
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| {label} | {ratio(r['estimated_train'], r['measured_live'])} |", flush=True)
+        return
     print(
         "| model | base | checkpointing | train: estimate / live | load RAM: estimate / RSS | run RAM: estimate / RSS |"
     )

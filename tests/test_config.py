@@ -118,7 +118,12 @@ def test_overrides_are_yaml_scalars():
         ),
         ({"flux_fast_schedule": True}, r"flux_fast_schedule: must stay off for Chroma"),
         ({"validation_init_image": "x.png"}, r"validation_init_image: Chroma is text-to-image only"),
-        ({"model_family": "flux"}, r"model_family: 'flux' contradicts --plugin chroma"),
+        ({"model_family": "flux"}, r"model_family: this config is for flux, not chroma; use --plugin flux"),
+        ({"model_family": "sd5"}, r"model_family: 'sd5' contradicts --plugin chroma"),
+        (  # a Flux config: its family is named before its keys (Chroma reads validation_guidance as an alias)
+            {"model_family": "flux", "validation_guidance": 3.5, "validation_guidance_real": 1.0},
+            r"test.yaml: model_family: this config is for flux, not chroma; use --plugin flux",
+        ),
         (
             {"lora_rank": 4, "network_rank": 8},
             r"'lora_rank' and 'network_rank' are the same key \(network_rank\); keep one",

@@ -12,7 +12,7 @@ from tuner.core.config.keys.model import NO_QUANTIZATION
 from tuner.core.config.keys.optimization import optimizer_options
 from tuner.core.config.keys.saving import trackers
 from tuner.core.config.values import Config, validate
-from tuner.core.errors import warn_user
+from tuner.core.errors import ConfigError, warn_user
 
 if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.host.manager import PluginHost
@@ -32,6 +32,11 @@ def build_config(
     LoRA formats, the device the precision needs, then every plugin's ``check_config``."""
     warn = warn or warn_user
     family = host.family
+    named = raw.get("model_family")
+    if family is not None and isinstance(named, str) and named != family.name and named in host.families:
+        # said before its keys are read: another family's keys would otherwise be refused one by one
+        where = (origins or {}).get("model_family", source)
+        raise ConfigError(f"{where}: model_family: this config is for {named}, not {family.name}; use --plugin {named}")
     config = validate(raw, host.config_keys(), source, origins)
     if family is not None:
         if config.model_family not in (None, family.name):
