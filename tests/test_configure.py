@@ -69,3 +69,25 @@ def test_a_third_party_familys_keys_are_asked_without_changes_to_the_wizard(tmp_
     assert out.returncode == 0, out.stderr[-1500:]
     assert "sd3_lora_target [attention|all|all+ffs]" in out.stdout
     assert "model_flavour [3.5-medium|3.5-large|3-medium]" in out.stdout
+
+
+def test_defaults_without_a_plugin_ask_nothing_and_an_existing_file_is_kept(tmp_path):
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    path = tmp_path / "config.yaml"
+    asked = CliRunner().invoke(
+        app, ["configure", "--defaults", "--data-dir", str(tmp_path), "--output", str(path)], input=""
+    )
+    assert asked.exit_code == 0, asked.output
+    assert "family: chroma (the default; choose another with --plugin)" in asked.output
+    assert yaml.safe_load(path.read_text())["model_family"] == "chroma"
+    path.write_text("mine: true\n")
+    again = CliRunner().invoke(app, ["configure", "--defaults", "--data-dir", str(tmp_path), "--output", str(path)])
+    # main() prints a ConfigError as one line and exits 2; the app alone hands it back
+    assert f"{path} exists; choose another --output or add --force" in str(again.exception)
+    assert path.read_text() == "mine: true\n"  # untouched
+    forced = ["configure", "--defaults", "--data-dir", str(tmp_path), "--output", str(path), "--force"]
+    assert CliRunner().invoke(app, forced).exit_code == 0
+    assert yaml.safe_load(path.read_text())["model_family"] == "chroma"

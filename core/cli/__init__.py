@@ -245,12 +245,18 @@ def configure(
     data_dir: Path | None = typer.Option(
         None, "--data-dir", help="The dataset folder (the one setting without a default)."
     ),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output file if it exists."),
 ) -> None:
     """Ask for the central settings (family, flavour, rank, rate, precision, data, ...) and write a config."""
-    from tuner.core.cli.wizard import run_wizard, write_config
+    from tuner.core.cli.wizard import default_family, run_wizard, write_config
 
     if defaults and data_dir is None:
         raise ConfigError("--defaults writes a config that runs: give --data-dir FOLDER (data_dir has no default)")
+    if output.exists() and not force:  # before any question: answers are never thrown away
+        raise ConfigError(f"{output} exists; choose another --output or add --force to replace it")
+    if defaults and plugin is None:
+        plugin = default_family()
+        typer.echo(f"family: {plugin} (the default; choose another with --plugin)")
 
     def ask(question: str, default: str) -> str:
         if question.startswith("data_dir") and data_dir is not None:

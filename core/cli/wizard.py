@@ -94,6 +94,16 @@ def run_wizard(
     return host, settings
 
 
+def default_family() -> str:
+    """The family ``--defaults`` takes without ``--plugin``: Chroma when installed, else the first."""
+    from tuner.core.host.manager import PluginHost
+
+    families = sorted(PluginHost().families)
+    if not families:
+        raise ConfigError("no model family is installed; install one (tuner plugins lists what is there)")
+    return "chroma" if "chroma" in families else families[0]
+
+
 def write_config(
     host: Any, settings: dict[str, Any], path: Path, source: str | None = None, origin: str = "`tuner configure`"
 ) -> Path:
