@@ -142,3 +142,26 @@ def test_validation_at_several_sizes_is_reproduced_by_the_recipe(tiny_chroma, mi
     assert result.exit_code == 0, result.output
     for size in ("64x64", "96x48"):
         assert np.array_equal(pixels(tmp_path / "s" / f"00_seed0_{size}.png"), pixels(folder / f"00_{size}.png"))
+
+
+def test_sample_says_it_renders_the_base_model_and_refuses_a_missing_lora(tiny_chroma, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import tuner.core.run.sampling
+    from tuner.core.cli import app
+    from tuner.core.errors import ConfigError
+
+    rendered = []
+    monkeypatch.setattr(
+        tuner.core.run.sampling,
+        "render",
+        lambda host, cfg, prompts, seeds, lora, sizes, scale: rendered.append(lora) or [[Image.new("RGB", (8, 8))]],
+    )
+    common = ["sample", "--plugin", "chroma", "--prompt", "a red circle", "--out", str(tmp_path / "out")]
+    common += ["--set", f"pretrained_model_name_or_path={tiny_chroma}", "--set", "mixed_precision=no"]
+    base = CliRunner().invoke(app, common)
+    assert base.exit_code == 0, base.output
+    assert "no --lora: rendering the base model" in base.output and rendered == [None]
+    missing = CliRunner().invoke(app, [*common, "--lora", str(tmp_path / "gone.safetensors")])
+    assert isinstance(missing.exception, ConfigError) and "gone.safetensors: no such file" in str(missing.exception)
+    assert rendered == [None]  # nothing was loaded for it

@@ -369,6 +369,10 @@ def sample(
     from tuner.core.io import atomic_write
     from tuner.core.run.sampling import render
 
+    if lora is None:
+        typer.echo("no --lora: rendering the base model")
+    elif not Path(lora).is_file():  # before the model loads, not a diffusers error after it
+        raise ConfigError(f"--lora {lora}: no such file")
     sizes = validation_sizes(cfg)
     out.mkdir(parents=True, exist_ok=True)
     for (width, height), images in zip(sizes, render(host, cfg, prompts, seeds, lora, sizes, scale), strict=True):
