@@ -46,7 +46,7 @@ def test_example_config_trains_from_the_command_line(tmp_path, family):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "saved" in out.stdout and "after 3 steps" in out.stdout
     assert "CPU threads: 1 (OMP_NUM_THREADS)" in out.stdout  # the user's choice wins, and is said
-    for noise in ("kernels-community", "FluxPosEmbed", "torchvision", "Warning"):  # third-party notices
+    for noise in ("kernels-community", "FluxPosEmbed", "torchvision", "Warning", "Loading weights"):  # third-party
         assert noise not in out.stderr, out.stderr[-2000:]
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
     assert len((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()) == 3

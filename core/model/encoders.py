@@ -44,9 +44,26 @@ def load_vae(host: PluginHost, config: Config, device: torch.device, dtype: torc
     return offload(vae, device) if config.offload_during_startup else vae.to(device)
 
 
+def no_loading_bars() -> None:
+    """transformers 5 draws a "Loading weights" bar for every encoder it loads, from memory in a
+    blink; a run's output is tuner's (the hub's download bars, which say something, stay)."""
+    from transformers.utils import logging as transformers_logging
+
+    set_hook = getattr(transformers_logging, "set_tqdm_hook", None)  # transformers 5
+    if set_hook is not None:
+        set_hook(
+            lambda factory, args, kwargs: (
+                factory(*args, **{**kwargs, "disable": True})
+                if kwargs.get("desc") == "Loading weights"
+                else factory(*args, **kwargs)
+            )
+        )
+
+
 def load_text_encoders(
     host: PluginHost, config: Config, device: torch.device, dtype: torch.dtype, warn: Any = None
 ) -> Any:
+    no_loading_bars()
     encoders = host.provide("load_model", config=config, component="text_encoders", dtype=dtype)
     modules = text_encoder_modules(host, encoders)
     for module, precision in zip(modules, text_encoder_precisions(config), strict=False):
