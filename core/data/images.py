@@ -33,10 +33,11 @@ def caption_from_filename(image: Path) -> str:
     return " ".join(image.stem.replace("_", " ").split())
 
 
-def image_files(root: Path) -> list[Path]:
+def image_files(root: Path, not_files: list[Path] | None = None) -> list[Path]:
     """Images under ``root``, sorted: subfolders and symlinked subfolders followed (each real
     folder once, so link loops end), hidden files and folders (``.ipynb_checkpoints``, macOS
-    ``._*`` files) skipped."""
+    ``._*`` files) skipped. Only regular files count: a named pipe, a device or a broken link named
+    like an image is never opened (reading a pipe waits forever); ``not_files`` collects them."""
     import os
 
     found, seen = [], set()
@@ -47,16 +48,29 @@ def image_files(root: Path) -> list[Path]:
             continue
         seen.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        found += [Path(folder) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        for name in files:
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            path = Path(folder) / name
+            if path.is_file():  # follows links: a regular file, or a link to one
+                found.append(path)
+            elif not_files is not None:
+                not_files.append(path)
     return sorted(found)
 
 
 def read_caption(path: Path, warn: Callable[[str], None]) -> str:
-    """A caption file's text on one line: UTF-8 (with or without BOM) or UTF-16 with a BOM;
-    undecodable bytes are replaced, with a warning."""
+    """A caption file's text on one line: UTF-8 (with or without BOM), UTF-16 with a BOM, or UTF-16
+    without one (text full of NULs as UTF-8 is tried as UTF-16 LE and BE); undecodable bytes are
+    replaced with a warning, and a file that is no text in any of them is named and left out."""
     raw = path.read_bytes()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         text = raw.decode("utf-16", errors="replace")
+    elif b"\x00" in raw:  # no text has NULs; UTF-16 of mostly-ASCII text is full of them
+        text = _utf16_without_bom(raw)
+        if text is None:
+            warn(f"caption {path} is not text (NUL bytes, neither UTF-8 nor UTF-16); it was left out")
+            return ""
     else:
         try:
             text = raw.decode("utf-8-sig")
@@ -64,6 +78,22 @@ def read_caption(path: Path, warn: Callable[[str], None]) -> str:
             warn(f"caption {path} is not UTF-8; undecodable bytes were replaced")
             text = raw.decode("utf-8", errors="replace")
     return " ".join(text.split())
+
+
+def _utf16_without_bom(raw: bytes) -> str | None:
+    """UTF-16 text written without a byte-order mark (some Windows tools), or None. Both byte orders
+    are tried; the one that reads as more ASCII wins (little-endian, Windows' own, on a tie)."""
+    if len(raw) % 2:
+        return None
+    readings = []
+    for encoding in ("utf-16-le", "utf-16-be"):
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if "\x00" not in text and all(c.isprintable() or c.isspace() for c in text):
+            readings.append(text)
+    return max(readings, key=lambda text: sum(c.isascii() for c in text), default=None)
 
 
 def scan_dataset(data_dir: str | Path, warn: Callable[[str], None], caption_strategy: str = "textfile") -> list[Item]:
@@ -75,14 +105,23 @@ def scan_dataset(data_dir: str | Path, warn: Callable[[str], None], caption_stra
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"data_dir {root} is not a folder")
-    images = image_files(root)
+    not_files: list[Path] = []
+    images = image_files(root, not_files)
+    if not_files:
+        shown = ", ".join(str(p.relative_to(root)) for p in not_files[:3]) + (" ..." if len(not_files) > 3 else "")
+        warn(
+            f"skipped {len(not_files)} file(s) in {root} that are no regular files (a pipe, a device, a broken link): {shown}"
+        )
     if not images:
         raise DataError(f"data_dir {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     captions = {}  # (folder, stem) -> caption file, whatever the case of ".txt"
     for folder in {image.parent for image in images}:
         for file in folder.iterdir():
             if file.suffix.lower() == ".txt" and not file.name.startswith("."):
-                captions.setdefault((folder, file.stem), file)
+                if file.is_file():
+                    captions.setdefault((folder, file.stem), file)
+                else:  # a folder, a pipe or a broken link named like a caption: never read
+                    warn(f"caption {file} is not a regular file; its image trains without a caption")
     items, uncaptioned = [], []
     for image in images:
         if caption_strategy == "filename":

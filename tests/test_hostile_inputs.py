@@ -1,0 +1,67 @@
+"""Hostile and careless inputs, one row per class of cause (Reliability III): each ends in one line
+naming the file, key or value, or is skipped with a count and a name; never a traceback, a hang or
+a lost file. Other classes are tested where their feature lives (test_reliability.py,
+test_config.py, test_configure.py, test_sample.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tuner.core.data.images import image_files, scan_dataset
+
+
+def dataset(tmp_path: Path) -> Path:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("a", "b", "c", "d"):
+        Image.new("RGB", (16, 16), "red").save(folder / f"{name}.png")
+    return folder
+
+
+def scanned(folder: Path) -> tuple[dict[str, str], list[str]]:
+    warnings: list[str] = []
+    items = scan_dataset(folder, warnings.append)
+    return {item.image.name: item.caption for item in items}, warnings
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_named_pipe_named_like_an_image_is_skipped_never_opened(tmp_path):
+    """Opening a pipe for reading waits for a writer forever: it is never listed, so never opened."""
+    folder = dataset(tmp_path)
+    os.mkfifo(folder / "stuck.png")
+    os.symlink(folder / "gone.png", folder / "dangling.jpg")  # a broken link named like an image
+    not_files: list[Path] = []
+    assert [p.name for p in image_files(folder, not_files)] == ["a.png", "b.png", "c.png", "d.png"]
+    assert sorted(p.name for p in not_files) == ["dangling.jpg", "stuck.png"]
+    captions, warnings = scanned(folder)
+    assert sorted(captions) == ["a.png", "b.png", "c.png", "d.png"]
+    assert any("skipped 2 file(s)" in w and "stuck.png" in w and "dangling.jpg" in w for w in warnings), warnings
+
+
+def test_captions_that_are_not_files_or_not_text_are_named_and_left_out(tmp_path):
+    folder = dataset(tmp_path)
+    (folder / "a.txt").mkdir()  # a folder named like a caption
+    os.symlink(tmp_path / "nowhere.txt", folder / "b.txt")  # a broken link
+    (folder / "c.txt").write_bytes("a cat, sitting".encode("utf-16-le"))  # UTF-16 without a BOM
+    (folder / "d.txt").write_bytes(b"\x00\xff\x00\xfe\x00\x01\xd8\x00")  # NULs, no text in any encoding
+    captions, warnings = scanned(folder)
+    assert captions == {"a.png": "", "b.png": "", "c.png": "a cat, sitting", "d.png": ""}
+    assert any(f"caption {folder / 'a.txt'} is not a regular file" in w for w in warnings), warnings
+    assert any(f"caption {folder / 'b.txt'} is not a regular file" in w for w in warnings), warnings
+    assert any(f"caption {folder / 'd.txt'} is not text" in w for w in warnings), warnings
+    assert all("\n" not in w for w in warnings)
+
+
+def test_utf16_captions_read_in_either_byte_order_and_other_encodings_are_replaced(tmp_path):
+    folder = dataset(tmp_path)
+    (folder / "a.txt").write_bytes("a dog".encode("utf-16-be"))
+    (folder / "b.txt").write_bytes("\ufeffa bird".encode("utf-16-le"))  # with its BOM
+    (folder / "c.txt").write_bytes("café".encode("latin-1"))  # no NUL: UTF-8 with replacement, named
+    captions, warnings = scanned(folder)
+    assert captions["a.png"] == "a dog" and captions["b.png"] == "a bird"
+    assert captions["c.png"] == "caf\ufffd"
+    assert any(f"caption {folder / 'c.txt'} is not UTF-8" in w for w in warnings), warnings
