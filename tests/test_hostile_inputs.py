@@ -65,3 +65,28 @@ def test_utf16_captions_read_in_either_byte_order_and_other_encodings_are_replac
     assert captions["a.png"] == "a dog" and captions["b.png"] == "a bird"
     assert captions["c.png"] == "caf\ufffd"
     assert any(f"caption {folder / 'c.txt'} is not UTF-8" in w for w in warnings), warnings
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder_and_never_blocks_a_rerun(
+    tiny_chroma, shapes_dir, tmp_path
+):
+    from tuner.core.errors import DataError
+    from tuner.core.outputs.runinfo import RunRecord
+
+    from .conftest import base_settings, make_config, make_host, train
+
+    settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "max_train_steps": 1}
+    with pytest.raises(DataError, match="is not a folder"):
+        train({**settings, "data_dir": str(tmp_path / "typo")})
+    assert not (tmp_path / "out").exists()  # it created the folder, and took it away again
+    result, _, _ = train(settings)  # the rerun is not refused
+    assert result.steps == 1
+    # a folder that was there before (the web UI makes it for its log) keeps its files; the failed
+    # record in it does not count as a run
+    other = tmp_path / "made-by-the-ui"
+    other.mkdir()
+    (other / "console.log").write_text("error: ...\n")
+    record = RunRecord(make_config(make_host(), {**settings, "output_dir": str(other)}))
+    record.update(status="failed", error="data_dir ... is not a folder")
+    result, _, _ = train({**settings, "output_dir": str(other)})
+    assert result.steps == 1 and (other / "console.log").exists()

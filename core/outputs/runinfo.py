@@ -228,8 +228,11 @@ def existing_run(folder: str | Path) -> str | None:
     record = read_run(folder) or {}
     checkpoints = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir())
     loras = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not (record or checkpoints or loras or (folder / "train_log.jsonl").exists()):
+    trained = checkpoints or loras or (folder / "train_log.jsonl").exists() or record.get("step")
+    if not (record or trained):
         return None
+    if not trained and record.get("status") in ("failed", "interrupted"):
+        return None  # it stopped before its first step (a bad config, missing data): nothing to keep
     parts = [f"a {record['status']} run" if record.get("status") else "a run"]
     if record.get("step") is not None:
         parts.append(f"at step {record['step']}")
@@ -238,6 +241,18 @@ def existing_run(folder: str | Path) -> str | None:
     if loras:
         parts.append(", ".join(loras))
     return ", ".join(parts)
+
+
+def forget_untrained_run(folder: str | Path) -> None:
+    """Remove what a run that stopped before its first step wrote into the output folder it
+    created (its run.json, config.yaml and lock), and the folder when nothing else is in it."""
+    folder = Path(folder)
+    for name in (RUN_FILE, CONFIG_FILE, LOCK_FILE):
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()  # only when empty: a cache or a log someone put there stays
+    except OSError:
+        pass
 
 
 def settle_output_dir(config: Any, log: Any) -> Any:

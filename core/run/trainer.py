@@ -34,7 +34,7 @@ from tuner.core.model.hub import check_model_folder
 from tuner.core.model.lora import lora_parameters
 from tuner.core.outputs.export import save_final
 from tuner.core.outputs.resume import Checkpoints
-from tuner.core.outputs.runinfo import OutputLock, RunRecord, read_run, settle_output_dir
+from tuner.core.outputs.runinfo import OutputLock, RunRecord, forget_untrained_run, read_run, settle_output_dir
 from tuner.core.run import reporting
 from tuner.core.run.evaluation import Evaluator
 from tuner.core.run.preparation import RunData, prepare_data
@@ -121,6 +121,15 @@ class Trainer:
     # -- the run ------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
+        created = self.ctx.is_main and not self.ctx.output_dir.exists()
+        try:
+            return self._run()
+        except BaseException:
+            if created and self.phase != "training":  # nothing trained: the folder goes as it came
+                forget_untrained_run(self.ctx.output_dir)
+            raise
+
+    def _run(self) -> TrainResult:
         self.check_folders()  # before any heavy work
         threads = None
         if self.ctx.device.type == "cuda":
