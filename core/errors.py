@@ -8,7 +8,8 @@ class TunerError(Exception):
 
 
 class ConfigError(TunerError):
-    """A config file, key or value is wrong. The message names the file and key."""
+    """A config file, key or value is wrong. The message names the file and key; a config with
+    several wrong keys gets one line per key (the CLI prints each as an error line)."""
 
 
 class PluginError(TunerError):

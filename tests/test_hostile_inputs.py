@@ -90,3 +90,49 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder_and_never_block
     record.update(status="failed", error="data_dir ... is not a folder")
     result, _, _ = train({**settings, "output_dir": str(other)})
     assert result.steps == 1 and (other / "console.log").exists()
+
+
+def test_every_mistake_of_a_config_is_said_at_once_before_anything_heavy(tmp_path, monkeypatch, capsys):
+    """Five independent mistakes: five lines, exit 2, well under 2 s, and nothing loaded, asked of
+    the hub or estimated (each patched to fail the test if reached)."""
+    import sys
+    import time
+
+    import diffusers
+    import yaml
+
+    import tuner.core.estimate.trace
+    import tuner.core.model.hub
+    from tuner.core import cli
+
+    def reached(*args, **kwargs):
+        raise AssertionError("reached before the config was checked")
+
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", reached)
+    monkeypatch.setattr(tuner.core.model.hub, "check_hub_model", reached)
+    monkeypatch.setattr(tuner.core.estimate.trace, "estimate_precisions", reached)
+    config = tmp_path / "five.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(tmp_path),
+                "learning_rat": 1e-4,  # a typo
+                "resolution": "big",  # the wrong kind
+                "lora_dropout": 1.5,  # out of range
+                "mixed_precision": "bf15",  # not a choice
+                "max_train_steps": 0,  # below the minimum
+            }
+        )
+    )
+    monkeypatch.setattr(sys, "argv", ["tuner", "run", "--plugin", "chroma", "--config", str(config)])
+    began = time.perf_counter()
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    elapsed = time.perf_counter() - began
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert exited.value.code == 2 and elapsed < 2.0
+    assert len(lines) == 5, lines
+    for needle in ("unknown key 'learning_rat'; did you mean 'learning_rate'?", "resolution: expected an integer",
+                   "lora_dropout: must be below 1", "mixed_precision: 'bf15' is not one of",
+                   "max_train_steps: must be at least 1"):  # fmt: skip
+        assert sum(needle in line for line in lines) == 1, (needle, lines)

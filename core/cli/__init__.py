@@ -538,7 +538,8 @@ def main() -> None:
         typer.echo(str(exc), err=True)
         sys.exit(130)
     except (TunerError, ConfigError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        for line in str(exc).splitlines() or [""]:  # a config with several problems: one line each
+            typer.echo(f"error: {line}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

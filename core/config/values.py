@@ -295,17 +295,25 @@ def validate(
     alias_of = {alias: k.name for k in keys.values() for alias in k.aliases}
     values: dict[str, Any] = {}
     given_as: dict[str, str] = {}
+    problems: list[str] = []  # every key's problem, said at once (one line each)
     for given, value in raw.items():
         name = alias_of.get(given, given)
         where = origins.get(given, source)
         if name not in keys:
             close = difflib.get_close_matches(given, list(keys) + list(alias_of), n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else "; `tuner keys --plugin NAME` lists them"
-            raise ConfigError(f"{where}: unknown key {given!r}{hint}")
+            problems.append(f"{where}: unknown key {given!r}{hint}")
+            continue
         if name in given_as:
-            raise ConfigError(f"{where}: {given_as[name]!r} and {given!r} are the same key ({name}); keep one")
-        values[name] = check_value(keys[name], value, where)
+            problems.append(f"{where}: {given_as[name]!r} and {given!r} are the same key ({name}); keep one")
+            continue
         given_as[name] = given
+        try:
+            values[name] = check_value(keys[name], value, where)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
     for name, key in keys.items():
         if name not in values:
             values[name] = list(key.default) if isinstance(key.default, (list, tuple)) else key.default
