@@ -136,3 +136,27 @@ def test_every_mistake_of_a_config_is_said_at_once_before_anything_heavy(tmp_pat
                    "lora_dropout: must be below 1", "mixed_precision: 'bf15' is not one of",
                    "max_train_steps: must be at least 1"):  # fmt: skip
         assert sum(needle in line for line in lines) == 1, (needle, lines)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("resolution", 1_048_576, "resolution: must be at most 8192"),
+        ("network_rank", 1_000_000, "network_rank: must be at most 4096"),
+        ("max_train_steps", 10**12, "max_train_steps: must be at most 10000000"),
+        ("train_batch_size", 100_000, "train_batch_size: must be at most 4096"),
+        ("gradient_accumulation_steps", 100_000, "gradient_accumulation_steps: must be at most 4096"),
+        ("validation_resolution", "65536x64", "validation_resolution: 65536x64: each side must be at most 8192"),
+        ("validation_num_inference_steps", 10**6, "validation_num_inference_steps: must be at most 1000"),
+    ],
+)
+def test_absurd_sizes_are_refused_before_anything_is_allocated(tiny_chroma, shapes_dir, tmp_path, key, value, message):
+    """A size far past anything real used to grow memory without answer (a rank) or start training
+    (a step count whose data order is drawn up front): refused when the config is read."""
+    from tuner.core.errors import ConfigError
+
+    from .conftest import base_settings, make_config, make_host
+
+    with pytest.raises(ConfigError, match=message) as info:
+        make_config(make_host(), {**base_settings(tiny_chroma, shapes_dir, tmp_path), key: value})
+    assert "\n" not in str(info.value)

@@ -235,6 +235,8 @@ def check_value(key: ConfigKey, value: Any, where: str) -> Any:
     elif kind == "sizes":
         value = _sizes(value, bad)
         for width, height in value:
+            if key.maximum is not None and max(width, height) > key.maximum:
+                raise ConfigError(f"{where}: {name}: {width}x{height}: each side must be at most {_number(key.maximum)}")
             if min(width, height) < (key.minimum or 1) or (
                 key.multiple_of and (width % key.multiple_of or height % key.multiple_of)
             ):
@@ -248,10 +250,10 @@ def check_value(key: ConfigKey, value: Any, where: str) -> Any:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"{where}: {name}: {value!r} is not one of {', '.join(key.choices)}{hint}")
     if key.minimum is not None and isinstance(value, (int, float)) and value < key.minimum:
-        raise ConfigError(f"{where}: {name}: must be at least {key.minimum:g}, got {value!r}")
+        raise ConfigError(f"{where}: {name}: must be at least {_number(key.minimum)}, got {value!r}")
     if key.maximum is not None and isinstance(value, (int, float)):
         if value >= key.maximum if key.maximum_exclusive else value > key.maximum:
-            bound = f"below {key.maximum:g}" if key.maximum_exclusive else f"at most {key.maximum:g}"
+            bound = f"below {_number(key.maximum)}" if key.maximum_exclusive else f"at most {_number(key.maximum)}"
             raise ConfigError(f"{where}: {name}: must be {bound}, got {value!r}")
     if key.multiple_of and isinstance(value, int) and value % key.multiple_of:
         raise ConfigError(f"{where}: {name}: must be a multiple of {key.multiple_of}, got {value}")
@@ -259,6 +261,13 @@ def check_value(key: ConfigKey, value: Any, where: str) -> Any:
     if problem:
         raise ConfigError(f"{where}: {name}: {problem}")
     return value
+
+
+def _number(bound: float) -> str:
+    """A bound as people write it: 10000000, not 1e+07; 0.5 as 0.5."""
+    if isinstance(bound, int):
+        return str(bound)
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def _sizes(value: Any, bad: ConfigError) -> list[list[int]]:

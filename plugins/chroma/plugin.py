@@ -54,7 +54,7 @@ KEYS = (
     shared.T5_PADDING,
     *shared.GUIDANCE_KEYS,  # accepted from SimpleTuner configs, ignored (see FAMILY.ignored_keys)
     shared.FAST_SCHEDULE,
-    ConfigKey("tokenizer_max_length", "int", 512, "T5 tokens per caption.", minimum=1, recipe=True),
+    ConfigKey("tokenizer_max_length", "int", 512, "T5 tokens per caption.", minimum=1, recipe=True, maximum=4096),
     ConfigKey(
         "validation_guidance_real",
         "float",

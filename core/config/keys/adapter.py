@@ -41,6 +41,7 @@ KEYS = in_group(
             minimum=1,
             resume_critical=True,
             memory=True,
+            maximum=4096,
         ),
         ConfigKey(
             "lora_alpha",

@@ -44,7 +44,12 @@ KEYS = in_group(
             choices=("textfile", "filename"),
         ),
         ConfigKey(
-            "dataset_repeats", "int", 0, "Extra passes over each image per epoch (SimpleTuner's repeats).", minimum=0
+            "dataset_repeats",
+            "int",
+            0,
+            "Extra passes over each image per epoch (SimpleTuner's repeats).",
+            minimum=0,
+            maximum=10_000,
         ),
         ConfigKey(
             "caption_dropout_probability",
@@ -73,6 +78,7 @@ KEYS = in_group(
             multiple_of=16,
             recipe=True,
             memory=True,
+            maximum=8192,
         ),
         ConfigKey(
             "resolution_type",
@@ -120,7 +126,8 @@ KEYS = in_group(
             "Skip images smaller than this (sqrt(width x height) with resolution_type area, the shorter side with "
             "pixel), with a warning and a count.",
             minimum=0,
+            maximum=65536,
         ),
-        ConfigKey("dataloader_num_workers", "int", 0, "Worker processes reading cached items.", minimum=0),
+        ConfigKey("dataloader_num_workers", "int", 0, "Worker processes reading cached items.", minimum=0, maximum=256),
     ),
 )

@@ -13,9 +13,11 @@ SEED_MAX = 2**63 - 1
 KEYS = in_group(
     "optimisation",
     (
-        ConfigKey("train_batch_size", "int", 1, "Images per step per process.", minimum=1, memory=True),
-        ConfigKey("gradient_accumulation_steps", "int", 1, "Micro-batches per optimizer step.", minimum=1),
-        ConfigKey("max_train_steps", "int", 1000, "Optimizer steps.", minimum=1),
+        ConfigKey("train_batch_size", "int", 1, "Images per step per process.", minimum=1, memory=True, maximum=4096),
+        ConfigKey(
+            "gradient_accumulation_steps", "int", 1, "Micro-batches per optimizer step.", minimum=1, maximum=4096
+        ),
+        ConfigKey("max_train_steps", "int", 1000, "Optimizer steps.", minimum=1, maximum=10_000_000),
         ConfigKey("seed", "int", 42, "Seed for data order, noise, sigmas and LoRA init.", minimum=0, maximum=SEED_MAX),
         ConfigKey(
             "learning_rate", "float", 1e-4, "Learning rate (Prodigy: a factor on its own estimate; use 1.0).", minimum=0
@@ -46,7 +48,7 @@ KEYS = in_group(
         ),
         ConfigKey("lr_num_cycles", "int", 1, "Hard restarts of cosine_with_restarts.", minimum=1),
         ConfigKey("lr_power", "float", 1.0, "Power of the polynomial decay (1.0: linear).", minimum=0),
-        ConfigKey("lr_warmup_steps", "int", 0, "Linear warm-up steps.", minimum=0),
+        ConfigKey("lr_warmup_steps", "int", 0, "Linear warm-up steps.", minimum=0, maximum=10_000_000),
         ConfigKey("max_grad_norm", "float", 1.0, "Gradient clipping norm (0 disables).", minimum=0),
         ConfigKey(
             "adam_beta1",

@@ -41,14 +41,21 @@ KEYS = in_group(
             minimum=0,
             group="data",
         ),
-        ConfigKey("eval_sigma_levels", "int", 8, "Evenly spaced noise levels the eval loss is computed at.", minimum=1),
+        ConfigKey(
+            "eval_sigma_levels",
+            "int",
+            8,
+            "Evenly spaced noise levels the eval loss is computed at.",
+            minimum=1,
+            maximum=1000,
+        ),
         ConfigKey("validation_prompt", "str", None, "One validation prompt."),
         ConfigKey("validation_prompts", "str_list", None, "Several validation prompts."),
         ConfigKey("validation_negative_prompt", "str", None, "Negative prompt for real CFG."),
         ConfigKey(
             "validation_steps", "int", 0, "Validate every N steps (0: only at the end).", minimum=0, central=True
         ),
-        ConfigKey("validation_num_inference_steps", "int", 20, "Sampler steps per image.", minimum=1),
+        ConfigKey("validation_num_inference_steps", "int", 20, "Sampler steps per image.", minimum=1, maximum=1000),
         ConfigKey(
             "validation_seed",
             "int",
@@ -65,6 +72,7 @@ KEYS = in_group(
             "resolution x resolution).",
             minimum=16,
             multiple_of=16,
+            maximum=8192,
         ),
         ConfigKey(
             "validation_init_image",
