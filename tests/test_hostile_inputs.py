@@ -160,3 +160,28 @@ def test_absurd_sizes_are_refused_before_anything_is_allocated(tiny_chroma, shap
     with pytest.raises(ConfigError, match=message) as info:
         make_config(make_host(), {**base_settings(tiny_chroma, shapes_dir, tmp_path), key: value})
     assert "\n" not in str(info.value)
+
+
+def test_a_missing_data_folder_is_said_before_the_estimate_and_the_hub(tmp_path, monkeypatch):
+    """Today's order: folders, data, then the model (a hub look-up can take 25 s), then the estimate."""
+    import tuner.core.estimate.cached
+    import tuner.core.model.hub
+    from tuner.core.errors import DataError
+
+    from .conftest import train
+
+    def reached(*args, **kwargs):
+        raise AssertionError("reached before the data folder was checked")
+
+    monkeypatch.setattr(tuner.core.model.hub, "check_hub_model", reached)
+    monkeypatch.setattr(tuner.core.estimate.cached, "cached_estimate", reached)
+    settings = {
+        "pretrained_model_name_or_path": "nobody/not-a-model",  # a hub id: asked only after the data
+        "data_dir": str(tmp_path / "photos"),
+        "output_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+        "mixed_precision": "no",
+    }
+    with pytest.raises(DataError, match=f"data_dir {tmp_path / 'photos'} is not a folder"):
+        train(settings)
+    assert not (tmp_path / "out").exists()

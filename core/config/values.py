@@ -236,7 +236,9 @@ def check_value(key: ConfigKey, value: Any, where: str) -> Any:
         value = _sizes(value, bad)
         for width, height in value:
             if key.maximum is not None and max(width, height) > key.maximum:
-                raise ConfigError(f"{where}: {name}: {width}x{height}: each side must be at most {_number(key.maximum)}")
+                raise ConfigError(
+                    f"{where}: {name}: {width}x{height}: each side must be at most {_number(key.maximum)}"
+                )
             if min(width, height) < (key.minimum or 1) or (
                 key.multiple_of and (width % key.multiple_of or height % key.multiple_of)
             ):

@@ -35,6 +35,23 @@ class RunData:
     held_out: PreparedData | None = None  # the eval loss's cached images (eval_steps)
 
 
+def check_data_folders(config: Any) -> None:
+    """Every dataset's folder (and the held-out one) exists: said before anything heavy starts."""
+    from pathlib import Path
+
+    datasets = resolve_datasets(config)
+    if not datasets:
+        raise config.error("data_dir", "is required: a folder of images with .txt captions (or datasets:)")
+    folders = [(d, d.config.data_dir) for d in datasets] + [(None, config.eval_data_dir)] * bool(config.eval_data_dir)
+    for dataset, folder in folders:
+        if not Path(folder).is_dir():
+            what = "eval_data_dir" if dataset is None else "data_dir"
+            problem = DataError(f"{what} {folder} is not a folder")
+            if dataset is not None and len(datasets) > 1:
+                problem = DataError(f"{dataset.label}: {problem}")
+            raise problem
+
+
 def prepare_data(ctx: RunContext) -> RunData:
     """Scan, filter, bucket and cache every dataset (the main process first, the others reuse its
     cache entries); a one-line error names the dataset when one has no usable image."""

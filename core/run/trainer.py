@@ -37,7 +37,7 @@ from tuner.core.outputs.resume import Checkpoints
 from tuner.core.outputs.runinfo import OutputLock, RunRecord, forget_untrained_run, read_run, settle_output_dir
 from tuner.core.run import reporting
 from tuner.core.run.evaluation import Evaluator
-from tuner.core.run.preparation import RunData, prepare_data
+from tuner.core.run.preparation import RunData, check_data_folders, prepare_data
 from tuner.core.run.stopping import StopRequest, interrupted_message
 from tuner.core.run.validation import Validator
 from tuner.core.training.ema import EMA_SUFFIX, AdapterEMA
@@ -259,6 +259,7 @@ class Trainer:
             problem = folder_problem(path)
             if problem is not None:
                 raise config.error(key, problem)
+        check_data_folders(config)  # before the estimate and any hub look-up: seconds, not a minute
         check_model_folder(self.ctx.host, config)
 
     def report_memory_estimate(self) -> Any:
