@@ -185,3 +185,34 @@ def test_a_missing_data_folder_is_said_before_the_estimate_and_the_hub(tmp_path,
     with pytest.raises(DataError, match=f"data_dir {tmp_path / 'photos'} is not a folder"):
         train(settings)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
+def test_overwrite_never_removes_the_files_of_a_run_that_is_alive(tiny_chroma, shapes_dir, tmp_path):
+    import fcntl
+
+    from tuner.core.errors import ConfigError
+    from tuner.core.outputs.runinfo import LOCK_FILE, settle_output_dir
+
+    from .conftest import base_settings, make_config, make_host
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text('{"status": "training", "step": 7}')
+    (out / "checkpoint-5").mkdir()
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"...")
+    config = make_config(
+        make_host(), {**base_settings(tiny_chroma, shapes_dir, tmp_path), "existing_output": "overwrite"}
+    )
+    with open(out / LOCK_FILE, "a+") as alive:  # the other run holds the folder's lock
+        fcntl.flock(alive, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="is in use by another run"):
+            settle_output_dir(config, print)
+    assert sorted(p.name for p in out.iterdir()) == [
+        LOCK_FILE,
+        "checkpoint-5",
+        "pytorch_lora_weights.safetensors",
+        "run.json",
+    ]
+    settle_output_dir(config, print)  # once it is gone, overwrite does what it says
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]

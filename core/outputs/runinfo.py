@@ -255,11 +255,12 @@ def forget_untrained_run(folder: str | Path) -> None:
         pass
 
 
-def settle_output_dir(config: Any, log: Any) -> Any:
+def settle_output_dir(config: Any, log: Any, main: bool = True) -> Any:
     """Decide what a run does with an ``output_dir`` that holds an earlier run (``existing_output``):
     refuse (the default: say what is there), write to a new numbered folder beside it, or start
     over there. A resume (``resume_from_checkpoint``) continues the run that is there instead.
-    Reads only: every process of a multi-process run reaches the same answer before any writes."""
+    Every process of a multi-process run reaches the same answer; only the ``main`` one removes
+    files (under the folder's lock)."""
     folder = Path(config.output_dir)
     if config.resume_from_checkpoint:
         _check_steps_left(config)
@@ -282,10 +283,13 @@ def settle_output_dir(config: Any, log: Any) -> Any:
         return config.derive({"output_dir": f"{folder}-{number}"})
     import shutil
 
+    if not main:
+        return config
     source = Path(config.source).resolve()
-    removed = [p for p in folder.iterdir() if _written_by_a_run(p) and p.resolve() != source]
-    for path in removed:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with OutputLock(config):  # a run alive there holds it: refused, naming it, before anything goes
+        removed = [p for p in folder.iterdir() if _written_by_a_run(p) and p.resolve() != source]
+        for path in removed:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     log(f"{folder} held {found}; removed its {len(removed)} files and folders (existing_output: overwrite)")
     return config
 

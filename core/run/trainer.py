@@ -325,5 +325,5 @@ def run(host: PluginHost, config: Config, warn: Callable[[str], None] = warn_use
     """A run as `tuner run` starts it: an output_dir holding an earlier run is dealt with first
     (``existing_output``), then the Trainer trains."""
     main = os.environ.get("RANK", "0") == "0"  # every process decides (the same); the first one says so
-    config = settle_output_dir(config, print if main else lambda message: None)
+    config = settle_output_dir(config, print if main else lambda message: None, main)
     return Trainer(host, config, warn).train()
