@@ -216,3 +216,23 @@ def test_overwrite_never_removes_the_files_of_a_run_that_is_alive(tiny_chroma, s
     ]
     settle_output_dir(config, print)  # once it is gone, overwrite does what it says
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+
+
+def test_only_keys_that_name_files_are_resolved_when_a_run_is_recorded(tiny_chroma, shapes_dir, tmp_path, monkeypatch):
+    """A folder named like a value (lora, base, adamw) beside the run used to turn those values into
+    absolute paths in the checkpoint, so the run resumed nowhere else."""
+    from tuner.core.outputs.checkpoint import check_resume_settings, resume_settings
+
+    from .conftest import base_settings, make_config, make_host
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for name in ("lora", "base", "adamw"):
+        (here / name).mkdir(parents=True)
+    elsewhere.mkdir()
+    settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "model_flavour": "base"}
+    monkeypatch.chdir(here)
+    saved = resume_settings(make_config(make_host(), settings), ["x"])
+    assert (saved["lora_type"], saved["optimizer"], saved["model_flavour"]) == ("lora", "adamw", "base")
+    assert saved["pretrained_model_name_or_path"] == str(tiny_chroma.resolve())  # a local folder: resolved
+    monkeypatch.chdir(elsewhere)
+    check_resume_settings(saved, make_config(make_host(), settings), ["x"], tmp_path / "checkpoint-1")  # no refusal

@@ -231,9 +231,17 @@ def prune(output_dir: Path, keep: int) -> list[Path]:
 
 
 def resume_settings(config: Any, targets: list[str]) -> dict[str, Any]:
-    """What defines the adapter: every key flagged ``resume_critical`` (local paths resolved) and the
-    adapted modules."""
-    return {**{k: resolved_if_local(v) for k, v in config.flagged("resume_critical").items()}, "targets": targets}
+    """What defines the adapter: every key flagged ``resume_critical`` and the adapted modules. Only
+    keys that name files are resolved (path keys, and the model when it is a local folder): a value
+    like ``lora`` or ``base`` stays a value even where a folder of that name lies."""
+
+    def recorded(key: str, value: Any) -> Any:
+        return resolved_if_local(value) if config.kind(key) == "path" or key == MODEL_KEY else value
+
+    return {**{k: recorded(k, v) for k, v in config.flagged("resume_critical").items()}, "targets": targets}
+
+
+MODEL_KEY = "pretrained_model_name_or_path"  # a hub id or a local folder: resolved only when local
 
 
 def check_resume_settings(saved: dict[str, Any], config: Any, targets: list[str], folder: Path) -> None:
@@ -241,7 +249,13 @@ def check_resume_settings(saved: dict[str, Any], config: Any, targets: list[str]
     # a key added after the checkpoint was written was at its default then
     declared = config.keys
     defaults = {key: declared[key].default for key in now if key in declared}
-    differing = [key for key in now if resolved_if_local(saved.get(key, defaults.get(key))) != now[key]]
+    names_a_file = {key for key in now if key in declared and (config.kind(key) == "path" or key == MODEL_KEY)}
+
+    def same(key: str) -> bool:
+        before = saved.get(key, defaults.get(key))
+        return before == now[key] or (key in names_a_file and resolved_if_local(before) == now[key])
+
+    differing = [key for key in now if not same(key)]
     if differing:
         detail = ", ".join(
             f"{key} ({saved.get(key)!r} -> {now[key]!r})" if key != "targets" else "LoRA targets" for key in differing
