@@ -464,3 +464,19 @@ def test_a_plugin_key_lands_in_the_form_where_its_record_says():
     assert all(f["name"] != "my_crop_margin" for g in forms.form_schema(hidden)["groups"] for f in g["advanced"])
     with pytest.raises(PluginError, match=r"plugin 'mine'.*my_crop_margin.*group 'extras'; use one of model, data"):
         PluginHost("chroma", extra_plugins=[("mine", Keys(group="extras"))]).config_keys()
+
+
+def test_saved_config_names_are_clean_and_never_replace_another_runs_config(client, workspace):
+    first = client.post("/api/config", json={"family": "chroma", "values": VALUES}).json()
+    assert first["message"] == "wrote configs/ui.yaml"
+    again = client.post("/api/config", json={"family": "chroma", "values": VALUES}).json()
+    assert again["message"] == "wrote configs/ui.yaml"  # the same run's config: saved over itself
+    # another output folder with the same last name: its own file beside the first
+    other = client.post("/api/config", json={"family": "chroma", "values": {**VALUES, "output_dir": "elsewhere/ui"}})
+    assert other.json()["message"] == "wrote configs/ui-2.yaml"
+    assert "elsewhere/ui" not in (workspace / "configs" / "ui.yaml").read_text()
+    # a name with a newline cannot add lines to the file's header or leave the folder
+    odd = client.post("/api/config", json={"family": "chroma", "values": {**VALUES, "output_dir": "output/a\nb: 1"}})
+    assert odd.json()["message"] == "wrote configs/a-b-1.yaml"
+    text = (workspace / "configs" / "a-b-1.yaml").read_text()
+    assert text.splitlines()[0].startswith("# written by tuner server") and "\nb: 1" not in text

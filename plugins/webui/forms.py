@@ -85,9 +85,29 @@ def parse_values(host: Any, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_file(workspace: Workspace, raw: dict[str, Any]) -> Path:
-    """Where the UI saves a run's config: ``configs/<output folder name>.yaml``."""
-    name = Path(str(raw.get("output_dir") or "output")).name or "run"
-    return workspace.root / "configs" / f"{name}.yaml"
+    """Where the UI saves a run's config: ``configs/<output folder name>.yaml``, the name cut to
+    letters, digits, ``.``, ``_`` and ``-`` (it lands in a file name and a comment), and numbered
+    (``-2``, ``-3``) when a config of that name belongs to another output folder."""
+    import re
+
+    output = str(raw.get("output_dir") or "output")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(output).name).strip(".-")[:80] or "run"
+    folder = workspace.root / "configs"
+    candidate, number = folder / f"{name}.yaml", 2
+    while candidate.exists() and _output_of(candidate) != output:
+        candidate, number = folder / f"{name}-{number}.yaml", number + 1
+    return candidate
+
+
+def _output_of(config_file: Path) -> str | None:
+    """The output_dir a saved config names (None when it cannot be read)."""
+    import yaml
+
+    try:
+        found = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return str(found.get("output_dir")) if isinstance(found, dict) else None
 
 
 def validate(workspace: Workspace, host: Any, values: dict[str, Any], check_data: bool = False) -> dict[str, Any]:
