@@ -480,3 +480,26 @@ def test_saved_config_names_are_clean_and_never_replace_another_runs_config(clie
     assert odd.json()["message"] == "wrote configs/a-b-1.yaml"
     text = (workspace / "configs" / "a-b-1.yaml").read_text()
     assert text.splitlines()[0].startswith("# written by tuner server") and "\nb: 1" not in text
+
+
+def test_a_second_server_on_a_busy_port_says_the_port_is_busy(workspace):
+    import socket
+
+    from tuner.plugins.webui.plugin import port_problem
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert port_problem("127.0.0.1", port) == f"127.0.0.1:{port} is in use (another tuner server?)"
+        out = subprocess.run(
+            [sys.executable, "-m", "tuner.core.cli", "server", "--port", str(port), "--workspace", str(workspace)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        f"error: --port {port}: 127.0.0.1:{port} is in use (another tuner server?); stop the other server or "
+        "choose another --port"
+    ]
+    assert port_problem("127.0.0.1", port) is None  # free again

@@ -59,6 +59,9 @@ def register_commands(app):
         if not workspace.is_dir():
             raise ConfigError(f"--workspace {workspace}: not a folder")
         workspace = workspace.resolve()
+        busy = port_problem(host, port)  # before anything starts: uvicorn would log a traceback-like error
+        if busy:
+            raise ConfigError(f"--port {port}: {busy}; stop the other server or choose another --port")
         from tuner.plugins.webui.app import create_app
 
         token = token or os.environ.get(TOKEN_VARIABLE) or secrets.token_urlsafe(24)
@@ -70,3 +73,20 @@ def register_commands(app):
         typer.echo(f"tuner server: workspace {Path.cwd()}")
         typer.echo(f"open http://{shown}:{port}/?token={token}")
         uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be served (in use, not an address here), or None."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))  # no SO_REUSEADDR: a listening server makes this fail
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"{host}:{port} is in use (another tuner server?)"
+            return f"cannot listen on {host}:{port} ({exc.strerror or exc})"
+    return None
+
