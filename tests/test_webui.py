@@ -503,3 +503,63 @@ def test_a_second_server_on_a_busy_port_says_the_port_is_busy(workspace):
         "choose another --port"
     ]
     assert port_problem("127.0.0.1", port) is None  # free again
+
+
+def test_no_request_body_or_path_makes_the_server_fail(workspace, monkeypatch):
+    """Random JSON and paths at every endpoint: always an answer (4xx or 2xx), never a 5xx; jobs are
+    stubbed so nothing is ever started."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from starlette.testclient import TestClient
+
+    from tuner.plugins.webui.app import create_app
+    from tuner.plugins.webui.jobs import Jobs
+
+    monkeypatch.setattr(Jobs, "_launch", lambda self, job: None)
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=40)
+    )
+    json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)  # fmt: skip
+    keys = st.sampled_from([*VALUES, "family", "values", "prompt", "seed", "steps", "guidance", "max_train_steps"])
+    form_values = st.dictionaries(st.sampled_from(list(VALUES)), json_values, max_size=5).map(lambda v: {**VALUES, **v})
+    forms_ = st.fixed_dictionaries({"family": st.sampled_from(["chroma", "flux"]), "values": form_values | json_values})
+    bodies = forms_ | st.dictionaries(keys, json_values, max_size=6) | json_values
+    paths = st.text(max_size=300) | st.sampled_from(["..", "../..", "output/ui", "data/shapes", "x" * 5000])
+    app = create_app(workspace, TOKEN, port=PORT)
+    with TestClient(app, base_url=BASE, follow_redirects=False, raise_server_exceptions=False) as client:
+        client.cookies.set(f"tuner_token_{PORT}", TOKEN)
+        client.headers["x-tuner-token"] = TOKEN
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        @given(body=bodies, path=paths, family=st.sampled_from(["chroma", "flux", "nope"]))
+        def poke(body, path, family):
+            from urllib.parse import quote
+
+            path = quote(path, safe="/")  # what a browser sends for any text
+            for endpoint in ("/api/validate", "/api/buckets", "/api/config", "/api/start"):
+                response = client.post(endpoint, json=body)
+                assert response.status_code < 500, (endpoint, body, response.text[:300])
+            for action in ("stop", "resume", "sample"):
+                response = client.post(f"/api/run/{path}/{action}", json=body)
+                assert response.status_code < 500, (action, path, body, response.text[:300])
+            for url in (f"/api/run/{path}", f"/api/browse?path={path}", f"/files/{path}", f"/api/form/{family}"):
+                response = client.get(url)
+                assert response.status_code < 500, (url, response.text[:300])
+
+        poke()
+        too_big = client.post("/api/validate", content=b"{" + b" " * (2 << 20) + b"}")
+        assert too_big.status_code == 413 and "refused" in too_big.json()["error"]
+        # the cases that once answered 500, kept as examples
+        for endpoint, body in [
+            ("/api/validate", {"family": "chroma", "values": [1, 2]}),
+            ("/api/start", {"family": "chroma", "values": 1}),
+            ("/api/run/output/ui/resume", {"max_train_steps": 1e308}),
+            ("/api/run/output/ui/sample", {"prompt": "a cat", "guidance": "nan"}),
+            ("/api/run/" + "x" * 5000 + "/resume", {}),
+        ]:
+            response = client.post(endpoint, json=body)
+            assert response.status_code < 500 and response.json().get("error"), (endpoint, response.text[:200])

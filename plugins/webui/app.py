@@ -26,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 from tuner.core.api import PluginHost, TunerError
 from tuner.plugins.webui import form_api, pages, runs_api
 from tuner.plugins.webui.jobs import Jobs
-from tuner.plugins.webui.server import HERE, Server, problem
+from tuner.plugins.webui.server import HERE, MAX_BODY, Server, problem
 from tuner.plugins.webui.workspace import OutsideWorkspace, Workspace
 
 TOKEN_HEADER = "x-tuner-token"
@@ -74,8 +74,11 @@ class Guard:
             return await self.app(scope, receive, send)
         request = Request(scope)
         response: Response | None = None
+        declared = request.headers.get("content-length", "0")
         if not self.host_allowed(request.headers.get("host", "")):
             response = PlainTextResponse("refused: unexpected Host header (DNS rebinding?)", status_code=400)
+        elif not declared.isdigit() or int(declared) > MAX_BODY:
+            response = JSONResponse({"error": f"refused: a body over {MAX_BODY} bytes"}, status_code=413)
         elif request.method == "GET" and self._valid(request.query_params.get("token")):
             query = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
             target = request.url.path + (f"?{urlencode(query)}" if query else "")
@@ -150,6 +153,9 @@ def create_app(
     async def tuner_error(request: Request, exc: Exception) -> Response:
         return problem(str(exc))
 
+    async def os_error(request: Request, exc: Exception) -> Response:  # a name too long, no permission
+        return problem(f"{exc.strerror or type(exc).__name__}: {exc.filename or request.url.path}"[:300])
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Any):
         jobs.start()
@@ -165,6 +171,7 @@ def create_app(
             NotADirectoryError: not_found,
             OutsideWorkspace: outside,
             TunerError: tuner_error,
+            OSError: os_error,
         },
     )
     app.state.workspace, app.state.jobs = space, jobs

@@ -25,7 +25,10 @@ def routes(server: Server) -> list[Route]:
     async def checked(request: Request, check_data: bool = False) -> tuple[dict[str, Any], Any]:
         body = await read_json(request)
         host = server.host_for(body.get("family"))
-        return await run_in_threadpool(forms.validate, server.space, host, body.get("values") or {}, check_data), host
+        values = body.get("values") or {}
+        if not isinstance(values, dict):
+            return {"error": f"values: expected an object of key: value, got {type(values).__name__}", "key": None}, host
+        return await run_in_threadpool(forms.validate, server.space, host, values, check_data), host
 
     async def api_validate(request: Request) -> Response:
         result, _ = await checked(request)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def routes(server: Server) -> list[Route]:
         if body.get("max_train_steps") not in (None, ""):
             try:
                 steps = int(body["max_train_steps"])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 return problem(f"max_train_steps: {body['max_train_steps']!r} is not a whole number")
             argv += ["--set", f"max_train_steps={steps}"]
         server.jobs.submit("run", argv, folder, folder / "console.log", label=f"resume {folder.name}")
@@ -87,9 +88,12 @@ def routes(server: Server) -> list[Route]:
         ):
             if body.get(field) not in (None, ""):
                 try:
-                    argv += [option, str(kind(body[field]))]
-                except (TypeError, ValueError):
-                    return problem(f"{field}: {body[field]!r} is not a number")
+                    number = kind(body[field])
+                    if not math.isfinite(number):
+                        raise ValueError(number)
+                    argv += [option, str(number)]
+                except (TypeError, ValueError, OverflowError):
+                    return problem(f"{field}: {body[field]!r} is not a finite number")
         server.jobs.submit("sample", argv, folder, out / "sample.log", label=f"sample {folder.name}")
         return JSONResponse(
             {"message": f"queued: images go to {server.space.relative(out)}", "folder": server.space.relative(out)}

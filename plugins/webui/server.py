@@ -52,10 +52,19 @@ class Server:
         return self.space.resolve(request.path_params["path"], must_exist=False)
 
 
+MAX_BODY = 1 << 20  # the UI's largest body is a form of a few KiB
+
+
 async def read_json(request: Request) -> dict[str, Any]:
-    """The request's JSON object, or an empty one (a body that is not an object says nothing)."""
+    """The request's JSON object, or an empty one (a body that is not an object says nothing); a
+    body over ``MAX_BODY`` is refused (the guard refuses a declared one before it is read)."""
+    import json
+
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise TunerError(f"request body of {len(raw)} bytes refused; the limit is {MAX_BODY}")
     try:
-        body = await request.json()
+        body = json.loads(raw or b"{}")
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
