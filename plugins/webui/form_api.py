@@ -27,7 +27,10 @@ def routes(server: Server) -> list[Route]:
         host = server.host_for(body.get("family"))
         values = body.get("values") or {}
         if not isinstance(values, dict):
-            return {"error": f"values: expected an object of key: value, got {type(values).__name__}", "key": None}, host
+            return {
+                "error": f"values: expected an object of key: value, got {type(values).__name__}",
+                "key": None,
+            }, host
         return await run_in_threadpool(forms.validate, server.space, host, values, check_data), host
 
     async def api_validate(request: Request) -> Response:

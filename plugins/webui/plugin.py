@@ -89,4 +89,3 @@ def port_problem(host: str, port: int) -> str | None:
                 return f"{host}:{port} is in use (another tuner server?)"
             return f"cannot listen on {host}:{port} ({exc.strerror or exc})"
     return None
-
