@@ -130,3 +130,12 @@ def test_no_module_uses_another_modules_private_names():
     """Cross-module use of a ``_private`` name of tuner (ruff's SLF001 covers attributes of objects)."""
     found = [f"{p.relative_to(REPO)}: {use}" for p in _python_files() for use in private_uses(p.read_text())]
     assert found == []
+
+
+def test_ruff_passes():
+    """Lint is part of the suite, so CI keeps what ruff enforces: cheap hook modules (TID253), no
+    private member of another object (SLF001), sorted imports, bugbear."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", str(REPO)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:]
