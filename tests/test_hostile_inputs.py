@@ -236,3 +236,50 @@ def test_only_keys_that_name_files_are_resolved_when_a_run_is_recorded(tiny_chro
     assert saved["pretrained_model_name_or_path"] == str(tiny_chroma.resolve())  # a local folder: resolved
     monkeypatch.chdir(elsewhere)
     check_resume_settings(saved, make_config(make_host(), settings), ["x"], tmp_path / "checkpoint-1")  # no refusal
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"datasets": "twice"}, "is listed twice; list a folder once and give it a weight"),
+        ({"compile": True, "compile_backend": "inductr"}, "compile_backend: 'inductr' is not a torch.compile backend"),
+    ],
+)
+def test_settings_that_contradict_each_other_are_refused(tiny_chroma, shapes_dir, tmp_path, extra, message):
+    from tuner.core.errors import ConfigError
+
+    from .conftest import base_settings, make_config, make_host
+
+    settings = base_settings(tiny_chroma, shapes_dir, tmp_path)
+    if extra.get("datasets") == "twice":
+        del settings["data_dir"]
+        extra = {"datasets": [{"data_dir": str(shapes_dir)}, {"id": "again", "data_dir": str(shapes_dir) + "/"}]}
+    with pytest.raises(ConfigError, match=message) as info:
+        make_config(make_host(), {**settings, **extra})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ({"ema_decay": 0.9}, "ema_decay is ignored because use_ema is off"),
+        ({"lokr_factor": 4}, "lokr_factor is ignored because lora_type is lora"),
+        ({"lr_power": 2.0}, "lr_power is ignored because lr_scheduler is constant"),
+        ({"compile_backend": "aot_eager"}, "compile_backend is ignored because compile is off"),
+        ({"scheduled_sampling_strategy": "biased_late"}, "scheduled_sampling_strategy is ignored because"),
+        ({"eval_split": 2}, "eval_split holds 2 image(s) out of training, but eval_steps is 0"),
+        ({"lr_warmup_steps": 10, "max_train_steps": 4}, "the learning rate never reaches learning_rate"),
+        ({"eval_data_dir": "same", "eval_steps": 2}, "is also a training folder: the eval loss measures how well"),
+    ],
+)
+def test_settings_a_switched_off_method_ignores_are_said(tiny_chroma, shapes_dir, tmp_path, extra, said):
+    from .conftest import base_settings, make_config, make_host
+
+    if extra.get("eval_data_dir") == "same":
+        extra = {**extra, "eval_data_dir": str(shapes_dir)}
+    warnings: list[str] = []
+    make_config(make_host(), {**base_settings(tiny_chroma, shapes_dir, tmp_path), **extra}, warnings)
+    assert sum(said in w for w in warnings) == 1, warnings
+    quiet: list[str] = []
+    make_config(make_host(), base_settings(tiny_chroma, shapes_dir, tmp_path), quiet)
+    assert quiet == []  # the same config without them says nothing

@@ -23,8 +23,59 @@ def check_relations(config: Any, warn: Any) -> None:
             "flow_schedule_shift", "set either flow_schedule_shift or flow_schedule_auto_shift, not both"
         )
     check_methods(config, warn)
+    check_combinations(config, warn)
     if config.validation_prompt and config.validation_prompts:
         warn("both validation_prompt and validation_prompts are set; validating with all of them")
+
+
+def check_combinations(config: Any, warn: Any) -> None:
+    """Settings that contradict each other (refused) or that a switched-off method ignores (said)."""
+    from pathlib import Path
+
+    folders = [str(Path(d.config.data_dir).resolve()) for d in resolve(config) if d.config.data_dir]
+    twice = sorted({folder for folder in folders if folders.count(folder) > 1})
+    if twice:
+        raise config.error("datasets", f"{twice[0]} is listed twice; list a folder once and give it a weight")
+    if config.eval_data_dir and str(Path(config.eval_data_dir).resolve()) in folders:
+        warn(f"{config.source}: eval_data_dir {config.eval_data_dir} is also a training folder: the eval loss "
+             "measures how well the LoRA memorises it, not how it does on images it has not seen")  # fmt: skip
+    if config.eval_split and not config.eval_steps:
+        warn(f"{config.source}: eval_split holds {config.eval_split} image(s) out of training, but eval_steps is 0: "
+             "no eval loss is computed (set eval_steps, or drop eval_split)")  # fmt: skip
+    if config.lr_warmup_steps >= config.max_train_steps:
+        warn(f"{config.source}: lr_warmup_steps {config.lr_warmup_steps} is not shorter than max_train_steps "
+             f"{config.max_train_steps}: the learning rate never reaches learning_rate")  # fmt: skip
+    if config.compile:
+        import torch
+
+        backends = torch.compiler.list_backends(exclude_tags=())
+        if config.compile_backend not in backends:
+            raise config.error(
+                "compile_backend",
+                f"{config.compile_backend!r} is not a torch.compile backend here; e.g. inductor, aot_eager",
+            )
+    rollout_off = config.scheduled_sampling_max_step_offset == 0
+    ignored = [
+        *((key, not config.use_ema, "use_ema is off") for key in ("ema_decay", "ema_update_interval", "ema_device")),
+        ("lokr_factor", config.lora_type != "lokr", f"lora_type is {config.lora_type}"),
+        ("lr_num_cycles", config.lr_scheduler != "cosine_with_restarts", f"lr_scheduler is {config.lr_scheduler}"),
+        ("lr_power", config.lr_scheduler != "polynomial", f"lr_scheduler is {config.lr_scheduler}"),
+        ("eval_sigma_levels", not config.eval_steps, "eval_steps is 0"),
+        ("compile_backend", not config.compile, "compile is off"),
+        *(
+            (key, rollout_off, "scheduled_sampling_max_step_offset is 0")
+            for key in (
+                "scheduled_sampling_ramp_steps",
+                "scheduled_sampling_start_step",
+                "scheduled_sampling_ramp_shape",
+                "scheduled_sampling_strategy",
+                "scheduled_sampling_num_inference_steps",
+            )
+        ),
+    ]
+    for key, off, why in ignored:
+        if off and config.is_set(key):
+            warn(f"{config.source}: {key} is ignored because {why}")
 
 
 def check_methods(config, warn) -> None:
