@@ -563,3 +563,22 @@ def test_no_request_body_or_path_makes_the_server_fail(workspace, monkeypatch):
         ]:
             response = client.post(endpoint, json=body)
             assert response.status_code < 500 and response.json().get("error"), (endpoint, response.text[:200])
+
+
+def test_a_run_folder_with_damaged_files_shows_its_problem_and_never_breaks_the_others(client, workspace):
+    bad = workspace / "output" / "bad"
+    bad.mkdir(parents=True)
+    (bad / "run.json").write_text('{"status": "train')  # cut off by a full disk
+    (bad / "train_log.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n[1, 2]\n"x"\n')
+    good = workspace / "output" / "good"
+    good.mkdir(parents=True)
+    (good / "run.json").write_text(json.dumps({"status": "finished", "started": "2026-12-04T10:00:00"}))
+    runs = {row["name"]: row for row in client.get("/api/runs").json()["runs"]}
+    assert runs["good"]["status"] == "finished"
+    assert runs["bad"]["status"] == "damaged" and "run.json cannot be read" in runs["bad"]["reason"]
+    detail = client.get("/api/run/output/bad").json()
+    assert detail["status"] == "damaged" and detail["records"] == [{"step": 1, "loss": 0.5}]
+    assert client.get("/").status_code == 200 and client.get("/run/output/bad").status_code == 200
+    (bad / "run.json").write_text('{"status": 5}')
+    assert client.get("/api/runs").json()["runs"][0]["status"] in ("damaged", "finished")
+    assert {row["name"]: row for row in client.get("/api/runs").json()["runs"]}["bad"]["status"] == "damaged"

@@ -72,7 +72,12 @@ class Workspace:
     def run_summary(self, folder: Path) -> dict[str, Any] | None:
         record = read_run(folder)
         if record is None:
-            return None
+            if not (folder / RUN_FILE).is_file():
+                return None
+            # there, but not a run's record (truncated by a full disk, edited): shown with its problem
+            record = {"status": "damaged", "error": f"{RUN_FILE} cannot be read (truncated or edited by hand)"}
+        if not isinstance(record.get("status", ""), str):
+            record = {**record, "status": "damaged", "error": f"{RUN_FILE} holds a status that is not text"}
         log = self.logs.read(folder / "train_log.jsonl")
         status = record.get("status", "unknown")
         alive = status in LIVE and process_alive(record.get("pid"), record.get("host"), record.get("pid_started"))
