@@ -283,3 +283,35 @@ def test_settings_a_switched_off_method_ignores_are_said(tiny_chroma, shapes_dir
     quiet: list[str] = []
     make_config(make_host(), base_settings(tiny_chroma, shapes_dir, tmp_path), quiet)
     assert quiet == []  # the same config without them says nothing
+
+
+def test_cache_entries_with_nan_are_never_written_and_never_trained_on(tiny_chroma, shapes_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tuner.core import hookimpl
+    from tuner.core.errors import DataError
+
+    from .conftest import base_settings, train
+
+    settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "max_train_steps": 1}
+
+    class Overflowing:  # a VAE that overflows (fp16) encodes to infinity
+        @hookimpl(tryfirst=True)
+        def encode_images(self, vae, pixels):
+            return torch.full((pixels.shape[0], 16, pixels.shape[2] // 8, pixels.shape[3] // 8), float("inf"))
+
+    with pytest.raises(DataError, match=r"encoding image .*\.png gave NaN or infinite values \(latents\)") as info:
+        train(settings, ("overflow", Overflowing()))
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "cache" / "latents").rglob("*.safetensors"))  # nothing cached
+    train(settings)  # caches the latents
+    entry = sorted((tmp_path / "cache" / "latents").rglob("*.safetensors"))[0]
+    tensors = load_file(str(entry))
+    save_file({"latents": torch.full_like(tensors["latents"], float("nan"))}, str(entry))  # a sound header, NaN
+    again = {**settings, "output_dir": str(tmp_path / "again"), "max_train_steps": 12}
+    with pytest.raises(DataError, match="held NaN or infinite values") as info:
+        train(again)
+    assert str(entry) in str(info.value) and not entry.exists()
+    result, _, _ = train({**again, "output_dir": str(tmp_path / "third")})  # encoded again, trains
+    assert result.steps == 12 and all(loss == loss for loss in result.losses)

@@ -81,14 +81,26 @@ class TensorCache:
         return True
 
     def load(self, key: str) -> dict[str, torch.Tensor]:
+        """An entry's tensors; one whose header is sound but whose values are not numbers (NaN or
+        infinity, written by hand or by a broken encoder) is removed and named, so the next start
+        encodes it again instead of training on it."""
         from safetensors.torch import load_file
 
+        path = self.path(key)
         try:
-            return load_file(str(self.path(key)))
+            tensors = load_file(str(path))
         except Exception as exc:
             raise DataError(
-                f"{self.kind} cache entry {self.path(key)} is unreadable ({exc}); delete {self.dir} to rebuild it"
+                f"{self.kind} cache entry {path} is unreadable ({exc}); delete {self.dir} to rebuild it"
             ) from None
+        bad = _not_finite(tensors)
+        if bad:
+            path.unlink(missing_ok=True)
+            raise DataError(
+                f"{self.kind} cache entry {path} held NaN or infinite values ({', '.join(bad)}); it was removed "
+                "and is encoded again when the run starts again"
+            )
+        return tensors
 
     def tensor_names(self, key: str) -> set[str]:
         """Names stored in an entry, read from the file header only."""
@@ -102,8 +114,20 @@ class TensorCache:
                 f"{self.kind} cache entry {self.path(key)} is unreadable ({exc}); delete {self.dir} to rebuild it"
             ) from None
 
-    def save(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    def save(self, key: str, tensors: dict[str, torch.Tensor], source: str = "") -> None:
+        """Store an entry; values that are not numbers are never cached (``source`` names what was
+        encoded, for the message)."""
+        bad = _not_finite(tensors)
+        if bad:
+            raise DataError(
+                f"encoding {source or key} gave NaN or infinite values ({', '.join(bad)}); with fp16 the VAE or "
+                "text encoder can overflow: use bf16 or no (mixed_precision)"
+            )
         save_safetensors(self.path(key), tensors)
+
+
+def _not_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [name for name, value in tensors.items() if value.is_floating_point() and not bool(value.isfinite().all())]
 
 
 def image_key(path: Path) -> str:
@@ -293,6 +317,7 @@ def prepare_caches(
         missing = [(i, b, e, k) for i, b, e, k in wanted if not latents.has(k)]
         if not missing:
             break
+        sources = {k: i.image for i, _, _, k in missing}  # what each entry encodes, for messages
         vae = vae or load_vae(host, config, device, dtype)
         failed = []
         missing.sort(key=lambda m: (m[1].aspect, m[1].width))  # one bucket (one pixel size) per VAE batch
@@ -325,7 +350,7 @@ def prepare_caches(
                             "encode_images", vae=vae, pixels=torch.stack(pixels).to(device, dtype), config=config
                         )
                         for key, latent in zip(chunk, encoded, strict=True):
-                            latents.save(key, {"latents": latent.float()})
+                            latents.save(key, {"latents": latent.float()}, source=f"image {sources[key]}")
         if not failed:
             break
         kept = [item for item in usable if item not in failed]
@@ -360,7 +385,11 @@ def prepare_caches(
                     "encode_prompts", text_encoders=encoders, prompts=batch, config=config, device=device
                 )
                 for row, t in enumerate(batch):
-                    text.save(text_key(t), {name: value[row] for name, value in encoded.items()})
+                    text.save(
+                        text_key(t),
+                        {name: value[row] for name, value in encoded.items()},
+                        source=f"caption {t!r}"[:120],
+                    )
         del encoders
         gc.collect()
 
