@@ -19,6 +19,7 @@ class ModelFiles:
 
     def __init__(self, source: str, revision: str | None):
         self.source, self.revision = source, revision
+        self.checked = False  # whether the hub was asked whether it can answer
 
     def json(self, name: str) -> dict[str, Any]:
         folder = Path(self.source)
@@ -29,6 +30,11 @@ class ModelFiles:
         else:
             from huggingface_hub import hf_hub_download
 
+            from tuner.core.model.hub import check_hub_model
+
+            if not self.checked:  # offline and not cached: one line at once, naming HF_HUB_OFFLINE
+                check_hub_model(self.source, self.revision, "estimate: pretrained_model_name_or_path")
+                self.checked = True
             try:
                 path = Path(hf_hub_download(self.source, name, revision=self.revision))
             except Exception as exc:  # the hub client raises many kinds
