@@ -45,6 +45,7 @@ def test_example_config_trains_from_the_command_line(tmp_path, family):
     out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "saved" in out.stdout and "after 3 steps" in out.stdout
+    assert "step 3: 2 validation image(s) in" in out.stdout  # each validation is announced in one line
     assert "CPU threads: 1 (OMP_NUM_THREADS)" in out.stdout  # the user's choice wins, and is said
     for noise in ("kernels-community", "FluxPosEmbed", "torchvision", "Warning", "Loading weights"):  # third-party
         assert noise not in out.stderr, out.stderr[-2000:]

@@ -334,3 +334,10 @@ def test_a_run_describes_itself_and_resumes_from_its_own_config_anywhere(
     record = read_run(tmp_path / "failed")
     assert (record["status"], record["error"]) == ("failed", "RuntimeError: boom")
     assert not process_alive(2**22 + 12345) and not process_alive(None)
+
+
+def test_each_checkpoint_save_is_announced_in_one_line(tiny_chroma, shapes_dir, tmp_path, capsys):
+    train({**base_settings(tiny_chroma, shapes_dir, tmp_path), "checkpointing_steps": 2, "max_train_steps": 4})
+    out = capsys.readouterr().out
+    assert f"step 2: checkpoint saved to {tmp_path / 'out' / 'checkpoint-2'}" in out
+    assert f"step 4: checkpoint saved to {tmp_path / 'out' / 'checkpoint-4'}" in out

@@ -83,6 +83,7 @@ class Checkpoints:
             checkpoint.write_checkpoint(folder, files, record, lambda: self.last_good(folder))
             checkpoint.prune(ctx.output_dir, ctx.config.checkpoints_total_limit or 0)
             ctx.emit(events.Save, position.step, files=[str(folder / name) for name in files], checkpoint=str(folder))
+            ctx.log(f"step {position.step}: checkpoint saved to {folder}")
         ctx.accelerator.wait_for_everyone()
         return folder
 

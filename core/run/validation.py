@@ -93,6 +93,7 @@ class Validator:
         lines = "".join(f"{i:02d} seed {s}: {p}\n" for i, (p, s) in enumerate(zip(self.prompts, seeds, strict=True)))
         atomic_write(folder / "prompts.txt", lambda tmp: Path(tmp).write_text(lines))
         ctx.emit(events.Validation, step, folder=str(folder), images=[str(p) for p in written])
+        ctx.log(f"step {step}: {len(written)} validation image(s) in {folder}")
         return [folder]
 
     def write_recipe(self, lora_files: list[Path], suffix: str = "") -> Path:
