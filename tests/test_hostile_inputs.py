@@ -315,3 +315,30 @@ def test_cache_entries_with_nan_are_never_written_and_never_trained_on(tiny_chro
     assert str(entry) in str(info.value) and not entry.exists()
     result, _, _ = train({**again, "output_dir": str(tmp_path / "third")})  # encoded again, trains
     assert result.steps == 12 and all(loss == loss for loss in result.losses)
+
+
+def test_a_lora_that_does_not_fit_the_model_is_one_line_in_sample(tiny_chroma, tmp_path):
+    import torch
+    from diffusers import ChromaTransformer2DModel
+    from safetensors.torch import save_file
+
+    from tuner.core.errors import ConfigError
+    from tuner.core.run.sampling import apply_lora
+
+    from .conftest import make_host
+
+    transformer = ChromaTransformer2DModel.from_pretrained(tiny_chroma, subfolder="transformer")
+    wrong = tmp_path / "other.safetensors"  # a rank-4 LoRA for a layer 999 wide: another model's
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 999),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4),
+        },
+        str(wrong),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"--lora .*other.safetensors: transformer_blocks.0.attn.to_q is 32x999 in the file but 32x32 in this chroma",
+    ) as info:
+        apply_lora(transformer, str(wrong), make_host().family)
+    assert "\n" not in str(info.value) and "tuner check-lora" in str(info.value)

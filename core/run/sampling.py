@@ -118,6 +118,7 @@ def apply_lora(
 
     pipeline_cls = import_object(family.pipeline_class)
     pipe = partial_pipeline(pipeline_cls, transformer=transformer)
+    shapes = _linear_shapes(transformer)
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
@@ -135,13 +136,48 @@ def apply_lora(
             )
         else:
             pipe.load_lora_weights(lora_file, adapter_name="sample")
+    except Exception as exc:  # another family's file, another layout, a damaged file: said, not traced
+        from tuner.core.errors import ConfigError, first_line
+
+        raise ConfigError(
+            f"--lora {lora_file}: does not load onto this {family.name} model ({first_line(exc)}); "
+            f"`tuner check-lora {lora_file} --plugin {family.name}` says which keys do not fit"
+        ) from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
+    _check_fit(shapes, transformer, lora_file, family)
     for name, param in transformer.named_parameters():
         if ".lora_" in name:  # as in training and validation: fp32 adapters over a bf16 base (else the
             param.data = param.data.float()  # recipe renders 1-2 levels off its validation images)
     if scale != 1.0:
         transformer.set_adapters(["sample"], weights=[scale])
+
+
+def _linear_shapes(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    return {
+        name: (module.out_features, module.in_features)
+        for name, module in transformer.named_modules()
+        if hasattr(module, "in_features") and hasattr(module, "out_features") and not hasattr(module, "base_layer")
+    }
+
+
+def _check_fit(before: dict[str, tuple[int, int]], transformer: torch.nn.Module, lora_file: str, family: Any) -> None:
+    """A LoRA of another model loads without a word: peft builds each layer from the file's shapes
+    and diffusers' Flux-style loader even widens base layers to match (for Flux Control LoRAs), and
+    the first matmul fails deep in torch or the image is garbage. Every base layer keeps its shape."""
+    from tuner.core.errors import ConfigError
+
+    for name, module in transformer.named_modules():
+        base = getattr(module, "base_layer", None)
+        if base is None or name not in before:
+            continue
+        shape = (base.out_features, base.in_features)
+        if shape != before[name]:
+            raise ConfigError(
+                f"--lora {lora_file}: {name} is {shape[0]}x{shape[1]} in the file but {before[name][0]}x{before[name][1]} "
+                f"in this {family.name} model: a LoRA of another model; "
+                f"`tuner check-lora {lora_file} --plugin {family.name}` lists every layer"
+            )
 
 
 def render(
