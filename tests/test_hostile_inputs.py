@@ -1,7 +1,15 @@
 """Hostile and careless inputs, one row per class of cause (Reliability III): each ends in one line
 naming the file, key or value, or is skipped with a count and a name; never a traceback, a hang or
-a lost file. Other classes are tested where their feature lives (test_reliability.py,
-test_config.py, test_configure.py, test_sample.py)."""
+a lost file.
+
+Classes here: files that are not what they seem (pipes, broken links, folders named like captions,
+UTF-16 without a BOM, NaN in a cache entry or an encoding); options that destroy or block (a run
+that fails before its first step, overwrite beside a live run, paths recorded as values); every
+value at once and before anything heavy (five mistakes, absurd sizes, contradictions and ignored
+keys, a missing data folder before the hub); a LoRA of another model in `tuner sample`. Elsewhere:
+the web UI under hostile input (test_webui.py), configure and sample (test_configure.py,
+test_sample.py), another family's config (test_config.py).
+"""
 
 from __future__ import annotations
 
