@@ -276,7 +276,7 @@ def test_the_run_list_reads_output_folders_including_runs_from_a_terminal(client
         json.dumps({"status": "training", "pid": os.getpid(), "started": "2026-01-02T00:00:00+0000"})
     )
     (workspace / "output" / "broken").mkdir()
-    (workspace / "output" / "broken" / "run.json").write_text("[1, 2")  # damaged: not listed
+    (workspace / "output" / "broken" / "run.json").write_text("[1, 2")  # damaged: listed with its problem
     refused = workspace / "output" / "refused"  # the CLI refused the config before the run began
     refused.mkdir()
     (refused / "console.log").write_text(
@@ -285,7 +285,8 @@ def test_the_run_list_reads_output_folders_including_runs_from_a_terminal(client
     assert client.get("/api/run/output/refused").json()["status"] == "failed"
     assert client.get("/api/run/output/refused").json()["reason"] == "error: configs/refused.yaml: seed: bad"
     runs = {run["path"]: run for run in client.get("/api/runs").json()["runs"]}
-    assert set(runs) == {"out", "output/killed", "output/live"}
+    assert set(runs) == {"out", "output/killed", "output/live", "output/broken"}
+    assert runs["output/broken"]["status"] == "damaged"
     finished = runs["out"]
     assert (finished["status"], finished["family"], finished["precision"]) == ("finished", "chroma", "no_change")
     assert (finished["step"], finished["total"], finished["loss"]) == (4, 4, result.losses[-1])
