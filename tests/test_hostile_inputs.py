@@ -350,3 +350,20 @@ def test_a_lora_that_does_not_fit_the_model_is_one_line_in_sample(tiny_chroma, t
     ) as info:
         apply_lora(transformer, str(wrong), make_host().family)
     assert "\n" not in str(info.value) and "tuner check-lora" in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX locks")
+def test_a_failed_start_never_removes_the_files_of_a_run_that_took_the_folder_meanwhile(tmp_path):
+    import fcntl
+
+    from tuner.core.outputs.runinfo import LOCK_FILE, RUN_FILE, forget_untrained_run
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / RUN_FILE).write_text('{"status": "training"}')
+    with open(folder / LOCK_FILE, "a+") as other:  # a run that started there after we looked
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        forget_untrained_run(folder)
+        assert (folder / RUN_FILE).exists() and (folder / LOCK_FILE).exists()
+    forget_untrained_run(folder)  # nobody holds it: ours to take away
+    assert not folder.exists()

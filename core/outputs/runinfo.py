@@ -247,8 +247,25 @@ def forget_untrained_run(folder: str | Path) -> None:
     """Remove what a run that stopped before its first step wrote into the output folder it
     created (its run.json, config.yaml and lock), and the folder when nothing else is in it."""
     folder = Path(folder)
-    for name in (RUN_FILE, CONFIG_FILE, LOCK_FILE):
-        (folder / name).unlink(missing_ok=True)
+    lock = folder / LOCK_FILE
+    handle = None
+    if lock.exists():  # another run that started there meanwhile holds it: its files stay
+        try:
+            import fcntl
+
+            handle = open(lock, "a+", encoding="utf-8")  # noqa: SIM115 - held until the files are gone
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - not POSIX
+            pass
+        except OSError:
+            handle.close()
+            return
+    try:
+        for name in (RUN_FILE, CONFIG_FILE, LOCK_FILE):
+            (folder / name).unlink(missing_ok=True)
+    finally:
+        if handle is not None:
+            handle.close()
     try:
         folder.rmdir()  # only when empty: a cache or a log someone put there stays
     except OSError:
