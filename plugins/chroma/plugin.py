@@ -7,10 +7,10 @@ always on, no guidance embedding, a quadratic tail remap of sigmas, and real CFG
 
 from __future__ import annotations
 
-from tuner.core import hookimpl
 from tuner.core.api import ConfigKey, FamilyInfo
 from tuner.plugins.fluxlike import keys as shared
 from tuner.plugins.fluxlike.formats import COMFYUI
+from tuner.plugins.fluxlike.manifest import manifest_hooks
 
 NO_GUIDANCE = "Chroma has no guidance embedding (Chroma exposes no guidance range)"
 OWN_SIGMAS = "Chroma remaps sigmas itself (see chroma_sigma_remap)"
@@ -79,17 +79,4 @@ KEYS = (
 )
 
 
-@hookimpl
-def register_families(register):
-    register(FAMILY)
-
-
-@hookimpl
-def register_config_keys(register):
-    for key in KEYS:
-        register(key)
-
-
-@hookimpl
-def register_lora_formats(register):
-    register(COMFYUI)
+register_families, register_config_keys, register_lora_formats = manifest_hooks(FAMILY, KEYS, [COMFYUI])

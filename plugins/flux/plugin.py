@@ -10,6 +10,7 @@ from tuner.core import hookimpl
 from tuner.core.api import ConfigKey, FamilyInfo
 from tuner.plugins.fluxlike import keys as shared
 from tuner.plugins.fluxlike.formats import COMFYUI
+from tuner.plugins.fluxlike.manifest import manifest_hooks
 
 FAMILY = FamilyInfo(
     name="flux",
@@ -72,20 +73,7 @@ KEYS = (
 )
 
 
-@hookimpl
-def register_families(register):
-    register(FAMILY)
-
-
-@hookimpl
-def register_config_keys(register):
-    for key in KEYS:
-        register(key)
-
-
-@hookimpl
-def register_lora_formats(register):
-    register(COMFYUI)
+register_families, register_config_keys, register_lora_formats = manifest_hooks(FAMILY, KEYS, [COMFYUI])
 
 
 @hookimpl
