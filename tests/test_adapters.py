@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tuner.core.api import AdapterInfo, hookimpl
 from tuner.core.errors import ConfigError
 from tuner.core.model.adapters import read_lycoris, trained_deltas
 from tuner.core.run.trainer import Trainer
 
-from .conftest import base_settings, make_config, make_host
+from .conftest import base_settings, make_config, make_host, train
 from .test_resume import assert_resume_is_exact
 from .test_training import predict
 
@@ -201,7 +202,24 @@ def test_check_lora_reads_each_type(tiny_chroma, shapes_dir, tmp_path, kind):
     command = ["check-lora", str(result.lora_files[0]), "--plugin", "chroma", "--model", str(tiny_chroma)]
     out = CliRunner().invoke(app, command)
     assert out.exit_code == 0 and "OK: every key loads" in out.output, out.output
+    assert f"lora_type {kind}, diffusers layout" in out.output
+    # as ComfyUI loads the same file: LyCORIS keys under diffusers names load; a DoRA's magnitudes do not
+    comfy = CliRunner().invoke(app, [*command, "--format", "comfyui"])
+    if kind == "dora":
+        assert comfy.exit_code == 1 and "lora_magnitude_vector" in comfy.output, comfy.output
+    else:
+        assert comfy.exit_code == 0 and "OK: every key loads" in comfy.output, comfy.output
     tensors = load_file(result.lora_files[0])
+    if kind == "dora":  # without its magnitudes (metadata kept) the file is not the DoRA it says it is
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(result.lora_files[0]), framework="pt") as handle:
+            metadata = handle.metadata()
+        stripped = tmp_path / "stripped.safetensors"
+        save_file({k: v for k, v in tensors.items() if "magnitude" not in k}, stripped, metadata=metadata)
+        out = CliRunner().invoke(app, [command[0], str(stripped), *command[2:]])
+        assert out.exit_code == 1 and "tensors a dora file holds are missing" in out.output, out.output
     key = next(k for k in tensors if "transformer_blocks.0.attn.to_k." in k and not k.endswith(".alpha"))
     tensors[key.replace("to_k", "to_kk")] = tensors.pop(key)
     renamed = tmp_path / "renamed.safetensors"
@@ -228,3 +246,37 @@ def test_torch_dequantize_on_a_float_parameter_breaks_it_and_tuner_never_calls_i
     assert torch.equal(base_weight(clean), clean.weight)
     with torch.no_grad():
         clean.weight += 1  # still assignable
+
+
+class RsLoraPlugin:
+    """A third party's adapter type, registered from a plugin alone: rank-stabilised LoRA (peft's
+    ``use_rslora``), whose scale is alpha / sqrt(rank), not alpha / rank."""
+
+    @staticmethod
+    def _peft_config(config, target_modules):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=config.network_rank, lora_alpha=config.lora_alpha, target_modules=target_modules, use_rslora=True
+        )
+
+    @hookimpl
+    def register_adapter_types(self, register):
+        register(AdapterInfo("rslora", "rank-stabilised LoRA", peft_config=self._peft_config, low_rank=True))
+
+
+def test_an_adapter_type_registered_by_a_plugin_trains_and_reloads_in_every_format(tiny_chroma, shapes_dir, tmp_path):
+    """Nothing in the core names it: the config accepts it, the run trains it, and both files
+    (diffusers and ComfyUI's fused layout) reload as trained because the file's alpha comes from
+    peft's scaling (alpha * sqrt(rank) here), which the self-test of every final file checks."""
+    plugin = ("rslora-plugin", RsLoraPlugin())
+    host = make_host(plugin)
+    assert host.adapter_types["rslora"].plugin == "rslora-plugin"
+    assert "rslora" in host.choices(host.config_keys()["lora_type"])[1]
+    settings = adapter_settings(tiny_chroma, shapes_dir, tmp_path, "rslora", lora_format="all")
+    result, _, config = train(settings, plugin)
+    assert result.lora_files and set(config.lora_format) == {"diffusers", "comfyui"}
+    alphas = {float(v) for k, v in load_file(result.lora_files[0]).items() if k.endswith(".alpha")}
+    assert alphas == {12 * 4**0.5}  # alpha / sqrt(rank) == file alpha / rank
+    with pytest.raises(ConfigError, match=r"lora_type: 'rslora' is not one of lora, dora, lokr, loha"):
+        make_config(make_host(), settings)  # without the plugin, the name is unknown

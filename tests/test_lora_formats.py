@@ -215,6 +215,13 @@ def test_check_lora_fails_files_that_load_but_do_not_fit(tiny_chroma, shapes_dir
         save_file({**good, **changes}, path)
         return CliRunner().invoke(app, ["check-lora", str(path), "--plugin", "chroma", "--model", str(tiny_chroma)])
 
+    # the README's own file: ComfyUI maps diffusers names onto its fused weights; with no --model the
+    # base model is the one in the file's metadata
+    diffusers_file = str(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    for command in (["--format", "comfyui", "--model", str(tiny_chroma)], []):
+        out = CliRunner().invoke(app, ["check-lora", diffusers_file, "--plugin", "chroma", *command])
+        assert out.exit_code == 0 and "OK: every key loads" in out.output, out.output
+    assert f"base model: {tiny_chroma.resolve()} (from the file's tuner_training metadata" in out.output
     wide = check("wide", **{f"{module}.lora_A.weight": torch.cat([down, down], dim=1)})
     assert wide.exit_code == 1, wide.output
     width = down.shape[1]
@@ -232,3 +239,23 @@ def test_check_lora_fails_files_that_load_but_do_not_fit(tiny_chroma, shapes_dir
     assert nan.exit_code == 1
     assert "  not finite: transformer_blocks.0.attn.to_k gets NaN or inf" in nan.output
     assert "FAIL: 1 updates are NaN or inf" in nan.output
+
+
+def test_check_lora_offline_without_the_base_model_names_the_option_it_needs(tmp_path, monkeypatch):
+    """No --model, a file without tuner's metadata, the flavour's repository not cached, offline: one
+    line naming HF_HUB_OFFLINE, the repository and --model, before anything loads."""
+    import torch
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+    from tuner.core.errors import PluginError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    path = tmp_path / "lora.safetensors"
+    save_file({"transformer.proj_out.lora_A.weight": torch.zeros(4, 8)}, path)
+    out = CliRunner().invoke(app, ["check-lora", str(path), "--plugin", "chroma", "--flavour", "hd"])
+    assert isinstance(out.exception, PluginError), out.output
+    message = str(out.exception)
+    assert "lodestones/Chroma1-HD is not in the local hub cache and HF_HUB_OFFLINE is set" in message
+    assert message.endswith("pass --model FOLDER (a local copy of the base model)") and "\n" not in message

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tuner.core import hookimpl
+from tuner.core.builtin.adapter_types import ADAPTER_TYPES
 from tuner.core.config.keys import ASKED, CORE_KEYS
 from tuner.core.config.keys.optimization import adam_settings
 from tuner.core.config.relations import check_relations
@@ -79,6 +80,12 @@ DIFFUSERS_FORMAT = LoraFormat(
     read=_read_diffusers,
     detect=lambda keys: any(k.startswith("transformer.") for k in keys),
 )
+
+
+@hookimpl
+def register_adapter_types(register):
+    for info in ADAPTER_TYPES:
+        register(info)
 
 
 @hookimpl

@@ -106,6 +106,7 @@ def plugins(
                 ),
                 "precisions": sorted(p.name for p in host.precisions.values() if p.plugin == record.name),
                 "optimizers": sorted(o.name for o in host.optimizers.values() if o.plugin == record.name),
+                "adapter_types": [a.name for a in host.adapter_types.values() if a.plugin == record.name],
                 "missing": _missing_libraries(host, record),
                 "hooks": host.hooks_of(record.name),
                 "error": record.error,
@@ -120,6 +121,7 @@ def plugins(
             [f"family {f}" for f in row["families"]]
             + [f"precision {p}" for p in row["precisions"]]
             + [f"optimizer {o}" for o in row["optimizers"]]
+            + [f"adapter type {a}" for a in row["adapter_types"]]
         )
         typer.echo(
             f"{row['name']:<12} {row['distribution']} {row['version']}" + (f"  [{provides}]" if provides else "")
@@ -422,18 +424,23 @@ def check_lora(
     if not file.is_file():
         raise PluginError(f"{file} does not exist")
     host = _host(plugin)
-    raw = {k: v for k, v in {"pretrained_model_name_or_path": model, "model_flavour": flavour}.items() if v}
-    config = build_config(host, raw, "check-lora", warn=lambda m: None)
     import torch
     from safetensors import safe_open
 
     from tuner.core.errors import DataError
+    from tuner.core.model.lora import METADATA_KEY
 
     try:
         with safe_open(str(file), framework="pt") as handle:
             keys = list(handle.keys())
+            record = _training_record(handle.metadata() or {}, METADATA_KEY)
     except Exception as exc:
         raise DataError(f"{file} is not a readable safetensors file: {exc}") from None
+    if model is None and flavour is None and record.get("base_model"):  # the base it was trained on
+        model = str(record["base_model"])
+        typer.echo(f"base model: {model} (from the file's {METADATA_KEY} metadata; --model overrides)")
+    raw = {k: v for k, v in {"pretrained_model_name_or_path": model, "model_flavour": flavour}.items() if v}
+    config = build_config(host, raw, "check-lora", warn=lambda m: None)
     formats = host.lora_formats
     if lora_format == "auto":  # the family's formats first; the core's diffusers reader (kohya too) otherwise
         found = (n for n, f in reversed(formats.items()) if f.detect and f.detect(keys))
@@ -444,7 +451,10 @@ def check_lora(
     from tuner.core.model.hub import check_model_folder
 
     if not Path(model_source(config, host.family.flavours)).exists():
-        check_model_folder(host, config)  # a hub id that cannot be had: said at once, not after retries
+        try:  # a hub id that cannot be had: said at once, not after retries
+            check_model_folder(host, config)
+        except TunerError as exc:
+            raise type(exc)(f"{exc}; pass --model FOLDER (a local copy of the base model)") from None
     transformer = host.provide("load_model", config=config, component="transformer", dtype=torch.float32)
     try:
         reading = formats[lora_format].read(str(file), transformer, host.family)
@@ -463,14 +473,25 @@ def check_lora(
     }
     broken = [m for m, d in reading.deltas.items() if not torch.isfinite(d).all()]
     changed = sum(1 for delta in reading.deltas.values() if delta.abs().max() > 0)
-    typer.echo(f"{file}: {lora_format} layout, {len(keys)} keys; {changed} modules of {plugin} receive a change")
+    adapter = host.adapter_types.get(str(record.get("lora_type", "")))
+    lacking = _lacking_parts(adapter, keys, reading.deltas) if adapter is not None else []
+    kind = f"lora_type {adapter.name}, " if adapter is not None else ""
+    typer.echo(
+        f"{file}: {kind}{lora_format} layout, {len(keys)} keys; {changed} modules of {plugin} receive a change"
+    )
     for key in reading.unmatched:
         typer.echo(f"  not loaded: {key}")
     for module, shape in sorted(misshapen.items()):
         typer.echo(f"  wrong shape: {module} gets an update of {list(shape)}, its weight is {list(weights[module])}")
     for module in sorted(broken):
         typer.echo(f"  not finite: {module} gets NaN or inf")
+    for key in lacking[:10]:
+        typer.echo(f"  missing: {key}")
     failures = []
+    if lacking:
+        failures.append(
+            f"{len(lacking)} tensors a {adapter.name} file holds are missing (it would load as another adapter)"
+        )
     if reading.unmatched:
         failures.append(f"{len(reading.unmatched)} keys would be ignored")
     if misshapen:
@@ -483,6 +504,29 @@ def check_lora(
         typer.echo("FAIL: " + "; ".join(failures))
         raise typer.Exit(1)
     typer.echo("OK: every key loads")
+
+
+def _training_record(metadata: dict[str, str], key: str) -> dict[str, Any]:
+    """tuner's training record in a LoRA file's metadata ({} when absent or unreadable)."""
+    try:
+        record = json.loads(metadata.get(key, "{}"))
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _lacking_parts(adapter: Any, keys: list[str], deltas: dict[str, Any]) -> list[str]:
+    """The per-module tensors of ``adapter.required_parts`` (a DoRA's magnitudes) that a file under
+    diffusers' ``transformer.`` names lacks for a module it changes."""
+    if not any(k.startswith("transformer.") for k in keys):
+        return []  # another layout keeps them otherwise (ComfyUI's dora_scale)
+    present = set(keys)
+    return [
+        f"transformer.{module}.{part}"
+        for module in sorted(deltas)
+        for part in adapter.required_parts
+        if f"transformer.{module}.{part}" not in present
+    ]
 
 
 _plugin_commands_added = False

@@ -13,7 +13,6 @@ from typing import Any
 
 from tuner.core.config.build import build_config
 from tuner.core.config.keys import ASKED as ORDER  # the core's questions first, in this order
-from tuner.core.config.keys.model import NO_QUANTIZATION
 from tuner.core.config.values import check_value
 from tuner.core.errors import ConfigError
 
@@ -54,7 +53,7 @@ def run_wizard(
         else:
             say(f"  {answer!r} is not installed; choose one of {', '.join(families)}")
     host = PluginHost(family)
-    info = host.family_info(family)
+    host.family_info(family)
     keys = host.config_keys()
     asked = sorted(
         (k for k in keys.values() if k.ask),
@@ -62,12 +61,7 @@ def run_wizard(
     )
     settings: dict[str, Any] = {"model_type": "lora", "model_family": family}
     for key in asked:
-        default = key.default
-        choices = key.choices
-        if key.choices_from == "flavours":
-            default, choices = info.default_flavour, tuple(info.flavours)
-        elif key.choices_from == "precisions":
-            choices = (NO_QUANTIZATION, *sorted(host.precisions))
+        default, choices = host.choices(key)
         shown = "; ".join(default) if isinstance(default, list) else ("" if default is None else str(default))
         shown = given.get(key.name, shown)
         hint = f" [{'|'.join(choices)}]" if choices else (" (separate with ;)" if key.kind == "str_list" else "")

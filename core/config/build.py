@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tuner.core.config.datasets import resolve
@@ -37,7 +38,12 @@ def build_config(
         # said before its keys are read: another family's keys would otherwise be refused one by one
         where = (origins or {}).get("model_family", source)
         raise ConfigError(f"{where}: model_family: this config is for {named}, not {family.name}; use --plugin {named}")
-    config = validate(raw, host.config_keys(), source, origins)
+    keys = {  # the registered adapter types are checked with every other value, all errors at once
+        name: replace(key, choices=host.choices(key)[1]) if key.choices_from == "adapter_types" else key
+        for name, key in host.config_keys().items()
+    }
+    config = validate(raw, keys, source, origins)
+    _check_adapter(config, host, warn)
     if family is not None:
         if config.model_family not in (None, family.name):
             raise config.error(
@@ -80,6 +86,19 @@ def build_config(
     _check_trackers(config, host, warn)
     host.check_config(config, warn)
     return config
+
+
+def _check_adapter(config: Config, host: PluginHost, warn: Any) -> None:
+    """Keys the run's adapter type does not read are said to be ignored."""
+    if "lora_type" not in config:
+        return
+    adapter = host.adapter_types[config.lora_type]  # a registered name: validate checked the choices
+    others = {key for info in host.adapter_types.values() if info is not adapter for key in info.own_keys}
+    for key in sorted(others - set(adapter.own_keys)):
+        if config.is_set(key):
+            warn(f"{config.source}: {key} is ignored because lora_type is {adapter.name}")
+    if not adapter.dropout and config.is_set("lora_dropout") and config.lora_dropout:
+        warn(f"{config.source}: lora_dropout is ignored by lora_type {adapter.name} (peft's {adapter.name} has none)")
 
 
 def _check_optimizer(config: Config, host: PluginHost, warn: Any) -> None:
@@ -136,12 +155,13 @@ def _lora_formats(config: Config, host: PluginHost) -> list[str]:
     value = config.lora_format
     known = list(host.lora_formats)  # in registration order: the core's diffusers first
     kind = config.get("lora_type", "lora")
+    layout = host.adapter_types[kind].layout if kind in host.adapter_types else "lora"
     if value in ALL_FORMATS:
         if value == "both" and len(known) != 2:
             raise config.error(
                 "lora_format", f"'both' means two formats, but {host.family.name} writes {', '.join(known)}; use all"
             )
-        return [f for f in known if kind in host.lora_formats[f].adapter_types]
+        return [f for f in known if layout in host.lora_formats[f].layouts]
     wanted = [value] if isinstance(value, str) else list(value)
     unknown = [f for f in wanted if f not in known]
     if unknown or not wanted:
@@ -150,11 +170,11 @@ def _lora_formats(config: Config, host: PluginHost) -> list[str]:
             f"{', '.join(map(repr, unknown)) or 'an empty list'}: choose from {', '.join(known)}, or all",
         )
     for name in wanted:
-        if kind not in host.lora_formats[name].adapter_types:
-            able = [f for f in known if kind in host.lora_formats[f].adapter_types]
+        if layout not in host.lora_formats[name].layouts:
+            able = [f for f in known if layout in host.lora_formats[f].layouts]
+            holds = [n for n, info in host.adapter_types.items() if info.layout in host.lora_formats[name].layouts]
             raise config.error(
                 "lora_format",
-                f"{name} cannot store lora_type {kind} (it holds {', '.join(host.lora_formats[name].adapter_types)}); "
-                f"use {' or '.join(able)}",
+                f"{name} cannot store lora_type {kind} (it holds {', '.join(holds)}); use {' or '.join(able)}",
             )
     return list(dict.fromkeys(wanted))

@@ -57,7 +57,6 @@ def check_combinations(config: Any, warn: Any) -> None:
     rollout_off = config.scheduled_sampling_max_step_offset == 0
     ignored = [
         *((key, not config.use_ema, "use_ema is off") for key in ("ema_decay", "ema_update_interval", "ema_device")),
-        ("lokr_factor", config.lora_type != "lokr", f"lora_type is {config.lora_type}"),
         ("lr_num_cycles", config.lr_scheduler != "cosine_with_restarts", f"lr_scheduler is {config.lr_scheduler}"),
         ("lr_power", config.lr_scheduler != "polynomial", f"lr_scheduler is {config.lr_scheduler}"),
         ("eval_sigma_levels", not config.eval_steps, "eval_steps is 0"),
@@ -97,8 +96,6 @@ def check_methods(config, warn) -> None:
             f"{config.source}: scheduled_sampling_max_step_offset is {config.scheduled_sampling_max_step_offset} but "
             f"{which} is 0: nothing is rolled out"
         )
-    if config.lora_type in ("lokr", "loha") and config.is_set("lora_dropout") and config.lora_dropout:
-        warn(f"{config.source}: lora_dropout is ignored by lora_type {config.lora_type} (peft's LoKr/LoHa have none)")
     if config.validation_use_ema and not config.use_ema:
         raise config.error("validation_use_ema", "needs use_ema: true (there is no EMA to render with)")
 

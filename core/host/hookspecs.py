@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover - import-cheap module
     from tuner.core.config.values import Config
     from tuner.core.host.events import TrainEvent
     from tuner.core.host.records import (
+        AdapterInfo,
         ConfigKey,
         FamilyInfo,
         LoraFormat,
@@ -106,6 +107,18 @@ def register_optimizers(register: Callable[[OptimizerInfo], None]) -> None:
     ``adamw``; the bundled ``optimizers`` plugin ``adamw8bit``, ``adafactor`` and ``prodigy``. The
     optimizer's state goes into checkpoints as tensors and JSON (never pickle), so a resume is
     exact. Two plugins registering one name is an error naming both.
+    """
+
+
+@hookspec
+def register_adapter_types(register: Callable[[AdapterInfo], None]) -> None:
+    """Offer adapter types for the ``lora_type`` key.
+
+    Called on every installed plugin when the host is built. Call ``register(AdapterInfo(...))``
+    for each type: its ``peft_config(config, target_modules)`` builds the peft config the run
+    attaches; the record says how its file is laid out, which runtimes load it, which keys only it
+    reads and what ``tuner check-lora`` requires of its files. The core registers ``lora``, ``dora``,
+    ``lokr`` and ``loha``. Two plugins registering one name is an error naming both.
     """
 
 

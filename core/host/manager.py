@@ -25,8 +25,11 @@ from tuner.core import ENTRY_POINT_GROUP, PROJECT_NAME
 from tuner.core.errors import PluginError, first_line
 from tuner.core.host import hookspecs
 from tuner.core.host.records import (
+    ADAPTER_LAYOUTS,
     CHOICE_SOURCES,
     KEY_GROUPS,
+    NO_QUANTIZATION,
+    AdapterInfo,
     ConfigKey,
     FamilyInfo,
     LoraFormat,
@@ -49,6 +52,7 @@ MANIFEST_HOOKS = (
     "register_precisions",
     "register_lora_formats",
     "register_optimizers",
+    "register_adapter_types",
     "register_commands",
     "check_config",
 )
@@ -142,6 +146,15 @@ class PluginHost:
         self.families: dict[str, FamilyInfo] = self._collect("register_families", FamilyInfo, "family")
         self.precisions: dict[str, PrecisionInfo] = self._collect("register_precisions", PrecisionInfo, "precision")
         self.optimizers: dict[str, OptimizerInfo] = self._collect("register_optimizers", OptimizerInfo, "optimizer")
+        self.adapter_types: dict[str, AdapterInfo] = self._collect(
+            "register_adapter_types", AdapterInfo, "adapter type"
+        )
+        for info in self.adapter_types.values():
+            if info.layout not in ADAPTER_LAYOUTS:
+                raise PluginError(
+                    f"{self._record(info.plugin).label}: adapter type {info.name!r} has layout {info.layout!r}; "
+                    f"use one of {', '.join(ADAPTER_LAYOUTS)}"
+                )
         self.family: FamilyInfo | None = None
         self._implementation_loaded = False
         self._formats: dict[str, LoraFormat] | None = None
@@ -305,6 +318,16 @@ class PluginHost:
                     )
                 keys[key.name] = replace(_with_owner(key, record), group=key.group or KEY_GROUPS[0])
         return keys
+
+    def choices(self, key: ConfigKey) -> tuple[Any, tuple[str, ...] | None]:
+        """The default and allowed values of ``key`` as installed (``ConfigKey.choices_from``)."""
+        if key.choices_from == "flavours" and self.family is not None:
+            return self.family.default_flavour, tuple(self.family.flavours)
+        if key.choices_from == "precisions":
+            return key.default, (NO_QUANTIZATION, *sorted(self.precisions))
+        if key.choices_from == "adapter_types":
+            return key.default, tuple(self.adapter_types)
+        return key.default, key.choices
 
     @property
     def lora_formats(self) -> dict[str, LoraFormat]:

@@ -124,12 +124,56 @@ class OptimizerInfo:
     distribution: str = ""
 
 
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A ``lora_type`` value a plugin offers: an adapter peft builds and trains.
+
+    ``peft_config(config, target_modules)`` returns the peft config of the adapter on
+    ``target_modules`` (an anchored regex); read ``network_rank``, ``lora_alpha`` and the type's own
+    keys from ``config``, and import peft inside it. Training, the estimate, export and the
+    self-test need nothing else: the weight change is peft's own arithmetic, and the file's alpha
+    is read from peft's scaling, so a type whose scale is not ``alpha / rank`` (rsLoRA) exports
+    right without a special case.
+    """
+
+    name: str
+    description: str
+    peft_config: Callable[[Any, str], Any]
+    # which runtimes load its pytorch_lora_weights.safetensors fully (said at the start of a run)
+    loaded_by: str = "diffusers and ComfyUI"
+    # how its weights are stored in a file: "lora" (peft's lora_A/lora_B keys, with a
+    # lora_magnitude_vector for DoRA; read by diffusers) or "lycoris" (LyCORIS' lokr_*/hada_* keys
+    # with a scalar .alpha; ComfyUI reads them, diffusers cannot). A LoraFormat says which it stores.
+    layout: str = "lora"
+    # per-module tensors a file of this type must hold beside the layout's own (DoRA's
+    # lora_magnitude_vector): `tuner check-lora` refuses a file of this type without them
+    required_parts: tuple[str, ...] = ()
+    # wraps a packed 4-bit weight (bitsandbytes), whose stored shape is not the layer's
+    packed_weights: bool = True
+    # applies lora_dropout (set with a type that has none, it is ignored with a warning)
+    dropout: bool = True
+    # config keys only this type reads: set with another type, they are ignored with a warning
+    own_keys: tuple[str, ...] = ()
+    # check_layer(config, name, layer): raise config.error(key, why) for a layer it cannot adapt
+    # with these settings (LoKr's factor must divide both widths), before peft picks another quietly
+    check_layer: Callable[[Any, str, Any], None] | None = None
+    # its weight change is a product B @ A of rank network_rank: LoRA tools (resize, merge,
+    # extract) apply to it; other types are refused by name
+    low_rank: bool = False
+    plugin: str = ""
+    distribution: str = ""
+
+
+# How AdapterInfo.layout values are stored (LoraFormat.layouts)
+ADAPTER_LAYOUTS = ("lora", "lycoris")
+# base_model_precision / text_encoder_N_precision: leave the weights as loaded (no quantizer's)
+NO_QUANTIZATION = "no_change"
 # Value kinds a ConfigKey can hold.
 KINDS = ("str", "int", "float", "bool", "str_list", "str_or_list", "path", "sizes", "mappings")
 # The sections keys are shown and listed in (the seed guide's), in order: ConfigKey.group
 KEY_GROUPS = ("model", "data", "LoRA", "optimisation", "validation", "saving")
 # Where ConfigKey.choices_from takes the allowed values from
-CHOICE_SOURCES = ("flavours", "precisions")
+CHOICE_SOURCES = ("flavours", "precisions", "adapter_types")
 
 
 @dataclass(frozen=True)
@@ -174,8 +218,8 @@ class ConfigKey:
     in_form: bool = True
     # changing it changes the memory estimate (the web UI's memory panel refreshes on it)
     memory: bool = False
-    # its values are what is installed: "flavours" (the family's) or "precisions" (no_change and the
-    # quantizers'), one of CHOICE_SOURCES
+    # its values are what is installed: "flavours" (the family's), "precisions" (no_change and the
+    # quantizers') or "adapter_types" (the registered AdapterInfo names), one of CHOICE_SOURCES
     choices_from: str = ""
     # a folder of images and captions (the web UI offers its data picker)
     image_folder: bool = False
@@ -215,6 +259,7 @@ class LoraExport:
     alphas: dict[str, float]
     metadata: dict[str, Any]
     alpha_in: str = "tensors"  # the family's FamilyInfo.lora_alpha_in
+    use_dora: bool = False  # peft's config of the trained adapter says so (diffusers' metadata repeats it)
 
 
 @dataclass
@@ -245,9 +290,9 @@ class LoraFormat:
     export: Callable[[LoraExport, Any], dict[str, dict[str, Any]]]
     read: Callable[[str, Any, FamilyInfo], LoraReading]
     detect: Callable[[list[str]], bool] | None = None
-    # the lora_type values it can store (a fused layout cannot hold a Kronecker or Hadamard product
-    # per q/k/v); ``lora_format: all`` leaves a format out for the others, naming it
-    adapter_types: tuple[str, ...] = ("lora", "dora", "lokr", "loha")
+    # the adapter layouts (AdapterInfo.layout) it can store: a fused layout cannot hold a Kronecker
+    # or Hadamard product per q/k/v; ``lora_format: all`` leaves a format out for the others, naming it
+    layouts: tuple[str, ...] = ADAPTER_LAYOUTS
     plugin: str = ""
     distribution: str = ""
 

@@ -1,14 +1,9 @@
-"""Adapter types (``lora_type``): peft builds and trains each; this module says how each is
-configured, what weight change it applies, and how a LyCORIS file of it is laid out and read.
+"""What every adapter type shares once peft has built it: the weight change of each adapted layer
+(peft's own arithmetic), the layer checks the type's record asks for, and the LyCORIS file layout
+(``AdapterInfo.layout == "lycoris"``) and how ComfyUI reads it. The types themselves are records
+(:class:`~tuner.core.host.records.AdapterInfo`); the core's four are in ``tuner.core.builtin``.
 
-* ``lora``: ``scale * B @ A`` (``scale = lora_alpha / network_rank``).
-* ``dora``: LoRA plus a magnitude per output row: ``W' = m * (W + dW) / ||W + dW||_row`` (peft's
-  ``use_dora``). diffusers' ``load_lora_weights`` reads peft's ``lora_magnitude_vector`` keys.
-* ``lokr``: ``scale * kron(w1, w2)``, a side stored whole or as a rank-r product ``a @ b`` (peft's
-  LoKr, LyCORIS' layout). ``lokr_factor`` splits each width in two factors.
-* ``loha``: ``scale * (w1_a @ w1_b) * (w2_a @ w2_b)`` (Hadamard product; peft's LoHa).
-
-LoKr and LoHa files keep LyCORIS' key names under diffusers' module names
+LyCORIS files keep LyCORIS' key names under diffusers' module names
 (``transformer.<module>.lokr_w1``, ``.alpha``): ComfyUI loads them (it maps ``transformer.`` names
 onto its fused weights as row slices); diffusers' loaders read LoRA only, so diffusers cannot.
 """
@@ -20,13 +15,6 @@ from typing import Any
 
 import torch
 
-# which runtimes load each type's pytorch_lora_weights.safetensors fully (said at the start of a run)
-LOADED_BY = {
-    "lora": "diffusers and ComfyUI",
-    "dora": "diffusers (ComfyUI ignores its DoRA magnitudes: it reads DoRA from lora_format comfyui's dora_scale)",
-    "lokr": "ComfyUI (LyCORIS keys; diffusers' loaders read LoRA only)",
-    "loha": "ComfyUI (LyCORIS keys; diffusers' loaders read LoRA only)",
-}
 # a key's parameter part: what follows the module's name
 PARAMETER = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector|lokr_\w+|hada_\w+|alpha|dora_scale)$")
 LYCORIS = ("lokr_", "hada_")
@@ -37,62 +25,25 @@ def module_of(key: str) -> str:
     return PARAMETER.sub("", key)
 
 
-def peft_config(config: Any, target_modules: str) -> Any:
-    """The peft config of the run's ``lora_type`` on ``target_modules`` (an anchored regex)."""
-    kind = config.lora_type
-    if kind in ("lora", "dora"):
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=config.network_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=target_modules,
-            init_lora_weights=True,
-            use_dora=kind == "dora",
-        )
-    if kind == "lokr":
-        from peft import LoKrConfig
-
-        return LoKrConfig(
-            r=config.network_rank,
-            alpha=config.lora_alpha,
-            target_modules=target_modules,
-            decompose_factor=config.lokr_factor,
-            init_weights=True,
-        )
-    from peft import LoHaConfig
-
-    return LoHaConfig(r=config.network_rank, alpha=config.lora_alpha, target_modules=target_modules, init_weights=True)
-
-
-def check_layers(config: Any, transformer: torch.nn.Module, targets: list[str]) -> None:
-    """What peft would get wrong quietly, as one-line errors: LoKr and LoHa build their factors from
-    the weight's stored shape, which packed 4-bit weights (bitsandbytes) do not keep; and
-    ``lokr_factor`` must divide both widths of every adapted layer (peft would pick another)."""
-    if config.lora_type in ("lokr", "loha"):
-        for name in targets:
-            layer = transformer.get_submodule(name)
-            if tuple(layer.weight.shape) != (layer.out_features, layer.in_features):
-                raise config.error(
-                    "lora_type",
-                    f"peft's {config.lora_type} cannot wrap the packed weights of base_model_precision "
-                    f"{config.base_model_precision} ({name} stores {tuple(layer.weight.shape)} for "
-                    f"{layer.out_features}x{layer.in_features}); use int8-quanto or int4-quanto, or lora or dora",
-                )
-    factor = config.lokr_factor
-    if config.lora_type != "lokr" or factor <= 0:
-        return
+def check_layers(adapter_types: dict[str, Any], config: Any, transformer: torch.nn.Module, targets: list[str]) -> None:
+    """What peft would get wrong quietly, as one-line errors: a type that builds its factors from the
+    weight's stored shape (``packed_weights=False``) on packed 4-bit weights (bitsandbytes), and the
+    type's own ``check_layer`` (LoKr's factor must divide both widths). ``adapter_types``: the
+    registered :class:`~tuner.core.host.records.AdapterInfo` records by name."""
+    adapter = adapter_types[config.lora_type]
     for name in targets:
         layer = transformer.get_submodule(name)
-        for side, width in (("input", layer.in_features), ("output", layer.out_features)):
-            if width % factor:
-                divisors = [d for d in (2, 4, 8, 16, 32) if width % d == 0]
-                raise config.error(
-                    "lokr_factor",
-                    f"{factor} does not divide the {side} width {width} of {name}; use one that does "
-                    f"({', '.join(map(str, divisors)) or '1'}) or -1 (as square as possible)",
-                )
+        if not adapter.packed_weights and tuple(layer.weight.shape) != (layer.out_features, layer.in_features):
+            able = [n for n, other in adapter_types.items() if other.packed_weights]
+            raise config.error(
+                "lora_type",
+                f"peft's {adapter.name} cannot wrap the packed weights of base_model_precision "
+                f"{config.base_model_precision} ({name} stores {tuple(layer.weight.shape)} for "
+                f"{layer.out_features}x{layer.in_features}); use int8-quanto or int4-quanto, or "
+                f"{' or '.join(able) or 'another adapter type'}",
+            )
+        if adapter.check_layer is not None:
+            adapter.check_layer(config, name, layer)
 
 
 def base_weight(layer: torch.nn.Module) -> torch.Tensor:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -35,15 +36,17 @@ def resolve_targets(model: torch.nn.Module, patterns: Iterable[str], exclude_pre
     return found
 
 
-def add_lora(transformer: torch.nn.Module, targets: list[str], config: Any) -> None:
-    """Freeze the base and add the run's peft adapter (``lora_type``) on exactly ``targets`` (full
+def add_lora(transformer: torch.nn.Module, targets: list[str], config: Any, adapter_types: dict[str, Any]) -> None:
+    """Freeze the base and add the run's peft adapter (``lora_type``, a registered
+    :class:`~tuner.core.host.records.AdapterInfo` in ``adapter_types``) on exactly ``targets`` (full
     module names; never empty: :func:`tuner.core.training.step.attach_lora` refuses that first)."""
-    from tuner.core.model.adapters import check_layers, peft_config
+    from tuner.core.model.adapters import check_layers
 
-    check_layers(config, transformer, targets)
+    check_layers(adapter_types, config, transformer, targets)
     transformer.requires_grad_(False)
     # anchored full names, so a name is never matched as a suffix of another
-    transformer.add_adapter(peft_config(config, "^(" + "|".join(re.escape(t) for t in targets) + ")$"))
+    targets_regex = "^(" + "|".join(re.escape(t) for t in targets) + ")$"
+    transformer.add_adapter(adapter_types[config.lora_type].peft_config(config, targets_regex))
     for param in transformer.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # adapters train in fp32 over a bf16/quantized base
@@ -62,13 +65,30 @@ def export_from(
 
     state = get_peft_model_state_dict(transformer)
     modules = sorted({module_of(k) for k in state})
+    rank = config.network_rank
+    # the alpha a loader's alpha / rank turns into the scale peft trained with, read from peft's
+    # layers: an adapter type that scales otherwise (rsLoRA: alpha / sqrt(rank)) needs no special case
+    scaling = {
+        name: float(module.scaling["default"])
+        for name, module in transformer.named_modules()
+        if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling
+    }
+    peft_settings = getattr(transformer, "peft_config", {}).get("default")
     return LoraExport(
         state_dict=state,
-        rank=config.network_rank,
-        alphas={m: float(config.lora_alpha) for m in modules},
+        rank=rank,
+        alphas={m: _file_alpha(scaling.get(m), rank, float(config.lora_alpha)) for m in modules},
         metadata=metadata,
         alpha_in=alpha_in,
+        use_dora=bool(getattr(peft_settings, "use_dora", False)),
     )
+
+
+def _file_alpha(scaling: float | None, rank: int, lora_alpha: float) -> float:
+    """``scaling * rank``, written as ``lora_alpha`` itself when that is what it is (not 7.999999)."""
+    if scaling is None or math.isclose(scaling * rank, lora_alpha, rel_tol=1e-6):
+        return lora_alpha
+    return scaling * rank
 
 
 def diffusers_layout(export: LoraExport) -> dict[str, torch.Tensor]:
@@ -101,7 +121,7 @@ def file_metadata(export: LoraExport) -> dict[str, str]:
             "alpha_pattern": {} if len({export.alphas[m] for m in modules}) == 1 else dict(export.alphas),
             "rank_pattern": {},
             "target_modules": modules,
-            "use_dora": export.metadata.get("lora_type") == "dora",
+            "use_dora": export.use_dora,
             "lora_bias": False,
         }
         metadata["lora_adapter_metadata"] = json.dumps({f"transformer.{k}": v for k, v in peft_config.items()})

@@ -35,7 +35,7 @@ def training_record(ctx: RunContext, targets: list[str], step: int) -> dict[str,
         "tuner_version": __version__,
         "model_family": config.model_family,
         "model_flavour": config.model_flavour,
-        "base_model": model_source(config, ctx.host.family.flavours),
+        "base_model": _absolute_if_local(model_source(config, ctx.host.family.flavours)),
         "lora_type": config.lora_type,
         "rank": config.network_rank,
         "alpha": config.lora_alpha,
@@ -47,6 +47,12 @@ def training_record(ctx: RunContext, targets: list[str], step: int) -> dict[str,
         "seed": config.seed,
         "base_model_precision": config.base_model_precision,
     }
+
+
+def _absolute_if_local(source: str) -> str:
+    """A local model folder as an absolute path (`tuner check-lora` finds it from any folder); a hub id as is."""
+    folder = Path(source).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else source
 
 
 def lora_files(

@@ -51,10 +51,8 @@ def announce(ctx: RunContext, state: TrainState, prepared: PreparedData, resumed
         f"effective batch {effective_batch}" + (f" ({processes} processes)" if processes > 1 else "")
     )
     ctx.log(prepared.table)
-    if config.lora_type != "lora":
-        from tuner.core.model.adapters import LOADED_BY
-
-        ctx.log(f"adapter: {config.lora_type}; pytorch_lora_weights.safetensors loads in {LOADED_BY[config.lora_type]}")
+    adapter = ctx.host.adapter_types[config.lora_type]
+    ctx.log(f"adapter: {adapter.name}; pytorch_lora_weights.safetensors loads in {adapter.loaded_by}")
     ctx.emit(
         events.RunStart,
         state.position.step,

@@ -27,7 +27,7 @@ def attach_lora(host: PluginHost, config: Config, transformer: torch.nn.Module) 
     targets = resolve_targets(transformer, patterns)
     if not targets:
         raise ConfigError(f"{config.source}: LoRA targets {patterns!r} match no Linear module of the model")
-    add_lora(transformer, targets, config)
+    add_lora(transformer, targets, config, host.adapter_types)
     if config.gradient_checkpointing:
         checkpoint_blocks(transformer)
     if config.compile:

@@ -18,6 +18,7 @@ import torch
 from tuner.core.api import PluginError
 
 PREFIX = "diffusion_model."
+DIFFUSERS_PREFIX = "transformer."
 DOUBLE = {
     "attn.to_out.0": "img_attn.proj",
     "attn.to_add_out": "txt_attn.proj",
@@ -180,13 +181,16 @@ def read_comfyui(
     tensors: dict[str, torch.Tensor], transformer: torch.nn.Module
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Read a file the way ComfyUI does: match each LoRA to a BFL weight of this model, delta =
-    alpha/rank * up @ down, then express the deltas per diffusers module. Returns (deltas, unmatched)."""
+    alpha/rank * up @ down, then express the deltas per diffusers module. Keys under diffusers'
+    ``transformer.`` names are read as ComfyUI maps them (:func:`_read_diffusers_names`).
+    Returns (deltas, unmatched)."""
     where = places(transformer)
+    diffusers_named = {k: v for k, v in tensors.items() if k.startswith(DIFFUSERS_PREFIX)}
+    deltas, unmatched = _read_diffusers_names(diffusers_named, transformer, where)
+    tensors = {k: v for k, v in tensors.items() if k not in diffusers_named}
     members: dict[str, list[str]] = {}
     for module, place in where.items():
         members.setdefault(place.target, []).append(module)
-    deltas: dict[str, torch.Tensor] = {}
-    unmatched = []
     names = {k.rsplit(".lora_", 1)[0] if ".lora_" in k else k.rsplit(".", 1)[0] for k in tensors}
     for name in sorted(names):
         target = name.removeprefix(PREFIX)
@@ -211,4 +215,44 @@ def read_comfyui(
             place = where[module]
             rows = fused[place.start : place.start + place.rows]
             deltas[module] = _swap_halves(rows) if place.swapped else rows
+    return deltas, sorted(unmatched)
+
+
+def _read_diffusers_names(
+    tensors: dict[str, torch.Tensor], transformer: torch.nn.Module, where: dict[str, Place]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """ComfyUI's reading of ``transformer.<diffusers module>`` keys: it maps every diffusers module
+    that has a BFL weight onto that weight (q/k/v and proj_mlp as row slices of the fused one,
+    which is exact), scales by ``.alpha / rank`` (1 without an ``.alpha``) and reads LyCORIS keys
+    with their own arithmetic. It loads nothing else: not a module without a BFL name (Chroma's
+    approximator), not a peft DoRA magnitude, not a bias."""
+    from tuner.core.api import is_lycoris, module_of, read_lycoris
+
+    if is_lycoris(tensors):
+        deltas, unmatched = read_lycoris(tensors, transformer, DIFFUSERS_PREFIX)
+        return {m: d for m, d in deltas.items() if m in where}, sorted(
+            unmatched
+            + [
+                k
+                for k in tensors
+                if module_of(k.removeprefix(DIFFUSERS_PREFIX)) in deltas
+                and module_of(k.removeprefix(DIFFUSERS_PREFIX)) not in where
+            ]
+        )
+    deltas: dict[str, torch.Tensor] = {}
+    unmatched = []
+    for key in tensors:
+        module = module_of(key.removeprefix(DIFFUSERS_PREFIX))
+        down, up = (
+            tensors.get(f"{DIFFUSERS_PREFIX}{module}.lora_A.weight"),
+            tensors.get(f"{DIFFUSERS_PREFIX}{module}.lora_B.weight"),
+        )
+        readable = key.endswith((".lora_A.weight", ".lora_B.weight", ".alpha"))
+        if module not in where or not readable or down is None or up is None:
+            unmatched.append(key)
+            continue
+        if key.endswith(".lora_A.weight"):
+            alpha = tensors.get(f"{DIFFUSERS_PREFIX}{module}.alpha")
+            scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+            deltas[module] = scale * (up.float() @ down.float())
     return deltas, sorted(unmatched)

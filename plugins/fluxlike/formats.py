@@ -32,5 +32,5 @@ COMFYUI = LoraFormat(
     detect=lambda keys: any(k.startswith("diffusion_model.") for k in keys),
     # fused q/k/v hold one LoRA of rank 3r, and a DoRA's dora_scale per fused row; a Kronecker or
     # Hadamard product per q/k/v cannot be fused into one
-    adapter_types=("lora", "dora"),
+    layouts=("lora",),
 )

@@ -10,7 +10,6 @@ from typing import Any
 from tuner.core.api import (
     CONFIGURE_ORDER,
     KEY_GROUPS,
-    NO_QUANTIZATION,
     ConfigError,
     DataError,
     PluginError,
@@ -28,12 +27,9 @@ def form_schema(host: Any) -> dict[str, Any]:
     for key in sorted(keys.values(), key=lambda k: k.name):
         if not key.in_form or key.name in family.ignored_keys or family.refusal(key) is not None:
             continue
-        default = key.workspace_default if key.workspace_default is not None else key.default
-        choices = key.choices
-        if key.choices_from == "flavours":
-            default, choices = family.default_flavour, tuple(family.flavours)
-        elif key.choices_from == "precisions":
-            choices = (NO_QUANTIZATION, *sorted(host.precisions))
+        default, choices = host.choices(key)
+        if key.workspace_default is not None:
+            default = key.workspace_default
         field = {
             "name": key.name,
             "kind": key.kind,

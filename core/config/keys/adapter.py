@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from tuner.core.host.records import ConfigKey, in_group
 
-# lora_type values (tuner.core.model.adapters says what each is; kept here, where no torch is imported)
-ADAPTER_TYPES = ("lora", "dora", "lokr", "loha")
-
 KEYS = in_group(
     "LoRA",
     (
@@ -14,10 +11,10 @@ KEYS = in_group(
             "lora_type",
             "str",
             "lora",
-            "Adapter type (peft): lora; dora (LoRA with a magnitude per output row); lokr (Kronecker product, "
-            "LyCORIS keys: ComfyUI loads it, diffusers cannot); loha (Hadamard product of two low-rank products, "
-            "LyCORIS keys: ComfyUI only).",
-            choices=ADAPTER_TYPES,
+            "Adapter type (peft), one of the registered adapter types (`tuner plugins` says what each is): the "
+            "core's lora; dora (LoRA with a magnitude per output row); lokr (Kronecker product, LyCORIS keys: "
+            "ComfyUI loads it, diffusers cannot); loha (Hadamard product of two low-rank products, ComfyUI only).",
+            choices_from="adapter_types",
             resume_critical=True,
             central=True,
             memory=True,
@@ -26,7 +23,7 @@ KEYS = in_group(
             "lokr_factor",
             "int",
             -1,
-            "LoKr: split each layer width into this factor and the rest (must divide every adapted width); -1: as "
+            "lora_type lokr: split each layer width into this factor and the rest (must divide every adapted width); -1: as "
             "square as possible.",
             minimum=-1,
             check=lambda value: "0 is not a factor; use -1 or a divisor such as 4, 8, 16" if value == 0 else None,

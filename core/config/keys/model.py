@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuner.core.host.records import ConfigKey, in_group
+from tuner.core.host.records import NO_QUANTIZATION, ConfigKey, in_group
 
-NO_QUANTIZATION = "no_change"  # base_model_precision / text_encoder_N_precision: leave the weights as loaded
+__all__ = ["KEYS", "NO_QUANTIZATION", "text_encoder_precision_keys"]
 
 
 def text_encoder_precision_keys(keys: Any) -> list[str]:
