@@ -36,6 +36,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
             "in_group",
         )
     },
+    "manifest_hooks": ("tuner.core.host.manifest", "manifest_hooks"),
     **{
         name: ("tuner.core.host.events", name)
         for name in (
@@ -92,6 +93,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "is_lycoris": ("tuner.core.model.adapters", "is_lycoris"),
     "read_lycoris": ("tuner.core.model.adapters", "read_lycoris"),
     "partial_pipeline": ("tuner.core.model.pipelines", "partial_pipeline"),
+    "Pretrained": ("tuner.core.model.pretrained", "Pretrained"),
+    "load_component": ("tuner.core.model.pretrained", "load_component"),
     "render": ("tuner.core.model.pipelines", "render"),
     "plain_linears": ("tuner.core.model.quantize", "plain_linears"),
     "release_freed_memory": ("tuner.core.model.quantize", "release_freed_memory"),

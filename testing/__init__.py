@@ -5,6 +5,8 @@
   16-channel VAE and a flow-matching scheduler, to build a tiny model in diffusers layout offline.
 * :func:`shapes_dataset`: a dozen captioned images drawn on the spot.
 * :class:`tuner.testing.contract.FamilyContract`: contract tests a model-family plugin must pass.
+* :mod:`tuner.testing.family`: the kit's own miniature family (``testing``) and its builder, which
+  :class:`tuner.testing.optimizer_contract.OptimizerContract` trains: no bundled family needed.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@
         plugin_module = "myopt_tuner.plugin"
         learning_rate = 1e-3  # a rate at which it overfits one image in 100 steps
 
-The plugin is registered alone beside tuner's core and the bundled Chroma family, and trains a
-tiny random Chroma on the CPU: the optimizer is found by name, its hook module stays
+The plugin is registered alone beside tuner's core and tuner.testing's own miniature family
+(:mod:`tuner.testing.family`, so no bundled family is needed), and trains it on the CPU: the optimizer is found by name, its hook module stays
 import-cheap, it lowers the loss, and its state goes into checkpoints as tensors and JSON so that
 a resumed run ends bit for bit where an uninterrupted one does.
 """
@@ -52,9 +52,9 @@ class OptimizerContract:
 
     @pytest.fixture(scope="class")
     def tiny_model(self, tmp_path_factory) -> Path:
-        from tuner.plugins.chroma.tiny import build_tiny_chroma
+        from tuner.testing.family import build_tiny_model
 
-        return build_tiny_chroma(tmp_path_factory.mktemp("optimizer-contract") / "tiny-chroma")
+        return build_tiny_model(tmp_path_factory.mktemp("optimizer-contract") / "tiny-model")
 
     @pytest.fixture(scope="class")
     def dataset(self, tmp_path_factory) -> Path:
@@ -88,12 +88,10 @@ class OptimizerContract:
     # -- helpers -----------------------------------------------------------------------------
 
     def host(self):
-        from tuner.testing import make_host
+        from tuner.testing import family, make_host
 
-        chroma = importlib.import_module("tuner.plugins.chroma.plugin")
-        return make_host(
-            ("chroma", chroma), ("optimizer-under-test", importlib.import_module(self.plugin_module)), family="chroma"
-        )
+        plugin = importlib.import_module(self.plugin_module)
+        return make_host((family.NAME, family), ("optimizer-under-test", plugin), family=family.NAME)
 
     def trainer(self, settings: dict[str, Any]):
         from tuner.core.api import Trainer, build_config
@@ -123,7 +121,7 @@ class OptimizerContract:
             "max_train_steps": 100,
             "lr_scheduler": "constant",
             "network_rank": 8,
-            "flux_lora_target": "all+ffs",
+            "testing_lora_target": "all+ffs",
         }
         trainer = self.trainer(settings)
         losses = trainer.train().losses

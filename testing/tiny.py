@@ -1,5 +1,6 @@
 """Random miniature model components for tests and examples, built offline: T5 and CLIP encoders
-with in-memory tokenizers, the 16-channel VAE with an 8x downscale, a flow-matching scheduler.
+with in-memory tokenizers, the 16-channel VAE with an 8x downscale, a two-layer MMDiT, a
+flow-matching scheduler.
 Public API for plugin authors (tuner's own Chroma and Flux miniatures are built from these)."""
 
 from __future__ import annotations
@@ -102,6 +103,25 @@ def vae():
         shift_factor=0.1159,
         use_quant_conv=False,
         use_post_quant_conv=False,
+    )
+
+
+def mmdit(joint_attention_dim: int = TEXT_WIDTH, pooled_projection_dim: int = TEXT_WIDTH):
+    """A two-layer MMDiT (diffusers' ``SD3Transformer2DModel``) over the VAE's 16 latent channels."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=32,
+        pooled_projection_dim=pooled_projection_dim,
+        out_channels=16,
+        pos_embed_max_size=32,
     )
 
 

@@ -38,6 +38,14 @@ def tiny_chroma(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def kit_model(tmp_path_factory) -> Path:
+    """tuner.testing's own miniature family, as a third party's tests build it."""
+    from tuner.testing.family import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "kit-model")
+
+
+@pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory) -> Path:
     """A random miniature Flux.1 dev (guidance embedding) in diffusers layout."""
     from tuner.plugins.flux.tiny import build_tiny_flux

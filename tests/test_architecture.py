@@ -44,7 +44,7 @@ def layer_violations(graph) -> set:
 
 def test_every_import_linter_contract_is_kept(capsys):
     """What `lint-imports` checks: the layers, no circle within any package, no plugin in the core,
-    plugins through tuner.core.api."""
+    plugins through tuner.core.api, the testing kit without tuner's families."""
     from importlinter import configuration
     from importlinter.application.use_cases import lint_imports
 
@@ -55,6 +55,7 @@ def test_every_import_linter_contract_is_kept(capsys):
         "acyclic",
         "no-plugins-in-core",
         "public-api",
+        "kit-without-families",
     }
     kept = lint_imports(config_filename=str(REPO / "pyproject.toml"), cache_dir=None, no_logo=True)
     assert kept, capsys.readouterr().out[-3000:]

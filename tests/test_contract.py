@@ -29,3 +29,15 @@ class TestFluxContract(FamilyContract):
 
     def settings(self, model, data, out):
         return {**super().settings(model, data, out), "tokenizer_max_length": 16, "validation_guidance_real": 1.0}
+
+
+class TestTheKitsOwnFamilyContract(FamilyContract):
+    """tuner.testing's miniature family is a whole family: what the kits train is held to the
+    contract every family passes."""
+
+    family = "testing"
+    plugin_module = "tuner.testing.family"
+
+    @pytest.fixture(scope="class")
+    def tiny_model(self, kit_model):
+        return kit_model

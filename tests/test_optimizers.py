@@ -15,11 +15,11 @@ BUNDLED = "tuner.plugins.optimizers.plugin"
 
 
 class SharedModel:
-    """The session's tiny Chroma and shapes, instead of building them per class."""
+    """One tiny model and the session's shapes for every class, instead of building them per class."""
 
     @pytest.fixture(scope="class")
-    def tiny_model(self, tiny_chroma):
-        return tiny_chroma
+    def tiny_model(self, kit_model):
+        return kit_model
 
     @pytest.fixture(scope="class")
     def dataset(self, shapes_dir):
@@ -30,10 +30,10 @@ class TestAdamW(SharedModel, OptimizerContract):
     optimizer, plugin_module, class_name = "adamw", "tuner.core.builtin.defaults", "AdamW"
 
     def host(self):  # the core registers adamw itself
-        import tuner.plugins.chroma.plugin as chroma
+        from tuner.testing import family
         from tuner.testing import make_host as plugins_alone
 
-        return plugins_alone(("chroma", chroma), family="chroma")
+        return plugins_alone((family.NAME, family), family=family.NAME)
 
     def test_registers_the_optimizer(self):
         assert self.host().optimizers["adamw"].plugin == "core"

@@ -252,3 +252,30 @@ def test_a_run_says_tensorboard_is_off_when_it_is_not_installed(tiny_chroma, sha
     monkeypatch.setattr(tqdm, "write", lambda message, *a, **kw: logged.append(message))  # the run's log lines
     train(base_settings(tiny_chroma, shapes_dir, tmp_path))
     assert any(line.startswith("note: TensorBoard logging is off: tensorboard is not installed") for line in logged)
+
+
+def test_a_familys_record_supplies_defaults_loading_errors_and_the_text_cache_key(tmp_path):
+    """What the core answers from FamilyInfo: the family's default for a core key (a run, `tuner
+    configure` and the web UI's form see it; a value set by the user wins), a load_model that names
+    the field a family forgot, the text cache's fingerprint; a default for a key nobody offers is
+    the plugin's error, named."""
+    from tuner.core.config.build import build_config
+
+    def host_of(**fields):
+        class Family:
+            @hookimpl
+            def register_families(self, register):
+                register(FamilyInfo("data", "a family as data", {"base": str(tmp_path)}, "base", **fields))
+
+        return PluginHost("data", extra_plugins=[("data-plugin", Family())], entry_points=False)
+
+    host = host_of(defaults={"flow_schedule_shift": 3.0}, text_cache_keys=("resolution",), text_encoding="v2")
+    assert build_config(host, {}, "t.yaml").flow_schedule_shift == 3.0
+    assert build_config(host, {"flow_schedule_shift": 1.5}, "t.yaml").flow_schedule_shift == 1.5
+    assert host.choices(host.config_keys()["flow_schedule_shift"])[0] == 3.0
+    config = build_config(host, {"resolution": 256}, "t.yaml")
+    assert {"resolution": 256, "text_encoding": "v2"} in host.call("cache_fingerprint", config=config, kind="text")
+    with pytest.raises(PluginError, match=r"model family data \(data-plugin\) declares no vae_class and does not load"):
+        host.provide("load_model", config=config, component="vae", dtype=None)
+    with pytest.raises(PluginError, match=r"model family data \(data-plugin\) names config key 'no_such_key'"):
+        build_config(host_of(defaults={"no_such_key": 1}), {}, "t.yaml")

@@ -37,7 +37,7 @@ def test_only_the_declared_modules_stay_unquantized(tiny_chroma, shapes_dir, tmp
     host = make_host()
     config = make_config(host, {**base_settings(tiny_chroma, shapes_dir, tmp_path), "base_model_precision": precision})
     model = load_quantized(host, config, torch.float32)
-    declared = host.hook.high_precision_modules(transformer=model, config=config)
+    declared = host.call("high_precision_modules", transformer=model, config=config)
     assert "distilled_guidance_layer" in declared and "x_embedder" in declared
     all_linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     expected_plain = {n for n in all_linears if excluded(n, declared)}
@@ -78,7 +78,7 @@ def test_blocks_are_quantized_one_at_a_time_as_they_stream_in(tiny_chroma, shape
         @hookimpl
         def register_precisions(self, register):
             def quantize(model, unit, exclude):
-                declared = host.hook.high_precision_modules(transformer=model, config=config)
+                declared = host.call("high_precision_modules", transformer=model, config=config)
                 loaded_float = [
                     n
                     for n, m in model.named_modules()
@@ -162,7 +162,8 @@ def test_flux_trains_on_an_nf4_base(tiny_flux, shapes_dir, tmp_path):
     settings.update(base_model_precision="nf4-bnb", max_train_steps=3)
     result, host, config = train(settings)
     assert result.steps == 3
-    assert "norm_out" in host.hook.high_precision_modules(
+    assert "norm_out" in host.call(
+        "high_precision_modules",
         transformer=host.provide("load_model", config=config, component="transformer", dtype=torch.float32),
         config=config,
     )

@@ -216,9 +216,12 @@ def test_lora_targets(tiny_chroma, shapes_dir, tmp_path):
         "single_transformer_blocks.0.attn.to_q",
         "single_transformer_blocks.1.attn.to_q",
     ]
-    with pytest.raises(ConfigError, match="flux_lora_target \\['nothing'\\] matches no Linear module"):
+    with pytest.raises(ConfigError, match="flux_lora_target: \\['nothing'\\] matches no Linear module"):
         targets(["nothing"])
-    with pytest.raises(ConfigError, match="distilled_guidance_layer \\(the approximator\\), which tuner never adapts"):
+    with pytest.raises(
+        ConfigError,
+        match="distilled_guidance_layer \\(the approximator: LoRAs on it break Chroma\\), which chroma never adapts",
+    ):
         targets(["to_q", "in_proj"])
 
     class OnlySingleBlocks:  # a third-party extension trimming the family's targets

@@ -1,5 +1,6 @@
 """The core's own plugin: it registers the core's config keys, the family-neutral defaults
-(``trylast``, so any installed plugin overrides them), the diffusers LoRA format and AdamW.
+(``trylast``, so any installed plugin overrides them; some answer from the family's record), the
+adapter types, the diffusers LoRA format and AdamW.
 
 It uses the same ``@hookimpl`` as third-party plugins, is loaded by the host by name (like an entry
 point) and keeps heavy imports inside the hooks.
@@ -26,6 +27,32 @@ def register_config_keys(register):
 @hookimpl
 def check_config(config, warn):
     check_relations(config, warn)
+
+
+@hookimpl(trylast=True)
+def load_model(config, component, dtype, family):
+    from tuner.core.model.pretrained import load_declared
+
+    return load_declared(family, config, component, dtype)
+
+
+@hookimpl(trylast=True)
+def lora_target_modules(config, transformer, family):
+    from tuner.core.model.lora import declared_targets
+
+    return declared_targets(config, transformer, family)
+
+
+@hookimpl(trylast=True)
+def high_precision_modules(transformer, family):
+    return [name for name, _ in transformer.named_modules() if name in family.high_precision]
+
+
+@hookimpl
+def cache_fingerprint(config, kind, family):
+    if kind != "text" or family is None or not (family.text_cache_keys or family.text_encoding):
+        return None
+    return {**{key: config[key] for key in family.text_cache_keys}, "text_encoding": family.text_encoding}
 
 
 @hookimpl(trylast=True)

@@ -476,9 +476,7 @@ def check_lora(
     adapter = host.adapter_types.get(str(record.get("lora_type", "")))
     lacking = _lacking_parts(adapter, keys, reading.deltas) if adapter is not None else []
     kind = f"lora_type {adapter.name}, " if adapter is not None else ""
-    typer.echo(
-        f"{file}: {kind}{lora_format} layout, {len(keys)} keys; {changed} modules of {plugin} receive a change"
-    )
+    typer.echo(f"{file}: {kind}{lora_format} layout, {len(keys)} keys; {changed} modules of {plugin} receive a change")
     for key in reading.unmatched:
         typer.echo(f"  not loaded: {key}")
     for module, shape in sorted(misshapen.items()):

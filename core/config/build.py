@@ -57,6 +57,7 @@ def build_config(
                 f"unknown flavour {flavour!r} for {family.name}; choose one of {', '.join(family.flavours)}",
             )
         config.set_resolved("model_flavour", flavour)
+        _apply_family_defaults(config, family)
         _check_family_support(config, family, warn)
         for view in (config, *(dataset.config for dataset in resolve(config))):
             if view.aspect_bucket_alignment % family.latent_alignment:
@@ -132,6 +133,19 @@ def _check_trackers(config: Config, host: PluginHost, warn: Any) -> None:
                 f"{config.source}: report_to: no installed plugin is named {name!r}, so nothing is reported "
                 f"there; install a tracker plugin registered as {name!r} (or use tensorboard or none)"
             )
+
+
+def _apply_family_defaults(config: Config, family: Any) -> None:
+    """The family's values (``FamilyInfo.defaults``) for keys the config leaves unset."""
+    from tuner.core.errors import PluginError
+
+    unknown = [key for key in (*family.defaults, family.lora_target_key) if key and key not in config.keys]
+    if unknown:
+        raise PluginError(
+            f"model family {family.name} ({family.plugin}) names config key {unknown[0]!r}, which no plugin offers"
+        )
+    for key, value in family.defaults.items():
+        config.set_default(key, value)
 
 
 def _check_family_support(config: Config, family: Any, warn: Any) -> None:

@@ -166,7 +166,7 @@ def cache_key(host: PluginHost, config: Config, kind: str, component: str) -> di
                 if config.get(k, NO_QUANTIZATION) != NO_QUANTIZATION
             }
         )
-    for contribution in host.hook.cache_fingerprint(config=config, kind=kind):
+    for contribution in host.call("cache_fingerprint", config=config, kind=kind):
         if contribution:
             parts.update(contribution)
     return parts

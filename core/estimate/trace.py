@@ -127,7 +127,7 @@ def base_weights(host: PluginHost, config: Config, transformer: torch.nn.Module,
     info = host.precisions[precision]
     if info.weight_bytes is None:
         return BaseWeights(precision, stored, 0, note=f"{precision} declares no weight_bytes: counted unquantized")
-    keep = list(host.hook.high_precision_modules(transformer=transformer, config=config) or [])
+    keep = list(host.call("high_precision_modules", transformer=transformer, config=config) or [])
     linears = [transformer.get_submodule(n) for n in plain_linears(transformer, "", keep)]
     stored += quantized_saving(info, linears)
     dequantized = max((tensor_bytes([m.weight]) for m in linears), default=0)

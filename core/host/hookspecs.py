@@ -165,7 +165,7 @@ def check_config(config: Config, warn: Callable[[str], None]) -> None:
 
 
 @hookspec(firstresult=True)
-def load_model(config: Config, component: str, dtype: torch.dtype) -> Any:
+def load_model(config: Config, component: str, dtype: torch.dtype, family: FamilyInfo) -> Any:
     """Load one component of the selected family's model.
 
     Called lazily, only when the component is needed: ``"transformer"`` (the denoiser that gets
@@ -173,17 +173,22 @@ def load_model(config: Config, component: str, dtype: torch.dtype) -> Any:
     validation images), ``"text_encoders"`` (anything :func:`encode_prompts` accepts; only loaded
     when a caption or prompt is missing from the cache) and ``"scheduler"`` (the inference
     scheduler used for validation). Returns the component; stops at the first non-None result.
+    ``family`` is the run's record (the host passes it). The core's default (``trylast``) loads
+    ``family.transformer_class``, ``vae_class`` and ``scheduler_class`` from their subfolders and
+    the text encoders as ``pipeline_class`` without transformer and VAE, with one-line errors;
+    a family answers itself where its layout differs.
     """
 
 
 @hookspec(firstresult=True)
-def high_precision_modules(transformer: Any, config: Config) -> list[str]:
+def high_precision_modules(transformer: Any, config: Config, family: FamilyInfo) -> list[str]:
     """Full module paths of the denoiser that quantization must leave in high precision.
 
     Called once before a quantized load, with the denoiser built on the meta device (module
     names are there, weights are not). The family answers (embedders, output projection, norms,
     Chroma's approximator); everything under a listed path stays unquantized (the precision's
-    ``quantize`` gets them as ``exclude``). Stops at the first non-None result.
+    ``quantize`` gets them as ``exclude``). Stops at the first non-None result. The core's
+    default answers ``family.high_precision`` (those the model has).
     """
 
 
@@ -193,12 +198,13 @@ def high_precision_modules(transformer: Any, config: Config) -> list[str]:
 
 
 @hookspec
-def cache_fingerprint(config: Config, kind: str) -> dict[str, Any]:
+def cache_fingerprint(config: Config, kind: str, family: FamilyInfo) -> dict[str, Any]:
     """Settings that change what a cache of ``kind`` (``"latents"`` or ``"text"``) holds.
 
     Called on every plugin of the run when caches are opened; all answers are merged into the
     cache's key, so a cache is reused only when the model and these settings match. Return a
-    JSON-serializable dict, or None.
+    JSON-serializable dict, or None. The core adds ``family.text_cache_keys`` and
+    ``family.text_encoding`` to the text cache's key.
     """
 
 
@@ -247,11 +253,13 @@ def example_text(config: Config, transformer: Any, batch_size: int, dtype: torch
 
 
 @hookspec(firstresult=True)
-def lora_target_modules(config: Config, transformer: Any) -> list[str]:
+def lora_target_modules(config: Config, transformer: Any, family: FamilyInfo) -> list[str]:
     """The peft ``target_modules`` for the denoiser's LoRA (dotted suffixes or full names).
 
     Called once per run after the transformer is loaded. A wrapper may trim or extend the list.
-    The core refuses a list that matches no module. Stops at the first non-None result.
+    The core refuses a list that matches no module. Stops at the first non-None result. The
+    core's default reads ``family.lora_target_key`` (a preset of ``family.lora_presets`` or a
+    list of names) and refuses names under ``family.never_adapt``.
     """
 
 

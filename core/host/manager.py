@@ -320,14 +320,16 @@ class PluginHost:
         return keys
 
     def choices(self, key: ConfigKey) -> tuple[Any, tuple[str, ...] | None]:
-        """The default and allowed values of ``key`` as installed (``ConfigKey.choices_from``)."""
+        """The default (the family's, ``FamilyInfo.defaults``, where it has one) and the allowed values
+        of ``key`` as installed (``ConfigKey.choices_from``)."""
+        default = self.family.defaults.get(key.name, key.default) if self.family is not None else key.default
         if key.choices_from == "flavours" and self.family is not None:
             return self.family.default_flavour, tuple(self.family.flavours)
         if key.choices_from == "precisions":
-            return key.default, (NO_QUANTIZATION, *sorted(self.precisions))
+            return default, (NO_QUANTIZATION, *sorted(self.precisions))
         if key.choices_from == "adapter_types":
-            return key.default, tuple(self.adapter_types)
-        return key.default, key.choices
+            return default, tuple(self.adapter_types)
+        return default, key.choices
 
     @property
     def lora_formats(self) -> dict[str, LoraFormat]:
@@ -347,9 +349,16 @@ class PluginHost:
             self._load_implementation()
         return self.pm.hook
 
+    def call(self, hook_name: str, **kwargs: Any) -> Any:
+        """Call a hook, passing the run's ``family`` record to hooks whose spec takes it."""
+        caller = getattr(self.hook, hook_name)
+        if "family" in caller.spec.argnames and "family" not in kwargs:
+            kwargs["family"] = self.family
+        return caller(**kwargs)
+
     def provide(self, hook_name: str, **kwargs: Any) -> Any:
         """Call a firstresult hook and fail with a clear message when no plugin answers."""
-        result = getattr(self.hook, hook_name)(**kwargs)
+        result = self.call(hook_name, **kwargs)
         if result is None:
             who = self.family.name if self.family else "no family selected"
             raise PluginError(f"no plugin answered hook {hook_name!r} (model family: {who})")

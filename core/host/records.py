@@ -49,6 +49,28 @@ class FamilyInfo:
     text_encoders: tuple[str, ...] = ()
     # capabilities that config keys may need (ConfigKey.needs), e.g. "img2img"
     supports: tuple[str, ...] = ()
+    # -- the family's defaults as data: the core's own hooks (``trylast``) answer from these, so a
+    # family implements a hook only where its model differs --
+    # its values for keys it does not declare itself (the core's flow_schedule_shift, a shared
+    # module's keys): the default a run, `tuner keys` and the web UI's form use unless set
+    defaults: dict[str, Any] = field(default_factory=dict)
+    # LoRA targets: the config key naming a preset or a list of module names (a key the family
+    # registers), its presets, and module prefixes never adapted, each with why (a list that names
+    # a module under one is refused with that reason)
+    lora_target_key: str = ""
+    lora_presets: dict[str, Any] = field(default_factory=dict)
+    never_adapt: dict[str, str] = field(default_factory=dict)
+    # module paths of the denoiser quantization leaves in high precision (everything under them too)
+    high_precision: tuple[str, ...] = ()
+    # the diffusers classes of the VAE and the inference scheduler (in their "vae" and "scheduler"
+    # subfolders); the text encoders load as ``pipeline_class`` without transformer and VAE (its
+    # encode_prompt at hand), unless the family answers load_model itself
+    vae_class: str = ""
+    scheduler_class: str = ""
+    # config keys that change a cached text encoding, and a label for the encoding itself (change
+    # it when encode_prompts changes): the text cache's fingerprint
+    text_cache_keys: tuple[str, ...] = ()
+    text_encoding: str = ""
     # keys offered by the core or a shared module that this family accepts but does not use
     # (a warning when set), and keys it refuses when set to anything but their default: key -> why
     ignored_keys: dict[str, str] = field(default_factory=dict)

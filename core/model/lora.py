@@ -36,6 +36,30 @@ def resolve_targets(model: torch.nn.Module, patterns: Iterable[str], exclude_pre
     return found
 
 
+def declared_targets(config: Any, transformer: torch.nn.Module, family: Any) -> list[str] | None:
+    """Full module names for the family's ``lora_target_key`` (a preset of ``lora_presets`` or a
+    list of names), never under ``never_adapt``; None when the family declares no target key."""
+    key = family.lora_target_key
+    if not key:
+        return None
+    value = config[key]
+    patterns = family.lora_presets[value] if isinstance(value, str) else value
+    never = list(family.never_adapt)
+    if not isinstance(value, str):
+        touched = [n for n in resolve_targets(transformer, patterns) if n.startswith(tuple(p + "." for p in never))]
+        if touched:
+            under = next(p for p in never if touched[0].startswith(p + "."))
+            raise config.error(
+                key,
+                f"matches {touched[0]} in {under} ({family.never_adapt[under]}), which {family.name} never adapts; "
+                "remove that entry",
+            )
+    names = resolve_targets(transformer, patterns, exclude_prefixes=never)
+    if not names:
+        raise config.error(key, f"{value!r} matches no Linear module of the {family.name} transformer")
+    return names
+
+
 def add_lora(transformer: torch.nn.Module, targets: list[str], config: Any, adapter_types: dict[str, Any]) -> None:
     """Freeze the base and add the run's peft adapter (``lora_type``, a registered
     :class:`~tuner.core.host.records.AdapterInfo` in ``adapter_types``) on exactly ``targets`` (full

@@ -180,7 +180,7 @@ def load_quantized(host: PluginHost, config: Config, dtype: torch.dtype, device:
     model_config = json.loads((folder / "config.json").read_text())
     with init_empty_weights():
         model = cls.from_config(model_config)
-    keep = list(host.hook.high_precision_modules(transformer=model, config=config) or [])
+    keep = list(host.call("high_precision_modules", transformer=model, config=config) or [])
     weights = WeightFiles(folder)
     expected = set(model.state_dict())
     missing = sorted(expected - set(weights.where))

@@ -14,7 +14,7 @@ from tuner.core import hookimpl
 from tuner.core.api import partial_pipeline, render
 from tuner.plugins.chroma import sigmas as chroma_sigmas
 from tuner.plugins.chroma import snippet
-from tuner.plugins.chroma.plugin import APPROXIMATOR, FAMILY, HIGH_PRECISION, PRESETS
+from tuner.plugins.chroma.plugin import FAMILY
 from tuner.plugins.fluxlike import latents as fl
 from tuner.plugins.fluxlike import model as shared
 
@@ -33,20 +33,14 @@ class T5Encoder:
 
 @hookimpl
 def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
-    from diffusers import ChromaTransformer2DModel
+    if component != "text_encoders":
+        return None  # the core loads the classes FAMILY declares
     from transformers import T5EncoderModel
 
-    def text_encoders(hub: shared.Pretrained) -> T5Encoder:
+    def text_encoders(hub: Any) -> T5Encoder:
         return T5Encoder(hub.tokenizer("tokenizer"), hub.encoder(T5EncoderModel, "text_encoder"))
 
-    return shared.load_flux_lineage(FAMILY, config, component, dtype, ChromaTransformer2DModel, text_encoders)
-
-
-@hookimpl
-def cache_fingerprint(config: Any, kind: str) -> dict[str, Any] | None:
-    if kind == "text":
-        return {"tokenizer_max_length": config.tokenizer_max_length, "text_encoding": "chroma-t5-v1"}
-    return None
+    return shared.load_text_encoders(FAMILY, config, dtype, text_encoders)
 
 
 @hookimpl
@@ -68,18 +62,6 @@ def example_text(config: Any, transformer: Any, batch_size: int, dtype: torch.dt
 @hookimpl
 def sample_sigmas(config: Any, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     return chroma_sigmas.sample(batch_size, generator, config.chroma_sigma_remap, config.flow_sigmoid_scale)
-
-
-@hookimpl
-def lora_target_modules(config: Any, transformer: torch.nn.Module) -> list[str]:
-    return shared.lora_targets(config, transformer, PRESETS, "chroma", never=APPROXIMATOR)
-
-
-@hookimpl
-def high_precision_modules(transformer: torch.nn.Module) -> list[str]:
-    return [
-        name for name, _ in transformer.named_modules() if name in HIGH_PRECISION or name.startswith(f"{APPROXIMATOR}.")
-    ]
 
 
 @hookimpl

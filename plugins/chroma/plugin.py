@@ -7,13 +7,17 @@ always on, no guidance embedding, a quadratic tail remap of sigmas, and real CFG
 
 from __future__ import annotations
 
-from tuner.core.api import ConfigKey, FamilyInfo
+from tuner.core.api import ConfigKey, FamilyInfo, manifest_hooks
 from tuner.plugins.fluxlike import keys as shared
 from tuner.plugins.fluxlike.formats import COMFYUI
-from tuner.plugins.fluxlike.manifest import manifest_hooks
 
 NO_GUIDANCE = "Chroma has no guidance embedding (Chroma exposes no guidance range)"
 OWN_SIGMAS = "Chroma remaps sigmas itself (see chroma_sigma_remap)"
+
+PRESETS = {**shared.PRESETS, "tiny": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]}
+APPROXIMATOR = "distilled_guidance_layer"
+# kept in high precision when the base is quantized
+HIGH_PRECISION = ("x_embedder", "context_embedder", "proj_out", "norm_out", APPROXIMATOR)
 
 FAMILY = FamilyInfo(
     name="chroma",
@@ -25,8 +29,16 @@ FAMILY = FamilyInfo(
     },
     default_flavour="base",
     transformer_class="diffusers.ChromaTransformer2DModel",
+    vae_class="diffusers.AutoencoderKL",
+    scheduler_class="diffusers.FlowMatchEulerDiscreteScheduler",
     guidance_key="validation_guidance_real",
     pipeline_class="diffusers.ChromaPipeline",
+    lora_target_key="flux_lora_target",
+    lora_presets=PRESETS,
+    never_adapt={APPROXIMATOR: "the approximator: LoRAs on it break Chroma"},
+    high_precision=HIGH_PRECISION,
+    text_cache_keys=("tokenizer_max_length",),
+    text_encoding="chroma-t5-v1",
     required_text_keys=("prompt_embeds", "attention_mask"),
     implementation="tuner.plugins.chroma.model",
     text_encoders=("encoder",),
@@ -43,11 +55,6 @@ FAMILY = FamilyInfo(
         "validation_init_image": "Chroma is text-to-image only in tuner; img2img is not supported",
     },
 )
-
-PRESETS = {**shared.PRESETS, "tiny": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]}
-APPROXIMATOR = "distilled_guidance_layer"
-# kept in high precision when the base is quantized
-HIGH_PRECISION = ["x_embedder", "context_embedder", "proj_out", "norm_out", APPROXIMATOR]
 
 KEYS = (
     shared.lora_target_key(PRESETS),

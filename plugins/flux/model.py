@@ -11,7 +11,7 @@ import torch
 
 from tuner.core import hookimpl
 from tuner.core.api import PluginError, first_line, flow, model_source, partial_pipeline, render
-from tuner.plugins.flux.plugin import FAMILY, HIGH_PRECISION, PRESETS
+from tuner.plugins.flux.plugin import FAMILY
 from tuner.plugins.fluxlike import latents as fl
 from tuner.plugins.fluxlike import model as shared
 
@@ -34,10 +34,11 @@ class ClipT5Encoders:
 
 @hookimpl
 def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
-    from diffusers import FluxTransformer2DModel
+    if component != "text_encoders":
+        return None  # the core loads the classes FAMILY declares
     from transformers import CLIPTextModel, T5EncoderModel
 
-    def text_encoders(hub: shared.Pretrained) -> ClipT5Encoders:
+    def text_encoders(hub: Any) -> ClipT5Encoders:
         return ClipT5Encoders(
             hub.tokenizer("tokenizer"),
             hub.encoder(CLIPTextModel, "text_encoder"),
@@ -45,14 +46,7 @@ def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
             hub.encoder(T5EncoderModel, "text_encoder_2"),
         )
 
-    return shared.load_flux_lineage(FAMILY, config, component, dtype, FluxTransformer2DModel, text_encoders)
-
-
-@hookimpl
-def cache_fingerprint(config: Any, kind: str) -> dict[str, Any] | None:
-    if kind == "text":
-        return {"tokenizer_max_length": config.tokenizer_max_length, "text_encoding": "flux-clip-t5-v1"}
-    return None
+    return shared.load_text_encoders(FAMILY, config, dtype, text_encoders)
 
 
 @hookimpl
@@ -96,13 +90,9 @@ def example_text(config: Any, transformer: Any, batch_size: int, dtype: torch.dt
 
 
 @hookimpl
-def lora_target_modules(config: Any, transformer: torch.nn.Module) -> list[str]:
-    return shared.lora_targets(config, transformer, PRESETS, "flux")
-
-
-@hookimpl
 def high_precision_modules(transformer: torch.nn.Module) -> list[str]:
-    return [name for name, _ in transformer.named_modules() if name in HIGH_PRECISION or ".norm" in name]
+    # FAMILY.high_precision, and every norm (Flux's differ from Chroma's: they are Linear here)
+    return [name for name, _ in transformer.named_modules() if name in FAMILY.high_precision or ".norm" in name]
 
 
 @hookimpl

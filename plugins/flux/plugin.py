@@ -7,22 +7,9 @@ resolution-dependent shift (or schnell's fast schedule), optional attention mask
 from __future__ import annotations
 
 from tuner.core import hookimpl
-from tuner.core.api import ConfigKey, FamilyInfo
+from tuner.core.api import ConfigKey, FamilyInfo, manifest_hooks
 from tuner.plugins.fluxlike import keys as shared
 from tuner.plugins.fluxlike.formats import COMFYUI
-from tuner.plugins.fluxlike.manifest import manifest_hooks
-
-FAMILY = FamilyInfo(
-    name="flux",
-    description="Flux.1 dev / schnell (CLIP-L + T5-XXL)",
-    flavours={"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"},
-    default_flavour="dev",
-    transformer_class="diffusers.FluxTransformer2DModel",
-    pipeline_class="diffusers.FluxPipeline",
-    required_text_keys=("prompt_embeds", "pooled_prompt_embeds", "attention_mask"),
-    implementation="tuner.plugins.flux.model",
-    text_encoders=("clip", "t5"),  # SimpleTuner's text_encoder_1 (CLIP-L) and text_encoder_2 (T5-XXL)
-)
 
 PRESETS = {
     **shared.PRESETS,
@@ -30,7 +17,26 @@ PRESETS = {
     "nano": ["single_transformer_blocks.7.proj_out"],
 }
 T5_TOKENS = {"dev": 512, "schnell": 256}
-HIGH_PRECISION = ["x_embedder", "context_embedder", "proj_out", "norm_out"]
+HIGH_PRECISION = ("x_embedder", "context_embedder", "proj_out", "norm_out")
+
+FAMILY = FamilyInfo(
+    name="flux",
+    description="Flux.1 dev / schnell (CLIP-L + T5-XXL)",
+    flavours={"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"},
+    default_flavour="dev",
+    transformer_class="diffusers.FluxTransformer2DModel",
+    vae_class="diffusers.AutoencoderKL",
+    scheduler_class="diffusers.FlowMatchEulerDiscreteScheduler",
+    pipeline_class="diffusers.FluxPipeline",
+    lora_target_key="flux_lora_target",
+    lora_presets=PRESETS,
+    high_precision=HIGH_PRECISION,
+    text_cache_keys=("tokenizer_max_length",),
+    text_encoding="flux-clip-t5-v1",
+    required_text_keys=("prompt_embeds", "pooled_prompt_embeds", "attention_mask"),
+    implementation="tuner.plugins.flux.model",
+    text_encoders=("clip", "t5"),  # SimpleTuner's text_encoder_1 (CLIP-L) and text_encoder_2 (T5-XXL)
+)
 
 KEYS = (
     shared.lora_target_key(PRESETS),

@@ -1,47 +1,17 @@
-"""SD3's hooks (FAMILY.implementation), through diffusers: loading, the pipeline's own prompt
-encoding, prediction, validation with StableDiffusion3Pipeline. tuner registers this module with
-the family when a run selects it, so it may import torch and diffusers at the top."""
+"""SD3's hooks (FAMILY.implementation): only where SD3 differs from what tuner derives from the
+family's record. The pipeline's own prompt encoding, prediction, validation with
+StableDiffusion3Pipeline. Registered with the family when a run selects it, so it may import torch
+and diffusers at the top."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import StableDiffusion3Pipeline
 
 from tuner.core import hookimpl
-from tuner.core.api import ConfigError, PluginError, first_line, model_source, partial_pipeline, render, resolve_targets
-from tuner_sd3.plugin import FAMILY, PRESETS
-
-
-@hookimpl
-def load_model(config: Any, component: str, dtype: torch.dtype) -> Any:
-    source = model_source(config, FAMILY.flavours)
-    kw = {"revision": config.revision} if config.revision else {}
-    loaders = {
-        "transformer": lambda: SD3Transformer2DModel.from_pretrained(
-            source, subfolder="transformer", torch_dtype=dtype, use_safetensors=True, **kw
-        ),
-        "vae": lambda: AutoencoderKL.from_pretrained(
-            source, subfolder="vae", torch_dtype=dtype, use_safetensors=True, **kw
-        ),
-        "scheduler": lambda: FlowMatchEulerDiscreteScheduler.from_pretrained(source, subfolder="scheduler", **kw),
-        # the three text encoders and tokenizers, held by a pipeline so its encode_prompt does the work
-        "text_encoders": lambda: StableDiffusion3Pipeline.from_pretrained(
-            source, transformer=None, vae=None, torch_dtype=dtype, use_safetensors=True, **kw
-        ),
-    }
-    if component not in loaders:
-        raise PluginError(f"sd3: unknown model component {component!r}")
-    try:
-        return loaders[component]()
-    except (OSError, ValueError) as exc:
-        raise PluginError(f"sd3: cannot load the {component} of {source!r}: {first_line(exc)}") from None
-
-
-@hookimpl
-def cache_fingerprint(config: Any, kind: str) -> dict[str, Any] | None:
-    return {"tokenizer_max_length": config.tokenizer_max_length, "text": "sd3-v1"} if kind == "text" else None
+from tuner.core.api import partial_pipeline, render
 
 
 @hookimpl
@@ -65,21 +35,6 @@ def example_text(config: Any, transformer: Any, batch_size: int, dtype: torch.dt
         "prompt_embeds": torch.zeros(batch_size, tokens, model.joint_attention_dim, dtype=dtype),
         "pooled_prompt_embeds": torch.zeros(batch_size, model.pooled_projection_dim, dtype=dtype),
     }
-
-
-@hookimpl
-def lora_target_modules(config: Any, transformer: torch.nn.Module) -> list[str]:
-    value = config.sd3_lora_target
-    names = resolve_targets(transformer, PRESETS[value] if isinstance(value, str) else value)
-    if not names:
-        raise ConfigError(f"{config.source}: sd3_lora_target {value!r} matches no Linear module of the SD3 transformer")
-    return names
-
-
-@hookimpl
-def high_precision_modules(transformer: torch.nn.Module) -> list[str]:
-    keep = ("pos_embed", "context_embedder", "time_text_embed", "norm_out", "proj_out")
-    return [name for name, _ in transformer.named_modules() if name in keep]
 
 
 @hookimpl

@@ -1,11 +1,16 @@
-"""SD3's manifest: the family and its config keys. Import-cheap: the hooks that need torch and
-diffusers live in tuner_sd3.model (FAMILY.implementation), which tuner imports and registers
+"""SD3's manifest: the family as data, and its config keys. Import-cheap: the hooks that need torch
+and diffusers live in tuner_sd3.model (FAMILY.implementation), which tuner imports and registers
 with the family when a run selects it."""
 
 from __future__ import annotations
 
 from tuner.core import hookimpl
-from tuner.core.api import ConfigKey, FamilyInfo
+from tuner.core.api import ConfigKey, FamilyInfo, manifest_hooks
+
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+CONTEXT = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+FFS = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+PRESETS = {"attention": ATTENTION, "all": ATTENTION + CONTEXT, "all+ffs": ATTENTION + CONTEXT + FFS}
 
 FAMILY = FamilyInfo(
     name="sd3",
@@ -16,20 +21,23 @@ FAMILY = FamilyInfo(
         "3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
     },
     default_flavour="3.5-medium",
-    required_text_keys=("prompt_embeds", "pooled_prompt_embeds"),  # checked in every text cache entry
-    transformer_class="diffusers.SD3Transformer2DModel",  # lets the core stream, quantize and estimate it
-    pipeline_class="diffusers.StableDiffusion3Pipeline",  # the reference reader of diffusers LoRAs
-    lora_alpha_in="metadata",  # diffusers' SD3 loader ignores .alpha tensors: alpha goes in metadata
-    implementation="tuner_sd3.model",  # the heavy hooks
+    # what tuner loads for it (the text encoders: the pipeline without transformer and VAE)
+    transformer_class="diffusers.SD3Transformer2DModel",
+    vae_class="diffusers.AutoencoderKL",
+    scheduler_class="diffusers.FlowMatchEulerDiscreteScheduler",
+    pipeline_class="diffusers.StableDiffusion3Pipeline",  # also the reference reader of diffusers LoRAs
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),  # CLIP-L, CLIP-G, T5
+    required_text_keys=("prompt_embeds", "pooled_prompt_embeds"),  # checked in every text cache entry
+    text_cache_keys=("tokenizer_max_length",),  # a new value re-encodes the captions
+    text_encoding="sd3-v1",
+    lora_target_key="sd3_lora_target",
+    lora_presets=PRESETS,
+    high_precision=("pos_embed", "context_embedder", "time_text_embed", "norm_out", "proj_out"),
+    lora_alpha_in="metadata",  # diffusers' SD3 loader ignores .alpha tensors: alpha goes in metadata
+    defaults={"flow_schedule_shift": 3.0},  # SD3 trains with a shift of 3
+    implementation="tuner_sd3.model",  # the hooks where SD3 differs: encoding, prediction, validation
 )
 
-
-ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-CONTEXT = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-FFS = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-PRESETS = {"attention": ATTENTION, "all": ATTENTION + CONTEXT, "all+ffs": ATTENTION + CONTEXT + FFS}
-SD3_SHIFT = 3.0
 
 KEYS = (
     ConfigKey(
@@ -55,21 +63,7 @@ KEYS = (
 )
 
 
-@hookimpl
-def register_families(register):
-    register(FAMILY)
-
-
-@hookimpl
-def register_config_keys(register):
-    for key in KEYS:
-        register(key)
-
-
-@hookimpl
-def check_config(config):
-    if not config.flow_schedule_auto_shift:
-        config.set_default("flow_schedule_shift", SD3_SHIFT)  # SD3 trains with a shift of 3
+register_families, register_config_keys, register_lora_formats = manifest_hooks(FAMILY, KEYS)
 
 
 @hookimpl

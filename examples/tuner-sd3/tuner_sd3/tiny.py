@@ -11,26 +11,14 @@ T5_WIDTH = 64
 
 def build_tiny_sd3(folder: str | Path, seed: int = 0) -> Path:
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     from tuner.testing import tiny
 
     torch.manual_seed(seed)
     clip_tokenizer, t5_tokenizer = tiny.clip_tokenizer(), tiny.t5_tokenizer()
     pipe = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(
-            sample_size=32,
-            patch_size=2,
-            in_channels=16,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=T5_WIDTH,
-            caption_projection_dim=32,
-            pooled_projection_dim=2 * CLIP_WIDTH,
-            out_channels=16,
-            pos_embed_max_size=32,
-        ),
+        transformer=tiny.mmdit(joint_attention_dim=T5_WIDTH, pooled_projection_dim=2 * CLIP_WIDTH),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=tiny.vae(),
         text_encoder=tiny.clip_encoder(len(clip_tokenizer), with_projection=True, width=CLIP_WIDTH),

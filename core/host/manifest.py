@@ -1,5 +1,5 @@
-"""The register hooks of a Flux-lineage family's entry point (Chroma, Flux): the family, its keys and
-its LoRA formats, from the records the entry point declares. Import-cheap, like the entry points."""
+"""The register hooks of a family's entry point, from the records it declares: a family plugin's
+manifest is then data plus one line. Import-cheap, like the entry points."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from typing import Any
 from tuner.core import hookimpl
 
 
-def manifest_hooks(family: Any, keys: Iterable[Any], formats: Iterable[Any]) -> tuple[Callable[..., None], ...]:
-    """``register_families``, ``register_config_keys`` and ``register_lora_formats`` for a module:
+def manifest_hooks(
+    family: Any, keys: Iterable[Any] = (), formats: Iterable[Any] = ()
+) -> tuple[Callable[..., None], ...]:
+    """``register_families``, ``register_config_keys`` and ``register_lora_formats`` for a module::
 
     register_families, register_config_keys, register_lora_formats = manifest_hooks(FAMILY, KEYS, [COMFYUI])
     """
