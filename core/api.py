@@ -108,8 +108,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "RUN_FILE": ("tuner.core.outputs.runinfo", "RUN_FILE"),
     "read_run": ("tuner.core.outputs.runinfo", "read_run"),
     "duration": ("tuner.core.outputs.runinfo", "duration"),
-    "process_alive": ("tuner.core.outputs.runinfo", "process_alive"),
-    "process_started": ("tuner.core.outputs.runinfo", "process_started"),
+    "process_alive": ("tuner.core.io", "process_alive"),
+    "process_started": ("tuner.core.io", "process_started"),
 }
 
 __all__ = ["__version__", "hookimpl", "hookspec", *_EXPORTS]

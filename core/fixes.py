@@ -67,6 +67,28 @@ def _safetensor_error() -> type[Exception]:
 READ_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, _safetensor_error())
 
 
+def damaged_safetensors(places: list[str]) -> str | None:
+    """One line naming the first ``.safetensors`` file among ``places`` (files, or folders searched
+    below) whose header safetensors refuses: what a truncated or overwritten weight file looks
+    like. Loaders say it instead of safetensors' words without a file ("incomplete metadata, file
+    not fully covered") or diffusers' guess that no safetensors weights exist. None when all read."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files: list[Path] = []
+    for place in map(Path, places):
+        files += sorted(place.rglob("*.safetensors")) if place.is_dir() else [place] if place.is_file() else []
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # SafetensorError, or an OSError for an unreadable file
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return f"{file}: a damaged weight file ({reason}); is it cut short? download or copy it again"
+    return None
+
+
 def as_os_error(exc: Exception, path: str) -> Exception:
     """A safetensors write failure as the ``OSError`` it reports (errno from "os error N"), so disk-full
     handling sees it; any other exception unchanged."""

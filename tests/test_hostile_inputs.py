@@ -367,3 +367,90 @@ def test_a_failed_start_never_removes_the_files_of_a_run_that_took_the_folder_me
         assert (folder / RUN_FILE).exists() and (folder / LOCK_FILE).exists()
     forget_untrained_run(folder)  # nobody holds it: ours to take away
     assert not folder.exists()
+
+
+def test_temporaries_of_a_killed_writer_are_removed_only_when_it_is_gone_and_under_the_lock(tmp_path):
+    """`kill -9` mid-write leaves atomic_write's temporary behind; the next cache open removes it
+    (and says so) when its writer's pid is dead on this machine, and only while holding the folder's
+    lock: a live writer's temporary, another machine's and a file merely ending in .tmp stay."""
+    import fcntl
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from tuner.core.data.cache import TensorCache
+    from tuner.core.io import TEMPORARIES_LOCK, atomic_write
+
+    cache = TensorCache(tmp_path, "text", {"model": "m"})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    names = {
+        "dead": f".abc.safetensors.{dead.stdout.strip()}@{host}.k2j4h5g6.tmp",
+        "alive": f".abc.safetensors.{os.getpid()}@{host}.a1b2c3d4.tmp",
+        "elsewhere": f".abc.safetensors.{dead.stdout.strip()}@another-machine.a1b2c3d4.tmp",
+        "user's": "notes.tmp",
+    }
+    for name in names.values():
+        (cache.dir / name).write_bytes(b"partial")
+    lock = open(cache.dir / TEMPORARIES_LOCK, "a")  # noqa: SIM115 - held across the thread below
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    opened: list[TensorCache] = []
+    worker = threading.Thread(target=lambda: opened.append(TensorCache(tmp_path, "text", {"model": "m"})))
+    worker.start()
+    worker.join(timeout=0.5)
+    assert worker.is_alive() and (cache.dir / names["dead"]).exists()  # waits for the lock
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    lock.close()
+    worker.join(timeout=10)
+    assert opened[0].removed_temporaries == [names["dead"]]
+    assert sorted(p.name for p in cache.dir.glob("*.tmp")) == sorted(v for k, v in names.items() if k != "dead")
+    # what atomic_write names its temporaries is what the cleaner recognises
+    seen = []
+    atomic_write(cache.dir / "x.json", lambda tmp: seen.append(Path(tmp).name) or Path(tmp).write_text("{}"))
+    assert seen[0].startswith(f".x.json.{os.getpid()}@{host}.") and seen[0].endswith(".tmp")
+    from tuner.core.io import TEMPORARY
+
+    assert TEMPORARY.match(seen[0])
+
+
+def test_a_truncated_weight_file_is_named_by_every_loader(tiny_chroma, shapes_dir, tmp_path):
+    """A weight file cut short (an interrupted download or copy): each component's loader, the
+    streamed quantized load and a LoRA given to `tuner sample` say which file, in one line; never
+    safetensors' words without a file, nor diffusers' guess that no safetensors weights exist."""
+    import shutil
+
+    import torch
+
+    from tuner.core.errors import TunerError
+    from tuner.core.model.quantize import load_quantized
+    from tuner.core.run.sampling import apply_lora
+
+    from .conftest import base_settings, make_config, make_host
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_chroma, model)
+    cut = {}
+    for component, folder in (("transformer", "transformer"), ("vae", "vae"), ("text_encoders", "text_encoder")):
+        file = next((model / folder).glob("*.safetensors"))
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+        cut[component] = file
+    host = make_host()
+    settings = {**base_settings(model, shapes_dir, tmp_path), "pretrained_model_name_or_path": str(model)}
+    config = make_config(host, settings)
+    attempts = {
+        **{c: lambda c=c: host.provide("load_model", config=config, component=c, dtype=torch.float32) for c in cut},
+        "int8": lambda: load_quantized(
+            host, make_config(host, {**settings, "base_model_precision": "int8-quanto"}), torch.float32
+        ),
+    }
+    for what, load in attempts.items():
+        with pytest.raises(TunerError) as info:
+            load()
+        message = str(info.value)
+        file = cut["transformer" if what == "int8" else what]
+        assert f"{file}: a damaged weight file (" in message and "\n" not in message, (what, message)
+    lora = tmp_path / "cut_lora.safetensors"
+    lora.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a"')
+    with pytest.raises(TunerError, match=f"--lora {lora}: a damaged weight file"):
+        apply_lora(torch.nn.Linear(2, 2), str(lora), host.family)

@@ -294,7 +294,8 @@ def test_a_run_describes_itself_and_resumes_from_its_own_config_anywhere(
 ):
     from tuner.core.config.build import build_config
     from tuner.core.config.values import read_config_file
-    from tuner.core.outputs.runinfo import process_alive, read_run
+    from tuner.core.io import process_alive
+    from tuner.core.outputs.runinfo import read_run
 
     monkeypatch.chdir(tiny_chroma.parent)  # the model given relative, with a trailing slash
     settings = settings_for(tiny_chroma, shapes_dir, tmp_path, pretrained_model_name_or_path=f"./{tiny_chroma.name}/")

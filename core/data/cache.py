@@ -24,7 +24,7 @@ from tuner.core.config.values import model_source
 from tuner.core.data.buckets import Bucket, BucketPlan, bucket_sizes, plan
 from tuner.core.data.images import Item, image_size, load_image, unreadable_errors
 from tuner.core.errors import DataError
-from tuner.core.io import atomic_write, save_safetensors
+from tuner.core.io import atomic_write, remove_stale_temporaries, save_safetensors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -55,6 +55,7 @@ class TensorCache:
         self.damaged: list[str] = []  # entries found unreadable (and removed) by has()
         self.dir = root / kind / _digest(fingerprint)[:20]
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.removed_temporaries = remove_stale_temporaries(self.dir)  # left by a killed writer
         marker = self.dir / "fingerprint.json"
         if not marker.exists():
             atomic_write(marker, lambda tmp: Path(tmp).write_text(json.dumps(fingerprint, indent=1, default=str)))
@@ -394,6 +395,9 @@ def prepare_caches(
         gc.collect()
 
     for cache in (latents, text):
+        if cache.removed_temporaries:
+            count = len(cache.removed_temporaries)
+            warn(f"removed {count} temporary file{'s' * (count != 1)} a killed run left in {cache.dir}")
         if cache.damaged:
             warn(
                 f"rebuilt {len(cache.damaged)} damaged {cache.kind} cache entr{'y' if len(cache.damaged) == 1 else 'ies'} in {cache.dir}"

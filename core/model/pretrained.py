@@ -4,6 +4,7 @@ the default ``load_model`` a family gets from its record (``FamilyInfo.transform
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 
 from tuner.core.config.values import model_source
 from tuner.core.errors import PluginError, first_line
-from tuner.core.fixes import READ_ERRORS
+from tuner.core.fixes import READ_ERRORS, damaged_safetensors
 from tuner.core.host.records import FamilyInfo
 from tuner.core.model.quantize import import_object
 
@@ -23,6 +24,10 @@ def load_component(family: str, source: str, component: str, loaders: dict[str, 
     try:
         return loaders[component]()
     except READ_ERRORS as exc:  # with safetensors' own error for a truncated file (tuner.core.fixes)
+        named = re.findall(r"['\"]([^'\"]+\.safetensors)['\"]", str(exc))  # files diffusers names
+        damaged = damaged_safetensors(named or [source])  # the files it names, else the model's folder
+        if damaged is not None:
+            raise PluginError(f"{family}: {damaged}") from None
         if ".safetensors" in str(exc) or "use_safetensors" in str(exc):
             raise PluginError(
                 f"{family}: the {component} of {source!r} has no .safetensors weights (tuner never unpickles "

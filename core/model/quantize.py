@@ -22,6 +22,7 @@ import torch
 
 from tuner.core.config.values import model_source
 from tuner.core.errors import PluginError, first_line
+from tuner.core.fixes import damaged_safetensors
 
 if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.config.values import Config
@@ -100,12 +101,14 @@ class WeightFiles:
             absent = [f for f in self.files if not f.is_file()]
             if absent:
                 raise PluginError(f"{indexes[0]} names {absent[0].name}, which is not in {folder}")
+            _refuse_damaged(self.files)
             return
         # one file: diffusers' own name when present, so a stray file beside it is never mixed in
         own = folder / "diffusion_pytorch_model.safetensors"
         self.files = [own] if own.is_file() else sorted(folder.glob("*.safetensors"))
         if not self.files:
             raise PluginError(f"{folder} holds no .safetensors weights (tuner never unpickles .bin files)")
+        _refuse_damaged(self.files)
         for file in self.files:
             with safe_open(str(file), framework="pt") as handle:
                 self.where.update(dict.fromkeys(handle.keys(), file))
@@ -120,6 +123,12 @@ class WeightFiles:
                     if self.where[name] == file:
                         tensors[name] = handle.get_tensor(name).clone()  # own memory, not the mapping
         return tensors
+
+
+def _refuse_damaged(files: list[Path]) -> None:
+    damaged = damaged_safetensors([str(f) for f in files])
+    if damaged is not None:
+        raise PluginError(damaged)
 
 
 def release_freed_memory(collect: bool = True) -> None:

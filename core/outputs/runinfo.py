@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuner.core.io import atomic_write, resolved_if_local
+from tuner.core.io import atomic_write, process_started, resolved_if_local
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -133,38 +133,6 @@ def read_run(folder: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def process_started(pid: int) -> int | None:
-    """When a process started (clock ticks after boot, from /proc), or None where /proc is absent."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def process_alive(pid: Any, host: Any = None, started: Any = None) -> bool:
-    """Whether the run's process still exists (on this machine: another host's pid cannot be checked
-    and counts as alive). ``started`` (:func:`process_started` of the original) rules out another
-    process that was given the same pid later."""
-    if host not in (None, socket.gethostname()):
-        return True
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    if started is not None and process_started(pid) not in (None, started):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not running
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 # -- one run per output folder ------------------------------------------------------------------

@@ -113,9 +113,14 @@ def apply_lora(
     """Load a LoRA onto the transformer as a user's diffusers pipeline would (load_lora_weights)."""
     import inspect
 
+    from tuner.core.errors import ConfigError
+    from tuner.core.fixes import damaged_safetensors
     from tuner.core.model.pipelines import partial_pipeline
     from tuner.core.model.quantize import import_object
 
+    damaged = damaged_safetensors([lora_file])
+    if damaged is not None:  # not "does not load onto this model": the file itself is broken
+        raise ConfigError(f"--lora {damaged}")
     pipeline_cls = import_object(family.pipeline_class)
     pipe = partial_pipeline(pipeline_cls, transformer=transformer)
     shapes = _linear_shapes(transformer)
@@ -136,8 +141,8 @@ def apply_lora(
             )
         else:
             pipe.load_lora_weights(lora_file, adapter_name="sample")
-    except Exception as exc:  # another family's file, another layout, a damaged file: said, not traced
-        from tuner.core.errors import ConfigError, first_line
+    except Exception as exc:  # another family's file, another layout: said, not traced
+        from tuner.core.errors import first_line
 
         raise ConfigError(
             f"--lora {lora_file}: does not load onto this {family.name} model ({first_line(exc)}); "
