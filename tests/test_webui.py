@@ -583,3 +583,41 @@ def test_a_run_folder_with_damaged_files_shows_its_problem_and_never_breaks_the_
     (bad / "run.json").write_text('{"status": 5}')
     assert client.get("/api/runs").json()["runs"][0]["status"] in ("damaged", "finished")
     assert {row["name"]: row for row in client.get("/api/runs").json()["runs"]}["bad"]["status"] == "damaged"
+
+
+def test_a_job_refused_before_it_begins_leaves_no_folder_and_shows_its_error(client, workspace, monkeypatch):
+    """A run the CLI refuses (a config error, missing data) keeps its log in the server's state
+    folder, not in an output_dir it would create: the runs list shows it with the error, and a
+    resume the CLI refuses shows its reason on the run's page while the run stays as it was."""
+    import tuner.plugins.webui.form_api as form_api
+    import tuner.plugins.webui.runs_api as runs_api
+
+    def refusing(line):  # stands for `tuner`: says one line and exits 1 before any run begins
+        return lambda: [sys.executable, "-c", f"import sys; print({line!r}); sys.exit(1)"]
+
+    monkeypatch.setattr(form_api, "tuner_command", refusing("error: configs/ui.yaml: data_dir: no images"))
+    assert client.post("/api/start", json={"family": "chroma", "values": VALUES}).status_code == 200
+
+    def refused_row():
+        rows = {row["path"]: row for row in client.get("/api/runs").json()["runs"]}
+        return rows.get("output/ui")
+
+    wait_for(lambda: refused_row() is not None)
+    assert refused_row()["status"] == "failed"
+    assert refused_row()["reason"] == "error: configs/ui.yaml: data_dir: no images"
+    assert not (workspace / "output" / "ui").exists()
+    assert list((workspace / ".tuner-server" / "logs").glob("*.log"))
+    page = client.get("/api/run/output/ui").json()
+    assert page["status"] == "failed" and "data_dir: no images" in page["log_tail"]
+
+    done = workspace / "output" / "done"  # a finished run, resumed with a change the CLI refuses
+    done.mkdir(parents=True)
+    (done / "run.json").write_text(json.dumps({"status": "finished", "started": "2026-01-01T00:00:00+0000"}))
+    (done / "config.yaml").write_text("model_family: chroma\n")
+    (done / "checkpoint-4").mkdir()
+    time.sleep(0.05)  # the refusal ends after the run's last update
+    monkeypatch.setattr(runs_api, "tuner_command", refusing("error: resume: network_rank 32 differs from 16"))
+    assert "queued" in client.post("/api/run/output/done/resume", json={}).json()["message"]
+    wait_for(lambda: "job_error" in client.get("/api/run/output/done").json())
+    detail = client.get("/api/run/output/done").json()
+    assert detail["status"] == "finished" and detail["job_error"] == "error: resume: network_rank 32 differs from 16"

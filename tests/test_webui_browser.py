@@ -146,6 +146,12 @@ def test_a_person_trains_watches_stops_resumes_downloads_and_samples(browser, tm
         page.click("#resume")
         wait_until(page, "document.querySelector('#status').textContent === 'finished'", timeout=120_000)
         assert int(page.locator("#progress-text").get_attribute("data-step")) == stopped + 15
+        page.fill("#resume-steps", str(stopped))  # below its last checkpoint: the CLI refuses, the page says why
+        page.click("#resume")
+        wait_until(
+            page, "document.querySelector('#run-error').textContent.includes('nothing to train')", timeout=60_000
+        )
+        assert page.locator("#status").inner_text() == "finished"
         page.select_option("#compare-a", index=0)  # the first validation grid beside the last
         wait_until(page, "document.querySelector('#grid-a').naturalWidth > 0")
 

@@ -58,9 +58,8 @@ def routes(server: Server) -> list[Route]:
                 status_code=422,
             )
         path = forms.write_config(result["file"], result["raw"])
-        output.mkdir(parents=True, exist_ok=True)
         argv = [*tuner_command(), "run", "--config", str(path)]
-        server.jobs.submit("run", argv, output, output / "console.log", label=output.name)
+        server.jobs.submit("run", argv, output, label=output.name)  # the run makes its folder once it begins
         return JSONResponse({**public(result), "run": server.space.relative(output)})
 
     async def api_estimate(request: Request) -> Response:

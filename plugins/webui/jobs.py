@@ -2,8 +2,11 @@
 shell, a new session each, so a server restart or Ctrl-C does not reach them), queued so that at
 most ``max_running`` use the accelerator at once. Runs started from a terminal count too.
 
-The queue and the processes it started are kept in ``<workspace>/.tuner-server/jobs.json``: a
-restarted server re-attaches to the ones still running and starts the ones still waiting.
+The queue, the processes it started and the jobs that ended are kept in
+``<workspace>/.tuner-server/jobs.json``: a restarted server re-attaches to the ones still running
+and starts the ones still waiting. A run's console goes to ``.tuner-server/logs/<job>.log``, never
+into its ``output_dir``: a run the CLI refuses before it begins leaves no folder behind, and still
+shows in the runs list with its error (:meth:`Jobs.refused_runs`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tuner.core.api import atomic_write, process_alive, process_started, read_ru
 from tuner.plugins.webui.workspace import LIVE, Workspace
 
 STATE_FOLDER = ".tuner-server"
+KEPT_FINISHED = 200  # ended jobs remembered (their logs stay in the state folder)
 
 
 def tuner_command() -> list[str]:
@@ -38,11 +42,15 @@ class Jobs:
         self.file = workspace.root / STATE_FOLDER / "jobs.json"
         self._lock = threading.RLock()
         self._children: dict[int, subprocess.Popen] = {}
+        self._returncodes: dict[int, int] = {}  # of this server's children, once reaped
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         state = self._read()
         self.queued: list[dict[str, Any]] = state.get("queued", [])
-        self.running: list[dict[str, Any]] = [job for job in state.get("running", []) if self._alive(job)]
+        self.running: list[dict[str, Any]] = []
+        self.finished: list[dict[str, Any]] = state.get("finished", [])
+        for job in state.get("running", []):  # those that ended while no server watched: exit code unknown
+            (self.running if self._alive(job) else self.finished).append(job)
 
     # -- the scheduler ----------------------------------------------------------------------------
 
@@ -63,9 +71,14 @@ class Jobs:
     def tick(self) -> None:
         """Reap finished jobs and launch waiting ones while the accelerator has room."""
         with self._lock:
-            before = len(self.running)
-            self.running = [job for job in self.running if self._alive(job)]
-            changed = len(self.running) != before
+            ended = [job for job in self.running if not self._alive(job)]
+            for job in ended:
+                self.running.remove(job)
+                self.finished.append(
+                    {**job, "ended": time.time(), "returncode": self._returncodes.pop(job["pid"], None)}
+                )
+            self.finished = self.finished[-KEPT_FINISHED:]
+            changed = bool(ended)
             while self.queued and self.busy() < self.max_running:
                 self._launch(self.queued.pop(0))
                 changed = True
@@ -88,9 +101,14 @@ class Jobs:
 
     # -- jobs -------------------------------------------------------------------------------------
 
-    def submit(self, kind: str, argv: list[str], output_dir: Path, log: Path, label: str = "") -> dict[str, Any]:
+    def submit(
+        self, kind: str, argv: list[str], output_dir: Path, log: Path | None = None, label: str = ""
+    ) -> dict[str, Any]:
+        """Queue a job; its console goes to ``log``, by default a file of its own in the state folder."""
+        job_id = uuid.uuid4().hex[:12]
+        log = log or self.file.parent / "logs" / f"{job_id}.log"
         job = {
-            "id": uuid.uuid4().hex[:12],
+            "id": job_id,
             "kind": kind,
             "argv": argv,
             "output_dir": str(output_dir),
@@ -130,6 +148,7 @@ class Jobs:
         if child is not None:
             if child.poll() is None:
                 return True
+            self._returncodes[child.pid] = child.returncode
             del self._children[child.pid]
             return False
         return process_alive(job.get("pid"), None, job.get("pid_started"))
@@ -148,6 +167,27 @@ class Jobs:
                     if str(Path(job["output_dir"]).resolve()) == wanted and (state == "queued" or self._alive(job)):
                         return {**job, "state": state}
         return None
+
+    def last_run_job(self, output_dir: Path) -> dict[str, Any] | None:
+        """The newest ``run`` job (queued, running or ended) of a run folder."""
+        wanted = str(output_dir.resolve())
+        with self._lock:
+            for job in [*reversed(self.queued), *reversed(self.running), *reversed(self.finished)]:
+                if job["kind"] == "run" and str(Path(job["output_dir"]).resolve()) == wanted:
+                    return dict(job)
+        return None
+
+    def refused_runs(self) -> list[dict[str, Any]]:
+        """Ended run jobs whose folder holds no run: the CLI refused them before the run began (a
+        config error, missing data). The newest per folder."""
+        with self._lock:
+            ended = list(reversed(self.finished))
+        found: dict[str, dict[str, Any]] = {}
+        for job in ended:
+            folder = Path(job["output_dir"])
+            if job["kind"] == "run" and not (folder / "run.json").exists() and str(folder) not in found:
+                found[str(folder)] = job
+        return list(found.values())
 
     def stop(self, output_dir: Path) -> str:
         """Cancel a queued job, or ask a running one to stop as Ctrl-C does (SIGTERM: it saves a
@@ -186,5 +226,5 @@ class Jobs:
         return state if isinstance(state, dict) else {}
 
     def _save(self) -> None:
-        text = json.dumps({"queued": self.queued, "running": self.running}, indent=1)
+        text = json.dumps({"queued": self.queued, "running": self.running, "finished": self.finished}, indent=1)
         atomic_write(self.file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -14,11 +14,39 @@ from starlette.routing import Route
 from tuner.core.api import CONFIG_FILE
 from tuner.plugins.webui.jobs import tuner_command
 from tuner.plugins.webui.server import Server, problem, read_json
+from tuner.plugins.webui.workspace import last_line
+
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # as run.json writes its times (sorted with them)
+
+
+def _updated(folder: Path) -> float:
+    """When the folder's run.json last changed (0 without one)."""
+    try:
+        return (folder / "run.json").stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def routes(server: Server) -> list[Route]:
     async def api_runs(request: Request) -> Response:
         rows = server.space.runs()
+        for job in server.jobs.refused_runs():  # refused before the run began: no folder, its log says why
+            try:
+                path = server.space.relative(job["output_dir"])
+            except ValueError:
+                continue  # a folder no longer inside the workspace
+            rows.append(
+                {
+                    "path": path,
+                    "name": Path(job["output_dir"]).name,
+                    "status": "failed",
+                    "alive": False,
+                    "step": 0,
+                    "started": time.strftime(TIME_FORMAT, time.localtime(job["submitted"])),
+                    "reason": last_line(Path(job["log"])),
+                }
+            )
+        rows.sort(key=lambda row: row.get("started") or "", reverse=True)
         waiting = [
             {
                 "path": server.space.relative(job["output_dir"]),
@@ -35,7 +63,11 @@ def routes(server: Server) -> list[Route]:
             since = max(0, int(request.query_params.get("since", "0")))
         except ValueError:
             since = 0
-        detail = server.space.run_detail(folder, since)
+        last = server.jobs.last_run_job(folder)
+        detail = server.space.run_detail(folder, since, Path(last["log"]) if last else None)
+        if last and last.get("returncode") and last.get("ended", 0) > _updated(folder):
+            # a resume the CLI refused leaves the run as it was: its reason is shown on the page
+            detail["job_error"] = last_line(Path(last["log"]))
         job = server.jobs.job_for(folder)
         detail["job"] = {"kind": job["kind"], "state": job["state"]} if job else None
         if job and job["kind"] == "run" and detail["status"] in ("none", "finished", "stopped", "died", "failed"):
@@ -60,7 +92,7 @@ def routes(server: Server) -> list[Route]:
             except (TypeError, ValueError, OverflowError):
                 return problem(f"max_train_steps: {body['max_train_steps']!r} is not a whole number")
             argv += ["--set", f"max_train_steps={steps}"]
-        server.jobs.submit("run", argv, folder, folder / "console.log", label=f"resume {folder.name}")
+        server.jobs.submit("run", argv, folder, label=f"resume {folder.name}")
         return JSONResponse({"message": "queued: resumes from the last checkpoint"})
 
     async def api_sample(request: Request) -> Response:

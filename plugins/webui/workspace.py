@@ -107,8 +107,11 @@ class Workspace:
         rows = [row for folder in self.run_folders() if (row := self.run_summary(folder)) is not None]
         return sorted(rows, key=lambda row: row["started"] or "", reverse=True)
 
-    def run_detail(self, folder: Path, since: int) -> dict[str, Any]:
-        summary = self.run_summary(folder) or self._not_started(folder)
+    def run_detail(self, folder: Path, since: int, console: Path | None = None) -> dict[str, Any]:
+        """What the run page shows; ``console``: the log of the folder's last job (the web UI keeps
+        it in its state folder), else ``console.log`` in the folder."""
+        console = console or folder / "console.log"
+        summary = self.run_summary(folder) or self._not_started(folder, console)
         log = self.logs.read(folder / "train_log.jsonl")
         reset = since > len(log.records)  # the log was cut back (a resume drops what followed its checkpoint)
         start = 0 if reset else since
@@ -146,13 +149,13 @@ class Workspace:
                 }
                 for p in samples
             ],
-            "log_tail": console_tail(folder / "console.log"),
+            "log_tail": console_tail(console),
         }
 
-    def _not_started(self, folder: Path) -> dict[str, Any]:
+    def _not_started(self, folder: Path, console: Path) -> dict[str, Any]:
         """A folder without ``run.json``: a job not started yet, or one the CLI refused before the run
         began (a config error): then its console's last line says why."""
-        reason = last_line(folder / "console.log")
+        reason = last_line(console)
         status = "failed" if reason and not reason.startswith("$ tuner") else "none"
         return {"path": self.relative(folder), "name": folder.name, "status": status, "reason": reason}
 

@@ -264,7 +264,9 @@ function initRun() {
     const evalLoss = data.eval_loss != null ? `, eval loss ${fixed(data.eval_loss)}` : "";
     $("#progress-text").textContent = `step ${step} / ${total || "?"}${rate}${eta}${loss}${evalLoss}`;
     $("#progress-text").dataset.step = String(step);
-    $("#run-error").textContent = ["failed", "died"].includes(data.status) ? (data.reason || "the process ended without a word (killed?)") : "";
+    $("#run-error").textContent = ["failed", "died"].includes(data.status)
+      ? (data.reason || "the process ended without a word (killed?)")
+      : (data.job_error || ""); // a resume the CLI refused leaves the run as it was: say why
     const busy = data.alive || !!data.job;
     $("#stop").disabled = !busy;
     $("#resume").disabled = busy || data.checkpoints.length === 0;
