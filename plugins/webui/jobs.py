@@ -4,13 +4,14 @@ most ``max_running`` use the accelerator at once. Runs started from a terminal c
 
 The queue, the processes it started and the jobs that ended are kept in
 ``<workspace>/.tuner-server/jobs.json``: a restarted server re-attaches to the ones still running
-and starts the ones still waiting. A run's console goes to ``.tuner-server/logs/<job>.log``, never
-into its ``output_dir``: a run the CLI refuses before it begins leaves no folder behind, and still
+and starts the ones still waiting. A run's console goes to ``.tuner-server/logs/<folder>-<hash>.log``,
+never into its ``output_dir``: a run the CLI refuses before it begins leaves no folder behind, and still
 shows in the runs list with its error (:meth:`Jobs.refused_runs`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -104,9 +105,10 @@ class Jobs:
     def submit(
         self, kind: str, argv: list[str], output_dir: Path, log: Path | None = None, label: str = ""
     ) -> dict[str, Any]:
-        """Queue a job; its console goes to ``log``, by default a file of its own in the state folder."""
+        """Queue a job; its console goes to ``log``, by default the run folder's log in the state
+        folder (each job appends to it, as a terminal would show them one after the other)."""
         job_id = uuid.uuid4().hex[:12]
-        log = log or self.file.parent / "logs" / f"{job_id}.log"
+        log = log or self.console_of(output_dir)
         job = {
             "id": job_id,
             "kind": kind,
@@ -167,6 +169,12 @@ class Jobs:
                     if str(Path(job["output_dir"]).resolve()) == wanted and (state == "queued" or self._alive(job)):
                         return {**job, "state": state}
         return None
+
+    def console_of(self, output_dir: Path) -> Path:
+        """Where the run jobs of ``output_dir`` write their console: the state folder, never the run's."""
+        resolved = str(Path(output_dir).resolve())
+        digest = hashlib.sha1(resolved.encode()).hexdigest()[:10]
+        return self.file.parent / "logs" / f"{Path(resolved).name[:60]}-{digest}.log"
 
     def last_run_job(self, output_dir: Path) -> dict[str, Any] | None:
         """The newest ``run`` job (queued, running or ended) of a run folder."""
