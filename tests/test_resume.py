@@ -342,3 +342,35 @@ def test_each_checkpoint_save_is_announced_in_one_line(tiny_chroma, shapes_dir, 
     out = capsys.readouterr().out
     assert f"step 2: checkpoint saved to {tmp_path / 'out' / 'checkpoint-2'}" in out
     assert f"step 4: checkpoint saved to {tmp_path / 'out' / 'checkpoint-4'}" in out
+
+
+def test_extending_a_finished_cosine_run_says_what_the_learning_rate_does(tiny_chroma, shapes_dir, tmp_path):
+    """The checkpoint keeps where the schedule was, not its total: resumed with a larger
+    max_train_steps, a finished cosine run's rate goes from ~0 back up; the resume says so. The same
+    total says nothing."""
+    from tuner.core.outputs.resume import schedule_change
+    from tuner.core.training.runtime import build_lr_scheduler
+
+    host = make_host()
+
+    def scheduler(total):
+        config = make_config(host, settings_for(tiny_chroma, shapes_dir, tmp_path, max_train_steps=total))
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+        return config, build_lr_scheduler(config, optimizer)
+
+    _, finished = scheduler(10)
+    for _ in range(10):
+        finished.optimizer.step()
+        finished.step()
+    saved = finished.state_dict()
+    config, same = scheduler(10)
+    same.load_state_dict(saved)
+    assert schedule_change(same, 10, config) is None
+    config, longer = scheduler(20)
+    longer.load_state_dict(saved)
+    said = schedule_change(longer, 10, config)
+    # warmup 3: 5e-3 * (1 + cos(pi * 7 / 17)) / 2 = 0.00318
+    assert said == (
+        "max_train_steps 20: the cosine schedule is recomputed over the new total, so the learning rate goes from "
+        "0 (where the checkpoint left it) to 0.00318 at step 10, then follows cosine to step 20"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,9 +54,21 @@ def _load_config(plugin: str | None, config_path: Path | None, overrides: list[s
         raise PluginError(f"choose a model family with --plugin NAME or model_family in the config ({known})")
     host = _host(str(family))
     config = build_config(
-        host, raw, str(config_path) if config_path else "--set", origins=dict.fromkeys(overridden, "--set")
+        host,
+        raw,
+        str(config_path) if config_path else "--set",
+        warn=None if _says_config_warnings() else lambda message: None,
+        origins=dict.fromkeys(overridden, "--set"),
     )
     return host, config
+
+
+def _says_config_warnings() -> bool:
+    """Warnings about the settings are said once: by the main process of several, and not again by
+    the processes `tuner run --processes` started after saying them itself."""
+    from tuner.core.cli.launch import SAID_BY_LAUNCHER
+
+    return os.environ.get("RANK", "0") == "0" and os.environ.get(SAID_BY_LAUNCHER) != "1"
 
 
 @app.command()
@@ -63,9 +76,25 @@ def run(
     config: Path = typer.Option(..., "--config", "-c", help="Config file (.yaml, .json or .jsonc)."),
     plugin: str | None = PLUGIN_OPTION,
     set_: list[str] | None = SET_OPTION,
+    processes: int = typer.Option(
+        1,
+        "--processes",
+        "-n",
+        min=1,
+        help="Train in N processes on this machine (DDP: one per GPU; gloo on a CPU), started by tuner itself. "
+        "Leave it out under accelerate launch or torchrun.",
+    ),
 ) -> None:
     """Train a LoRA: cache latents and captions, train, validate, save."""
     host, cfg = _load_config(plugin, config, set_)
+    if processes > 1:  # the settings and data folders are checked here, once, before N processes start
+        from tuner.core.cli.launch import launch
+        from tuner.core.run.preparation import check_data_folders
+
+        check_data_folders(cfg)
+        arguments = ["run", "--config", str(config), *(["--plugin", plugin] if plugin else [])]
+        launch(processes, arguments + [arg for value in set_ or [] for arg in ("--set", value)])
+        return
     from tuner.core.run.trainer import run as train
 
     result = train(host, cfg)

@@ -4,6 +4,7 @@ training diverges. The files themselves (atomic writes, manifests, no pickle) ar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,6 +135,9 @@ class Checkpoints:
                 f"nothing to train; raise max_train_steps above {state.position.step} to train on",
             )
         self.ctx.log(f"resumed from {folder} at step {state.position.step}")
+        said = schedule_change(state.lr_scheduler, state.position.step, config)
+        if said:
+            self.ctx.log(said)
         return folder
 
     def roll_back(self, state: TrainState) -> None:
@@ -158,6 +162,29 @@ class Checkpoints:
         target = folder.name if folder is not None else "the start"
         self.ctx.log(f"rolled back to {target} (step {state.position.step}); learning rate x{lr_scale:g}")
         self.ctx.emit(events.Rollback, state.position.step, to=target, lr_scale=lr_scale, rollbacks=rollbacks)
+
+
+def schedule_change(lr_scheduler: Any, step: int, config: Any) -> str | None:
+    """What a resume with another ``max_train_steps`` does to the learning rate, in one line, or None.
+
+    The schedule is a function of the total (the checkpoint keeps where it was, not the function),
+    so extending a finished cosine run raises the rate from about 0 back up and decays it again
+    over the new total: said, since a loss that moves again after "finished" is otherwise a puzzle."""
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    saved = (getattr(lr_scheduler, "_last_lr", None) or [None])[0]
+    if not lambdas or saved is None:
+        return None
+    upcoming = lr_scheduler.base_lrs[0] * lambdas[0](step)
+    if math.isclose(upcoming, saved, rel_tol=0.01, abs_tol=1e-12):
+        return None
+    then = {"constant": "", "constant_with_warmup": ""}.get(
+        config.lr_scheduler, f", then follows {config.lr_scheduler}"
+    )
+    return (
+        f"max_train_steps {config.max_train_steps}: the {config.lr_scheduler} schedule is recomputed over the new "
+        f"total, so the learning rate goes from {saved:.3g} (where the checkpoint left it) to {upcoming:.3g} at "
+        f"step {step}{then} to step {config.max_train_steps}"
+    )
 
 
 def _load(state: TrainState, adapter, optimizer_state, scheduler_state) -> None:
