@@ -32,6 +32,7 @@ from tuner.core.host import events
 from tuner.core.io import folder_problem
 from tuner.core.model.hub import check_model_folder
 from tuner.core.model.lora import lora_parameters
+from tuner.core.model.swap import swap_blocks
 from tuner.core.outputs.export import save_final
 from tuner.core.outputs.resume import Checkpoints
 from tuner.core.outputs.runinfo import OutputLock, RunRecord, forget_untrained_run, read_run, settle_output_dir
@@ -280,7 +281,7 @@ class Trainer:
             from tuner.core.model.quantize import load_quantized
 
             transformer = load_quantized(ctx.host, config, ctx.weight_dtype, ctx.device)
-        return transformer.to(ctx.device)
+        return transformer if config.blocks_to_swap else transformer.to(ctx.device)  # swapped: setup moves it
 
     def setup(self, transformer: torch.nn.Module | None = None) -> TrainState:
         """Load the denoiser (unless given, from :meth:`load_transformer`), put the LoRA on it,
@@ -289,6 +290,10 @@ class Trainer:
         ctx, config = self.ctx, self.config
         transformer = transformer if transformer is not None else self.load_transformer()
         targets = attach_lora(ctx.host, config, transformer)
+        self.swap = swap_blocks(transformer, config.blocks_to_swap, ctx.device, config.error)
+        if self.swap is not None and ctx.device.type == "cpu":
+            ctx.warn("blocks_to_swap: on a CPU the weights stay in RAM either way; swapping saves nothing here")
+        transformer.to(ctx.device)  # what is not swapped (a swapped block's weights stay in host memory)
         transformer.train()
         params = lora_parameters(transformer)
         optimizer = build_optimizer(ctx.host, config, params)

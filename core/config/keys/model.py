@@ -72,6 +72,18 @@ KEYS = in_group(
             choices_from="precisions",
             memory=True,  # validation rendered on the quantized base: `tuner sample --recipe` does too
         ),
+        ConfigKey(
+            "blocks_to_swap",
+            "int",
+            0,
+            "Keep the frozen weights of the denoiser's last N transformer blocks in system RAM and copy each "
+            "to the GPU just before it runs (forward and backward), the next one while the current one computes. "
+            "Saves about N blocks of VRAM for time spent copying; 0: off.",
+            aliases=("musubi_blocks_to_swap",),
+            minimum=0,
+            maximum=1000,
+            memory=True,
+        ),
         *(
             ConfigKey(
                 f"text_encoder_{n}_precision",

@@ -1,0 +1,197 @@
+"""Block swap (``blocks_to_swap: N``): the frozen base weights of the denoiser's last N transformer
+blocks live in host memory and are copied to the device just before the block runs, in forward
+and again, in reverse order, in backward. LoRA weights, their gradients and the optimizer state
+never leave the device; nothing is copied back (the base is frozen).
+
+Why not diffusers' group offloading (``diffusers/hooks/group_offloading.py``): it is built for
+inference. Its hooks onload a group in the forward pre-hook and offload it in the forward post-hook;
+nothing brings the weights back for backward. Without checkpointing autograd then reads the
+offloaded weights when it computes the input gradients; with tuner's checkpointing (which wraps
+``forward``, not ``__call__``) the recomputation runs no hook at all. So the mover is here, in one
+module, with the one extra event training needs: "the block's backward begins", a node on the
+block's outputs whose backward brings the weights in again.
+
+How a weight moves: each swapped parameter keeps its host copy (pinned when the device is CUDA);
+resident, its ``.data`` is the device copy; swapped out, an empty placeholder on the device (so
+DDP and ``.to()`` see one device type, and any compute that reads a weight that is not there fails
+loudly instead of reading stale memory). On a CPU run the device copy of a host tensor is the host
+tensor itself, so the CPU tests run exactly the code path of a GPU run and prove the residency:
+a block computes only with its weights brought in. On CUDA the copy of the next block runs on a
+side stream while the current block computes, and the compute stream waits on an event before it
+reads the block. At most two swapped blocks are resident at a time: the one computing and the one
+being prefetched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tuner.core.errors import ConfigError
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The transformer blocks in the order they run (the classes the model lists in ``_repeated_blocks``)."""
+    classes = set(getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or [])
+    return [(name, module) for name, module in model.named_modules() if type(module).__name__ in classes]
+
+
+def _frozen_tensors(block: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in block.parameters() if not p.requires_grad]
+
+
+class _BackwardBegins(torch.autograd.Function):
+    """Identity on a block's output; its backward runs first in the block's backward: the weights come in."""
+
+    @staticmethod
+    def forward(ctx: Any, swapper: BlockSwap, index: int, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.swapper, ctx.index = swapper, index
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        ctx.swapper.backward_begins(ctx.index)
+        return None, None, grad
+
+
+class BlockSwap:
+    """Swaps the frozen weights of ``blocks`` (in run order) between host memory and ``device``."""
+
+    def __init__(self, blocks: list[torch.nn.Module], device: torch.device | str):
+        self.device = torch.device(device)
+        self.blocks = blocks
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.host: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
+        self.resident: set[int] = set()
+        self.ready: dict[int, Any] = {}  # index -> the CUDA event its copy recorded
+        self.in_backward: int | None = None  # the block whose backward runs (its recomputation keeps it)
+        self.pinned = True
+        for block in blocks:
+            self.host.append([(p, self._host_copy(p.data)) for p in _frozen_tensors(block)])
+        for index, block in enumerate(blocks):
+            self._release(index)
+            block.register_forward_pre_hook(self._before_forward(index))
+            block.register_forward_hook(self._after_forward(index))
+
+    # -- moving ---------------------------------------------------------------------------------
+
+    def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        host = tensor.detach().to("cpu")
+        if self.cuda and self.pinned:
+            try:
+                host = host.pin_memory()
+            except RuntimeError:  # pinning refused (locked-memory limit): unpinned copies still work, slower
+                self.pinned = False
+        return host
+
+    def _bring_in(self, index: int, prefetch: bool = False) -> None:
+        if index in self.resident:
+            return
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                for param, host in self.host[index]:
+                    param.data = host.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            self.ready[index] = event
+        else:  # the same call as on a GPU; on the CPU it returns the host tensor itself
+            for param, host in self.host[index]:
+                param.data = host.to(self.device)
+        self.resident.add(index)
+        if not prefetch:
+            self._wait(index)
+
+    def _wait(self, index: int) -> None:
+        event = self.ready.pop(index, None)
+        if event is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(event)
+        for param, _ in self.host[index]:
+            param.data.record_stream(compute)  # freed only once compute is done with it
+
+    def _release(self, index: int) -> None:
+        for param, host in self.host[index]:
+            param.data = torch.empty(0, dtype=host.dtype, device=self.device)
+        self.resident.discard(index)
+        self.ready.pop(index, None)
+
+    def _use(self, index: int, following: int | None) -> None:
+        """Block ``index`` computes now: bring it in, let go of the others, start copying ``following``."""
+        self._bring_in(index)
+        self._wait(index)
+        for other in list(self.resident):
+            if other not in (index, following):
+                self._release(other)
+        if following is not None and 0 <= following < len(self.blocks):
+            self._bring_in(following, prefetch=True)
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def _before_forward(self, index: int) -> Any:
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            self._use(index, index + 1 if self.in_backward is None else None)
+
+        return hook
+
+    def _after_forward(self, index: int) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            if self.in_backward == index:
+                return None  # its recomputation in backward: it computes on
+            self._release(index)
+            if not torch.is_grad_enabled():
+                return None
+            return _mark_outputs(output, self, index)
+
+        return hook
+
+    def backward_begins(self, index: int) -> None:
+        if self.in_backward is None:  # the first swapped block of this backward pass
+            # autograd's own end-of-backward callback (what torch's FSDP uses): every block is let go
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ends)  # noqa: SLF001
+        self.in_backward = index
+        self._use(index, index - 1)
+
+    def _backward_ends(self) -> None:
+        self.in_backward = None
+        for index in list(self.resident):
+            self._release(index)
+
+    def resident_bytes(self) -> int:
+        """Bytes of swapped blocks' weights on the device now (the resident and the prefetched)."""
+        return sum(p.data.numel() * p.data.element_size() for i in self.resident for p, _ in self.host[i])
+
+
+def _mark_outputs(output: Any, swapper: BlockSwap, index: int) -> Any:
+    if isinstance(output, torch.Tensor):
+        return _BackwardBegins.apply(swapper, index, output) if output.requires_grad else output
+    if isinstance(output, tuple):
+        return tuple(_mark_outputs(o, swapper, index) for o in output)
+    if isinstance(output, list):
+        return [_mark_outputs(o, swapper, index) for o in output]
+    return output
+
+
+def swap_blocks(model: torch.nn.Module, count: int, device: torch.device | str, key: Any = None) -> BlockSwap | None:
+    """Swap the last ``count`` blocks of ``model`` (before the model is moved to ``device``: their
+    weights then never all sit on the device at once). ``key`` raises the config's error."""
+    if count <= 0:
+        return None
+    blocks = [module for _, module in repeated_blocks(model)]
+    if count > len(blocks):
+        message = f"{count} is more than the {len(blocks)} transformer blocks of this model; use at most {len(blocks)}"
+        raise key("blocks_to_swap", message) if key is not None else ConfigError(f"blocks_to_swap: {message}")
+    quantized = [
+        name
+        for name, param in model.named_parameters()
+        if not param.requires_grad and type(param.data) not in (torch.Tensor, torch.nn.Parameter)
+    ]
+    if quantized:
+        message = (
+            f"swapping quantized weights ({quantized[0]} is a {type(model.get_parameter(quantized[0]).data).__name__}) "
+            "is not supported yet; use base_model_precision no_change with blocks_to_swap, or 0 blocks"
+        )
+        raise key("blocks_to_swap", message) if key is not None else ConfigError(f"blocks_to_swap: {message}")
+    return BlockSwap(blocks[len(blocks) - count :], device)

@@ -1,0 +1,110 @@
+"""Block swap on the CPU, through the code path a GPU run takes: a swapped weight is an empty
+placeholder until its block runs, so any compute that read it anyway would fail; under that,
+swapped blocks train bit for bit what resident ones train, with and without checkpointing, and
+never more than two swapped blocks (the one computing, the one being copied in) hold weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tuner.core.errors import ConfigError
+from tuner.core.fixes import checkpoint_blocks
+from tuner.core.model.swap import swap_blocks
+
+from .conftest import base_settings, train
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Linear(8, 8)
+        self.adapter = torch.nn.Linear(8, 8, bias=False)  # trainable, as a LoRA: never swapped
+
+    def forward(self, x):
+        return torch.tanh(self.frozen(x)) + self.adapter(x)
+
+
+class Net(torch.nn.Module):
+    _repeated_blocks = ["Block"]
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(5))
+        for block in self.blocks:
+            block.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x.square().mean()
+
+
+def resident(net):
+    return [i for i, b in enumerate(net.blocks) if b.frozen.weight.numel()]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_swapped_blocks_give_the_same_gradients_holding_at_most_two_blocks(checkpointing):
+    torch.manual_seed(0)
+    plain = Net()
+    swapped = Net()
+    swapped.load_state_dict(plain.state_dict())
+    if checkpointing:
+        checkpoint_blocks(plain), checkpoint_blocks(swapped)
+    swapper = swap_blocks(swapped, 4, "cpu")  # the last four of five
+    assert resident(swapped) == [0]  # swapped out until they run
+    seen = []
+    for index, block in enumerate(swapped.blocks):  # registered after the swapper's: the block is in
+        block.register_forward_pre_hook(lambda m, a, i=index: seen.append(("forward", i, resident(swapped))))
+        block.frozen.register_full_backward_pre_hook(
+            lambda m, g, i=index: seen.append(("backward", i, resident(swapped)))
+        )
+    x = torch.randn(3, 8)
+    for _ in range(2):  # a second step after a backward starts from the same state
+        for net in (plain, swapped):
+            net.zero_grad()
+            net(x).backward()
+        for (name, a), b in zip(plain.named_parameters(), swapped.parameters(), strict=True):
+            if a.requires_grad:
+                assert torch.equal(a.grad, b.grad), name
+    assert resident(swapped) == [0] and swapper.resident_bytes() == 0  # all let go after backward
+    for phase, index, held in seen:
+        swapped_held = [i for i in held if i > 0]
+        assert index in held and len(swapped_held) <= 2, (phase, index, held)
+    # in backward, in reverse (block 0's Linear sees no gradient: nothing before it is trained)
+    order = [("forward", i) for i in range(5)] + [("backward", i) for i in (4, 3, 2, 1)]
+    assert [(p, i) for p, i, _ in seen[:9]] == order
+    with pytest.raises(RuntimeError):  # a swapped Linear called around its block's hooks reads a placeholder
+        swapped.blocks[3].frozen(x)
+
+
+def test_blocks_to_swap_beyond_the_model_or_on_quantized_weights_is_one_line():
+    with pytest.raises(
+        ConfigError, match=r"^blocks_to_swap: 6 is more than the 5 transformer blocks of this model; use at most 5$"
+    ):
+        swap_blocks(Net(), 6, "cpu")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_run_with_swapped_blocks_trains_bit_for_bit_what_a_resident_run_trains(
+    tiny_chroma, shapes_dir, tmp_path, checkpointing
+):
+    def settings(name, **extra):
+        return {
+            **base_settings(tiny_chroma, shapes_dir, tmp_path / name),
+            "max_train_steps": 3,
+            "learning_rate": 1e-2,
+            "train_batch_size": 2,
+            "gradient_checkpointing": checkpointing,
+            **extra,
+        }
+
+    plain, _, _ = train(settings("plain"))
+    warnings: list[str] = []
+    swapped, _, _ = train(settings("swapped", blocks_to_swap=3, validation_steps=2), warnings=warnings)
+    assert swapped.losses == plain.losses
+    a, b = load_file(plain.lora_files[0]), load_file(swapped.lora_files[0])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("on a CPU the weights stay in RAM" in w for w in warnings)
