@@ -108,3 +108,29 @@ def test_a_run_with_swapped_blocks_trains_bit_for_bit_what_a_resident_run_trains
     a, b = load_file(plain.lora_files[0]), load_file(swapped.lora_files[0])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any("on a CPU the weights stay in RAM" in w for w in warnings)
+
+
+def test_the_estimate_counts_swapped_blocks_two_at_a_time_on_the_device_and_all_in_ram(
+    tiny_chroma, shapes_dir, tmp_path
+):
+    from tuner.core.estimate import estimate
+    from tuner.core.estimate.trace import tensor_bytes
+    from tuner.core.model.swap import repeated_blocks
+
+    from .conftest import make_config, make_host
+
+    host = make_host()
+
+    def train_phase(**extra):  # device bytes, and RAM over the load phase's (the process's own size apart)
+        config = make_config(host, {**base_settings(tiny_chroma, shapes_dir, tmp_path), **extra})
+        found = estimate(host, config, "cuda")
+        return found.phase("train").device, found.phase("train").ram - found.phase("load").ram
+
+    model = host.provide("load_model", config=make_config(host, base_settings(tiny_chroma, shapes_dir, tmp_path)),
+                         component="transformer", dtype=torch.float32)  # fmt: skip
+    sizes = [tensor_bytes(block.parameters()) for _, block in repeated_blocks(model)]
+    (plain, plain_ram), (swapped, swapped_ram) = train_phase(), train_phase(blocks_to_swap=3)
+    assert plain - swapped == sum(sizes) - sum(sorted(sizes)[-2:])  # all but the two largest leave the device
+    assert swapped_ram - plain_ram == sum(sizes)  # for their host copies
+    with pytest.raises(ConfigError, match="blocks_to_swap: 4 is more than the 3 transformer blocks"):
+        train_phase(blocks_to_swap=4)

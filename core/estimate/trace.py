@@ -58,6 +58,10 @@ class Trace:
     largest_block: int  # the biggest loading unit, in the compute dtype (streamed quantization)
     checkpoint_bytes: int  # the denoiser's weight files, memory-mapped while a whole model loads
     phases: list[Phase] = field(default_factory=list)
+    # blocks_to_swap: the swapped blocks' weights (in host memory), and the most two of them hold on
+    # the device at once (the one computing and the one being copied in)
+    swapped: int = 0
+    swapped_resident: int = 0
 
 
 def estimate(host: PluginHost, config: Config, device_type: str | None = None) -> Estimate:
@@ -101,6 +105,7 @@ def estimate_precisions(
     traced_weights = tensor_bytes([*transformer.parameters(), *transformer.buffers()])
     largest_block = max(tensor_bytes(transformer.get_submodule(u).parameters()) for u in units)
     checkpoint_bytes = files.weight_bytes(family.transformer_subfolder, transformer)
+    swapped, swapped_resident = swapped_bytes(transformer, config)
 
     # real inputs become fake: a step's small draws (sigmas, offsets) are made on real tensors
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -109,13 +114,31 @@ def estimate_precisions(
     baseline = process_rss()
     for base in bases:
         if base.keeps_inputs not in traces:
-            trace = Trace(traced_weights, largest_block, checkpoint_bytes, list(caching))
+            trace = Trace(traced_weights, largest_block, checkpoint_bytes, list(caching), swapped, swapped_resident)
             model = transformer if not traces else denoiser()  # the LoRA changes the model it traces
             settings = trace_training(host, config, model, latent_shape, vae, dtype, mode, base.keeps_inputs, trace)
             traces[base.keeps_inputs] = (trace, settings)
         trace, settings = traces[base.keeps_inputs]
         estimates.append(assemble(family.name, source, device_type, settings, trace, base, baseline))
     return estimates
+
+
+def swapped_bytes(transformer: torch.nn.Module, config: Config) -> tuple[int, int]:
+    """``blocks_to_swap``: the bytes of the swapped blocks (as the run picks them: the last N) and of
+    the two largest of them. Too many blocks is the run's own one-line error, said here first."""
+    from tuner.core.model.swap import repeated_blocks
+
+    count = config.blocks_to_swap
+    if not count:
+        return 0, 0
+    blocks = [block for _, block in repeated_blocks(transformer)]
+    if count > len(blocks):
+        raise config.error(
+            "blocks_to_swap",
+            f"{count} is more than the {len(blocks)} transformer blocks of this model; use at most {len(blocks)}",
+        )
+    sizes = sorted((tensor_bytes(block.parameters()) for block in blocks[len(blocks) - count :]), reverse=True)
+    return sum(sizes), sum(sizes[:2])
 
 
 def base_weights(host: PluginHost, config: Config, transformer: torch.nn.Module, precision: str) -> BaseWeights:
@@ -435,11 +458,14 @@ def assemble(family, source, device_type, settings, trace: Trace, base: BaseWeig
         phases.append(Phase("load + quantize", 0, baseline + base.stored + block, parts))
     for traced in trace.phases:
         if traced.name in ("train", "validate"):
-            device = traced.device + base.stored + base.dequantized
-            parts = {"weights": base.stored, **traced.parts}
+            # swapped blocks (a float base on an accelerator): on the device two at a time, in RAM all
+            swap = trace.swapped if not on_cpu and base.precision == NO_QUANTIZATION else 0
+            weights = base.stored - swap + (trace.swapped_resident if swap else 0)
+            device = traced.device + weights + base.dequantized
+            parts = {("weights (swapped blocks: two at a time)" if swap else "weights"): weights, **traced.parts}
             if base.dequantized:
                 parts["dequantized layer"] = base.dequantized
-            phases.append(Phase(traced.name, device, baseline + (device if on_cpu else 0), parts))
+            phases.append(Phase(traced.name, device, baseline + (device if on_cpu else swap), parts))
         else:  # caching: the encoders' weights pass through RAM (and stay there when offloaded)
             ram = baseline + (max(traced.device, traced.ram) if on_cpu else traced.ram)
             phases.append(Phase(traced.name, traced.device, ram, traced.parts))
