@@ -78,6 +78,8 @@ def test_swapped_blocks_give_the_same_gradients_holding_at_most_two_blocks(check
     assert [(p, i) for p, i, _ in seen[:9]] == order
     with pytest.raises(RuntimeError):  # a swapped Linear called around its block's hooks reads a placeholder
         swapped.blocks[3].frozen(x)
+    ignored = set(swapped._ddp_params_and_buffers_to_ignore)  # DDP neither broadcasts nor checks them
+    assert ignored == {f"blocks.{i}.frozen.{kind}" for i in range(1, 5) for kind in ("weight", "bias")}
 
 
 def test_blocks_to_swap_beyond_the_model_or_on_quantized_weights_is_one_line():
@@ -134,3 +136,22 @@ def test_the_estimate_counts_swapped_blocks_two_at_a_time_on_the_device_and_all_
     assert swapped_ram - plain_ram == sum(sizes)  # for their host copies
     with pytest.raises(ConfigError, match="blocks_to_swap: 4 is more than the 3 transformer blocks"):
         train_phase(blocks_to_swap=4)
+
+
+def test_a_resume_with_swapped_blocks_is_exact(tiny_chroma, shapes_dir, tmp_path):
+    from .test_resume import assert_resume_is_exact, settings_for
+
+    assert_resume_is_exact(
+        settings_for(tiny_chroma, shapes_dir, tmp_path / "a", max_train_steps=6, blocks_to_swap=2), 3
+    )
+
+
+@pytest.mark.parametrize("kind", ["dora", "lokr"])
+def test_adapters_that_read_the_base_weight_save_and_self_test_with_swapped_blocks(
+    tiny_chroma, shapes_dir, tmp_path, kind
+):
+    """DoRA reads the base weight and LoKr/LoHa its shape when the files are written and self-tested:
+    the swapped blocks are brought in for that, and the saved files reload as trained."""
+    settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "max_train_steps": 2, "lora_type": kind}
+    result, _, _ = train({**settings, "blocks_to_swap": 3, "lora_format": "all"})
+    assert result.lora_files  # written, reread by each format's reader and compared: the self-test passed

@@ -19,11 +19,15 @@ tensor itself, so the CPU tests run exactly the code path of a GPU run and prove
 a block computes only with its weights brought in. On CUDA the copy of the next block runs on a
 side stream while the current block computes, and the compute stream waits on an event before it
 reads the block. At most two swapped blocks are resident at a time: the one computing and the one
-being prefetched.
+being prefetched. What reads base weights outside a forward (the LoRA files' export and
+self-test) holds every swapped block in place meanwhile (:func:`weights_in_place`): on a GPU that
+is the whole base once, at each save; reading block by block there is still to do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -159,6 +163,17 @@ class BlockSwap:
         for index in list(self.resident):
             self._release(index)
 
+    @contextmanager
+    def all_resident(self) -> Iterator[None]:
+        """Every swapped block's weights in place (code that reads base weights outside a forward)."""
+        for index in range(len(self.blocks)):
+            self._bring_in(index)
+        try:
+            yield
+        finally:
+            for index in list(self.resident):
+                self._release(index)
+
     def resident_bytes(self) -> int:
         """Bytes of swapped blocks' weights on the device now (the resident and the prefetched)."""
         return sum(p.data.numel() * p.data.element_size() for i in self.resident for p, _ in self.host[i])
@@ -194,4 +209,25 @@ def swap_blocks(model: torch.nn.Module, count: int, device: torch.device | str, 
             "is not supported yet; use base_model_precision no_change with blocks_to_swap, or 0 blocks"
         )
         raise key("blocks_to_swap", message) if key is not None else ConfigError(f"blocks_to_swap: {message}")
-    return BlockSwap(blocks[len(blocks) - count :], device)
+    swapped = blocks[len(blocks) - count :]
+    # DDP must neither broadcast nor check them (their storage moves every step): ignored by name,
+    # through DDP's own static setter (what its documentation points to for this)
+    ids = {id(p) for block in swapped for p in _frozen_tensors(block)}
+    names = [name for name, p in model.named_parameters() if id(p) in ids]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)  # noqa: SLF001
+    swapper = BlockSwap(swapped, device)
+    model.tuner_block_swap = swapper  # found by weights_in_place
+    return swapper
+
+
+@contextmanager
+def weights_in_place(model: torch.nn.Module) -> Iterator[None]:
+    """The base weights of ``model`` readable for what runs outside a block's forward (the LoRA
+    files' export and self-test: peft's LoHa and LoKr build their change in the weight's shape,
+    DoRA reads the weight): with block swap, every swapped block brought in for the time being."""
+    swapper = getattr(model, "tuner_block_swap", None)
+    if swapper is None:
+        yield
+        return
+    with swapper.all_resident():
+        yield
