@@ -310,6 +310,12 @@ def estimate(
         None, "--device", help="cuda, mps or cpu (default: this machine's accelerator, else cpu)."
     ),
     compare: bool = typer.Option(False, "--compare", help="One row per installed base_model_precision."),
+    plan: bool = typer.Option(
+        False, "--plan", help="The memory plans (precision, blocks to swap, offload_during_startup), fastest first."
+    ),
+    budget: str | None = typer.Option(
+        None, "--budget", help="With --plan: pick the fastest plan that fits, e.g. 12GiB."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the estimate(s) as JSON."),
     set_: list[str] | None = SET_OPTION,
 ) -> None:
@@ -317,6 +323,9 @@ def estimate(
     if device is not None and device not in ("cuda", "mps", "cpu"):
         raise ConfigError(f"--device {device!r}: choose cuda, mps or cpu")
     host, cfg = _load_config(plugin, config, set_)
+    if plan or budget is not None:
+        _print_plans(host, cfg, device, budget, as_json)
+        return
     from tuner.core.config.keys.model import NO_QUANTIZATION
     from tuner.core.estimate import estimate_precisions, size
 
@@ -338,6 +347,33 @@ def estimate(
             f"{size(e.peak_ram):>12}  {e.peak_phase.name}"
         )
     typer.echo("\n".join(f"note: {n}" for n in dict.fromkeys(n for e in found for n in e.notes)))
+
+
+def _print_plans(host: Any, cfg: Any, device: str | None, budget: str | None, as_json: bool) -> None:
+    from tuner.core.estimate.plan import choose, memory_plans, parse_budget, plan_table
+    from tuner.core.estimate.report import available_ram, size
+
+    try:
+        wanted = parse_budget(budget) if budget is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"--budget: {exc}") from None
+    plans = memory_plans(host, cfg, device)
+    chosen = choose(plans, wanted, available_ram()) if wanted is not None else None
+    if as_json:
+        typer.echo(json.dumps([p.to_dict() for p in plans], indent=1))
+    else:
+        typer.echo(plans[0].estimate.table().splitlines()[0] if plans else "no plan")
+        typer.echo(plan_table(plans))
+        typer.echo("step: relative step time by a cost model of published figures (tuner.core.estimate.plan)")
+    if wanted is not None and chosen is None:
+        smallest = min(plans, key=lambda p: p.estimate.plan_device)
+        raise ConfigError(
+            f"--budget {budget}: no plan fits; the smallest needs {size(smallest.estimate.plan_device)} "
+            f"({', '.join(f'{k}={v}' for k, v in smallest.settings.items())})"
+        )
+    if chosen is not None and not as_json:
+        keys = " ".join(f"--set {k}={v}" for k, v in chosen.settings.items())
+        typer.echo(f"chosen for {budget}: {keys} (plan for {size(chosen.estimate.plan_device)})")
 
 
 @app.command()

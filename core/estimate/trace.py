@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,6 +28,7 @@ from tuner.core.estimate.models import ModelFiles, build_on_meta, tensor_bytes, 
 from tuner.core.estimate.report import Estimate, Phase, process_rss
 from tuner.core.fixes import no_module_dropout_draw
 from tuner.core.model.encoders import text_encoder_precisions
+from tuner.core.model.swap import repeated_blocks
 from tuner.core.training.ema import AdapterEMA
 from tuner.core.training.runtime import autocast, build_optimizer, weight_dtype
 from tuner.core.training.runtime import device_type as local_device_type
@@ -70,10 +71,20 @@ def estimate(host: PluginHost, config: Config, device_type: str | None = None) -
 
 
 def estimate_precisions(
-    host: PluginHost, config: Config, precisions: list[str], device_type: str | None = None
+    host: PluginHost,
+    config: Config,
+    precisions: list[str],
+    device_type: str | None = None,
+    swap_counts: list[int] | None = None,
+    swap_fractions: list[float] | None = None,
+    offloads: list[bool] | None = None,
 ) -> list[Estimate]:
-    """One estimate per base precision. The caching phases are traced once; the training step once
-    per distinct behaviour of quantized layers (whether their backend keeps inputs for backward)."""
+    """One estimate per base precision (and, with ``swap_counts``, per number of swapped blocks for
+    each, precision-major: swapping is arithmetic on the traced phases; ``swap_fractions``: those
+    fractions of the model's blocks, each count once; ``offloads``: each ``offload_during_startup``
+    value, outermost, its caching phases traced once each). The caching phases are
+    traced once; the training step once per distinct behaviour of quantized layers (whether their
+    backend keeps inputs for backward)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from tuner.core.model.quantize import block_units, import_object
@@ -105,30 +116,46 @@ def estimate_precisions(
     traced_weights = tensor_bytes([*transformer.parameters(), *transformer.buffers()])
     largest_block = max(tensor_bytes(transformer.get_submodule(u).parameters()) for u in units)
     checkpoint_bytes = files.weight_bytes(family.transformer_subfolder, transformer)
-    swapped, swapped_resident = swapped_bytes(transformer, config)
+    blocks = len(repeated_blocks(transformer))
+    counts = [config.blocks_to_swap] if swap_counts is None else swap_counts
+    if swap_fractions is not None:
+        counts = sorted({round(fraction * blocks) for fraction in swap_fractions})
+    swaps = [swapped_bytes(transformer, config, count) for count in counts]
 
     # real inputs become fake: a step's small draws (sigmas, offsets) are made on real tensors
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    caching, latent_shape, vae = trace_caching(host, config, files, components, dtype, mode)
+    offloads = [bool(config.offload_during_startup)] if offloads is None else offloads
+    cachings = {}
+    for offload in offloads:
+        view = config.derive({"offload_during_startup": offload})
+        cachings[offload], latent_shape, vae = trace_caching(host, view, files, components, dtype, mode)
     traces, estimates = {}, []
     baseline = process_rss()
     for base in bases:
         if base.keeps_inputs not in traces:
-            trace = Trace(traced_weights, largest_block, checkpoint_bytes, list(caching), swapped, swapped_resident)
+            trace = Trace(traced_weights, largest_block, checkpoint_bytes)
             model = transformer if not traces else denoiser()  # the LoRA changes the model it traces
             settings = trace_training(host, config, model, latent_shape, vae, dtype, mode, base.keeps_inputs, trace)
             traces[base.keeps_inputs] = (trace, settings)
-        trace, settings = traces[base.keeps_inputs]
-        estimates.append(assemble(family.name, source, device_type, settings, trace, base, baseline))
+    for offload in offloads:
+        for base in bases:
+            trace, settings = traces[base.keeps_inputs]
+            for count, (swapped, resident) in zip(counts, swaps, strict=True):
+                phases = [*cachings[offload], *trace.phases]
+                variant = replace(trace, phases=phases, swapped=swapped, swapped_resident=resident)
+                shown = {
+                    **settings,
+                    "offload_during_startup": offload,
+                    "transformer_blocks": blocks,
+                    "blocks_to_swap": count,
+                }
+                estimates.append(assemble(family.name, source, device_type, shown, variant, base, baseline))
     return estimates
 
 
-def swapped_bytes(transformer: torch.nn.Module, config: Config) -> tuple[int, int]:
-    """``blocks_to_swap``: the bytes of the swapped blocks (as the run picks them: the last N) and of
-    the two largest of them. Too many blocks is the run's own one-line error, said here first."""
-    from tuner.core.model.swap import repeated_blocks
-
-    count = config.blocks_to_swap
+def swapped_bytes(transformer: torch.nn.Module, config: Config, count: int) -> tuple[int, int]:
+    """``blocks_to_swap``: the bytes of ``count`` swapped blocks (as the run picks them: the last) and
+    of the two largest of them. Too many blocks is the run's own one-line error, said here first."""
     if not count:
         return 0, 0
     blocks = [block for _, block in repeated_blocks(transformer)]

@@ -1,0 +1,100 @@
+"""Memory plans (`tuner estimate --plan`, `--budget`): every plan the settings allow, estimated, the
+fastest that fits chosen; keys the user set are constraints; a larger budget never picks a slower
+plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tuner.core.cli import app
+from tuner.core.errors import ConfigError
+from tuner.core.estimate.plan import choose, memory_plans, parse_budget
+
+from .conftest import REPO, base_settings, make_config, make_host
+
+GiB = 2**30
+
+
+def test_sizes_read_as_users_write_them():
+    assert parse_budget("12GiB") == parse_budget("12 GB") == parse_budget("12g") == 12 * GiB
+    assert parse_budget("8000MiB") == 8000 * 2**20 and parse_budget("1024") == 1024
+    with pytest.raises(ValueError, match="'twelve' is not a size"):
+        parse_budget("twelve")
+
+
+def test_plans_respect_what_the_user_set_and_the_fastest_fitting_one_is_chosen(tiny_chroma, shapes_dir, tmp_path):
+    host = make_host()
+    free = memory_plans(host, make_config(host, base_settings(tiny_chroma, shapes_dir, tmp_path)), "cuda")
+    keys = [tuple(p.settings.values()) for p in free]
+    assert len(keys) == len(set(keys))
+    assert {p.settings["blocks_to_swap"] for p in free} == {0, 1, 2, 3}  # tiny Chroma: 3 blocks
+    assert all(p.settings["blocks_to_swap"] == 0 for p in free if p.settings["base_model_precision"] != "no_change")
+    times = [p.relative_step_time for p in free]
+    assert times == sorted(times) and times[0] == 1.0
+    # a larger budget never picks a slower plan, and what is picked fits
+    picked = []
+    for budget in sorted({p.estimate.plan_device for p in free}):
+        chosen = choose(
+            memory_plans(host, make_config(host, base_settings(tiny_chroma, shapes_dir, tmp_path)), "cuda"), budget
+        )
+        assert chosen is not None and chosen.estimate.plan_device <= budget
+        picked.append(chosen.relative_step_time)
+    assert picked == sorted(picked, reverse=True)
+    assert choose(free, min(p.estimate.plan_device for p in free) - 1) is None
+    fixed = make_config(
+        host,
+        {**base_settings(tiny_chroma, shapes_dir, tmp_path), "blocks_to_swap": 2, "base_model_precision": "no_change"},
+    )
+    plans = memory_plans(host, fixed, "cuda")
+    assert {(p.settings["base_model_precision"], p.settings["blocks_to_swap"]) for p in plans} == {("no_change", 2)}
+
+
+def test_the_command_prints_the_plans_and_a_budget_nothing_fits_is_one_line(tiny_chroma, shapes_dir, tmp_path):
+    settings = [f"{k}={v}" for k, v in base_settings(tiny_chroma, shapes_dir, tmp_path).items()]
+    command = ["estimate", "--plugin", "chroma", "--device", "cuda", *[a for s in settings for a in ("--set", s)]]
+    out = CliRunner().invoke(app, [*command, "--plan", "--budget", "1GiB", "--json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)
+    assert sum(r["chosen"] for r in rows) == 1 and rows[0]["chosen"]  # fastest first, and it fits 1 GiB
+    assert set(rows[0]) == {
+        "keys",
+        "peak_device_bytes",
+        "plan_device_bytes",
+        "peak_host_bytes",
+        "relative_step_time",
+        "chosen",
+    }
+    out = CliRunner().invoke(app, [*command, "--budget", "1KiB"])
+    assert isinstance(out.exception, ConfigError) and "\n" not in str(out.exception)
+    assert str(out.exception).startswith("--budget 1KiB: no plan fits; the smallest needs ")
+
+
+@pytest.mark.slow
+def test_the_real_chromas_plans_in_bf16_fit_their_budgets_and_more_memory_is_never_slower():
+    """The bundled real Chroma 1 config files (no weights), bf16 fixed by the user, on a GPU's terms."""
+    host = make_host()
+    config = make_config(
+        host,
+        {
+            "pretrained_model_name_or_path": str(REPO / "examples" / "models" / "chroma1-configs"),
+            "resolution": 1024,
+            "mixed_precision": "bf16",
+            "base_model_precision": "no_change",
+            "data_dir": str(REPO / "examples" / "data" / "shapes"),
+        },
+    )
+    plans = memory_plans(host, config, "cuda")
+    assert {p.settings["base_model_precision"] for p in plans} == {"no_change"}
+    times = []
+    for budget in (6, 8, 12, 16, 24, 80):
+        chosen = choose(plans, budget * GiB)
+        if chosen is None:  # 6 and 8 GiB: bf16 does not fit even with every block swapped and offload
+            assert budget < 12
+            continue
+        assert chosen.estimate.plan_device <= budget * GiB
+        times.append(chosen.relative_step_time)
+    assert times == sorted(times, reverse=True) and times[-1] == 1.0  # 80 GiB: nothing swapped
+    assert choose(plans, 16 * GiB).settings["blocks_to_swap"] > 0  # bf16 Chroma in 16 GiB: by swapping
