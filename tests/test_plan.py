@@ -10,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from tuner.core.cli import app
+from tuner.core.config.keys.model import parse_budget
 from tuner.core.errors import ConfigError
-from tuner.core.estimate.plan import choose, memory_plans, parse_budget
+from tuner.core.estimate.plan import choose, memory_plans
 
 from .conftest import REPO, base_settings, make_config, make_host
 
@@ -98,3 +99,46 @@ def test_the_real_chromas_plans_in_bf16_fit_their_budgets_and_more_memory_is_nev
         times.append(chosen.relative_step_time)
     assert times == sorted(times, reverse=True) and times[-1] == 1.0  # 80 GiB: nothing swapped
     assert choose(plans, 16 * GiB).settings["blocks_to_swap"] > 0  # bf16 Chroma in 16 GiB: by swapping
+
+
+def test_memory_budget_sets_the_chosen_plans_keys_before_anything_loads(tiny_chroma, shapes_dir, tmp_path):
+    """What `tuner run` does with memory_budget (on a GPU's terms; on a CPU it says it changes nothing):
+    the fastest plan that fits sets the keys the user left unset; a budget nothing fits is one line;
+    a budget that is not a size is refused when the config is read."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tuner.core.run.planning import apply_memory_budget
+
+    host = make_host()
+    said: list[str] = []
+
+    def run_context(**extra):
+        config = make_config(host, {**base_settings(tiny_chroma, shapes_dir, tmp_path), **extra})
+        accelerator = SimpleNamespace(num_processes=1)
+        return SimpleNamespace(
+            config=config,
+            host=host,
+            device=torch.device("cuda"),
+            accelerator=accelerator,
+            log=said.append,
+            warn=said.append,
+        )
+
+    roomy = run_context(memory_budget="80GiB")
+    apply_memory_budget(roomy)
+    assert (roomy.config.base_model_precision, roomy.config.blocks_to_swap) == ("no_change", 0)
+    fixed = run_context(memory_budget="80GiB", base_model_precision="int8-quanto")  # a constraint
+    apply_memory_budget(fixed)
+    assert (fixed.config.base_model_precision, fixed.config.blocks_to_swap) == ("int8-quanto", 0)
+    assert said[-1].startswith("memory_budget 80.00 GiB: base_model_precision int8-quanto, blocks_to_swap 0")
+    with pytest.raises(ConfigError, match=r"memory_budget: .* no plan fits; the smallest needs") as info:
+        apply_memory_budget(run_context(memory_budget="1KiB"))
+    assert "\n" not in str(info.value)
+    cpu = run_context(memory_budget="1KiB")
+    cpu.device = torch.device("cpu")
+    apply_memory_budget(cpu)
+    assert "on a CPU the weights stay in RAM" in said[-1]
+    with pytest.raises(ConfigError, match=r"memory_budget: 'twelve' is not a size.*or auto"):
+        run_context(memory_budget="twelve")

@@ -16,11 +16,10 @@ session measures tuner's own (``benchmarks/gpu.py``):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tuner.core.config.keys.model import NO_QUANTIZATION
+from tuner.core.config.keys.model import NO_QUANTIZATION, parse_budget
 from tuner.core.estimate.report import Estimate
 from tuner.core.estimate.trace import estimate_precisions
 
@@ -50,16 +49,6 @@ class Plan:
             "relative_step_time": round(self.relative_step_time, 3),
             "chosen": self.chosen,
         }
-
-
-def parse_budget(text: str) -> int:
-    """``12GiB``, ``12 GB``, ``8000MiB`` or a number of bytes, as bytes (GB and GiB both mean 2^30 here:
-    what a card's size is called)."""
-    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
-    if not found:
-        raise ValueError(f"{text!r} is not a size; write it as 12GiB, 16GB or 8000MiB")
-    number, unit = float(found[1]), (found[2] or "").upper().rstrip("B").rstrip("I")
-    return int(number * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])
 
 
 def memory_plans(host: PluginHost, config: Config, device_type: str | None = None) -> list[Plan]:

@@ -38,6 +38,7 @@ from tuner.core.outputs.resume import Checkpoints
 from tuner.core.outputs.runinfo import OutputLock, RunRecord, forget_untrained_run, read_run, settle_output_dir
 from tuner.core.run import reporting
 from tuner.core.run.evaluation import Evaluator
+from tuner.core.run.planning import apply_memory_budget
 from tuner.core.run.preparation import RunData, check_data_folders, prepare_data
 from tuner.core.run.stopping import StopRequest, interrupted_message
 from tuner.core.run.validation import Validator
@@ -161,6 +162,7 @@ class Trainer:
     def _train(self, record: RunRecord | None) -> TrainResult:
         ctx, config = self.ctx, self.config
         self.phase = "estimating memory"
+        apply_memory_budget(ctx)  # memory_budget: the plan's keys, before the estimate is reported
         self.report_memory_estimate()
         torch.manual_seed(config.seed)  # LoRA initialisation
         self.phase = "caching latents and captions"

@@ -3,11 +3,12 @@ weights (the denoiser's and each text encoder's)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tuner.core.host.records import NO_QUANTIZATION, ConfigKey, in_group
 
-__all__ = ["KEYS", "NO_QUANTIZATION", "text_encoder_precision_keys"]
+__all__ = ["KEYS", "NO_QUANTIZATION", "parse_budget", "text_encoder_precision_keys"]
 
 
 def text_encoder_precision_keys(keys: Any) -> list[str]:
@@ -19,6 +20,25 @@ def text_encoder_precision_keys(keys: Any) -> list[str]:
         if key.choices_from == "precisions" and key.needs.startswith("text_encoder_")
     }
     return [found[n] for n in sorted(found)]
+
+
+def parse_budget(text: str) -> int:
+    """``12GiB``, ``12 GB``, ``8000MiB`` or a number of bytes, as bytes (GB and GiB both mean 2^30
+    here: what a card's size is called)."""
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?)?\s*", str(text), re.IGNORECASE)
+    if not found:
+        raise ValueError(f"{text!r} is not a size; write it as 12GiB, 16GB or 8000MiB")
+    number, unit = float(found[1]), (found[2] or "").upper().rstrip("B").rstrip("I")
+    return int(number * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])
+
+
+def _budget_problem(value: str) -> str | None:
+    if value == "auto":
+        return None
+    try:
+        return None if parse_budget(value) > 0 else "must be more than 0"
+    except ValueError as exc:
+        return f"{exc}, or auto (the accelerator's free memory)"
 
 
 KEYS = in_group(
@@ -71,6 +91,16 @@ KEYS = in_group(
             recipe=True,
             choices_from="precisions",
             memory=True,  # validation rendered on the quantized base: `tuner sample --recipe` does too
+        ),
+        ConfigKey(
+            "memory_budget",
+            "str",
+            None,
+            "Let tuner pick base_model_precision, blocks_to_swap and offload_during_startup (those you leave "
+            "unset) so the run fits this much accelerator memory, fastest first (`tuner estimate --plan` shows "
+            "the plans): a size such as 12GiB, or auto (the free memory now).",
+            check=_budget_problem,
+            memory=True,
         ),
         ConfigKey(
             "blocks_to_swap",

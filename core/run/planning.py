@@ -1,0 +1,61 @@
+"""``memory_budget``: before anything loads, the fastest memory plan that fits the budget sets the
+plan's keys the user left unset (``tuner estimate --plan`` shows every plan and the chosen one)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tuner.core.config.keys.model import parse_budget
+from tuner.core.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tuner.core.training.state import RunContext
+
+
+def apply_memory_budget(ctx: RunContext) -> None:
+    """Choose and apply the plan (every process the same one: an ``auto`` budget is the smallest
+    free memory of them)."""
+    config = ctx.config
+    if not config.memory_budget:
+        return
+    device_type = ctx.device.type
+    if device_type == "cpu":
+        ctx.warn("memory_budget: on a CPU the weights stay in RAM whatever the plan; nothing is changed")
+        return
+    from tuner.core.estimate import available_ram, free_memory, size
+    from tuner.core.estimate.plan import choose, memory_plans
+
+    budget = free_memory(device_type) if config.memory_budget == "auto" else parse_budget(config.memory_budget)
+    if budget is None:
+        raise config.error("memory_budget", f"auto: the free memory of {device_type} cannot be read; give a size")
+    budget = _smallest_over_processes(ctx, budget)
+    plans = memory_plans(ctx.host, config, device_type)
+    chosen = choose(plans, budget, available_ram())
+    if chosen is None:
+        smallest = min(plans, key=lambda p: p.estimate.plan_device)
+        raise ConfigError(
+            f"{config.source}: memory_budget: {size(budget)}: no plan fits; the smallest needs "
+            f"{size(smallest.estimate.plan_device)} ({_keys(smallest.settings)})"
+        )
+    for key, value in chosen.settings.items():
+        config.set_resolved(key, value)
+    ctx.log(
+        f"memory_budget {size(budget)}: {_keys(chosen.settings)}: plan for {size(chosen.estimate.plan_device)} "
+        f"(peak {size(chosen.estimate.peak_device)} of tensors), about {chosen.relative_step_time:.2f}x the step "
+        "time of the same run without offload or quantization (a cost model: tuner.core.estimate.plan)"
+    )
+
+
+def _keys(settings: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in settings.items())
+
+
+def _smallest_over_processes(ctx: RunContext, budget: int) -> int:
+    if ctx.accelerator.num_processes == 1:
+        return budget
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([budget], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())
