@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from .conftest import base_settings, train
 
-PRECISIONS = ["no_change", "int8-quanto", "int4-quanto", "nf4-bnb"]
+PRECISIONS = ["no_change", "int8-quanto", "int4-quanto", "nf4-bnb", "fp8-quanto"]
 
 
 @pytest.mark.parametrize("family", ["chroma", "flux"])

@@ -114,7 +114,7 @@ def test_overrides_are_yaml_scalars():
         ({"flux_lora_target": "everything"}, r"flux_lora_target: 'everything' is not one of"),
         (
             {"base_model_precision": "int3"},
-            r"base_model_precision: unknown precision 'int3'; choose one of no_change, int4-quanto, int8-quanto, nf4-bnb",
+            r"base_model_precision: unknown precision 'int3'; choose one of no_change, fp8-quanto, int4-quanto, int8-quanto, nf4-bnb",
         ),
         ({"flux_fast_schedule": True}, r"flux_fast_schedule: must stay off for Chroma"),
         ({"validation_init_image": "x.png"}, r"validation_init_image: Chroma is text-to-image only"),

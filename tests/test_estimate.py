@@ -286,7 +286,7 @@ def test_cli_prints_one_row_per_precision_and_json(tiny_chroma, shapes_dir, tmp_
     result = runner.invoke(app, ["estimate", "-c", str(config), "--device", "cpu", "--compare"])
     assert result.exit_code == 0, result.output
     rows = [line.split()[0] for line in result.output.splitlines() if line.startswith("  ")]
-    assert rows[1:] == ["no_change", "int4-quanto", "int8-quanto", "nf4-bnb"]
+    assert rows[1:] == ["no_change", "fp8-quanto", "int4-quanto", "int8-quanto", "nf4-bnb"]
     result = runner.invoke(app, ["estimate", "-c", str(config), "--device", "cuda", "--json"])
     found = json.loads(result.output)
     assert found["device_type"] == "cuda"

@@ -22,7 +22,7 @@ def test_bundled_plugins_are_found_through_entry_points():
         assert by_name[name].error is None
     assert {"chroma", "flux"} <= set(host.families)  # plus any installed third-party family (tuner-sd3)
     assert host.families["chroma"].plugin == "chroma"
-    assert set(host.precisions) == {"int8-quanto", "int4-quanto", "nf4-bnb"}
+    assert set(host.precisions) == {"int8-quanto", "int4-quanto", "fp8-quanto", "nf4-bnb"}
     assert host.families["chroma"].flavours == {
         "base": "lodestones/Chroma1-Base",
         "hd": "lodestones/Chroma1-HD",

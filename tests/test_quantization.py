@@ -16,7 +16,7 @@ from tuner.core.run.trainer import Trainer
 
 from .conftest import base_settings, make_config, make_host, train
 
-PRECISIONS = ["int8-quanto", "int4-quanto", "nf4-bnb"]
+PRECISIONS = ["int8-quanto", "int4-quanto", "nf4-bnb", "fp8-quanto"]
 
 
 def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -191,6 +191,7 @@ def test_quantized_weights_are_smaller(tiny_chroma, shapes_dir, tmp_path):
     # mid-size model, where int4 and NF4 come to about a quarter of fp32
     assert all(size < 0.45 * full for size in sizes.values()), (full, sizes)
     assert sizes["nf4-bnb"] < sizes["int8-quanto"]
+    assert sizes["fp8-quanto"] == sizes["int8-quanto"]  # a byte a weight and a scale a row, as int8
 
 
 def test_bitsandbytes_cpu_repack_bug():

@@ -1,4 +1,5 @@
-"""Registers ``int8-quanto`` and ``int4-quanto``. Import-cheap: quanto is imported when quantizing."""
+"""Registers ``int8-quanto``, ``int4-quanto`` and ``fp8-quanto``. Import-cheap: quanto is imported
+when quantizing."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from tuner.core import hookimpl
 from tuner.core.api import PrecisionInfo
 
 HINT = "install it with: pip install optimum-quanto  (or: pip install 'tuner[quanto]')"
-PRECISIONS = {"int8-quanto": "qint8", "int4-quanto": "qint4"}
+PRECISIONS = {"int8-quanto": "qint8", "int4-quanto": "qint4", "fp8-quanto": "qfloat8"}
 
 
 def int8_bytes(out_features: int, in_features: int, float_bytes: int) -> float:
@@ -61,5 +62,16 @@ def register_precisions(register):
             weight_bytes=int4_bytes,
             keeps_inputs=True,
             quantize=functools.partial(quantize, weights=PRECISIONS["int4-quanto"]),
+        )
+    )
+    register(
+        PrecisionInfo(
+            "fp8-quanto",
+            "float8 (e4m3) weights, per-channel scales (optimum-quanto), computed in the run's dtype",
+            ("optimum.quanto",),
+            HINT,
+            weight_bytes=int8_bytes,  # one byte a weight and a scale per output channel, as int8
+            keeps_inputs=True,
+            quantize=functools.partial(quantize, weights=PRECISIONS["fp8-quanto"]),
         )
     )
