@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ["no_change", "int8-quanto", "int4-quanto", "nf4-bnb"]
+PRECISIONS = ["no_change", "int8-quanto", "int4-quanto", "nf4-bnb", "fp8-quanto"]
 MID_SIZE = dict(
     num_layers=2,
     num_single_layers=6,

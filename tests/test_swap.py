@@ -105,11 +105,12 @@ def test_a_run_with_swapped_blocks_trains_bit_for_bit_what_a_resident_run_trains
 
     plain, _, _ = train(settings("plain"))
     warnings: list[str] = []
-    swapped, _, _ = train(settings("swapped", blocks_to_swap=3, validation_steps=2), warnings=warnings)
+    swapped, _, _ = train(settings("swapped", blocks_to_swap=3, memory_budget="12GiB"), warnings=warnings)
     assert swapped.losses == plain.losses
     a, b = load_file(plain.lora_files[0]), load_file(swapped.lora_files[0])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any("on a CPU the weights stay in RAM" in w for w in warnings)
+    assert any("blocks_to_swap: on a CPU the weights stay in RAM" in w for w in warnings)
+    assert any("memory_budget: on a CPU the weights stay in RAM whatever the plan" in w for w in warnings)
 
 
 def test_the_estimate_counts_swapped_blocks_two_at_a_time_on_the_device_and_all_in_ram(

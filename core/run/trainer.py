@@ -140,6 +140,7 @@ class Trainer:
             before = read_run(self.config.output_dir) if self.config.resume_from_checkpoint else None
             threads, line = choose_cpu_threads((before or {}).get("cpu_threads"))
             self.ctx.log(line)
+        apply_memory_budget(self.ctx)  # memory_budget: the plan's keys, before the run is recorded
         with OutputLock(self.config) if self.ctx.is_main else nullcontext():
             record = RunRecord(self.config) if self.ctx.is_main else None
             _record(record, cpu_threads=threads)
@@ -162,7 +163,6 @@ class Trainer:
     def _train(self, record: RunRecord | None) -> TrainResult:
         ctx, config = self.ctx, self.config
         self.phase = "estimating memory"
-        apply_memory_budget(ctx)  # memory_budget: the plan's keys, before the estimate is reported
         self.report_memory_estimate()
         torch.manual_seed(config.seed)  # LoRA initialisation
         self.phase = "caching latents and captions"
