@@ -165,3 +165,30 @@ def test_sample_says_it_renders_the_base_model_and_refuses_a_missing_lora(tiny_c
     missing = CliRunner().invoke(app, [*common, "--lora", str(tmp_path / "gone.safetensors")])
     assert isinstance(missing.exception, ConfigError) and "gone.safetensors: no such file" in str(missing.exception)
     assert rendered == [None]  # nothing was loaded for it
+
+
+def test_tuner_sample_with_swapped_blocks_renders_what_validation_rendered(trained_run, tmp_path, monkeypatch):
+    """Sampling with the base's blocks swapped (blocks_to_swap, or fewer with
+    validation_blocks_to_swap) goes through the same weights, brought in block by block."""
+    from typer.testing import CliRunner
+
+    import tuner.core.model.swap as swap_module
+    from tuner.core.cli import app
+
+    swapped = []
+    real = swap_module.swap_blocks
+    monkeypatch.setattr(
+        swap_module, "swap_blocks", lambda model, count, *a: swapped.append(count) or real(model, count, *a)
+    )
+
+    recipe = ["sample", "--recipe", str(trained_run / "recipe.json")]
+    for name, swap in (
+        ("all", ["--set", "blocks_to_swap=3"]),
+        ("fewer", ["--set", "blocks_to_swap=3", "--set", "validation_blocks_to_swap=2"]),
+    ):
+        out = CliRunner().invoke(app, [*recipe, *swap, "--out", str(tmp_path / name)])
+        assert out.exit_code == 0, out.output
+        for index, seed in enumerate((7, 8)):
+            ours = (tmp_path / name / f"{index:02d}_seed{seed}.png").read_bytes()
+            assert ours == (trained_run / "validation" / "step_000006" / f"{index:02d}.png").read_bytes(), name
+    assert swapped == [3, 2]

@@ -211,14 +211,20 @@ def render(
         ]
     del encoders
     text, negative = encoded[:-1], encoded[-1]
+    swap = sample_blocks_to_swap(config)
     if config.get("base_model_precision", NO_QUANTIZATION) != NO_QUANTIZATION:  # the base validation rendered on
         from tuner.core.model.quantize import load_quantized
 
         transformer = load_quantized(host, config, dtype, device)
     else:
-        transformer = load("transformer").to(device)
+        transformer = load("transformer") if swap else load("transformer").to(device)
     if lora:
         apply_lora(transformer, lora, host.family, scale, quantized=config.base_model_precision != NO_QUANTIZATION)
+    if swap:  # the swapped blocks' weights stay in host memory, brought in block by block
+        from tuner.core.model.swap import swap_blocks
+
+        swap_blocks(transformer, swap, device, config.error)
+        transformer.to(device)
     if config.mixed_precision != "no":  # as in training, whose validation this reproduces: accelerate
         from tuner.core.training.runtime import new_accelerator  # runs the model under autocast, hands back fp32
 
@@ -240,6 +246,13 @@ def render(
     )
     # as validation renders: under accelerate's autocast
     return [images for _, images in render_sizes(host, request, sizes, lambda: autocast(device.type, dtype))]
+
+
+def sample_blocks_to_swap(config: Any) -> int:
+    """Blocks ``tuner sample`` swaps: ``validation_blocks_to_swap`` when set (sampling holds no
+    gradients or optimizer state, so it often needs fewer), else ``blocks_to_swap``."""
+    chosen = config.get("validation_blocks_to_swap")
+    return config.get("blocks_to_swap", 0) if chosen is None else chosen
 
 
 def render_sizes(

@@ -114,6 +114,16 @@ KEYS = in_group(
             maximum=1000,
             memory=True,
         ),
+        ConfigKey(
+            "validation_blocks_to_swap",
+            "int",
+            None,
+            "Blocks `tuner sample` swaps (it holds no gradients or optimizer state, so it often needs fewer); "
+            "unset: blocks_to_swap. Validation during a run uses the run's own swap.",
+            nullable=True,
+            minimum=0,
+            maximum=1000,
+        ),
         *(
             ConfigKey(
                 f"text_encoder_{n}_precision",
