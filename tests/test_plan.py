@@ -129,6 +129,14 @@ def test_memory_budget_sets_the_chosen_plans_keys_before_anything_loads(tiny_chr
     roomy = run_context(memory_budget="80GiB")
     apply_memory_budget(roomy)
     assert (roomy.config.base_model_precision, roomy.config.blocks_to_swap) == ("no_change", 0)
+    import tuner.core.estimate.plan as plan_module
+
+    def planned_again(*args):
+        raise AssertionError("the plans of these settings were remembered under cache_dir")
+
+    with pytest.MonkeyPatch.context() as patch:  # another budget, the same settings: no new trace
+        patch.setattr(plan_module, "memory_plans", planned_again)
+        apply_memory_budget(run_context(memory_budget="40GiB"))
     fixed = run_context(memory_budget="80GiB", base_model_precision="int8-quanto")  # a constraint
     apply_memory_budget(fixed)
     assert (fixed.config.base_model_precision, fixed.config.blocks_to_swap) == ("int8-quanto", 0)

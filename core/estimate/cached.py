@@ -84,7 +84,9 @@ def _versions() -> dict[str, str]:
     # the estimator and the training step it traces, so an edited checkout never reads a stale answer
     code = hashlib.sha256()
     core = Path(__file__).parents[1]
-    for path in sorted([*(core / "estimate").glob("*.py"), *(core / "training").glob("*.py")]):
+    for path in sorted(
+        [*(core / "estimate").glob("*.py"), *(core / "training").glob("*.py"), core / "model" / "swap.py"]
+    ):
         code.update(path.read_bytes())
     found["estimate_code"] = code.hexdigest()[:16]
     return found
@@ -136,3 +138,25 @@ def cached_estimate(host: PluginHost, config: Config, device_type: str, folder: 
     except OSError:  # a cache that cannot be written only costs time
         pass
     return found, False
+
+
+def cached_plans(host: PluginHost, config: Config, device_type: str, folder: Path) -> list[Any]:
+    """The memory plans of ``config`` (:func:`tuner.core.estimate.plan.memory_plans`), remembered
+    like the estimate: ``memory_budget`` picks among them anew each start, so it is not in the key."""
+    from tuner.core.estimate.plan import Plan, memory_plans
+
+    unbudgeted = config.derive({"memory_budget": None})
+    path = Path(folder) / "estimates" / f"plans-{estimate_key(host, unbudgeted, device_type)}.json"
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        return [Plan(row["keys"], from_dict(row["estimate"]), row["relative_step_time"]) for row in rows]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or damaged: planned again
+    plans = memory_plans(host, config, device_type)
+    rows = [{**plan.to_dict(), "estimate": plan.estimate.to_dict()} for plan in plans]
+    text = json.dumps(rows, indent=1)
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    except OSError:  # a cache that cannot be written only costs time
+        pass
+    return plans

@@ -22,14 +22,16 @@ def apply_memory_budget(ctx: RunContext) -> None:
     if device_type == "cpu":
         ctx.warn("memory_budget: on a CPU the weights stay in RAM whatever the plan; nothing is changed")
         return
+    from tuner.core.data.cache import default_cache_dir
     from tuner.core.estimate import available_ram, free_memory, size
-    from tuner.core.estimate.plan import choose, memory_plans
+    from tuner.core.estimate.cached import cached_plans
+    from tuner.core.estimate.plan import choose
 
     budget = free_memory(device_type) if config.memory_budget == "auto" else parse_budget(config.memory_budget)
     if budget is None:
         raise config.error("memory_budget", f"auto: the free memory of {device_type} cannot be read; give a size")
     budget = _smallest_over_processes(ctx, budget)
-    plans = memory_plans(ctx.host, config, device_type)
+    plans = cached_plans(ctx.host, config, device_type, config.cache_dir or default_cache_dir())
     chosen = choose(plans, budget, available_ram())
     if chosen is None:
         smallest = min(plans, key=lambda p: p.estimate.plan_device)
