@@ -350,7 +350,8 @@ def estimate(
 
 
 def _print_plans(host: Any, cfg: Any, device: str | None, budget: str | None, as_json: bool) -> None:
-    from tuner.core.estimate.plan import choose, memory_plans, parse_budget, plan_table
+    from tuner.core.config.keys.model import parse_budget
+    from tuner.core.estimate.plan import choose, memory_plans, plan_table
     from tuner.core.estimate.report import available_ram, size
 
     try:

@@ -132,12 +132,18 @@ def cached_estimate(host: PluginHost, config: Config, device_type: str, folder: 
     except (OSError, ValueError, KeyError, TypeError):
         pass  # absent or damaged: computed again
     found = estimates.estimate(host, config, device_type)
+    remember_estimate(host, config, device_type, folder, found)
+    return found, False
+
+
+def remember_estimate(host: PluginHost, config: Config, device_type: str, folder: Path, found: Estimate) -> None:
+    """Store ``found`` as the estimate of ``config`` (a memory plan's estimate is the run's own)."""
+    path = Path(folder) / "estimates" / f"{estimate_key(host, config, device_type)}.json"
     text = json.dumps(found.to_dict(), indent=1)
     try:
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     except OSError:  # a cache that cannot be written only costs time
         pass
-    return found, False
 
 
 def cached_plans(host: PluginHost, config: Config, device_type: str, folder: Path) -> list[Any]:

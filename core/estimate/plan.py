@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tuner.core.config.keys.model import NO_QUANTIZATION, parse_budget
+from tuner.core.config.keys.model import NO_QUANTIZATION
 from tuner.core.estimate.report import Estimate
 from tuner.core.estimate.trace import estimate_precisions
 
@@ -105,4 +105,4 @@ def plan_table(plans: list[Plan]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PLAN_KEYS", "Plan", "choose", "memory_plans", "parse_budget", "plan_table"]
+__all__ = ["PLAN_KEYS", "Plan", "choose", "memory_plans", "plan_table"]

@@ -24,14 +24,15 @@ def apply_memory_budget(ctx: RunContext) -> None:
         return
     from tuner.core.data.cache import default_cache_dir
     from tuner.core.estimate import available_ram, free_memory, size
-    from tuner.core.estimate.cached import cached_plans
+    from tuner.core.estimate.cached import cached_plans, remember_estimate
     from tuner.core.estimate.plan import choose
 
     budget = free_memory(device_type) if config.memory_budget == "auto" else parse_budget(config.memory_budget)
     if budget is None:
         raise config.error("memory_budget", f"auto: the free memory of {device_type} cannot be read; give a size")
     budget = _smallest_over_processes(ctx, budget)
-    plans = cached_plans(ctx.host, config, device_type, config.cache_dir or default_cache_dir())
+    folder = config.cache_dir or default_cache_dir()
+    plans = cached_plans(ctx.host, config, device_type, folder)
     chosen = choose(plans, budget, available_ram())
     if chosen is None:
         smallest = min(plans, key=lambda p: p.estimate.plan_device)
@@ -41,6 +42,7 @@ def apply_memory_budget(ctx: RunContext) -> None:
         )
     for key, value in chosen.settings.items():
         config.set_resolved(key, value)
+    remember_estimate(ctx.host, config, device_type, folder, chosen.estimate)  # the start's estimate: no second trace
     ctx.log(
         f"memory_budget {size(budget)}: {_keys(chosen.settings)}: plan for {size(chosen.estimate.plan_device)} "
         f"(peak {size(chosen.estimate.peak_device)} of tensors), about {chosen.relative_step_time:.2f}x the step "
