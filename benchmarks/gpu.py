@@ -3,6 +3,7 @@ estimate`, tuner's step against a bare diffusers + peft step, and model FLOPs ut
 
     python benchmarks/gpu.py [--precisions no_change int8-quanto nf4-bnb] [--steps 5] [--resolution 1024]
     python benchmarks/gpu.py --small     # the same code on the CPU with a narrow model (CI runs it)
+    python benchmarks/gpu.py --tiers     # the memory tiers: block swap, activation offload, fp8, NF4 + swap
 
 The denoiser is built from the real config (``examples/models/chroma1-configs``, 8.9B parameters)
 with random weights directly on the GPU in bf16 and saved once to ``--folder``; the text encoder is
@@ -10,6 +11,12 @@ a T5 of the real width (4096) with two layers; the VAE has the real config; the 
 images at ``--resolution``. Each precision runs tuner's own Trainer (rank 16, gradient
 checkpointing, bf16) phase by phase: caching, model load, steps. Prints one JSON object per
 precision and a Markdown table.
+
+``--tiers`` runs the same Trainer once per memory tier (bf16; swapping a quarter, half, three
+quarters of the blocks; activation offload; fp8; int8; NF4; NF4 with half the blocks swapped) and
+prints each tier's step time against bf16's, its peak and the estimate's. ``--group-offload-check``
+first runs diffusers' group offloading under a training backward on a small model (the question
+of ``tuner.core.model.swap``'s docstring, answered on a GPU).
 """
 
 from __future__ import annotations
@@ -81,6 +88,9 @@ def measure(
     resolution: int,
     checkpointing: bool = True,
     bare_first: bool = False,
+    extra: dict | None = None,
+    predicted: object = None,
+    bare: bool = True,
 ) -> dict:
     from tuner.core.config.build import build_config
     from tuner.core.data.cache import CachedDataset
@@ -113,10 +123,11 @@ def measure(
         "gradient_checkpointing": checkpointing,
         "memory_estimate": False,
         "max_train_steps": steps + 1,
+        **(extra or {}),
     }
     config = build_config(host, settings, "benchmark", warn=lambda m: None)
-    row: dict = {"precision": precision, "device": torch.cuda.get_device_name() if cuda else "cpu"}
-    predicted = estimate(host, config, device)
+    row: dict = {"precision": precision, "device": torch.cuda.get_device_name() if cuda else "cpu", **(extra or {})}
+    predicted = predicted or estimate(host, config, device)
     row["estimate_bytes"] = {p.name: p.device if cuda else p.ram for p in predicted.phases}
     trainer = Trainer(host, config, warn=lambda m: None)
     peak_reset()
@@ -127,6 +138,8 @@ def measure(
     state = trainer.setup()
     row["load_s"] = round(time.perf_counter() - began, 2)
     row["peak_bytes"]["load"] = peak()
+    if trainer.swap is not None:
+        row["pinned"] = trainer.swap.pinned
     if bare_first:  # the same step by hand first: is a fault tuner's or the stack's?
         print(json.dumps({"bare_step_s": bare_step(model, trainer, state, prepared, device, 1)}), flush=True)
     batches = trainer.batches(CachedDataset(prepared), state.position)
@@ -146,13 +159,141 @@ def measure(
     row["train_flop_per_step"] = 3 * flops  # forward + backward (2x); recomputation not counted
     peak_flops = next((v for k, v in PEAKS.items() if k in row["device"]), None)
     row["mfu"] = round(3 * flops / row["step_s"] / peak_flops, 4) if peak_flops else None
-    if precision == "no_change":
+    if precision == "no_change" and bare:
         row["bare_step_s"] = bare_step(model, trainer, state, prepared, device, steps)
         row["tuner_over_bare"] = round(row["step_s"] / row["bare_step_s"], 3)
     del trainer, state
+    import gc
+
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def tiers(model: Path, data: Path, folder: Path, device: str, steps: int, resolution: int) -> list[dict]:
+    """One row per memory tier; every estimate from one trace per distinct step (estimate_precisions)."""
+    from tuner.core.config.build import build_config
+    from tuner.core.estimate.trace import estimate, estimate_precisions
+    from tuner.core.host.manager import PluginHost
+    from tuner.core.model.swap import repeated_blocks
+
+    host = PluginHost("chroma")
+    with torch.device("meta"):
+        from diffusers import ChromaTransformer2DModel
+
+        blocks = len(repeated_blocks(ChromaTransformer2DModel.from_config(
+            ChromaTransformer2DModel.load_config(model / "transformer"))))  # fmt: skip
+    quarter, half, three = blocks // 4, blocks // 2, 3 * blocks // 4
+    rows_wanted = [  # the most telling first: a run stopped by its time limit has printed those
+        ("no_change", {}),
+        ("no_change", {"blocks_to_swap": half}),
+        ("nf4-bnb", {"blocks_to_swap": half}),
+        ("no_change", {"activation_offload": True}),
+        ("no_change", {"blocks_to_swap": quarter}),
+        ("no_change", {"blocks_to_swap": three}),
+        ("fp8-quanto", {}),
+        ("int8-quanto", {}),
+        ("nf4-bnb", {}),
+    ]
+    settings = {
+        "pretrained_model_name_or_path": str(model),
+        "data_dir": str(data),
+        "cache_dir": str(folder / "cache"),
+        "output_dir": str(folder / "out-estimate"),
+        "resolution": resolution,
+        "tokenizer_max_length": 512 if device == "cuda" else 16,
+        "network_rank": 16,
+        "mixed_precision": "bf16",
+    }
+    config = build_config(host, settings, "benchmark", warn=lambda m: None)
+    began = time.perf_counter()
+    precisions = sorted({p for p, _ in rows_wanted})
+    found = estimate_precisions(host, config, precisions, device, swap_counts=[0, quarter, half, three])
+    offloaded = estimate(host, config.derive({"activation_offload": True}), device)
+    print(json.dumps({"estimates_s": round(time.perf_counter() - began, 1)}), flush=True)
+
+    def predicted(precision: str, extra: dict):
+        if extra.get("activation_offload"):
+            return offloaded
+        count = extra.get("blocks_to_swap", 0)
+        return next(e for e in found if e.precision == precision and e.settings["blocks_to_swap"] == count)
+
+    rows = []
+    for precision, extra in rows_wanted:
+        try:
+            row = measure(
+                model, data, folder, precision, device, steps, resolution,
+                extra=extra, predicted=predicted(precision, extra), bare=False,
+            )  # fmt: skip
+        except Exception as exc:  # a tier that fails says so; the others still run
+            row = {"precision": precision, **extra, "error": f"{type(exc).__name__}: {exc}"[:400]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    base = next((r["step_s"] for r in rows if "step_s" in r and len(r) and r["precision"] == "no_change"), None)
+    print("\n| tier | step | vs bf16 | peak train (GiB) | estimate train (GiB) | peak load (GiB) | pinned |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        tier = r["precision"] + "".join(
+            f", {k} {v}" for k, v in r.items() if k in ("blocks_to_swap", "activation_offload")
+        )
+        if "error" in r:
+            print(f"| {tier} | failed: {r['error'][:120]} | | | | | |")
+            continue
+        print(
+            f"| {tier} | {r['step_s']} s | {r['step_s'] / base:.2f} | {gib(r['peak_bytes']['train'])} | "
+            f"{gib(r['estimate_bytes'].get('train'))} | {gib(r['peak_bytes']['load'])} | {r.get('pinned', '-')} |"
+        )
+    return rows
+
+
+def group_offload_check(device: str) -> dict:
+    """diffusers' group offloading (block level, one block per group) on a small Chroma under a
+    training backward, with and without checkpointing: do the LoRA gradients match the plain model's?"""
+    from diffusers import ChromaTransformer2DModel
+    from peft import LoraConfig
+
+    config = {
+        **SMALL,
+        "axes_dims_rope": [4, 6, 6],
+        "approximator_hidden_dim": 64,
+        "num_layers": 2,
+        "num_single_layers": 2,
+    }
+    result = {}
+    for checkpointing in (False, True):
+        grads = []
+        for offloaded in (False, True):
+            torch.manual_seed(0)
+            model = ChromaTransformer2DModel.from_config(config).requires_grad_(False)
+            model.add_adapter(LoraConfig(r=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"]))
+            if checkpointing:
+                model.enable_gradient_checkpointing()
+            if offloaded:
+                model.enable_group_offload(torch.device(device), offload_type="block_level", num_blocks_per_group=1)
+            else:
+                model.to(device)
+            torch.manual_seed(1)
+            latents = torch.randn(1, 16, 64, device=device)
+            text = torch.randn(1, 8, SMALL["joint_attention_dim"], device=device)
+            img_ids = torch.zeros(16, 3, device=device)
+            txt_ids = torch.zeros(8, 3, device=device)
+            try:
+                out = model(
+                    hidden_states=latents, encoder_hidden_states=text, timestep=torch.full((1,), 0.5, device=device),
+                    img_ids=img_ids, txt_ids=txt_ids, return_dict=False,
+                )[0]  # fmt: skip
+                out.square().mean().backward()
+                grads.append([p.grad.detach().cpu() for p in model.parameters() if p.requires_grad])
+            except Exception as exc:
+                grads.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        plain, offloaded = grads
+        if isinstance(offloaded, str) or isinstance(plain, str):
+            result[f"checkpointing={checkpointing}"] = {"plain": str(plain)[:200], "offloaded": offloaded}
+        else:
+            diff = max((a - b).abs().max().item() for a, b in zip(plain, offloaded, strict=True))
+            result[f"checkpointing={checkpointing}"] = {"max_grad_difference": diff}
+    return result
 
 
 def _batch(trainer, prepared, device) -> tuple:
@@ -236,6 +377,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--depth", type=int, nargs=2, metavar=("DOUBLE", "SINGLE"), help="fewer blocks (real widths)")
     parser.add_argument("--bare-first", action="store_true", help="run the bare diffusers + peft step first")
     parser.add_argument("--no-checkpointing", action="store_true", help="gradient_checkpointing: false")
+    parser.add_argument("--tiers", action="store_true", help="the memory tiers instead of --precisions")
+    parser.add_argument("--group-offload-check", action="store_true", help="diffusers' group offloading in backward")
     parser.add_argument(
         "--attention", choices=("default", "math", "efficient", "flash"), default="default",
         help="restrict scaled-dot-product attention to one kernel",
@@ -253,7 +396,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("no CUDA device: run with --small on a CPU")
     resolution = args.resolution or (64 if args.small else 1024)
     folder = args.folder / ("small" if args.small else "real") / ("-".join(map(str, args.depth)) if args.depth else "")
+    if args.group_offload_check:
+        print(json.dumps({"group_offload_check": group_offload_check(device)}), flush=True)
     model, data = build(folder, device, args.small, resolution, args.depth)
+    if args.tiers:
+        return tiers(model, data, folder, device, args.steps, resolution)
     rows = []
     for precision in args.precisions:
         row = measure(

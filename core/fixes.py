@@ -109,6 +109,7 @@ def checkpoint_blocks(model: torch.nn.Module) -> int:
     wrapped = 0
     for module in model.modules():
         if type(module).__name__ in block_classes and not getattr(module, "tuner_checkpointed", False):
+            module.tuner_forward = module.forward  # the block's own (activation offload wraps it anew)
             module.forward = functools.partial(_checkpointed_forward, module.forward)
             module.tuner_checkpointed = True  # a mark: wrapped once, however often it is called
             wrapped += 1

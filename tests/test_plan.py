@@ -32,7 +32,16 @@ def test_plans_respect_what_the_user_set_and_the_fastest_fitting_one_is_chosen(t
     keys = [tuple(p.settings.values()) for p in free]
     assert len(keys) == len(set(keys))
     assert {p.settings["blocks_to_swap"] for p in free} == {0, 1, 2, 3}  # tiny Chroma: 3 blocks
-    assert all(p.settings["blocks_to_swap"] == 0 for p in free if p.settings["base_model_precision"] != "no_change")
+    for precision in {p.settings["base_model_precision"] for p in free}:  # quantized bases swap too, as stored
+        same = [
+            p
+            for p in free
+            if p.settings["base_model_precision"] == precision and not p.settings["offload_during_startup"]
+        ]
+        by_count = sorted(same, key=lambda p: p.settings["blocks_to_swap"])
+        assert [p.settings["blocks_to_swap"] for p in by_count] == [0, 1, 2, 3]
+        device = [p.estimate.phase("train").device for p in by_count]
+        assert device[0] > device[3] and device == sorted(device, reverse=True), precision
     times = [p.relative_step_time for p in free]
     assert times == sorted(times) and times[0] == 1.0
     # a larger budget never picks a slower plan, and what is picked fits

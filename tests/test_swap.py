@@ -42,15 +42,35 @@ class Net(torch.nn.Module):
 
 
 def resident(net):
-    return [i for i, b in enumerate(net.blocks) if b.frozen.weight.numel()]
+    return [i for i, b in enumerate(net.blocks) if b.frozen.weight.data.numel()]
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_swapped_blocks_give_the_same_gradients_holding_at_most_two_blocks(checkpointing):
+def quantized(net, precision):
+    """``net`` with its frozen layers quantized as the precision plugins quantize them."""
+    if precision == "int8-quanto":
+        from optimum.quanto import freeze, qint8, quantize
+
+        quantize(net, weights=qint8, include="*frozen")
+        freeze(net)
+    elif precision == "nf4-bnb":
+        from tuner.plugins.quant_nf4.quantizer import quantize
+
+        for block in net.blocks:
+            quantize(block, "frozen", [])
+    for block in net.blocks:  # as a run freezes its base after loading it
+        block.frozen.requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize(
+    ("checkpointing", "precision"), [(False, None), (True, None), (True, "int8-quanto"), (False, "nf4-bnb")]
+)
+def test_swapped_blocks_give_the_same_gradients_holding_at_most_two_blocks(checkpointing, precision):
     torch.manual_seed(0)
     plain = Net()
     swapped = Net()
     swapped.load_state_dict(plain.state_dict())
+    plain, swapped = quantized(plain, precision), quantized(swapped, precision)
     if checkpointing:
         checkpoint_blocks(plain), checkpoint_blocks(swapped)
     swapper = swap_blocks(swapped, 4, "cpu")  # the last four of five
@@ -80,19 +100,34 @@ def test_swapped_blocks_give_the_same_gradients_holding_at_most_two_blocks(check
         swapped.blocks[3].frozen(x)
     ignored = set(swapped._ddp_params_and_buffers_to_ignore)  # DDP neither broadcasts nor checks them
     assert ignored == {f"blocks.{i}.frozen.{kind}" for i in range(1, 5) for kind in ("weight", "bias")}
+    if precision:  # the stored form moved: quanto's subclass, NF4's packed bytes beside its quant_state
+        kind = {"int8-quanto": "WeightQBytesTensor", "nf4-bnb": "Params4bit"}[precision]
+        weight = swapped.blocks[3].frozen.weight
+        assert kind in (type(weight).__name__, type(weight.data).__name__)
+        with swapper.all_resident():
+            assert swapper.resident_bytes() < sum(
+                p.numel() * 4 for b in swapped.blocks[1:] for p in b.frozen.parameters()
+            )
 
 
-def test_blocks_to_swap_beyond_the_model_or_on_quantized_weights_is_one_line():
+def test_blocks_to_swap_beyond_the_model_is_one_line():
     with pytest.raises(
         ConfigError, match=r"^blocks_to_swap: 6 is more than the 5 transformer blocks of this model; use at most 5$"
     ):
         swap_blocks(Net(), 6, "cpu")
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize(
+    ("checkpointing", "precision", "offload"),
+    [(False, "no_change", False), (True, "no_change", True), (True, "int8-quanto", False), (False, "nf4-bnb", True)],
+)
 def test_a_run_with_swapped_blocks_trains_bit_for_bit_what_a_resident_run_trains(
-    tiny_chroma, shapes_dir, tmp_path, checkpointing
+    tiny_chroma, shapes_dir, tmp_path, checkpointing, precision, offload
 ):
+    """Quantized bases move as stored (quanto's subclass whole, NF4's packed bytes with its
+    quant_state kept in place): a placeholder in their place fails as loudly as a float one. With
+    ``activation_offload`` on top, what the blocks save for backward goes through host copies."""
+
     def settings(name, **extra):
         return {
             **base_settings(tiny_chroma, shapes_dir, tmp_path / name),
@@ -100,17 +135,21 @@ def test_a_run_with_swapped_blocks_trains_bit_for_bit_what_a_resident_run_trains
             "learning_rate": 1e-2,
             "train_batch_size": 2,
             "gradient_checkpointing": checkpointing,
+            "base_model_precision": precision,
             **extra,
         }
 
     plain, _, _ = train(settings("plain"))
     warnings: list[str] = []
-    swapped, _, _ = train(settings("swapped", blocks_to_swap=3, memory_budget="12GiB"), warnings=warnings)
+    swapped, _, _ = train(
+        settings("swapped", blocks_to_swap=3, memory_budget="12GiB", activation_offload=offload), warnings=warnings
+    )
     assert swapped.losses == plain.losses
     a, b = load_file(plain.lora_files[0]), load_file(swapped.lora_files[0])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any("blocks_to_swap: on a CPU the weights stay in RAM" in w for w in warnings)
     assert any("memory_budget: on a CPU the weights stay in RAM whatever the plan" in w for w in warnings)
+    assert any("activation_offload: on a CPU" in w for w in warnings) == offload
 
 
 def test_the_estimate_counts_swapped_blocks_two_at_a_time_on_the_device_and_all_in_ram(

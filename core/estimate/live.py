@@ -5,13 +5,15 @@ autograd function does, so the count includes it."""
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from tuner.core.model.activations import Copies
 from tuner.core.model.quantize import stored
 
 
@@ -27,6 +29,7 @@ class LiveBytes(TorchDispatchMode):
         self._stored_tensors = stored_tensors  # what a precision keeps beside a quantized weight
         self.current = 0
         self.peak = 0
+        self._paused = 0
 
     def track(self, *objects: Any) -> int:
         """Count these tensors (modules: their parameters and buffers); returns the bytes added."""
@@ -70,10 +73,46 @@ class LiveBytes(TorchDispatchMode):
         if self._alive.pop(key, None) is not None:
             self.current -= self._sizes.pop(key)
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Operators run meanwhile make tensors that are not counted (copies kept in host memory)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.track(out)
+        if not self._paused:
+            self.track(out)
         return out
+
+
+class CountedCopies(Copies):
+    """Activation offload as the estimate counts it: a host copy leaves the device count and joins
+    the host's (until it is freed); a copy back is a new device tensor."""
+
+    def __init__(self, live: LiveBytes) -> None:
+        super().__init__()
+        self.live = live
+        self.host_current = 0
+        self.host_peak = 0
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        with self.live.paused():
+            host = tensor.detach().clone()
+        size = host.numel() * host.element_size()
+        self.host_current += size
+        self.host_peak = max(self.host_peak, self.host_current)
+        weakref.finalize(host, self._freed, size)
+        return host
+
+    def _freed(self, size: int) -> None:
+        self.host_current -= size
+
+    def to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return host.clone()
 
 
 class _SavedInput(torch.autograd.Function):

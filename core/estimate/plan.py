@@ -68,8 +68,6 @@ def memory_plans(host: PluginHost, config: Config, device_type: str | None = Non
     plans = []
     for estimate in estimate_precisions(host, config, precisions, device_type, offloads=offloads, **swaps):
         precision, count = estimate.precision, estimate.settings["blocks_to_swap"]
-        if precision != NO_QUANTIZATION and count:
-            continue  # swapping quantized weights is not supported yet (blocks_to_swap says so)
         swapped = count / max(estimate.settings["transformer_blocks"], 1)
         slower = (QUANTIZED_STEP if precision != NO_QUANTIZATION else 1.0) * (1 + SWAP_STEP_PER_FRACTION * swapped)
         offload = estimate.settings["offload_during_startup"]

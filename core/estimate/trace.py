@@ -23,10 +23,11 @@ from torch.utils._pytree import tree_leaves
 from tuner.core.config.keys.model import NO_QUANTIZATION
 from tuner.core.config.values import model_source
 from tuner.core.errors import PluginError
-from tuner.core.estimate.live import LiveBytes, keep_input
+from tuner.core.estimate.live import CountedCopies, LiveBytes, keep_input
 from tuner.core.estimate.models import ModelFiles, build_on_meta, tensor_bytes, to_fake
 from tuner.core.estimate.report import Estimate, Phase, process_rss
 from tuner.core.fixes import no_module_dropout_draw
+from tuner.core.model.activations import copies_by
 from tuner.core.model.encoders import text_encoder_precisions
 from tuner.core.model.swap import repeated_blocks
 from tuner.core.training.ema import AdapterEMA
@@ -48,6 +49,7 @@ class BaseWeights:
     dequantized: int  # one quantized layer's weight in the compute dtype, while its matmul runs
     keeps_inputs: tuple[str, ...] = ()  # quantized layers whose backend keeps their input for backward
     note: str = ""
+    block_bytes: tuple[int, ...] = ()  # each transformer block's weights as stored, in run order
 
 
 @dataclass
@@ -120,7 +122,9 @@ def estimate_precisions(
     counts = [config.blocks_to_swap] if swap_counts is None else swap_counts
     if swap_fractions is not None:
         counts = sorted({round(fraction * blocks) for fraction in swap_fractions})
-    swaps = [swapped_bytes(transformer, config, count) for count in counts]
+    if max(counts) > blocks:  # the run's own one-line error, said here first
+        message = f"{max(counts)} is more than the {blocks} transformer blocks of this model; use at most {blocks}"
+        raise config.error("blocks_to_swap", message)
 
     # real inputs become fake: a step's small draws (sigmas, offsets) are made on real tensors
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -140,7 +144,8 @@ def estimate_precisions(
     for offload in offloads:
         for base in bases:
             trace, settings = traces[base.keeps_inputs]
-            for count, (swapped, resident) in zip(counts, swaps, strict=True):
+            for count in counts:
+                swapped, resident = swapped_bytes(base, count)
                 phases = [*cachings[offload], *trace.phases]
                 variant = replace(trace, phases=phases, swapped=swapped, swapped_resident=resident)
                 shown = {
@@ -153,18 +158,13 @@ def estimate_precisions(
     return estimates
 
 
-def swapped_bytes(transformer: torch.nn.Module, config: Config, count: int) -> tuple[int, int]:
-    """``blocks_to_swap``: the bytes of ``count`` swapped blocks (as the run picks them: the last) and
-    of the two largest of them. Too many blocks is the run's own one-line error, said here first."""
+def swapped_bytes(base: BaseWeights, count: int) -> tuple[int, int]:
+    """``blocks_to_swap``: the bytes of ``count`` swapped blocks (as the run picks them: the last) as
+    ``base`` stores them, and of the two largest of them."""
     if not count:
         return 0, 0
-    blocks = [block for _, block in repeated_blocks(transformer)]
-    if count > len(blocks):
-        raise config.error(
-            "blocks_to_swap",
-            f"{count} is more than the {len(blocks)} transformer blocks of this model; use at most {len(blocks)}",
-        )
-    sizes = sorted((tensor_bytes(block.parameters()) for block in blocks[len(blocks) - count :]), reverse=True)
+    blocks = base.block_bytes
+    sizes = sorted(blocks[len(blocks) - count :], reverse=True)
     return sum(sizes), sum(sizes[:2])
 
 
@@ -172,17 +172,24 @@ def base_weights(host: PluginHost, config: Config, transformer: torch.nn.Module,
     from tuner.core.model.quantize import plain_linears
 
     stored = tensor_bytes([*transformer.parameters(), *transformer.buffers()])
+    blocks = repeated_blocks(transformer)
+    floats = tuple(tensor_bytes(block.parameters()) for _, block in blocks)
     if precision == NO_QUANTIZATION:
-        return BaseWeights(precision, stored, 0)
+        return BaseWeights(precision, stored, 0, block_bytes=floats)
     info = host.precisions[precision]
     if info.weight_bytes is None:
-        return BaseWeights(precision, stored, 0, note=f"{precision} declares no weight_bytes: counted unquantized")
+        note = f"{precision} declares no weight_bytes: counted unquantized"
+        return BaseWeights(precision, stored, 0, note=note, block_bytes=floats)
     keep = list(host.call("high_precision_modules", transformer=transformer, config=config) or [])
     linears = [transformer.get_submodule(n) for n in plain_linears(transformer, "", keep)]
     stored += quantized_saving(info, linears)
     dequantized = max((tensor_bytes([m.weight]) for m in linears), default=0)
     names = plain_linears(transformer, "", keep) if info.keeps_inputs else []
-    return BaseWeights(precision, stored, dequantized, tuple(names))
+    quantized = tuple(
+        size + quantized_saving(info, [transformer.get_submodule(n) for n in plain_linears(transformer, name, keep)])
+        for size, (name, _) in zip(floats, blocks, strict=True)
+    )
+    return BaseWeights(precision, stored, dequantized, tuple(names), block_bytes=quantized)
 
 
 def quantized_saving(info: Any, linears: list[torch.nn.Module]) -> int:
@@ -275,7 +282,7 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
         )
     if text is None:
         raise PluginError(f"model family {host.family.name} ({host.family.plugin}) does not implement example_text")
-    with mode, LiveBytes() as live:
+    with mode, LiveBytes() as live, copies_by(copies := CountedCopies(live)):
         live.track(transformer, text)
         optimizer = first_step(host, config, params)
         # use_ema: the average beside the adapter (counted while alive; ema_device cpu keeps it in RAM)
@@ -294,7 +301,7 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
         "LoRA + optimizer state": resident - trace.traced_weights - text_bytes,
         "batch, gradients, activations": live.peak - resident + text_bytes,
     }
-    trace.phases.append(Phase("train", live.peak - trace.traced_weights, 0, parts))
+    trace.phases.append(Phase("train", live.peak - trace.traced_weights, copies.host_peak, parts))
 
     # validation: the model in eval mode beside the VAE, one denoiser pass, then the decode
     if validation_prompts(config):
@@ -485,14 +492,15 @@ def assemble(family, source, device_type, settings, trace: Trace, base: BaseWeig
         phases.append(Phase("load + quantize", 0, baseline + base.stored + block, parts))
     for traced in trace.phases:
         if traced.name in ("train", "validate"):
-            # swapped blocks (a float base on an accelerator): on the device two at a time, in RAM all
-            swap = trace.swapped if not on_cpu and base.precision == NO_QUANTIZATION else 0
+            # swapped blocks (on an accelerator): on the device two at a time, in RAM all, as stored
+            swap = trace.swapped if not on_cpu else 0
             weights = base.stored - swap + (trace.swapped_resident if swap else 0)
             device = traced.device + weights + base.dequantized
             parts = {("weights (swapped blocks: two at a time)" if swap else "weights"): weights, **traced.parts}
             if base.dequantized:
                 parts["dequantized layer"] = base.dequantized
-            phases.append(Phase(traced.name, device, baseline + (device if on_cpu else swap), parts))
+            # activation offload: what blocks save for backward waits in RAM (traced.ram)
+            phases.append(Phase(traced.name, device, baseline + traced.ram + (device if on_cpu else swap), parts))
         else:  # caching: the encoders' weights pass through RAM (and stay there when offloaded)
             ram = baseline + (max(traced.device, traced.ram) if on_cpu else traced.ram)
             phases.append(Phase(traced.name, traced.device, ram, traced.parts))

@@ -241,11 +241,17 @@ def quantized_bytes(model: torch.nn.Module, precision: PrecisionInfo | None = No
     return sum(t.numel() * t.element_size() for w in [*model.parameters(), *model.buffers()] for t in stored(w, extra))
 
 
+def wrapper_subclass(tensor: Any) -> bool:
+    """Whether ``tensor`` is stored in inner tensors (a quantized weight: optimum-quanto's, torchao's),
+    not the estimate's fake tensors, which look alike."""
+    from torch._subclasses.fake_tensor import FakeTensor  # no public path
+
+    return hasattr(tensor, "__tensor_flatten__") and not isinstance(tensor, FakeTensor)
+
+
 def stored(tensor: Any, extra: Any = None) -> list[torch.Tensor]:
     """The plain tensors a (possibly quantized) tensor is stored in."""
-    from torch._subclasses.fake_tensor import FakeTensor  # the estimate's tensors (no public path)
-
-    if hasattr(tensor, "__tensor_flatten__") and not isinstance(tensor, FakeTensor):
+    if wrapper_subclass(tensor):
         names, _ = tensor.__tensor_flatten__()  # a wrapper subclass (quanto): its inner tensors
         return [t for name in names for t in stored(getattr(tensor, name), extra)]
     return [tensor, *(extra(tensor) if extra is not None else [])]

@@ -19,7 +19,17 @@ tensor itself, so the CPU tests run exactly the code path of a GPU run and prove
 a block computes only with its weights brought in. On CUDA the copy of the next block runs on a
 side stream while the current block computes, and the compute stream waits on an event before it
 reads the block. At most two swapped blocks are resident at a time: the one computing and the one
-being prefetched. What reads base weights outside a forward (the LoRA files' export and
+being prefetched.
+
+Quantized bases move as they are stored: an optimum-quanto weight (int8, int4, fp8) is a tensor
+subclass whose ``.data`` moves whole, its inner tensors (data and scales) pinned one by one through
+torch's ``__tensor_flatten__`` protocol; a bitsandbytes NF4 weight is a ``Params4bit`` whose
+``.data`` is the packed 4-bit bytes, which move, while its ``quant_state`` (the double-quantized
+block scales, about 3% of the packed bytes) stays on the device with the layer. An empty
+placeholder makes a quantized layer fail just as loudly (quanto cannot quantize an empty weight,
+bitsandbytes cannot reshape it).
+
+What reads base weights outside a forward (the LoRA files' export and
 self-test) holds every swapped block in place meanwhile (:func:`weights_in_place`): on a GPU that
 is the whole base once, at each save; reading block by block there is still to do.
 """
@@ -33,6 +43,7 @@ from typing import Any
 import torch
 
 from tuner.core.errors import ConfigError
+from tuner.core.model.quantize import stored, wrapper_subclass
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -85,7 +96,7 @@ class BlockSwap:
         host = tensor.detach().to("cpu")
         if self.cuda and self.pinned:
             try:
-                host = host.pin_memory()
+                host = pinned(host)
             except RuntimeError:  # pinning refused (locked-memory limit): unpinned copies still work, slower
                 self.pinned = False
         return host
@@ -176,7 +187,18 @@ class BlockSwap:
 
     def resident_bytes(self) -> int:
         """Bytes of swapped blocks' weights on the device now (the resident and the prefetched)."""
-        return sum(p.data.numel() * p.data.element_size() for i in self.resident for p, _ in self.host[i])
+        held = [t for i in self.resident for p, _ in self.host[i] for t in stored(p.data)]
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+def pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (on the CPU) in page-locked memory; a wrapper subclass (optimum-quanto's weights)
+    rebuilt from its pinned inner tensors, since such classes need not implement ``pin_memory``."""
+    if wrapper_subclass(tensor):
+        names, context = tensor.__tensor_flatten__()
+        inner = {name: pinned(getattr(tensor, name)) for name in names}
+        return type(tensor).__tensor_unflatten__(inner, context, tensor.size(), tensor.stride())
+    return tensor.pin_memory()
 
 
 def _mark_outputs(output: Any, swapper: BlockSwap, index: int) -> Any:
@@ -197,17 +219,6 @@ def swap_blocks(model: torch.nn.Module, count: int, device: torch.device | str, 
     blocks = [module for _, module in repeated_blocks(model)]
     if count > len(blocks):
         message = f"{count} is more than the {len(blocks)} transformer blocks of this model; use at most {len(blocks)}"
-        raise key("blocks_to_swap", message) if key is not None else ConfigError(f"blocks_to_swap: {message}")
-    quantized = [
-        name
-        for name, param in model.named_parameters()
-        if not param.requires_grad and type(param.data) not in (torch.Tensor, torch.nn.Parameter)
-    ]
-    if quantized:
-        message = (
-            f"swapping quantized weights ({quantized[0]} is a {type(model.get_parameter(quantized[0]).data).__name__}) "
-            "is not supported yet; use base_model_precision no_change with blocks_to_swap, or 0 blocks"
-        )
         raise key("blocks_to_swap", message) if key is not None else ConfigError(f"blocks_to_swap: {message}")
     swapped = blocks[len(blocks) - count :]
     # DDP must neither broadcast nor check them (their storage moves every step): ignored by name,

@@ -295,6 +295,8 @@ class Trainer:
         self.swap = swap_blocks(transformer, config.blocks_to_swap, ctx.device, config.error)
         if self.swap is not None and ctx.device.type == "cpu":
             ctx.warn("blocks_to_swap: on a CPU the weights stay in RAM either way; swapping saves nothing here")
+        if config.activation_offload and ctx.device.type == "cpu":
+            ctx.warn("activation_offload: on a CPU activations are in RAM either way; offloading saves nothing here")
         transformer.to(ctx.device)  # what is not swapped (a swapped block's weights stay in host memory)
         transformer.train()
         params = lora_parameters(transformer)

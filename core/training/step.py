@@ -13,6 +13,7 @@ import torch
 from tuner.core.errors import ConfigError
 from tuner.core.fixes import checkpoint_blocks
 from tuner.core.model import flow
+from tuner.core.model.activations import offload_activations
 from tuner.core.model.lora import add_lora, resolve_targets
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,6 +31,8 @@ def attach_lora(host: PluginHost, config: Config, transformer: torch.nn.Module) 
     add_lora(transformer, targets, config, host.adapter_types)
     if config.gradient_checkpointing:
         checkpoint_blocks(transformer)
+    if config.activation_offload:
+        offload_activations(transformer)
     if config.compile:
         compile_blocks(transformer, config.compile_backend)
     return targets

@@ -115,6 +115,15 @@ KEYS = in_group(
             memory=True,
         ),
         ConfigKey(
+            "activation_offload",
+            "bool",
+            False,
+            "Keep what each transformer block saves for backward in system RAM (with gradient checkpointing: "
+            "the blocks' inputs; without: every saved activation) and copy it back in backward. Saves device "
+            "memory for time spent copying.",
+            memory=True,
+        ),
+        ConfigKey(
             "validation_blocks_to_swap",
             "int",
             None,
