@@ -140,11 +140,17 @@ def measure(
     row["peak_bytes"]["load"] = peak()
     if trainer.swap is not None:
         row["pinned"] = trainer.swap.pinned
+    if cuda:
+        torch.cuda.synchronize()
+        row["resident_bytes"] = torch.cuda.memory_allocated()  # the model as it waits for its first step
     if bare_first:  # the same step by hand first: is a fault tuner's or the stack's?
         print(json.dumps({"bare_step_s": bare_step(model, trainer, state, prepared, device, 1)}), flush=True)
     batches = trainer.batches(CachedDataset(prepared), state.position)
     trainer.optimizer_step(state, batches)  # warm-up (kernels, allocator)
     peak_reset()
+    forward_peaks: list[int] = []  # the peak as each forward ends: forward against backward
+    if cuda:
+        state.model.register_forward_hook(lambda *_: forward_peaks.append(torch.cuda.max_memory_allocated()))
     times = []
     for _ in range(steps):
         began = time.perf_counter()
@@ -154,6 +160,7 @@ def measure(
         times.append(time.perf_counter() - began)
     row["step_s"] = round(sorted(times)[len(times) // 2], 4)
     row["peak_bytes"]["train"] = peak()
+    row["peak_bytes"]["forward"] = max(forward_peaks, default=None)
     row["params"] = sum(p.numel() for p in state.model.parameters())
     flops = forward_flops(trainer, state, prepared)
     row["train_flop_per_step"] = 3 * flops  # forward + backward (2x); recomputation not counted
@@ -171,7 +178,9 @@ def measure(
     return row
 
 
-def tiers(model: Path, data: Path, folder: Path, device: str, steps: int, resolution: int) -> list[dict]:
+def tiers(
+    model: Path, data: Path, folder: Path, device: str, steps: int, resolution: int, only: list[str] | None = None
+) -> list[dict]:
     """One row per memory tier; every estimate from one trace per distinct step (estimate_precisions)."""
     from tuner.core.config.build import build_config
     from tuner.core.estimate.trace import estimate, estimate_precisions
@@ -196,6 +205,10 @@ def tiers(model: Path, data: Path, folder: Path, device: str, steps: int, resolu
         ("int8-quanto", {}),
         ("nf4-bnb", {}),
     ]
+    if only:  # PRECISION[:BLOCKS_TO_SWAP] each
+        rows_wanted = [
+            (p, {"blocks_to_swap": int(n)} if n else {}) for p, _, n in (item.partition(":") for item in only)
+        ]
     settings = {
         "pretrained_model_name_or_path": str(model),
         "data_dir": str(data),
@@ -209,8 +222,13 @@ def tiers(model: Path, data: Path, folder: Path, device: str, steps: int, resolu
     config = build_config(host, settings, "benchmark", warn=lambda m: None)
     began = time.perf_counter()
     precisions = sorted({p for p, _ in rows_wanted})
-    found = estimate_precisions(host, config, precisions, device, swap_counts=[0, quarter, half, three])
-    offloaded = estimate(host, config.derive({"activation_offload": True}), device)
+    counts = sorted({0, quarter, half, three, *(extra.get("blocks_to_swap", 0) for _, extra in rows_wanted)})
+    found = estimate_precisions(host, config, precisions, device, swap_counts=counts)
+    offloaded = (
+        estimate(host, config.derive({"activation_offload": True}), device)
+        if any(extra.get("activation_offload") for _, extra in rows_wanted)
+        else None
+    )
     print(json.dumps({"estimates_s": round(time.perf_counter() - began, 1)}), flush=True)
 
     def predicted(precision: str, extra: dict):
@@ -230,19 +248,25 @@ def tiers(model: Path, data: Path, folder: Path, device: str, steps: int, resolu
             row = {"precision": precision, **extra, "error": f"{type(exc).__name__}: {exc}"[:400]}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    base = next((r["step_s"] for r in rows if "step_s" in r and len(r) and r["precision"] == "no_change"), None)
-    print("\n| tier | step | vs bf16 | peak train (GiB) | estimate train (GiB) | peak load (GiB) | pinned |")
-    print("|---|---|---|---|---|---|---|")
+    base = next((r["step_s"] for r in rows if "step_s" in r and r["precision"] == "no_change"), None)
+    print(
+        "\n| tier | step | vs bf16 | peak train (GiB) | estimate train (GiB) | peak forward | resident before "
+        "the step | peak load (GiB) | pinned |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tier = r["precision"] + "".join(
             f", {k} {v}" for k, v in r.items() if k in ("blocks_to_swap", "activation_offload")
         )
         if "error" in r:
-            print(f"| {tier} | failed: {r['error'][:120]} | | | | | |")
+            print(f"| {tier} | failed: {r['error'][:120]} | | | | | | | |")
             continue
+        ratio = f"{r['step_s'] / base:.2f}" if base else "-"
         print(
-            f"| {tier} | {r['step_s']} s | {r['step_s'] / base:.2f} | {gib(r['peak_bytes']['train'])} | "
-            f"{gib(r['estimate_bytes'].get('train'))} | {gib(r['peak_bytes']['load'])} | {r.get('pinned', '-')} |"
+            f"| {tier} | {r['step_s']} s | {ratio} | "
+            f"{gib(r['peak_bytes']['train'])} | {gib(r['estimate_bytes'].get('train'))} | "
+            f"{gib(r['peak_bytes']['forward'])} | {gib(r.get('resident_bytes'))} | {gib(r['peak_bytes']['load'])} | "
+            f"{r.get('pinned', '-')} |"
         )
     return rows
 
@@ -378,6 +402,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--bare-first", action="store_true", help="run the bare diffusers + peft step first")
     parser.add_argument("--no-checkpointing", action="store_true", help="gradient_checkpointing: false")
     parser.add_argument("--tiers", action="store_true", help="the memory tiers instead of --precisions")
+    parser.add_argument("--only", nargs="+", metavar="PRECISION[:SWAP]", help="with --tiers: these tiers alone")
     parser.add_argument("--group-offload-check", action="store_true", help="diffusers' group offloading in backward")
     parser.add_argument(
         "--attention", choices=("default", "math", "efficient", "flash"), default="default",
@@ -400,7 +425,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps({"group_offload_check": group_offload_check(device)}), flush=True)
     model, data = build(folder, device, args.small, resolution, args.depth)
     if args.tiers:
-        return tiers(model, data, folder, device, args.steps, resolution)
+        return tiers(model, data, folder, device, args.steps, resolution, args.only)
     rows = []
     for precision in args.precisions:
         row = measure(

@@ -251,3 +251,38 @@ print("ok", tuple(y.shape))
     assert library.returncode != 0, "optimum-quanto handles this now: drop avoid_int8pack_on_cpu"
     fixed = subprocess.run([sys.executable, "-c", script, "plugin"], capture_output=True, text=True)
     assert fixed.returncode == 0 and fixed.stdout.strip() == "ok (1, 32)", fixed.stderr[-500:]
+
+
+def test_the_int8_fix_registers_where_torch_refuses_to_override_by_default(monkeypatch):
+    """torch 2.11 (the GPU machine's) refuses to override a kernel registered from Python unless
+    ``allow_override=True`` is passed (2.13 allows it by default): every int8 and fp8 run there
+    stopped in ``avoid_int8pack_on_cpu``. Under 2.11's default the fix still registers."""
+    import optimum.quanto  # noqa: F401  (registers quanto's own kernels from Python)
+
+    from tuner.plugins.quant_int8 import quantizer
+
+    original = torch.library.Library.impl
+
+    def refusing(self, op_name, fn, dispatch_key="", *, with_keyset=False, allow_override=False):
+        return original(self, op_name, fn, dispatch_key, with_keyset=with_keyset, allow_override=allow_override)
+
+    monkeypatch.setattr(torch.library.Library, "impl", refusing)
+    with pytest.raises(RuntimeError, match="already a kernel registered from python"):
+        torch.library.Library("quanto", "IMPL").impl("qbytes_mm", lambda *a: None, "CPU")
+    monkeypatch.setattr(quantizer, "_OVERRIDE", [])
+    quantizer.avoid_int8pack_on_cpu()
+    assert quantizer._OVERRIDE
+
+
+def test_fp8_layers_take_their_input_in_the_autocast_dtype_as_a_plain_linear_does():
+    """quanto's fp8 layers bypass autocast; on CUDA their Marlin kernel refuses fp32 activations
+    (every fp8 run on the GPU machine stopped there), and the norms before them hand over fp32."""
+    from tuner.plugins.quant_int8.quantizer import quantize
+
+    model = quantize(torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16), "", "qfloat8", [])
+    seen = []
+    model[0].register_forward_pre_hook(lambda layer, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 64))
+    model(torch.randn(2, 64, dtype=torch.bfloat16))  # outside autocast: as given
+    assert seen == [torch.bfloat16, torch.bfloat16]

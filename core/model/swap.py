@@ -6,31 +6,34 @@ never leave the device; nothing is copied back (the base is frozen).
 Why not diffusers' group offloading (``diffusers/hooks/group_offloading.py``): it is built for
 inference. Its hooks onload a group in the forward pre-hook and offload it in the forward post-hook;
 nothing brings the weights back for backward. Without checkpointing autograd then reads the
-offloaded weights when it computes the input gradients; with tuner's checkpointing (which wraps
-``forward``, not ``__call__``) the recomputation runs no hook at all. So the mover is here, in one
-module, with the one extra event training needs: "the block's backward begins", a node on the
-block's outputs whose backward brings the weights in again.
+offloaded weights when it computes the input gradients: on a GPU (H200, 2026-12-04,
+``benchmarks/gpu.py --group-offload-check``) that backward failed ("weight is on cpu, different
+from other tensors on cuda:0" in ``_fused_rms_norm_backward``). With diffusers' own checkpointing
+it worked (the recomputation calls the block's ``__call__``, hooks included; gradients equal), but
+tuner checkpoints by wrapping ``forward`` (diffusers' checkpointing drops Chroma's attention mask:
+``tuner.core.fixes``), whose recomputation runs no hook; and its ``.data`` swaps would not free
+quantized weights (below). So the mover is here, in one module, with the one extra event training
+needs: "the block's backward begins", a node on the block's outputs whose backward brings the
+weights in again.
 
-How a weight moves: each swapped parameter keeps its host copy (pinned when the device is CUDA);
-resident, its ``.data`` is the device copy; swapped out, an empty placeholder on the device (so
-DDP and ``.to()`` see one device type, and any compute that reads a weight that is not there fails
-loudly instead of reading stale memory). On a CPU run the device copy of a host tensor is the host
-tensor itself, so the CPU tests run exactly the code path of a GPU run and prove the residency:
-a block computes only with its weights brought in. On CUDA the copy of the next block runs on a
-side stream while the current block computes, and the compute stream waits on an event before it
-reads the block. At most two swapped blocks are resident at a time: the one computing and the one
-being prefetched.
+How a weight moves: the bytes of each storage a swapped block's frozen weights live in (a
+quantized weight's inner tensors each have one) get a host copy, pinned when the device is CUDA;
+swapped out, the storage on the device is resized to nothing in place, and brought in, resized
+back and filled from the host copy. Working on the storages rather than swapping ``.data`` is what
+frees the memory for every kind of weight: optimum-quanto's weights (int8, int4, fp8) keep their
+inner tensors as attributes that a ``.data`` swap leaves in place, and bitsandbytes' NF4 autograd
+function keeps the packed weight for backward in ``ctx.tensors``, out of reach of checkpointing's
+hooks (both measured on a GPU: swapping half the blocks then saved nothing). Every such reference
+sees the storage empty meanwhile and full again in backward. A bitsandbytes ``quant_state`` (the
+double-quantized block scales, about 3% of NF4's bytes) stays on the device. On a CPU run the
+device copy is a second copy in RAM, so the CPU tests run exactly the code path of a GPU run and
+prove the residency: a block computes only with its weights brought in (reading an emptied
+storage raises). On CUDA the copy of the next block runs on a side stream while the current block
+computes, and the compute stream waits on an event before it reads the block. At most two swapped
+blocks are resident at a time: the one computing and the one being prefetched.
 
-Quantized bases move as they are stored: an optimum-quanto weight (int8, int4, fp8) is a tensor
-subclass whose ``.data`` moves whole, its inner tensors (data and scales) pinned one by one through
-torch's ``__tensor_flatten__`` protocol; a bitsandbytes NF4 weight is a ``Params4bit`` whose
-``.data`` is the packed 4-bit bytes, which move, while its ``quant_state`` (the double-quantized
-block scales, about 3% of the packed bytes) stays on the device with the layer. An empty
-placeholder makes a quantized layer fail just as loudly (quanto cannot quantize an empty weight,
-bitsandbytes cannot reshape it).
-
-What reads base weights outside a forward (the LoRA files' export and
-self-test) holds every swapped block in place meanwhile (:func:`weights_in_place`): on a GPU that
+What reads base weights outside a forward (the LoRA files' export and self-test) holds every
+swapped block in place meanwhile (:func:`weights_in_place`): on a GPU that
 is the whole base once, at each save; reading block by block there is still to do.
 """
 
@@ -78,42 +81,66 @@ class BlockSwap:
         self.blocks = blocks
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.host: list[list[tuple[torch.nn.Parameter, torch.Tensor]]] = []
+        # per block: each storage its frozen weights live in (a quantized weight's inner tensors
+        # each have one), as a byte view on the device beside its host copy
+        self.host: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         self.resident: set[int] = set()
         self.ready: dict[int, Any] = {}  # index -> the CUDA event its copy recorded
         self.in_backward: int | None = None  # the block whose backward runs (its recomputation keeps it)
         self.pinned = True
-        for block in blocks:
-            self.host.append([(p, self._host_copy(p.data)) for p in _frozen_tensors(block)])
         for index, block in enumerate(blocks):
+            self.host.append(self._take_over(block))
+            self.resident.add(index)
             self._release(index)
             block.register_forward_pre_hook(self._before_forward(index))
             block.register_forward_hook(self._after_forward(index))
 
     # -- moving ---------------------------------------------------------------------------------
 
+    def _take_over(self, block: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The block's frozen weights on the device (one block at a time passes through it), each
+        storage in sole use of its tensors, and a host copy of each storage's bytes."""
+        pairs, seen = [], set()
+        for param in _frozen_tensors(block):
+            if param.device != self.device or not _owns_storage(param.data):
+                if wrapper_subclass(param.data):  # its inner tensors are attributes that .data leaves be
+                    raise ConfigError(
+                        f"blocks_to_swap: a quantized weight ({type(param.data).__name__}) is not on {self.device} "
+                        "in memory of its own; quantize on the device before swapping (load_quantized does)"
+                    )
+                param.data = param.data.to(self.device, copy=True)  # a storage of its own, resizable
+            for tensor in stored(param.data):
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() in seen:
+                    continue
+                seen.add(storage.data_ptr())
+                on_device = torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage)
+                pairs.append((on_device, self._host_copy(on_device)))
+        return pairs
+
     def _host_copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        host = tensor.detach().to("cpu")
         if self.cuda and self.pinned:
             try:
-                host = pinned(host)
+                return tensor.to("cpu", copy=True).pin_memory()
             except RuntimeError:  # pinning refused (locked-memory limit): unpinned copies still work, slower
                 self.pinned = False
-        return host
+        return tensor.to("cpu", copy=True)  # on a CPU too: the device's bytes are freed below
 
     def _bring_in(self, index: int, prefetch: bool = False) -> None:
         if index in self.resident:
             return
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
-                for param, host in self.host[index]:
-                    param.data = host.to(self.device, non_blocking=True)
+                for on_device, host in self.host[index]:
+                    on_device.untyped_storage().resize_(host.numel())
+                    on_device.copy_(host, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self.stream)
             self.ready[index] = event
-        else:  # the same call as on a GPU; on the CPU it returns the host tensor itself
-            for param, host in self.host[index]:
-                param.data = host.to(self.device)
+        else:  # the same steps as on a GPU
+            for on_device, host in self.host[index]:
+                on_device.untyped_storage().resize_(host.numel())
+                on_device.copy_(host)
         self.resident.add(index)
         if not prefetch:
             self._wait(index)
@@ -124,12 +151,16 @@ class BlockSwap:
             return
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(event)
-        for param, _ in self.host[index]:
-            param.data.record_stream(compute)  # freed only once compute is done with it
+        for on_device, _ in self.host[index]:
+            on_device.record_stream(compute)  # freed only once compute is done with it
 
     def _release(self, index: int) -> None:
-        for param, host in self.host[index]:
-            param.data = torch.empty(0, dtype=host.dtype, device=self.device)
+        """Free the block's weight bytes in place: every tensor viewing them (the parameters, and
+        whatever a library's autograd function kept of them for backward) reads nothing meanwhile."""
+        if index not in self.resident:
+            return
+        for on_device, _ in self.host[index]:
+            on_device.untyped_storage().resize_(0)
         self.resident.discard(index)
         self.ready.pop(index, None)
 
@@ -186,19 +217,19 @@ class BlockSwap:
                 self._release(index)
 
     def resident_bytes(self) -> int:
-        """Bytes of swapped blocks' weights on the device now (the resident and the prefetched)."""
-        held = [t for i in self.resident for p, _ in self.host[i] for t in stored(p.data)]
-        return sum(t.numel() * t.element_size() for t in held)
+        """Bytes of swapped blocks' weights on the device now (measured on the storages themselves)."""
+        return sum(on_device.untyped_storage().nbytes() for block in self.host for on_device, _ in block)
 
 
-def pinned(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (on the CPU) in page-locked memory; a wrapper subclass (optimum-quanto's weights)
-    rebuilt from its pinned inner tensors, since such classes need not implement ``pin_memory``."""
-    if wrapper_subclass(tensor):
-        names, context = tensor.__tensor_flatten__()
-        inner = {name: pinned(getattr(tensor, name)) for name in names}
-        return type(tensor).__tensor_unflatten__(inner, context, tensor.size(), tensor.stride())
-    return tensor.pin_memory()
+def _owns_storage(tensor: torch.Tensor) -> bool:
+    """Whether each storage ``tensor`` is kept in holds it alone, whole and can be resized (a view into
+    a larger buffer or a memory-mapped file cannot be freed in place)."""
+    return all(
+        t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        and t.untyped_storage().resizable()
+        for t in stored(tensor)
+    )
 
 
 def _mark_outputs(output: Any, swapper: BlockSwap, index: int) -> Any:

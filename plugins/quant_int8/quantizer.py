@@ -1,4 +1,4 @@
-"""optimum-quanto: replace plain Linear layers with frozen QLinear (int8 or int4 weights)."""
+"""optimum-quanto: replace plain Linear layers with frozen QLinear (int8, int4 or fp8 weights)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,22 @@ def quantize(model: torch.nn.Module, unit: str, weights: str, exclude: list[str]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         quanto.quantize(parent, weights=qtype, include=[child])
-        getattr(parent, child).freeze()
+        layer = getattr(parent, child)
+        layer.freeze()
+        if weights == "qfloat8":
+            layer.register_forward_pre_hook(_as_autocast_casts)
     return model
+
+
+def _as_autocast_casts(layer: torch.nn.Module, args: tuple) -> tuple | None:
+    """The input in the autocast dtype, as autocast casts a plain Linear's: quanto's fp8 layers
+    bypass autocast, and on CUDA their kernel (Marlin's fp8 GEMM) takes only bf16 or fp16
+    activations, while the norms before them hand over fp32 (every fp8 run on the GPU machine
+    stopped with "fp8_marlin_gemm only supports bfloat16 and float16")."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not torch.is_autocast_enabled(x.device.type):
+        return None
+    return (x.to(torch.get_autocast_dtype(x.device.type)), *args[1:])
 
 
 _OVERRIDE: list = []  # the torch.library registration below, kept alive
@@ -48,5 +62,8 @@ def avoid_int8pack_on_cpu() -> None:
     library = torch.library.Library("quanto", "IMPL")
     with warnings.catch_warnings():  # torch warns that a kernel is overridden: that is the point
         warnings.simplefilter("ignore")
-        library.impl("qbytes_mm", portable, "CPU")
+        # quanto registers its CPU kernel from Python too; torch 2.11 refuses to override such a
+        # kernel unless asked (``allow_override`` defaults to False there, True from 2.13): seen
+        # on the GPU machine, where every int8 and fp8 run stopped here
+        library.impl("qbytes_mm", portable, "CPU", allow_override=True)
     _OVERRIDE.append(library)
