@@ -36,7 +36,9 @@ def test_plans_respect_what_the_user_set_and_the_fastest_fitting_one_is_chosen(t
         same = [
             p
             for p in free
-            if p.settings["base_model_precision"] == precision and not p.settings["offload_during_startup"]
+            if p.settings["base_model_precision"] == precision
+            and not p.settings["offload_during_startup"]
+            and not p.settings["activation_offload"]
         ]
         by_count = sorted(same, key=lambda p: p.settings["blocks_to_swap"])
         assert [p.settings["blocks_to_swap"] for p in by_count] == [0, 1, 2, 3]
@@ -44,6 +46,12 @@ def test_plans_respect_what_the_user_set_and_the_fastest_fitting_one_is_chosen(t
         assert device[0] > device[3] and device == sorted(device, reverse=True), precision
     times = [p.relative_step_time for p in free]
     assert times == sorted(times) and times[0] == 1.0
+    # activation offload: a dimension of its own, slower by its measured factor, never more memory
+    for plan in free:
+        if plan.settings["activation_offload"]:
+            kept = next(p for p in free if p.settings == {**plan.settings, "activation_offload": False})
+            assert plan.relative_step_time == pytest.approx(kept.relative_step_time * 1.06)
+            assert plan.estimate.phase("train").device <= kept.estimate.phase("train").device
     # a larger budget never picks a slower plan, and what is picked fits
     picked = []
     for budget in sorted({p.estimate.plan_device for p in free}):
@@ -153,6 +161,12 @@ def test_memory_budget_sets_the_chosen_plans_keys_before_anything_loads(tiny_chr
     with pytest.raises(ConfigError, match=r"memory_budget: .* no plan fits; the smallest needs") as info:
         apply_memory_budget(run_context(memory_budget="1KiB"))
     assert "\n" not in str(info.value)
+    import tuner.core.estimate as estimate_module
+
+    with pytest.MonkeyPatch.context() as patch:  # the card would do, the machine's RAM would not
+        patch.setattr(estimate_module, "available_ram", lambda: 1024)
+        with pytest.raises(ConfigError, match=r"80.00 GiB: the plans that fit need at least .* of system RAM"):
+            apply_memory_budget(run_context(memory_budget="80GiB"))
     cpu = run_context(memory_budget="1KiB")
     cpu.device = torch.device("cpu")
     apply_memory_budget(cpu)

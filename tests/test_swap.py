@@ -202,3 +202,20 @@ def test_adapters_that_read_the_base_weight_save_and_self_test_with_swapped_bloc
     settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "max_train_steps": 2, "lora_type": kind}
     result, _, _ = train({**settings, "blocks_to_swap": 3, "lora_format": "all"})
     assert result.lora_files  # written, reread by each format's reader and compared: the self-test passed
+
+
+def test_a_quantized_weight_viewing_a_larger_buffer_gets_memory_of_its_own_and_is_freed():
+    """optimum-quanto's int8 weights on CUDA keep an inner tensor as a view into a larger buffer (the
+    GPU machine refused to swap them): its bytes are copied out first, so freeing them frees them alone."""
+    torch.manual_seed(0)
+    net = quantized(Net(), "int8-quanto")
+    weight = net.blocks[3].frozen.weight
+    buffer = torch.zeros(32, 1, dtype=weight._scale.dtype)
+    buffer[8:16] = weight._scale
+    weight._scale = buffer[8:16]
+    x = torch.randn(3, 8)
+    expected = net(x)
+    swap_blocks(net, 4, "cpu")
+    assert buffer.untyped_storage().nbytes() == 128  # the buffer is left whole
+    assert weight._scale.untyped_storage().nbytes() == 0 and weight._data.untyped_storage().nbytes() == 0
+    assert torch.equal(net(x), expected)

@@ -85,7 +85,12 @@ def _versions() -> dict[str, str]:
     code = hashlib.sha256()
     core = Path(__file__).parents[1]
     for path in sorted(
-        [*(core / "estimate").glob("*.py"), *(core / "training").glob("*.py"), core / "model" / "swap.py"]
+        [
+            *(core / "estimate").glob("*.py"),
+            *(core / "training").glob("*.py"),
+            core / "model" / "swap.py",
+            core / "model" / "activations.py",
+        ]
     ):
         code.update(path.read_bytes())
     found["estimate_code"] = code.hexdigest()[:16]

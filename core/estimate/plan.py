@@ -1,16 +1,22 @@
 """Memory plans (``tuner estimate --plan``): the settings that trade memory for time, each estimated,
 and the fastest one that fits a budget.
 
-A plan sets ``base_model_precision``, ``blocks_to_swap`` and ``offload_during_startup``; a key the
-user set is a constraint, never varied. Each plan's peak comes from the estimate (one trace per
-caching setting; precisions and swapped blocks are arithmetic on it). Its relative step time comes
-from a cost model whose constants are the peers' published figures, stated here, until a GPU
-session measures tuner's own (``benchmarks/gpu.py``):
+A plan sets ``base_model_precision``, ``blocks_to_swap``, ``activation_offload`` and
+``offload_during_startup``; a key the user set is a constraint, never varied. Each plan's peak comes
+from the estimate (one trace per caching setting and per activation offload value; precisions and
+swapped blocks are arithmetic on it). Its relative step time comes from a cost model whose
+constants were measured by ``benchmarks/gpu.py --tiers`` on one H200 (2026-12-04: the real Chroma,
+1024 px, rank 16, gradient checkpointing, bf16; docs/benchmarks.md):
 
-* a quantized base: x1.34, SimpleTuner's Chroma sweep on an H100 (int8 1.714 s against bf16
-  1.276 s a step, both with per-layer checkpointing);
-* swapping a fraction f of the blocks: x(1 + 0.7 f), SimpleTuner's block-swap table for Flux-shaped
-  models (14 / 28 / 48 of 57 blocks: +15 / 35 / 65 %); overlapping the copy should beat it;
+* a quantized base: the precision's own ``step_time`` (its plugin states what was measured: int8
+  1.07, NF4 1.29, fp8 1.9), else x1.34, SimpleTuner's Chroma sweep on an H100 (int8 1.714 s
+  against bf16 1.276 s a step);
+* swapping a fraction f of the blocks: x(1 + 0.05 f). Measured +1.6 to +2.4 % for a quarter, half
+  and three quarters of the 57 blocks: the copy of the next block overlaps the current block's
+  compute (SimpleTuner, which does not overlap, publishes +15 / 35 / 65 %). The slope keeps
+  fewer swapped blocks first among plans that fit alike; a slower link or a lower resolution
+  (less compute per copied byte) would cost more;
+* ``activation_offload``: x1.06 (measured; 1.4 GiB less at 1024 px with checkpointing);
 * ``offload_during_startup``: x1 (it slows caching only, which runs once).
 """
 
@@ -27,9 +33,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.config.values import Config
     from tuner.core.host.manager import PluginHost
 
-PLAN_KEYS = ("base_model_precision", "blocks_to_swap", "offload_during_startup")
+PLAN_KEYS = ("base_model_precision", "blocks_to_swap", "activation_offload", "offload_during_startup")
 QUANTIZED_STEP = 1.34
-SWAP_STEP_PER_FRACTION = 0.7
+SWAP_STEP_PER_FRACTION = 0.05
+ACTIVATION_OFFLOAD_STEP = 1.06
 SWAP_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -60,22 +67,34 @@ def memory_plans(host: PluginHost, config: Config, device_type: str | None = Non
         else [NO_QUANTIZATION, *sorted(p for p, info in host.precisions.items() if info.weight_bytes is not None)]
     )
     offloads = [bool(config.offload_during_startup)] if "offload_during_startup" in fixed else [False, True]
+    activations = [bool(config.activation_offload)] if "activation_offload" in fixed else [False, True]
     swaps: dict[str, Any] = (
         {"swap_counts": [config.blocks_to_swap]}
         if "blocks_to_swap" in fixed
         else {"swap_fractions": list(SWAP_FRACTIONS)}
     )
     plans = []
-    for estimate in estimate_precisions(host, config, precisions, device_type, offloads=offloads, **swaps):
-        precision, count = estimate.precision, estimate.settings["blocks_to_swap"]
-        swapped = count / max(estimate.settings["transformer_blocks"], 1)
-        slower = (QUANTIZED_STEP if precision != NO_QUANTIZATION else 1.0) * (1 + SWAP_STEP_PER_FRACTION * swapped)
-        offload = estimate.settings["offload_during_startup"]
-        settings = {"base_model_precision": precision, "blocks_to_swap": count, "offload_during_startup": offload}
-        plans.append(Plan(settings, estimate, slower))
+    found = estimate_precisions(
+        host, config, precisions, device_type, offloads=offloads, activation_offloads=activations, **swaps
+    )
+    for estimate in found:
+        settings = {key: estimate.settings[key] for key in PLAN_KEYS if key != "base_model_precision"}
+        settings = {"base_model_precision": estimate.precision, **settings}
+        plans.append(Plan(settings, estimate, relative_step_time(host, estimate)))
     return sorted(
         plans, key=lambda p: (p.relative_step_time, p.estimate.plan_device, p.settings["offload_during_startup"])
     )
+
+
+def relative_step_time(host: PluginHost, estimate: Estimate) -> float:
+    """The plan's step time against the same run unquantized, nothing offloaded (the cost model above)."""
+    settings, precision = estimate.settings, estimate.precision
+    slower = 1.0
+    if precision != NO_QUANTIZATION:
+        measured = host.precisions[precision].step_time
+        slower *= measured if measured is not None else QUANTIZED_STEP
+    slower *= 1 + SWAP_STEP_PER_FRACTION * settings["blocks_to_swap"] / max(settings["transformer_blocks"], 1)
+    return slower * (ACTIVATION_OFFLOAD_STEP if settings["activation_offload"] else 1.0)
 
 
 def choose(plans: list[Plan], budget: int, host_memory: int | None = None) -> Plan | None:
@@ -92,15 +111,18 @@ def plan_table(plans: list[Plan]) -> str:
     """One line per plan: its keys, planned device memory, peak RAM, relative step time."""
     from tuner.core.estimate.report import size
 
-    lines = [f"  {'precision':<14}{'swap':>6}{'offload':>9}{'plan for':>12}{'system RAM':>12}{'step':>7}"]
+    lines = [
+        f"  {'precision':<14}{'swap':>6}{'activations':>13}{'startup':>9}{'plan for':>12}{'system RAM':>12}{'step':>7}"
+    ]
     for plan in plans:
         keys = plan.settings
         lines.append(
             f"{'*' if plan.chosen else ' '} {keys['base_model_precision']:<14}{keys['blocks_to_swap']:>6}"
-            f"{'yes' if keys['offload_during_startup'] else 'no':>9}{size(plan.estimate.plan_device):>12}"
+            f"{'to RAM' if keys['activation_offload'] else 'kept':>13}"
+            f"{'offload' if keys['offload_during_startup'] else 'kept':>9}{size(plan.estimate.plan_device):>12}"
             f"{size(plan.estimate.peak_ram):>12}{plan.relative_step_time:>6.2f}x"
         )
     return "\n".join(lines)
 
 
-__all__ = ["PLAN_KEYS", "Plan", "choose", "memory_plans", "plan_table"]
+__all__ = ["PLAN_KEYS", "Plan", "choose", "memory_plans", "plan_table", "relative_step_time"]

@@ -80,13 +80,15 @@ def estimate_precisions(
     swap_counts: list[int] | None = None,
     swap_fractions: list[float] | None = None,
     offloads: list[bool] | None = None,
+    activation_offloads: list[bool] | None = None,
 ) -> list[Estimate]:
     """One estimate per base precision (and, with ``swap_counts``, per number of swapped blocks for
     each, precision-major: swapping is arithmetic on the traced phases; ``swap_fractions``: those
     fractions of the model's blocks, each count once; ``offloads``: each ``offload_during_startup``
-    value, outermost, its caching phases traced once each). The caching phases are
-    traced once; the training step once per distinct behaviour of quantized layers (whether their
-    backend keeps inputs for backward)."""
+    value, outermost, its caching phases traced once each; ``activation_offloads``: each
+    ``activation_offload`` value, inside those). The caching phases are traced once; the training
+    step once per activation offload value and distinct behaviour of quantized layers (whether
+    their backend keeps inputs for backward)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from tuner.core.model.quantize import block_units, import_object
@@ -133,28 +135,33 @@ def estimate_precisions(
     for offload in offloads:
         view = config.derive({"offload_during_startup": offload})
         cachings[offload], latent_shape, vae = trace_caching(host, view, files, components, dtype, mode)
+    activations = [bool(config.activation_offload)] if activation_offloads is None else activation_offloads
     traces, estimates = {}, []
     baseline = process_rss()
-    for base in bases:
-        if base.keeps_inputs not in traces:
-            trace = Trace(traced_weights, largest_block, checkpoint_bytes)
-            model = transformer if not traces else denoiser()  # the LoRA changes the model it traces
-            settings = trace_training(host, config, model, latent_shape, vae, dtype, mode, base.keeps_inputs, trace)
-            traces[base.keeps_inputs] = (trace, settings)
-    for offload in offloads:
+    for active in activations:
+        view = config.derive({"activation_offload": active})
         for base in bases:
-            trace, settings = traces[base.keeps_inputs]
-            for count in counts:
-                swapped, resident = swapped_bytes(base, count)
-                phases = [*cachings[offload], *trace.phases]
-                variant = replace(trace, phases=phases, swapped=swapped, swapped_resident=resident)
-                shown = {
-                    **settings,
-                    "offload_during_startup": offload,
-                    "transformer_blocks": blocks,
-                    "blocks_to_swap": count,
-                }
-                estimates.append(assemble(family.name, source, device_type, shown, variant, base, baseline))
+            if (active, base.keeps_inputs) not in traces:
+                trace = Trace(traced_weights, largest_block, checkpoint_bytes)
+                model = transformer if not traces else denoiser()  # the LoRA changes the model it traces
+                settings = trace_training(host, view, model, latent_shape, vae, dtype, mode, base.keeps_inputs, trace)
+                traces[active, base.keeps_inputs] = (trace, settings)
+    for offload in offloads:
+        for active in activations:
+            for base in bases:
+                trace, settings = traces[active, base.keeps_inputs]
+                for count in counts:
+                    swapped, resident = swapped_bytes(base, count)
+                    phases = [*cachings[offload], *trace.phases]
+                    variant = replace(trace, phases=phases, swapped=swapped, swapped_resident=resident)
+                    shown = {
+                        **settings,
+                        "offload_during_startup": offload,
+                        "activation_offload": active,
+                        "transformer_blocks": blocks,
+                        "blocks_to_swap": count,
+                    }
+                    estimates.append(assemble(family.name, source, device_type, shown, variant, base, baseline))
     return estimates
 
 

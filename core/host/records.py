@@ -117,6 +117,10 @@ class PrecisionInfo:
     # (scales, code tables kept beside it, as bitsandbytes' quant_state); ``tuner estimate`` and
     # the byte counts use it. Tensor subclasses that flatten (quanto) need nothing here.
     stored_tensors: Callable[[Any], list[Any]] | None = None
+    # a training step on this base against the same step on the unquantized one, as measured
+    # (``benchmarks/gpu.py --tiers``); memory plans weigh the precision by it (None: the core's
+    # default, tuner.core.estimate.plan.QUANTIZED_STEP)
+    step_time: float | None = None
     plugin: str = ""
     distribution: str = ""
 

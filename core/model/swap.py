@@ -102,12 +102,14 @@ class BlockSwap:
         storage in sole use of its tensors, and a host copy of each storage's bytes."""
         pairs, seen = [], set()
         for param in _frozen_tensors(block):
-            if param.device != self.device or not _owns_storage(param.data):
-                if wrapper_subclass(param.data):  # its inner tensors are attributes that .data leaves be
+            if wrapper_subclass(param.data):  # its inner tensors are attributes that .data leaves be
+                if param.device != self.device:
                     raise ConfigError(
-                        f"blocks_to_swap: a quantized weight ({type(param.data).__name__}) is not on {self.device} "
-                        "in memory of its own; quantize on the device before swapping (load_quantized does)"
+                        f"blocks_to_swap: a quantized weight ({type(param.data).__name__}) is on {param.device}, "
+                        f"not {self.device}; quantize on the device before swapping (load_quantized does)"
                     )
+                _own_inner_tensors(param)
+            elif param.device != self.device or not _owns_storage(param.data):
                 param.data = param.data.to(self.device, copy=True)  # a storage of its own, resizable
             for tensor in stored(param.data):
                 storage = tensor.untyped_storage()
@@ -219,6 +221,19 @@ class BlockSwap:
     def resident_bytes(self) -> int:
         """Bytes of swapped blocks' weights on the device now (measured on the storages themselves)."""
         return sum(on_device.untyped_storage().nbytes() for block in self.host for on_device, _ in block)
+
+
+def _own_inner_tensors(holder: torch.Tensor) -> None:
+    """Give each inner tensor of a wrapper subclass (``__tensor_flatten__``'s attributes) memory of
+    its own where it is a view into a larger buffer (optimum-quanto's int8 weights on CUDA are:
+    the GPU machine refused them before this), so freeing it frees exactly its bytes."""
+    names, _ = holder.__tensor_flatten__()
+    for name in names:
+        inner = getattr(holder, name)
+        if wrapper_subclass(inner):
+            _own_inner_tensors(inner)
+        elif not _owns_storage(inner):
+            setattr(holder, name, inner.clone(memory_format=torch.contiguous_format))
 
 
 def _owns_storage(tensor: torch.Tensor) -> bool:

@@ -33,8 +33,16 @@ def apply_memory_budget(ctx: RunContext) -> None:
     budget = _smallest_over_processes(ctx, budget)
     folder = config.cache_dir or default_cache_dir()
     plans = cached_plans(ctx.host, config, device_type, folder)
-    chosen = choose(plans, budget, available_ram())
+    ram = available_ram()
+    chosen = choose(plans, budget, ram)
     if chosen is None:
+        fitting = [p for p in plans if p.estimate.plan_device <= budget]
+        if fitting and ram is not None:  # the card would do: system RAM is short
+            least = min(fitting, key=lambda p: p.estimate.peak_ram)
+            raise ConfigError(
+                f"{config.source}: memory_budget: {size(budget)}: the plans that fit need at least "
+                f"{size(least.estimate.peak_ram)} of system RAM ({_keys(least.settings)}); {size(ram)} is available"
+            )
         smallest = min(plans, key=lambda p: p.estimate.plan_device)
         raise ConfigError(
             f"{config.source}: memory_budget: {size(budget)}: no plan fits; the smallest needs "

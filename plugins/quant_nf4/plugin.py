@@ -48,5 +48,6 @@ def register_precisions(register):
             weight_bytes=nf4_bytes,
             quantize=quantize,
             stored_tensors=quant_state_tensors,
+            step_time=1.29,  # benchmarks/gpu.py --tiers, H200, real Chroma at 1024 px (docs/benchmarks.md)
         )
     )

@@ -96,7 +96,8 @@ KEYS = in_group(
             "memory_budget",
             "str",
             None,
-            "Let tuner pick base_model_precision, blocks_to_swap and offload_during_startup (those you leave "
+            "Let tuner pick base_model_precision, blocks_to_swap, activation_offload and offload_during_startup "
+            "(those you leave "
             "unset) so the run fits this much accelerator memory, fastest first (`tuner estimate --plan` shows "
             "the plans): a size such as 12GiB, or auto (the free memory now).",
             check=_budget_problem,
