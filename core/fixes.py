@@ -140,8 +140,15 @@ def no_module_dropout_draw(model: torch.nn.Module) -> int:
             module, "module_dropout"
         ):
             module.training = False
+            # and so it stays: the step's rollouts (scheduled sampling) switch the model to eval
+            # and back to train, which would set the flag again (the trace then failed for them)
+            module.train = functools.partial(_not_training, module)
             found += 1
     return found
+
+
+def _not_training(module: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    return module
 
 
 def no_cudnn_attention() -> None:

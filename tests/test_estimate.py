@@ -119,10 +119,12 @@ def test_estimate_matches_each_adapter_type_and_optimizer(small_chroma, shapes_d
     [
         {"use_ema": True},
         {"scheduled_sampling_max_step_offset": 2, "scheduled_sampling_probability": 1.0},
+        # LoHa draws a random number in training mode, which the rollouts switch back on
+        {"scheduled_sampling_max_step_offset": 2, "scheduled_sampling_probability": 1.0, "lora_type": "loha"},
         {"caption_dropout_probability": 0.5},
         {"gradient_accumulation_steps": 2},
     ],
-    ids=["ema", "rollout", "caption-dropout", "accumulation"],
+    ids=["ema", "rollout", "rollout-loha", "caption-dropout", "accumulation"],
 )
 def test_estimate_matches_each_training_method(small_chroma, shapes_dir, tmp_path, method):
     """The estimate runs the run's own optimizer step, so what a method adds to a step is counted."""

@@ -269,9 +269,7 @@ def test_the_int8_fix_registers_where_torch_refuses_to_override_by_default(monke
     monkeypatch.setattr(torch.library.Library, "impl", refusing)
     with pytest.raises(RuntimeError, match="already a kernel registered from python"):
         torch.library.Library("quanto", "IMPL").impl("qbytes_mm", lambda *a: None, "CPU")
-    monkeypatch.setattr(quantizer, "_OVERRIDE", [])
-    quantizer.avoid_int8pack_on_cpu()
-    assert quantizer._OVERRIDE
+    assert isinstance(quantizer.register_portable_cpu_kernel(), torch.library.Library)
 
 
 def test_fp8_layers_take_their_input_in_the_autocast_dtype_as_a_plain_linear_does():

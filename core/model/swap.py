@@ -77,7 +77,7 @@ class BlockSwap:
     """Swaps the frozen weights of ``blocks`` (in run order) between host memory and ``device``."""
 
     def __init__(self, blocks: list[torch.nn.Module], device: torch.device | str):
-        self.device = torch.device(device)
+        self.device = torch.empty(0, device=device).device  # cpu:0 is cpu; cuda is cuda:N
         self.blocks = blocks
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -275,6 +275,26 @@ def swap_blocks(model: torch.nn.Module, count: int, device: torch.device | str, 
     swapper = BlockSwap(swapped, device)
     model.tuner_block_swap = swapper  # found by weights_in_place
     return swapper
+
+
+def move_unswapped(model: torch.nn.Module, device: torch.device | str) -> None:
+    """``model.to(device)`` for everything but the swapped blocks' frozen weights, which are on the
+    device already with their storages emptied: ``Module.to`` would copy them (it copies even to the
+    same device named otherwise, ``cpu:0`` for ``cpu`` as accelerate names a process's CPU), and a
+    copy of an emptied storage reads freed memory."""
+    swapper = getattr(model, "tuner_block_swap", None)
+    if swapper is None:
+        model.to(device)
+        return
+    target = torch.empty(0, device=device).device  # "cpu:0" is "cpu", "cuda" the current cuda:N
+    swapped = {id(p) for block in swapper.blocks for p in _frozen_tensors(block)}
+
+    def moved(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if id(tensor) in swapped or tensor.device == target else tensor.to(target)
+
+    # Module.to is _apply with a conversion; with this one, torch's own handling of parameters
+    # (tensor subclasses, gradients, identity kept) applies to everything else
+    model._apply(moved)  # noqa: SLF001
 
 
 @contextmanager

@@ -221,14 +221,15 @@ def render(
     if lora:
         apply_lora(transformer, lora, host.family, scale, quantized=config.base_model_precision != NO_QUANTIZATION)
     if swap:  # the swapped blocks' weights stay in host memory, brought in block by block
-        from tuner.core.model.swap import swap_blocks
+        from tuner.core.model.swap import move_unswapped, swap_blocks
 
         swap_blocks(transformer, swap, device, config.error)
-        transformer.to(device)
+        move_unswapped(transformer, device)
     if config.mixed_precision != "no":  # as in training, whose validation this reproduces: accelerate
         from tuner.core.training.runtime import new_accelerator  # runs the model under autocast, hands back fp32
 
-        transformer = new_accelerator(config.mixed_precision).prepare_model(transformer, evaluation_mode=True)
+        accelerator = new_accelerator(config.mixed_precision)  # placed above (swapped storages must not be copied)
+        transformer = accelerator.prepare_model(transformer, device_placement=False, evaluation_mode=True)
     vae, scheduler = load("vae").to(device), load("scheduler")
     request = ValidationRequest(
         transformer=transformer.eval(),

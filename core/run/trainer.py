@@ -32,7 +32,7 @@ from tuner.core.host import events
 from tuner.core.io import folder_problem
 from tuner.core.model.hub import check_model_folder
 from tuner.core.model.lora import lora_parameters
-from tuner.core.model.swap import swap_blocks
+from tuner.core.model.swap import move_unswapped, swap_blocks
 from tuner.core.outputs.export import save_final
 from tuner.core.outputs.resume import Checkpoints
 from tuner.core.outputs.runinfo import OutputLock, RunRecord, forget_untrained_run, read_run, settle_output_dir
@@ -297,12 +297,13 @@ class Trainer:
             ctx.warn("blocks_to_swap: on a CPU the weights stay in RAM either way; swapping saves nothing here")
         if config.activation_offload and ctx.device.type == "cpu":
             ctx.warn("activation_offload: on a CPU activations are in RAM either way; offloading saves nothing here")
-        transformer.to(ctx.device)  # what is not swapped (a swapped block's weights stay in host memory)
+        move_unswapped(transformer, ctx.device)  # a swapped block's weights stay in host memory
         transformer.train()
         params = lora_parameters(transformer)
         optimizer = build_optimizer(ctx.host, config, params)
         lr_scheduler = build_lr_scheduler(config, optimizer)
-        wrapped, optimizer = ctx.accelerator.prepare(transformer, optimizer)
+        # placed above (accelerate's own .to() would copy the swapped blocks' emptied storages)
+        wrapped, optimizer = ctx.accelerator.prepare(transformer, optimizer, device_placement=[False, True])
         self.state = TrainState(
             model=ctx.accelerator.unwrap_model(wrapped),
             wrapped=wrapped,

@@ -48,8 +48,13 @@ def avoid_int8pack_on_cpu() -> None:
     activations' dtype. The CPU implementation of its ``quanto::qbytes_mm`` op is replaced, once,
     by the library's own portable path (dequantize, then matmul); CUDA and MPS keep theirs
     (tests/test_quantization.py::test_quanto_int8_crash_on_cpu shows the crash and the fix)."""
-    if _OVERRIDE:
-        return
+    if not _OVERRIDE:
+        _OVERRIDE.append(register_portable_cpu_kernel())
+
+
+def register_portable_cpu_kernel() -> torch.library.Library:
+    """Register quanto's portable ``qbytes_mm`` as the op's CPU kernel; returns the registration
+    (keep it alive: the kernel lives as long as it does)."""
     import optimum.quanto.library.qbytes_mm as kernels
 
     def portable(activations: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -66,4 +71,4 @@ def avoid_int8pack_on_cpu() -> None:
         # kernel unless asked (``allow_override`` defaults to False there, True from 2.13): seen
         # on the GPU machine, where every int8 and fp8 run stopped here
         library.impl("qbytes_mm", portable, "CPU", allow_override=True)
-    _OVERRIDE.append(library)
+    return library
