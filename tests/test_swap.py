@@ -198,10 +198,23 @@ def test_adapters_that_read_the_base_weight_save_and_self_test_with_swapped_bloc
     tiny_chroma, shapes_dir, tmp_path, kind
 ):
     """DoRA reads the base weight and LoKr/LoHa its shape when the files are written and self-tested:
-    the swapped blocks are brought in for that, and the saved files reload as trained."""
+    DoRA's reads bring in one swapped block at a time (never the whole base, as a save on a small
+    card could not hold it), LoKr's none, and the saved files reload as trained."""
+    from tuner.core.model.swap import BlockSwap
+
+    most = []
+    bring_in = BlockSwap.bring_in
+
+    def counted(self, index, prefetch=False):
+        bring_in(self, index, prefetch)
+        most.append(len(self.resident))
+
     settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "max_train_steps": 2, "lora_type": kind}
-    result, _, _ = train({**settings, "blocks_to_swap": 3, "lora_format": "all"})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BlockSwap, "bring_in", counted)
+        result, _, _ = train({**settings, "blocks_to_swap": 3, "lora_format": "all"})
     assert result.lora_files  # written, reread by each format's reader and compared: the self-test passed
+    assert max(most) <= 2  # the one computing and the one copied in, or the one a save reads
 
 
 def test_a_quantized_weight_viewing_a_larger_buffer_gets_memory_of_its_own_and_is_freed():
@@ -219,3 +232,52 @@ def test_a_quantized_weight_viewing_a_larger_buffer_gets_memory_of_its_own_and_i
     assert buffer.untyped_storage().nbytes() == 128  # the buffer is left whole
     assert weight._scale.untyped_storage().nbytes() == 0 and weight._data.untyped_storage().nbytes() == 0
     assert torch.equal(net(x), expected)
+
+
+def test_validation_during_a_run_swaps_validation_blocks_to_swap_and_renders_the_same(
+    tiny_chroma, shapes_dir, tmp_path
+):
+    """``validation_blocks_to_swap: 1`` of ``blocks_to_swap: 3``: validation keeps two blocks in place
+    while it renders (the same images as swapping all three), training swaps three again after it;
+    the estimate's validation phase holds those two more blocks, its training phase does not."""
+    from PIL import Image
+
+    from tuner.core.estimate import estimate
+    from tuner.core.model.swap import BlockSwap
+
+    from .conftest import make_config, make_host
+
+    held = []
+    holding = BlockSwap.holding
+
+    def recorded(self, count):
+        held.append(count)
+        return holding(self, count)
+
+    def settings(name, **extra):
+        return {
+            **base_settings(tiny_chroma, shapes_dir, tmp_path / name),
+            "max_train_steps": 2,
+            "blocks_to_swap": 3,
+            "validation_prompts": ["a red circle"],
+            "validation_num_inference_steps": 2,
+            **extra,
+        }
+
+    full, _, _ = train(settings("full"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BlockSwap, "holding", recorded)
+        fewer, _, _ = train(settings("fewer", validation_blocks_to_swap=1))
+    assert held == [2] and fewer.losses == full.losses
+    images = [sorted(d.glob("*.png")) for d in (full.validation_dirs[-1], fewer.validation_dirs[-1])]
+    assert len(images[0]) == len(images[1]) > 0
+    for a, b in zip(*images, strict=True):
+        assert Image.open(a).tobytes() == Image.open(b).tobytes()
+    host = make_host()
+
+    def phases(**extra):
+        found = estimate(host, make_config(host, settings("estimate", **extra)), "cuda")
+        return found.phase("train").device, found.phase("validate").device
+
+    (train_all, validate_all), (train_fewer, validate_fewer) = phases(), phases(validation_blocks_to_swap=1)
+    assert train_fewer == train_all and validate_fewer > validate_all

@@ -65,6 +65,9 @@ class Trace:
     # the device at once (the one computing and the one being copied in)
     swapped: int = 0
     swapped_resident: int = 0
+    # validation_blocks_to_swap: validation during the run swaps fewer (the rest stays on the device)
+    validation_swapped: int = 0
+    validation_resident: int = 0
 
 
 def estimate(host: PluginHost, config: Config, device_type: str | None = None) -> Estimate:
@@ -152,8 +155,19 @@ def estimate_precisions(
                 trace, settings = traces[active, base.keeps_inputs]
                 for count in counts:
                     swapped, resident = swapped_bytes(base, count)
+                    shown_count = (
+                        count if config.validation_blocks_to_swap is None else config.validation_blocks_to_swap
+                    )
+                    validation = swapped_bytes(base, min(shown_count, count))
                     phases = [*cachings[offload], *trace.phases]
-                    variant = replace(trace, phases=phases, swapped=swapped, swapped_resident=resident)
+                    variant = replace(
+                        trace,
+                        phases=phases,
+                        swapped=swapped,
+                        swapped_resident=resident,
+                        validation_swapped=validation[0],
+                        validation_resident=validation[1],
+                    )
                     shown = {
                         **settings,
                         "offload_during_startup": offload,
@@ -499,15 +513,21 @@ def assemble(family, source, device_type, settings, trace: Trace, base: BaseWeig
         phases.append(Phase("load + quantize", 0, baseline + base.stored + block, parts))
     for traced in trace.phases:
         if traced.name in ("train", "validate"):
-            # swapped blocks (on an accelerator): on the device two at a time, in RAM all, as stored
-            swap = trace.swapped if not on_cpu else 0
-            weights = base.stored - swap + (trace.swapped_resident if swap else 0)
+            # swapped blocks (on an accelerator): on the device two at a time, in RAM all, as stored;
+            # validation may swap fewer (validation_blocks_to_swap)
+            validating = traced.name == "validate"
+            swap = 0 if on_cpu else trace.validation_swapped if validating else trace.swapped
+            resident = trace.validation_resident if validating else trace.swapped_resident
+            weights = base.stored - swap + (resident if swap else 0)
             device = traced.device + weights + base.dequantized
             parts = {("weights (swapped blocks: two at a time)" if swap else "weights"): weights, **traced.parts}
             if base.dequantized:
                 parts["dequantized layer"] = base.dequantized
             # activation offload: what blocks save for backward waits in RAM (traced.ram)
-            phases.append(Phase(traced.name, device, baseline + traced.ram + (device if on_cpu else swap), parts))
+            # RAM: the host copies of every swapped block, whichever are in place on the device
+            phases.append(
+                Phase(traced.name, device, baseline + traced.ram + (device if on_cpu else trace.swapped), parts)
+            )
         else:  # caching: the encoders' weights pass through RAM (and stay there when offloaded)
             ram = baseline + (max(traced.device, traced.ram) if on_cpu else traced.ram)
             phases.append(Phase(traced.name, traced.device, ram, traced.parts))

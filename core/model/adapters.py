@@ -52,9 +52,12 @@ def base_weight(layer: torch.nn.Module) -> torch.Tensor:
 
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
     from tuner.core.fixes import dequantized
+    from tuner.core.model.swap import block_in_place
 
-    # bitsandbytes' weights through peft's helper, tensor subclasses (optimum-quanto) by their own method
-    return dequantized(dequantize_module_weight(base)).detach().float()
+    with block_in_place(base):  # a swapped block's weights: brought in for this read alone
+        # bitsandbytes' weights through peft's helper, tensor subclasses (optimum-quanto) by their
+        # own method; a copy, since the storage read may be emptied again
+        return dequantized(dequantize_module_weight(base)).detach().float().clone()
 
 
 def trained_deltas(model: torch.nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:

@@ -32,9 +32,10 @@ storage raises). On CUDA the copy of the next block runs on a side stream while 
 computes, and the compute stream waits on an event before it reads the block. At most two swapped
 blocks are resident at a time: the one computing and the one being prefetched.
 
-What reads base weights outside a forward (the LoRA files' export and self-test) holds every
-swapped block in place meanwhile (:func:`weights_in_place`): on a GPU that
-is the whole base once, at each save; reading block by block there is still to do.
+What reads base weight values outside a forward (a DoRA's export and self-test, through
+:func:`tuner.core.model.adapters.base_weight`) brings in the one block it reads
+(:func:`block_in_place`); LoRA, LoKr and LoHa files need the weights' shapes only, which an
+emptied storage keeps. A save never holds more than one swapped block beyond the run's own.
 """
 
 from __future__ import annotations
@@ -87,11 +88,14 @@ class BlockSwap:
         self.resident: set[int] = set()
         self.ready: dict[int, Any] = {}  # index -> the CUDA event its copy recorded
         self.in_backward: int | None = None  # the block whose backward runs (its recomputation keeps it)
+        self.held: set[int] = set()  # kept in place meanwhile (validation swapping fewer blocks)
         self.pinned = True
         for index, block in enumerate(blocks):
             self.host.append(self._take_over(block))
             self.resident.add(index)
-            self._release(index)
+            self.release(index)
+            for module in block.modules():  # found by block_in_place (a base weight read outside a forward)
+                module.tuner_swapped_block = (self, index)
             block.register_forward_pre_hook(self._before_forward(index))
             block.register_forward_hook(self._after_forward(index))
 
@@ -128,7 +132,7 @@ class BlockSwap:
                 self.pinned = False
         return tensor.to("cpu", copy=True)  # on a CPU too: the device's bytes are freed below
 
-    def _bring_in(self, index: int, prefetch: bool = False) -> None:
+    def bring_in(self, index: int, prefetch: bool = False) -> None:
         if index in self.resident:
             return
         if self.stream is not None:
@@ -156,10 +160,10 @@ class BlockSwap:
         for on_device, _ in self.host[index]:
             on_device.record_stream(compute)  # freed only once compute is done with it
 
-    def _release(self, index: int) -> None:
+    def release(self, index: int) -> None:
         """Free the block's weight bytes in place: every tensor viewing them (the parameters, and
         whatever a library's autograd function kept of them for backward) reads nothing meanwhile."""
-        if index not in self.resident:
+        if index not in self.resident or index in self.held:
             return
         for on_device, _ in self.host[index]:
             on_device.untyped_storage().resize_(0)
@@ -168,13 +172,13 @@ class BlockSwap:
 
     def _use(self, index: int, following: int | None) -> None:
         """Block ``index`` computes now: bring it in, let go of the others, start copying ``following``."""
-        self._bring_in(index)
+        self.bring_in(index)
         self._wait(index)
         for other in list(self.resident):
             if other not in (index, following):
-                self._release(other)
+                self.release(other)
         if following is not None and 0 <= following < len(self.blocks):
-            self._bring_in(following, prefetch=True)
+            self.bring_in(following, prefetch=True)
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -188,7 +192,7 @@ class BlockSwap:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
             if self.in_backward == index:
                 return None  # its recomputation in backward: it computes on
-            self._release(index)
+            self.release(index)
             if not torch.is_grad_enabled():
                 return None
             return _mark_outputs(output, self, index)
@@ -205,18 +209,34 @@ class BlockSwap:
     def _backward_ends(self) -> None:
         self.in_backward = None
         for index in list(self.resident):
-            self._release(index)
+            self.release(index)
+
+    @contextmanager
+    def holding(self, count: int) -> Iterator[None]:
+        """The first ``count`` swapped blocks stay in place meanwhile: validation during a run swaps
+        only ``validation_blocks_to_swap`` of the run's ``blocks_to_swap`` (inference holds no
+        gradients, so it often has room for more)."""
+        indices = set(range(min(max(count, 0), len(self.blocks)))) - self.held
+        for index in sorted(indices):
+            self.bring_in(index)
+        self.held |= indices
+        try:
+            yield
+        finally:
+            self.held -= indices
+            for index in indices:
+                self.release(index)
 
     @contextmanager
     def all_resident(self) -> Iterator[None]:
         """Every swapped block's weights in place (code that reads base weights outside a forward)."""
         for index in range(len(self.blocks)):
-            self._bring_in(index)
+            self.bring_in(index)
         try:
             yield
         finally:
             for index in list(self.resident):
-                self._release(index)
+                self.release(index)
 
     def resident_bytes(self) -> int:
         """Bytes of swapped blocks' weights on the device now (measured on the storages themselves)."""
@@ -298,13 +318,19 @@ def move_unswapped(model: torch.nn.Module, device: torch.device | str) -> None:
 
 
 @contextmanager
-def weights_in_place(model: torch.nn.Module) -> Iterator[None]:
-    """The base weights of ``model`` readable for what runs outside a block's forward (the LoRA
-    files' export and self-test: peft's LoHa and LoKr build their change in the weight's shape,
-    DoRA reads the weight): with block swap, every swapped block brought in for the time being."""
-    swapper = getattr(model, "tuner_block_swap", None)
-    if swapper is None:
+def block_in_place(module: torch.nn.Module) -> Iterator[None]:
+    """``module``'s weights readable outside its block's forward (an export reading a DoRA layer's
+    base weight): when it lies in a swapped block, that block alone is brought in meanwhile, so a
+    save reads the base one block at a time. A no-op for every other module."""
+    where = getattr(module, "tuner_swapped_block", None)
+    if where is None:
         yield
         return
-    with swapper.all_resident():
+    swapper, index = where
+    was_resident = index in swapper.resident
+    swapper.bring_in(index)
+    try:
         yield
+    finally:
+        if not was_resident:
+            swapper.release(index)

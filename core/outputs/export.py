@@ -15,7 +15,6 @@ from tuner.core.config.values import model_source
 from tuner.core.errors import TunerError
 from tuner.core.io import save_safetensors
 from tuner.core.model.lora import export_from, file_metadata
-from tuner.core.model.swap import weights_in_place
 
 if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.training.state import RunContext
@@ -63,11 +62,11 @@ def lora_files(
     export = export_from(model, ctx.config, training_record(ctx, targets, step), ctx.host.family.lora_alpha_in)
     metadata = file_metadata(export)
     formats = ctx.host.lora_formats
-    with weights_in_place(model):  # a fused layout may read base weights (a DoRA's dora_scale)
-        return {
-            name: {file: (tensors, metadata) for file, tensors in formats[name].export(export, model).items()}
-            for name in ctx.config.lora_format
-        }
+    # a fused layout may read base weights (a DoRA's dora_scale): base_weight brings a swapped block in
+    return {
+        name: {file: (tensors, metadata) for file, tensors in formats[name].export(export, model).items()}
+        for name in ctx.config.lora_format
+    }
 
 
 def save_final(
@@ -93,6 +92,5 @@ def save_final(
             ]
     except OSError as exc:
         raise TunerError(f"cannot write the LoRA to {folder}: {exc}; {last_good()} in {folder} is intact") from None
-    with weights_in_place(model):  # the trained changes are read with the base weights (DoRA, LoKr shapes)
-        self_test(ctx.host, model, written)
+    self_test(ctx.host, model, written)  # DoRA's base weights through base_weight, a block at a time
     return [path for paths in written.values() for path in paths]

@@ -247,10 +247,14 @@ class Trainer:
     def validate(self, validator: Validator, state: TrainState, step: int) -> list[Path]:
         """Validation images, rendered with the EMA weights under ``validation_use_ema`` (the
         trained weights are back in the model afterwards)."""
-        if state.ema is not None and self.config.validation_use_ema:
-            with state.ema.applied(state.model):
-                return validator.run(state.model, step)
-        return validator.run(state.model, step)
+        held = 0
+        if self.swap is not None and self.config.validation_blocks_to_swap is not None:
+            held = self.config.blocks_to_swap - min(self.config.validation_blocks_to_swap, self.config.blocks_to_swap)
+        with self.swap.holding(held) if held else nullcontext():  # validation swaps fewer blocks
+            if state.ema is not None and self.config.validation_use_ema:
+                with state.ema.applied(state.model):
+                    return validator.run(state.model, step)
+            return validator.run(state.model, step)
 
     # -- setup --------------------------------------------------------------------------------
 

@@ -128,8 +128,9 @@ KEYS = in_group(
             "validation_blocks_to_swap",
             "int",
             None,
-            "Blocks `tuner sample` swaps (it holds no gradients or optimizer state, so it often needs fewer); "
-            "unset: blocks_to_swap. Validation during a run uses the run's own swap.",
+            "Blocks validation swaps, during a run (at most blocks_to_swap; the others stay on the GPU while "
+            "it renders) and in `tuner sample` (inference holds no gradients, so it often has room for more); "
+            "unset: blocks_to_swap.",
             nullable=True,
             minimum=0,
             maximum=1000,
