@@ -365,7 +365,7 @@ def _print_plans(host: Any, cfg: Any, device: str | None, budget: str | None, as
     else:
         typer.echo(plans[0].estimate.table().splitlines()[0] if plans else "no plan")
         typer.echo(plan_table(plans))
-        typer.echo("step: relative step time by a cost model of published figures (tuner.core.estimate.plan)")
+        typer.echo("step: relative step time by a cost model measured on one H200 (tuner.core.estimate.plan)")
     if wanted is not None and chosen is None:
         smallest = min(plans, key=lambda p: p.estimate.plan_device)
         raise ConfigError(
