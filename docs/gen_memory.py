@@ -32,13 +32,13 @@ set yourself is a constraint, never changed. `tuner estimate --plan --budget 12G
 plan and the one it would choose, without training.
 
 The tables below are the plans chosen for the real Chroma 1 (8.9B parameters; the bundled config
-files, no weights) at 1024 px, batch 1, rank 16, bf16 mixed precision, gradient checkpointing, on
-a CUDA card. *Plan for* is the estimated device memory with the estimate's margin (10% for the
+files, no weights) at 1024 px, batch 1, rank 16, bf16 mixed precision, on a CUDA card. *Plan for* is the estimated device memory with the estimate's margin (10% for the
 caching allocator and 0.5 GiB for the CUDA context); *system RAM* is the estimated peak of the
-training process. *Step* is the step time against the same run with a bf16 base and nothing
-offloaded, from the cost model in `tuner.core.estimate.plan`, whose constants were measured on one
-H200 (`benchmarks/gpu.py --tiers`; docs/benchmarks.md, "Memory tiers"): the estimate's figures are
-estimates, the slow-downs are measurements on that card carried to others.
+training process. *Step* is the step time against the same run with a bf16 base, gradient
+checkpointing and nothing offloaded, from the cost model in `tuner.core.estimate.plan`, whose
+constants were measured on one H200 (`benchmarks/gpu.py --tiers`; docs/benchmarks.md, "Memory
+tiers") except checkpointing's, which is arithmetic (x0.75 without it: one forward fewer): the
+estimate's figures are estimates, the slow-downs measurements on that card carried to others.
 """
 
 MEASURED = """## Measured on a GPU
@@ -73,8 +73,9 @@ def table(plans, host_memory: int | None = None) -> list[str]:
     from tuner.core.estimate.report import size
 
     lines = [
-        "| card | precision | blocks swapped | activations | encoders while caching | plan for | system RAM | step |",
-        "|---|---|---|---|---|---|---|---|",
+        "| card | precision | checkpointing | blocks swapped | activations | encoders while caching | plan for "
+        "| system RAM | step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for budget in BUDGETS:
         for plan in plans:
@@ -84,11 +85,12 @@ def table(plans, host_memory: int | None = None) -> list[str]:
             fit = [p for p in plans if p.estimate.plan_device <= budget * GiB] or plans
             least = min(p.estimate.peak_ram for p in fit)
             lines.append(f"| {budget} GB | nothing fits (the plans that would need {size(least)} of system RAM or more) "
-                         "| | | | | | |")  # fmt: skip
+                         "| | | | | | | |")  # fmt: skip
             continue
         keys, blocks = chosen.settings, chosen.estimate.settings["transformer_blocks"]
         lines.append(
-            f"| {budget} GB | {keys['base_model_precision']} | {keys['blocks_to_swap']} of {blocks} | "
+            f"| {budget} GB | {keys['base_model_precision']} | {'on' if keys['gradient_checkpointing'] else 'off'} | "
+            f"{keys['blocks_to_swap']} of {blocks} | "
             f"{'in RAM' if keys['activation_offload'] else 'on the card'} | "
             f"{'in RAM' if keys['offload_during_startup'] else 'on the card'} | {size(chosen.estimate.plan_device)} | "
             f"{size(chosen.estimate.peak_ram)} | {chosen.relative_step_time:.2f}x |"

@@ -363,7 +363,9 @@ def _print_plans(host: Any, cfg: Any, device: str | None, budget: str | None, as
     if as_json:
         typer.echo(json.dumps([p.to_dict() for p in plans], indent=1))
     else:
-        typer.echo(plans[0].estimate.table().splitlines()[0] if plans else "no plan")
+        # the header describes the run as configured (the plan with the config's own values)
+        as_set = next((p for p in plans if all(p.settings[k] == cfg.get(k) for k in p.settings)), None)
+        typer.echo((as_set or plans[0]).estimate.table().splitlines()[0] if plans else "no plan")
         typer.echo(plan_table(plans))
         typer.echo("step: relative step time by a cost model measured on one H200 (tuner.core.estimate.plan)")
     if wanted is not None and chosen is None:

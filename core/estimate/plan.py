@@ -1,10 +1,11 @@
 """Memory plans (``tuner estimate --plan``): the settings that trade memory for time, each estimated,
 and the fastest one that fits a budget.
 
-A plan sets ``base_model_precision``, ``blocks_to_swap``, ``activation_offload`` and
-``offload_during_startup``; a key the user set is a constraint, never varied. Each plan's peak comes
-from the estimate (one trace per caching setting and per activation offload value; precisions and
-swapped blocks are arithmetic on it). Its relative step time comes from a cost model whose
+A plan sets ``base_model_precision``, ``gradient_checkpointing``, ``blocks_to_swap``,
+``activation_offload`` and ``offload_during_startup``; a key the user set is a constraint, never
+varied. Each plan's peak comes from the estimate (one trace per caching setting, per
+checkpointing and per activation offload value; precisions and swapped blocks are arithmetic on
+it). Step times are relative to a bf16 base with checkpointing and nothing offloaded. Its relative step time comes from a cost model whose
 constants were measured by ``benchmarks/gpu.py --tiers`` on one H200 (2026-12-04: the real Chroma,
 1024 px, rank 16, gradient checkpointing, bf16; docs/benchmarks.md):
 
@@ -16,7 +17,13 @@ constants were measured by ``benchmarks/gpu.py --tiers`` on one H200 (2026-12-04
   compute (SimpleTuner, which does not overlap, publishes +15 / 35 / 65 %). The slope keeps
   fewer swapped blocks first among plans that fit alike; a slower link or a lower resolution
   (less compute per copied byte) would cost more;
-* ``activation_offload``: x1.06 (measured; 1.4 GiB less at 1024 px with checkpointing);
+* ``activation_offload``: x1.06 (measured with checkpointing; 1.4 GiB less at 1024 px). Without
+  checkpointing every saved activation crosses the link twice a step (about 26 GiB for Chroma at
+  1024 px), which no measurement here prices: that combination is a plan only when you set both;
+* ``gradient_checkpointing: false``: x0.75, from arithmetic rather than a measurement: per-block
+  checkpointing recomputes each block's forward in backward, one forward more on top of a forward
+  and a backward that costs two (SimpleTuner's Chroma sweep shows x0.36 for its per-layer
+  checkpointing; the GPU benchmark's ``--no-checkpointing`` is to measure tuner's);
 * ``offload_during_startup``: x1 (it slows caching only, which runs once).
 """
 
@@ -33,10 +40,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.config.values import Config
     from tuner.core.host.manager import PluginHost
 
-PLAN_KEYS = ("base_model_precision", "blocks_to_swap", "activation_offload", "offload_during_startup")
+PLAN_KEYS = (
+    "base_model_precision",
+    "gradient_checkpointing",
+    "blocks_to_swap",
+    "activation_offload",
+    "offload_during_startup",
+)
 QUANTIZED_STEP = 1.34
 SWAP_STEP_PER_FRACTION = 0.05
 ACTIVATION_OFFLOAD_STEP = 1.06
+NO_CHECKPOINTING_STEP = 0.75
 SWAP_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -68,6 +82,7 @@ def memory_plans(host: PluginHost, config: Config, device_type: str | None = Non
     )
     offloads = [bool(config.offload_during_startup)] if "offload_during_startup" in fixed else [False, True]
     activations = [bool(config.activation_offload)] if "activation_offload" in fixed else [False, True]
+    checkpointings = [bool(config.gradient_checkpointing)] if "gradient_checkpointing" in fixed else [True, False]
     swaps: dict[str, Any] = (
         {"swap_counts": [config.blocks_to_swap]}
         if "blocks_to_swap" in fixed
@@ -75,9 +90,19 @@ def memory_plans(host: PluginHost, config: Config, device_type: str | None = Non
     )
     plans = []
     found = estimate_precisions(
-        host, config, precisions, device_type, offloads=offloads, activation_offloads=activations, **swaps
+        host,
+        config,
+        precisions,
+        device_type,
+        offloads=offloads,
+        activation_offloads=activations,
+        checkpointings=checkpointings,
+        **swaps,
     )
     for estimate in found:
+        if estimate.settings["activation_offload"] and not estimate.settings["gradient_checkpointing"]:
+            if not {"activation_offload", "gradient_checkpointing"} <= fixed:
+                continue  # every saved activation over the link each step: its cost is not measured
         settings = {key: estimate.settings[key] for key in PLAN_KEYS if key != "base_model_precision"}
         settings = {"base_model_precision": estimate.precision, **settings}
         plans.append(Plan(settings, estimate, relative_step_time(host, estimate)))
@@ -87,13 +112,15 @@ def memory_plans(host: PluginHost, config: Config, device_type: str | None = Non
 
 
 def relative_step_time(host: PluginHost, estimate: Estimate) -> float:
-    """The plan's step time against the same run unquantized, nothing offloaded (the cost model above)."""
+    """The plan's step time against the same run unquantized, checkpointed, nothing offloaded (the
+    cost model above)."""
     settings, precision = estimate.settings, estimate.precision
     slower = 1.0
     if precision != NO_QUANTIZATION:
         measured = host.precisions[precision].step_time
         slower *= measured if measured is not None else QUANTIZED_STEP
     slower *= 1 + SWAP_STEP_PER_FRACTION * settings["blocks_to_swap"] / max(settings["transformer_blocks"], 1)
+    slower *= 1.0 if settings["gradient_checkpointing"] else NO_CHECKPOINTING_STEP
     return slower * (ACTIVATION_OFFLOAD_STEP if settings["activation_offload"] else 1.0)
 
 
@@ -112,12 +139,14 @@ def plan_table(plans: list[Plan]) -> str:
     from tuner.core.estimate.report import size
 
     lines = [
-        f"  {'precision':<14}{'swap':>6}{'activations':>13}{'startup':>9}{'plan for':>12}{'system RAM':>12}{'step':>7}"
+        f"  {'precision':<14}{'checkpoint':>11}{'swap':>6}{'activations':>13}{'startup':>9}{'plan for':>12}"
+        f"{'system RAM':>12}{'step':>7}"
     ]
     for plan in plans:
         keys = plan.settings
         lines.append(
-            f"{'*' if plan.chosen else ' '} {keys['base_model_precision']:<14}{keys['blocks_to_swap']:>6}"
+            f"{'*' if plan.chosen else ' '} {keys['base_model_precision']:<14}"
+            f"{'yes' if keys['gradient_checkpointing'] else 'no':>11}{keys['blocks_to_swap']:>6}"
             f"{'to RAM' if keys['activation_offload'] else 'kept':>13}"
             f"{'offload' if keys['offload_during_startup'] else 'kept':>9}{size(plan.estimate.plan_device):>12}"
             f"{size(plan.estimate.peak_ram):>12}{plan.relative_step_time:>6.2f}x"

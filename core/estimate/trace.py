@@ -84,13 +84,15 @@ def estimate_precisions(
     swap_fractions: list[float] | None = None,
     offloads: list[bool] | None = None,
     activation_offloads: list[bool] | None = None,
+    checkpointings: list[bool] | None = None,
 ) -> list[Estimate]:
     """One estimate per base precision (and, with ``swap_counts``, per number of swapped blocks for
     each, precision-major: swapping is arithmetic on the traced phases; ``swap_fractions``: those
     fractions of the model's blocks, each count once; ``offloads``: each ``offload_during_startup``
     value, outermost, its caching phases traced once each; ``activation_offloads``: each
-    ``activation_offload`` value, inside those). The caching phases are traced once; the training
-    step once per activation offload value and distinct behaviour of quantized layers (whether
+    ``activation_offload`` value, inside those; ``checkpointings``: each ``gradient_checkpointing``
+    value, inside those). The caching phases are traced once; the training step once per
+    checkpointing and activation offload value and distinct behaviour of quantized layers (whether
     their backend keeps inputs for backward)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -139,20 +141,23 @@ def estimate_precisions(
         view = config.derive({"offload_during_startup": offload})
         cachings[offload], latent_shape, vae = trace_caching(host, view, files, components, dtype, mode)
     activations = [bool(config.activation_offload)] if activation_offloads is None else activation_offloads
+    checkpointed = [bool(config.gradient_checkpointing)] if checkpointings is None else checkpointings
+    steps = [(active, checkpointing) for active in activations for checkpointing in checkpointed]
     traces, estimates = {}, []
     baseline = process_rss()
-    for active in activations:
-        view = config.derive({"activation_offload": active})
+    for step in steps:
+        view = config.derive({"activation_offload": step[0], "gradient_checkpointing": step[1]})
         for base in bases:
-            if (active, base.keeps_inputs) not in traces:
+            if (step, base.keeps_inputs) not in traces:
                 trace = Trace(traced_weights, largest_block, checkpoint_bytes)
                 model = transformer if not traces else denoiser()  # the LoRA changes the model it traces
                 settings = trace_training(host, view, model, latent_shape, vae, dtype, mode, base.keeps_inputs, trace)
-                traces[active, base.keeps_inputs] = (trace, settings)
+                traces[step, base.keeps_inputs] = (trace, settings)
     for offload in offloads:
-        for active in activations:
+        for step in steps:
+            active = step[0]
             for base in bases:
-                trace, settings = traces[active, base.keeps_inputs]
+                trace, settings = traces[step, base.keeps_inputs]
                 for count in counts:
                     swapped, resident = swapped_bytes(base, count)
                     shown_count = (

@@ -54,7 +54,7 @@ def apply_memory_budget(ctx: RunContext) -> None:
     ctx.log(
         f"memory_budget {size(budget)}: {_keys(chosen.settings)}: plan for {size(chosen.estimate.plan_device)} "
         f"(peak {size(chosen.estimate.peak_device)} of tensors), about {chosen.relative_step_time:.2f}x the step "
-        "time of the same run without offload or quantization (a cost model: tuner.core.estimate.plan)"
+        "time of the same run checkpointed in bf16 with nothing offloaded (a cost model: tuner.core.estimate.plan)"
     )
 
 
