@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from tuner.core.cli import app
 from tuner.core.config.keys.model import parse_budget
 from tuner.core.errors import ConfigError
-from tuner.core.estimate.plan import choose, memory_plans
+from tuner.core.estimate.plan import choose, kept_in_place, memory_plans, validation_swap
 
 from .conftest import REPO, base_settings, make_config, make_host
 
@@ -108,6 +108,8 @@ def test_the_real_chromas_plans_in_bf16_fit_their_budgets_and_more_memory_is_nev
             "mixed_precision": "bf16",
             "base_model_precision": "no_change",
             "gradient_checkpointing": True,  # one dimension fewer to trace (the tiny model's test varies it)
+            "activation_offload": False,  # likewise
+            "validation_prompts": ["a red circle"],
             "data_dir": str(REPO / "examples" / "data" / "shapes"),
         },
     )
@@ -122,7 +124,14 @@ def test_the_real_chromas_plans_in_bf16_fit_their_budgets_and_more_memory_is_nev
         assert chosen.estimate.plan_device <= budget * GiB
         times.append(chosen.relative_step_time)
     assert times == sorted(times, reverse=True) and times[-1] == 1.0  # 80 GiB: nothing swapped
-    assert choose(plans, 16 * GiB).settings["blocks_to_swap"] > 0  # bf16 Chroma in 16 GiB: by swapping
+    chosen = choose(plans, 16 * GiB)
+    assert chosen.settings["blocks_to_swap"] > 0  # bf16 Chroma in 16 GiB: by swapping
+    # validation holds no gradients or optimizer state: it keeps more blocks in place, as many as fit
+    fewer = validation_swap(chosen, 16 * GiB)
+    validate = chosen.estimate.phase("validate").device
+    assert fewer < chosen.settings["blocks_to_swap"]
+    assert chosen.estimate.plan(validate + kept_in_place(chosen.estimate, fewer)) <= 16 * GiB
+    assert fewer == 0 or chosen.estimate.plan(validate + kept_in_place(chosen.estimate, fewer - 1)) > 16 * GiB
 
 
 def test_memory_budget_sets_the_chosen_plans_keys_before_anything_loads(tiny_chroma, shapes_dir, tmp_path):

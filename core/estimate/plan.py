@@ -124,6 +124,32 @@ def relative_step_time(host: PluginHost, estimate: Estimate) -> float:
     return slower * (ACTIVATION_OFFLOAD_STEP if settings["activation_offload"] else 1.0)
 
 
+def validation_swap(plan: Plan, budget: int) -> int:
+    """The fewest blocks validation during the run may swap (``validation_blocks_to_swap``) so that
+    its phase, with the others kept on the device, still fits ``budget``; the plan's own count when
+    there is no validation or nothing is swapped. Fewer swapped blocks render faster."""
+    settings, estimate = plan.settings, plan.estimate
+    count = settings["blocks_to_swap"]
+    validate = next((p for p in estimate.phases if p.name == "validate"), None)
+    if not count or validate is None:
+        return count
+    for fewer in range(count + 1):
+        if estimate.plan(validate.device + kept_in_place(estimate, fewer)) <= budget:
+            return fewer
+    return count
+
+
+def kept_in_place(estimate: Estimate, fewer: int) -> int:
+    """Device bytes validation adds by swapping ``fewer`` of the plan's swapped blocks instead of all."""
+    blocks = estimate.settings["block_bytes"]
+
+    def held(count: int) -> int:  # bytes on the device for a count swapped: the rest, and two of them
+        sizes = sorted(blocks[len(blocks) - count :], reverse=True) if count else []
+        return -sum(sizes) + sum(sizes[:2])
+
+    return held(fewer) - held(estimate.settings["blocks_to_swap"])
+
+
 def choose(plans: list[Plan], budget: int, host_memory: int | None = None) -> Plan | None:
     """The fastest plan whose planned device memory fits ``budget`` and whose RAM fits the machine
     (``host_memory``); marked ``chosen``. None when none fits."""
@@ -154,4 +180,13 @@ def plan_table(plans: list[Plan]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PLAN_KEYS", "Plan", "choose", "memory_plans", "plan_table", "relative_step_time"]
+__all__ = [
+    "PLAN_KEYS",
+    "Plan",
+    "choose",
+    "kept_in_place",
+    "memory_plans",
+    "plan_table",
+    "relative_step_time",
+    "validation_swap",
+]

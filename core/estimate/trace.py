@@ -179,6 +179,7 @@ def estimate_precisions(
                         "activation_offload": active,
                         "transformer_blocks": blocks,
                         "blocks_to_swap": count,
+                        "block_bytes": list(base.block_bytes),  # as stored, in run order (plans use them)
                     }
                     estimates.append(assemble(family.name, source, device_type, shown, variant, base, baseline))
     return estimates

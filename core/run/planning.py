@@ -3,6 +3,7 @@ plan's keys the user left unset (``tuner estimate --plan`` shows every plan and 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from tuner.core.config.keys.model import parse_budget
@@ -25,7 +26,7 @@ def apply_memory_budget(ctx: RunContext) -> None:
     from tuner.core.data.cache import default_cache_dir
     from tuner.core.estimate import available_ram, free_memory, size
     from tuner.core.estimate.cached import cached_plans, remember_estimate
-    from tuner.core.estimate.plan import choose
+    from tuner.core.estimate.plan import choose, kept_in_place, validation_swap
 
     budget = free_memory(device_type) if config.memory_budget == "auto" else parse_budget(config.memory_budget)
     if budget is None:
@@ -50,9 +51,18 @@ def apply_memory_budget(ctx: RunContext) -> None:
         )
     for key, value in chosen.settings.items():
         config.set_resolved(key, value)
+    said = _keys(chosen.settings)
+    if not config.is_set("validation_blocks_to_swap") and chosen.settings["blocks_to_swap"]:
+        fewer = validation_swap(chosen, budget)  # validation keeps the other blocks in place
+        config.set_resolved("validation_blocks_to_swap", fewer)
+        said += f", validation_blocks_to_swap {fewer}"
+        chosen.estimate.phases = [
+            replace(p, device=p.device + kept_in_place(chosen.estimate, fewer)) if p.name == "validate" else p
+            for p in chosen.estimate.phases
+        ]
     remember_estimate(ctx.host, config, device_type, folder, chosen.estimate)  # the start's estimate: no second trace
     ctx.log(
-        f"memory_budget {size(budget)}: {_keys(chosen.settings)}: plan for {size(chosen.estimate.plan_device)} "
+        f"memory_budget {size(budget)}: {said}: plan for {size(chosen.estimate.plan_device)} "
         f"(peak {size(chosen.estimate.peak_device)} of tensors), about {chosen.relative_step_time:.2f}x the step "
         "time of the same run checkpointed in bf16 with nothing offloaded (a cost model: tuner.core.estimate.plan)"
     )
