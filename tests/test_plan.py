@@ -97,8 +97,10 @@ def test_the_command_prints_the_plans_and_a_budget_nothing_fits_is_one_line(tiny
 
 
 @pytest.mark.slow
-def test_the_real_chromas_plans_in_bf16_fit_their_budgets_and_more_memory_is_never_slower():
-    """The bundled real Chroma 1 config files (no weights), bf16 fixed by the user, on a GPU's terms."""
+@pytest.mark.parametrize("precision", ["no_change", None], ids=["bf16-fixed", "precision-free"])
+def test_the_real_chromas_plans_fit_their_budgets_and_more_memory_is_never_slower(precision):
+    """The bundled real Chroma 1 config files (no weights), bf16 fixed by the user or the precision
+    left to the plan, on a GPU's terms."""
     host = make_host()
     config = make_config(
         host,
@@ -106,13 +108,24 @@ def test_the_real_chromas_plans_in_bf16_fit_their_budgets_and_more_memory_is_nev
             "pretrained_model_name_or_path": str(REPO / "examples" / "models" / "chroma1-configs"),
             "resolution": 1024,
             "mixed_precision": "bf16",
-            "base_model_precision": "no_change",
+            **({"base_model_precision": precision} if precision else {}),
             "gradient_checkpointing": True,  # one dimension fewer to trace (the tiny model's test varies it)
             "activation_offload": False,  # likewise
             "validation_prompts": ["a red circle"],
             "data_dir": str(REPO / "examples" / "data" / "shapes"),
         },
     )
+    plans = memory_plans(host, config, "cuda")
+    if precision is None:  # from 8 GiB up every budget finds a plan, and more memory is never slower
+        # 6 GiB: encoding the images at 1024 px (the VAE, 5.2 GiB of tensors) is the floor at any precision
+        assert choose(plans, 6 * GiB) is None
+        budgets = (8, 12, 16, 24, 80)
+        chosen = [choose(plans, budget * GiB) for budget in budgets]
+        assert all(c is not None and c.estimate.plan_device <= b * GiB for c, b in zip(chosen, budgets, strict=True))
+        times = [c.relative_step_time for c in chosen]
+        assert times == sorted(times, reverse=True) and times[-1] == 1.0
+        assert chosen[-1].settings["base_model_precision"] == "no_change"
+        return
     plans = memory_plans(host, config, "cuda")
     assert {p.settings["base_model_precision"] for p in plans} == {"no_change"}
     times = []
