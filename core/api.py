@@ -98,6 +98,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "render": ("tuner.core.model.pipelines", "render"),
     "plain_linears": ("tuner.core.model.quantize", "plain_linears"),
     "release_freed_memory": ("tuner.core.model.quantize", "release_freed_memory"),
+    "cast_input_as_autocast": ("tuner.core.model.quantize", "cast_input_as_autocast"),
     "device_type": ("tuner.core.training.runtime", "device_type"),
     # runs, estimates and the files a run writes
     "Trainer": ("tuner.core.run.trainer", "Trainer"),

@@ -47,9 +47,9 @@ One H200, 2026-12-04, `python benchmarks/gpu.py --tiers` (the real Chroma's shap
 weights, 1024 px, rank 16, checkpointing, bf16): swapping 14, 28 or 42 of the 57 blocks cost 1.6 to
 2.4% step time and the peaks were 16.73 / 13.77 / 9.97 GiB against 16.69 / 13.74 / 10.36 estimated
 (19.26 measured and 19.22 estimated with nothing swapped); activation offload cost 6% for 1.38 GiB;
-NF4 with half the blocks swapped peaked at 8.10 GiB, 2.1 GiB above its estimate (the estimate
-misses about 2 GiB that NF4's forward holds there, with or without swapping: not found yet). The
-card's own figures are in docs/benchmarks.md.
+NF4 with half the blocks swapped peaked at 8.10 GiB, 2.1 GiB above its estimate: bitsandbytes'
+layers kept the blocks' residual stream in fp32 under autocast, fixed after that measurement and
+not re-measured yet. The card's own figures are in docs/benchmarks.md.
 """
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tuner.core.api import plain_linears
+from tuner.core.api import cast_input_as_autocast, plain_linears
 
 
 def quantize(model: torch.nn.Module, unit: str, weights: str, exclude: list[str]) -> torch.nn.Module:
@@ -22,20 +22,8 @@ def quantize(model: torch.nn.Module, unit: str, weights: str, exclude: list[str]
         quanto.quantize(parent, weights=qtype, include=[child])
         layer = getattr(parent, child)
         layer.freeze()
-        if weights == "qfloat8":
-            layer.register_forward_pre_hook(_as_autocast_casts)
+        layer.register_forward_pre_hook(cast_input_as_autocast)  # fp8's CUDA kernel takes no fp32
     return model
-
-
-def _as_autocast_casts(layer: torch.nn.Module, args: tuple) -> tuple | None:
-    """The input in the autocast dtype, as autocast casts a plain Linear's: quanto's fp8 layers
-    bypass autocast, and on CUDA their kernel (Marlin's fp8 GEMM) takes only bf16 or fp16
-    activations, while the norms before them hand over fp32 (every fp8 run on the GPU machine
-    stopped with "fp8_marlin_gemm only supports bfloat16 and float16")."""
-    x = args[0] if args else None
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not torch.is_autocast_enabled(x.device.type):
-        return None
-    return (x.to(torch.get_autocast_dtype(x.device.type)), *args[1:])
 
 
 _OVERRIDE: list = []  # the torch.library registration below, kept alive

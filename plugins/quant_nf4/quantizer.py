@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tuner.core.api import plain_linears, release_freed_memory
+from tuner.core.api import cast_input_as_autocast, plain_linears, release_freed_memory
 
 
 def quantize(model: torch.nn.Module, unit: str, exclude: list[str]) -> torch.nn.Module:
@@ -35,6 +35,8 @@ def quantize(model: torch.nn.Module, unit: str, exclude: list[str]) -> torch.nn.
         # bitsandbytes 0.50 repacks NF4 weights in place for a bf16 CPU kernel at the first
         # no-grad eval forward, and crashes for in_features < 64 (see tuner.core.fixes)
         layer.support_avx512bf16_for_cpu = False
+        # bitsandbytes returns the dtype it is given: fp32 from the norms, the whole stream in fp32
+        layer.register_forward_pre_hook(cast_input_as_autocast)
         setattr(parent, child, layer)
         del linear
         release_freed_memory(collect=False)  # one layer's float weights and temporaries at a time
