@@ -299,6 +299,11 @@ class Trainer:
         self.swap = swap_blocks(transformer, config.blocks_to_swap, ctx.device, config.error)
         if self.swap is not None and ctx.device.type == "cpu":
             ctx.warn("blocks_to_swap: on a CPU the weights stay in RAM either way; swapping saves nothing here")
+        elif self.swap is not None and not self.swap.pinned:
+            ctx.warn(
+                "blocks_to_swap: the system refused to lock host memory (pinning: ulimit -l); the swapped "
+                "blocks are copied unpinned, more slowly and without overlapping the compute"
+            )
         if config.activation_offload and ctx.device.type == "cpu":
             ctx.warn("activation_offload: on a CPU activations are in RAM either way; offloading saves nothing here")
         move_unswapped(transformer, ctx.device)  # a swapped block's weights stay in host memory
