@@ -21,6 +21,10 @@ app = typer.Typer(
     add_completion=False,
 )
 
+from tuner.core.cli.lora import lora_app  # noqa: E402  (typer only: cheap)
+
+app.add_typer(lora_app, name="lora")
+
 PLUGIN_OPTION = typer.Option(None, "--plugin", "-p", help="Model family (see `tuner plugins`).")
 SET_OPTION = typer.Option(None, "--set", help="Override a config key: --set key=value (repeatable).")
 

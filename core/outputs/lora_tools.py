@@ -1,0 +1,166 @@
+"""LoRA files after training: resizing, by the arithmetic of their layers alone.
+
+A low-rank layer in a file is a pair (down ``A``, up ``B``) and its scale ``alpha / rank``, in any of
+the layouts tuner writes and the community uses: peft's ``lora_A`` / ``lora_B`` (diffusers), kohya's
+and ComfyUI's ``lora_down`` / ``lora_up``, each with an ``.alpha`` tensor beside it or none (then
+alpha is the rank, scale 1). The layer's change is ``scale * B @ A``; resizing takes its singular
+value decomposition in fp32 and keeps the largest values: by Eckart-Young the best change of that
+rank, exact when the rank is the layer's own. ComfyUI's fused layers (q, k, v stacked, rank 3r)
+resize as the one matrix they are. Types whose change is not such a product (DoRA's magnitudes,
+LoKr's and LoHa's factors) are refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from tuner.core.errors import DataError
+
+PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_down.weight", ".lora_up.weight"))
+NOT_LOW_RANK = {  # a key part that marks an adapter whose change is not one product B @ A
+    "lora_magnitude_vector": "DoRA (a magnitude per row beside the product)",
+    "dora_scale": "DoRA (a magnitude per row beside the product)",
+    "lokr_": "LoKr (Kronecker factors)",
+    "hada_": "LoHa (Hadamard factors)",
+}
+
+
+@dataclass
+class LowRankLayer:
+    """One layer of a file: its keys and tensors."""
+
+    module: str  # the key prefix the file uses for it
+    down_key: str
+    up_key: str
+    alpha_key: str | None
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def change(self) -> torch.Tensor:
+        """``alpha / rank * up @ down`` in fp32."""
+        return (self.alpha / self.rank) * (self.up.float() @ self.down.float())
+
+
+@dataclass
+class Resized:
+    """A resized file's tensors and metadata, and per layer: its rank, its new rank, the squared
+    singular values in all and those kept."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    ranks: dict[str, tuple[int, int]] = field(default_factory=dict)
+    squares: dict[str, tuple[float, float]] = field(default_factory=dict)  # (all, kept)
+
+    def layer_energy(self, module: str) -> float:
+        total, kept = self.squares[module]
+        return kept / total if total else 1.0
+
+    @property
+    def energy(self) -> float:
+        """The energy kept over every layer together."""
+        total = sum(t for t, _ in self.squares.values())
+        return sum(k for _, k in self.squares.values()) / total if total else 1.0
+
+
+def low_rank_layers(
+    tensors: dict[str, torch.Tensor], source: str
+) -> tuple[list[LowRankLayer], dict[str, torch.Tensor]]:
+    """The file's low-rank layers, and the tensors that are not part of one (kept as they are).
+    One-line errors name ``source`` for a type that is not low rank or a pair that does not fit."""
+    for part, kind in NOT_LOW_RANK.items():
+        if any(part in key for key in tensors):
+            raise DataError(f"{source}: a {kind} file: only LoRA files (a product B @ A per layer) can be resized")
+    layers, used = [], set()
+    for key in sorted(tensors):
+        for down_end, up_end in PAIRS:
+            if not key.endswith(down_end):
+                continue
+            module = key[: -len(down_end)]
+            up_key = module + up_end
+            if up_key not in tensors:
+                raise DataError(f"{source}: {key} has no {up_end.lstrip('.')} beside it")
+            down, up = tensors[key], tensors[up_key]
+            if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+                raise DataError(
+                    f"{source}: {module}: {down_end.lstrip('.')} {list(down.shape)} and {up_end.lstrip('.')} "
+                    f"{list(up.shape)} are not a low-rank pair of Linear weights"
+                )
+            alpha_key = module + ".alpha" if module + ".alpha" in tensors else None
+            alpha = float(tensors[alpha_key]) if alpha_key else float(down.shape[0])
+            layers.append(LowRankLayer(module, key, up_key, alpha_key, down, up, alpha))
+            used |= {key, up_key, *([alpha_key] if alpha_key else [])}
+    if not layers:
+        raise DataError(f"{source}: no LoRA layers (lora_A/lora_B or lora_down/lora_up pairs) in it")
+    return layers, {k: v for k, v in tensors.items() if k not in used}
+
+
+def resize(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    source: str,
+    rank: int | None = None,
+    energy: float | None = None,
+) -> Resized:
+    """Each layer at ``rank`` (at most its own), or at the smallest rank keeping ``energy`` of its
+    squared singular values. The scale goes into the factors (``sqrt(s)`` on each side) and alpha
+    becomes the new rank, so ``alpha / rank`` is 1 for every reader; tensors keep their dtype."""
+    if (rank is None) == (energy is None):
+        raise DataError("give --rank R or --energy E (0 < E <= 1), one of them")
+    if rank is not None and rank < 1:
+        raise DataError(f"--rank {rank}: a rank is at least 1")
+    if energy is not None and not 0 < energy <= 1:
+        raise DataError(f"--energy {energy}: the share of energy to keep is above 0 and at most 1")
+    layers, others = low_rank_layers(tensors, source)
+    result = Resized(dict(others), dict(metadata))
+    for layer in layers:
+        u, s, vh = torch.linalg.svd(layer.change(), full_matrices=False)
+        squares = s.square()
+        total = float(squares.sum())
+        if rank is not None:
+            keep = min(rank, layer.rank)
+        else:
+            reached = (squares.cumsum(0) >= energy * total * (1 - 1e-6)).nonzero()
+            keep = min(int(reached[0]) + 1 if len(reached) else layer.rank, layer.rank)
+        root = s[:keep].sqrt()
+        result.tensors[layer.up_key] = (u[:, :keep] * root).to(layer.up.dtype).contiguous()
+        result.tensors[layer.down_key] = (root[:, None] * vh[:keep]).to(layer.down.dtype).contiguous()
+        if layer.alpha_key:
+            result.tensors[layer.alpha_key] = torch.tensor(float(keep), dtype=tensors[layer.alpha_key].dtype)
+        # without an .alpha tensor readers take alpha = rank: scale 1, as the factors now need
+        result.squares[layer.module] = (total, float(squares[:keep].sum()))
+        result.ranks[layer.module] = (layer.rank, keep)
+    result.metadata = _resized_metadata(metadata, result)
+    return result
+
+
+def _resized_metadata(metadata: dict[str, str], result: Resized) -> dict[str, str]:
+    """The file's metadata with the ranks it now has: tuner's training record (``rank``, ``alpha``;
+    the rank before as ``resized_from``) and peft's adapter config where diffusers wrote one."""
+    from tuner.core.model.lora import METADATA_KEY
+
+    updated = dict(metadata)
+    ranks = sorted({new for _, new in result.ranks.values()})
+    if METADATA_KEY in updated:
+        record = json.loads(updated[METADATA_KEY])
+        record["resized_from"] = record.get("rank")
+        record["rank"] = ranks[-1]
+        record["alpha"] = float(ranks[-1])
+        if len(ranks) > 1:
+            record["ranks"] = {module: new for module, (_, new) in result.ranks.items()}
+        updated[METADATA_KEY] = json.dumps(record, sort_keys=True)
+    if "lora_adapter_metadata" in updated:  # diffusers' copy of the peft config
+        config = json.loads(updated["lora_adapter_metadata"])
+        config["r"] = config["lora_alpha"] = ranks[-1]
+        if len(ranks) > 1:
+            config["rank_pattern"] = {m: new for m, (_, new) in result.ranks.items()}
+            config["alpha_pattern"] = dict(config["rank_pattern"])
+        updated["lora_adapter_metadata"] = json.dumps(config)
+    return updated

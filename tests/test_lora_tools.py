@@ -1,0 +1,109 @@
+"""`tuner lora resize`: each layer's change by its singular values in fp32, exact at the layer's own
+rank and the best change of a smaller one (Eckart-Young), in every layout tuner writes; types that
+are not one product B @ A are refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from tuner.core.cli import app
+from tuner.core.errors import DataError
+from tuner.core.outputs.lora_tools import low_rank_layers, resize
+
+from .conftest import base_settings, make_host, train
+
+
+def random_lora(rank=6, alpha=3.0, layout="diffusers") -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    down, up = ("lora_A", "lora_B") if layout == "diffusers" else ("lora_down", "lora_up")
+    tensors = {}
+    for name, (out_features, in_features) in {"blocks.0.to_q": (24, 16), "blocks.1.proj": (16, 40)}.items():
+        tensors[f"transformer.{name}.{down}.weight"] = torch.randn(rank, in_features)
+        tensors[f"transformer.{name}.{up}.weight"] = torch.randn(out_features, rank)
+        if layout == "diffusers":  # the other layout without .alpha: readers take alpha = rank
+            tensors[f"transformer.{name}.alpha"] = torch.tensor(alpha)
+    return tensors
+
+
+def changes(tensors, source="test"):
+    layers, _ = low_rank_layers(tensors, source)
+    return {layer.module: layer.change() for layer in layers}
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "comfyui"])
+def test_resizing_is_exact_at_the_own_rank_and_the_best_of_a_smaller_one(layout):
+    tensors = random_lora(layout=layout)
+    before = changes(tensors)
+    same = resize(tensors, {}, "test", rank=6)
+    for module, change in changes(same.tensors).items():
+        torch.testing.assert_close(change, before[module], atol=1e-5, rtol=1e-5)
+    assert same.energy == pytest.approx(1.0)
+    smaller = resize(tensors, {}, "test", rank=2)
+    for module, change in changes(smaller.tensors).items():
+        s = torch.linalg.svdvals(before[module])
+        # the error of the best rank-2 change is exactly the energy of the values left out
+        assert (change - before[module]).square().sum() == pytest.approx(float(s[2:].square().sum()), rel=1e-4)
+        assert smaller.ranks[module] == (6, 2)
+        assert smaller.layer_energy(module) == pytest.approx(float(s[:2].square().sum() / s.square().sum()), rel=1e-5)
+    if layout == "diffusers":  # alpha is the new rank: scale 1, the scale is in the factors
+        assert all(float(v) == 2.0 for k, v in smaller.tensors.items() if k.endswith(".alpha"))
+    by_energy = resize(tensors, {}, "test", energy=0.9)
+    for module, (_, new) in by_energy.ranks.items():
+        s2 = torch.linalg.svdvals(before[module]).square()
+        shares = (s2.cumsum(0) / s2.sum()).tolist()
+        assert shares[new - 1] >= 0.9 - 1e-6 and (new == 1 or shares[new - 2] < 0.9)
+
+
+def test_not_low_rank_files_and_bad_requests_are_one_line():
+    tensors = random_lora()
+    dora = {**tensors, "transformer.blocks.0.to_q.lora_magnitude_vector": torch.ones(24)}
+    with pytest.raises(DataError, match=r"^x.safetensors: a DoRA .* file: only LoRA files .* can be resized$"):
+        resize(dora, {}, "x.safetensors", rank=2)
+    broken = {k: v for k, v in tensors.items() if "blocks.1.proj.lora_B" not in k}
+    with pytest.raises(DataError, match=r"transformer.blocks.1.proj.lora_A.weight has no lora_B.weight beside it"):
+        resize(broken, {}, "x.safetensors", rank=2)
+    with pytest.raises(DataError, match="give --rank R or --energy E"):
+        resize(tensors, {}, "x.safetensors")
+
+
+def test_a_trained_lora_resized_in_both_layouts_loads_as_its_runtime_reads_it(tiny_chroma, shapes_dir, tmp_path):
+    """The command on tuner's own files: each resized file passes check-lora; in the diffusers
+    layout the runtime reader sees each module's best rank-2 change, in ComfyUI's (q, k, v fused at
+    rank 3r) a resize at the layers' own ranks reads back exactly."""
+    settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "max_train_steps": 3, "network_rank": 4,
+                "learning_rate": 1e-2, "lora_format": "all"}  # fmt: skip
+    result, host, config = train(settings)
+    transformer = host.provide("load_model", config=config, component="transformer", dtype=torch.float32)
+    runner = CliRunner()
+    for path in result.lora_files:
+        fmt = "comfyui" if "comfyui" in path.name else "diffusers"
+        reader = make_host().lora_formats[fmt].read
+        before = reader(str(path), transformer, host.family).deltas
+        for rank in (2, 12):
+            out = tmp_path / f"resized-{rank}-{path.name}"
+            done = runner.invoke(app, ["lora", "resize", str(path), "--rank", str(rank), "--out", str(out)])
+            assert done.exit_code == 0, done.output
+            assert "; energy kept" in done.output
+            checked = runner.invoke(app, ["check-lora", str(out), "--plugin", "chroma", "--format", fmt])
+            assert checked.exit_code == 0 and "OK: every key loads" in checked.output, checked.output
+            after = reader(str(out), transformer, host.family).deltas
+            assert before.keys() == after.keys()
+            for module, delta in before.items():
+                if rank == 12:  # every layer at its own rank (or less): the same changes
+                    torch.testing.assert_close(after[module], delta, atol=1e-5, rtol=1e-4)
+                elif fmt == "diffusers":  # one module a layer: its best rank-2 change
+                    tail = torch.linalg.svdvals(delta.float())[2:].square().sum()
+                    assert (after[module] - delta).square().sum() == pytest.approx(float(tail), rel=1e-3, abs=1e-10)
+    assert runner.invoke(app, ["lora", "resize", str(path), "--rank", "2", "--out", str(path)]).exit_code != 0
+
+
+def test_a_file_without_lora_layers_is_named(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    save_file({"something.weight": torch.ones(2)}, str(path))
+    done = CliRunner().invoke(
+        app, ["lora", "resize", str(path), "--rank", "2", "--out", str(tmp_path / "o.safetensors")]
+    )
+    assert isinstance(done.exception, DataError) and str(done.exception).startswith(f"{path}: no LoRA layers")
