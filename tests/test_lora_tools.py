@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tuner.core.cli import app
@@ -70,7 +70,7 @@ def test_not_low_rank_files_and_bad_requests_are_one_line():
 
 
 def test_a_trained_lora_resized_in_both_layouts_loads_as_its_runtime_reads_it(tiny_chroma, shapes_dir, tmp_path):
-    """The command on tuner's own files: each resized file passes check-lora; in the diffusers
+    """The commands on tuner's own files: each resized or merged file passes check-lora; in the diffusers
     layout the runtime reader sees each module's best rank-2 change, in ComfyUI's (q, k, v fused at
     rank 3r) a resize at the layers' own ranks reads back exactly."""
     settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "max_train_steps": 3, "network_rank": 4,
@@ -97,6 +97,13 @@ def test_a_trained_lora_resized_in_both_layouts_loads_as_its_runtime_reads_it(ti
                 elif fmt == "diffusers":  # one module a layer: its best rank-2 change
                     tail = torch.linalg.svdvals(delta.float())[2:].square().sum()
                     assert (after[module] - delta).square().sum() == pytest.approx(float(tail), rel=1e-3, abs=1e-10)
+        halves = tmp_path / f"halves-{path.name}"  # a LoRA merged with itself at half weight each: itself
+        done = runner.invoke(app, ["lora", "merge", f"{path}:0.5", f"{path}:0.5", "--out", str(halves)])
+        assert done.exit_code == 0, done.output
+        checked = runner.invoke(app, ["check-lora", str(halves), "--plugin", "chroma", "--format", fmt])
+        assert checked.exit_code == 0 and "OK: every key loads" in checked.output, checked.output
+        for module, delta in reader(str(halves), transformer, host.family).deltas.items():
+            torch.testing.assert_close(delta, before[module], atol=1e-5, rtol=1e-4)
     assert runner.invoke(app, ["lora", "resize", str(path), "--rank", "2", "--out", str(path)]).exit_code != 0
 
 
@@ -107,3 +114,38 @@ def test_a_file_without_lora_layers_is_named(tmp_path):
         app, ["lora", "resize", str(path), "--rank", "2", "--out", str(tmp_path / "o.safetensors")]
     )
     assert isinstance(done.exception, DataError) and str(done.exception).startswith(f"{path}: no LoRA layers")
+
+
+def test_merging_sums_the_weighted_changes_exactly_and_refuses_files_of_other_models(tmp_path):
+    from tuner.core.outputs.lora_tools import merge
+
+    a, b = random_lora(rank=6, alpha=3.0), random_lora(rank=2, alpha=4.0)
+    b = {k: v * 0.5 + 0.1 for k, v in b.items()}  # another LoRA of the same layers
+    expected = {m: 0.7 * changes(a)[m] + 0.3 * changes(b)[m] for m in changes(a)}
+    merged = merge([(a, {}, "a", 0.7), (b, {}, "b", 0.3)])
+    for module, change in changes(merged.tensors).items():
+        torch.testing.assert_close(change, expected[module], atol=1e-5, rtol=1e-5)
+        assert merged.ranks[module] == (6, 8)  # exact: the ranks add up
+    paths = []
+    for name, tensors in (("a", a), ("b", b)):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        paths.append(str(tmp_path / f"{name}.safetensors"))
+    out = tmp_path / "merged.safetensors"
+    done = CliRunner().invoke(
+        app, ["lora", "merge", f"{paths[0]}:0.7", f"{paths[1]}:0.3", "--rank", "3", "--out", str(out)]
+    )
+    assert done.exit_code == 0 and "rank 8 -> 3" in done.output, done.output
+    for module, change in changes(load_file(out)).items():  # the best rank-3 change of the sum
+        tail = torch.linalg.svdvals(expected[module])[3:].square().sum()
+        assert (change - expected[module]).square().sum() == pytest.approx(float(tail), rel=1e-3)
+    wider = {
+        k: torch.randn(v.shape[0], v.shape[1] + 1) if k.endswith("proj.lora_A.weight") else v for k, v in b.items()
+    }
+    with pytest.raises(
+        DataError, match=r"^b: transformer.blocks.1.proj maps 41 to 16 features, a: 40 to 16: not LoRAs of one model$"
+    ):
+        merge([(a, {}, "a", 1.0), (wider, {}, "b", 1.0)])
+    with pytest.raises(
+        DataError, match=r"^the files are in different layouts: a \(lora_A/lora_B\), c \(lora_down/lora_up\)"
+    ):
+        merge([(a, {}, "a", 1.0), (random_lora(layout="comfyui"), {}, "c", 1.0)])

@@ -1,4 +1,4 @@
-"""``tuner lora ...``: tools for LoRA files after training (resize so far). Imports nothing heavy
+"""``tuner lora ...``: tools for LoRA files after training (resize, merge). Imports nothing heavy
 at start; the arithmetic is :mod:`tuner.core.outputs.lora_tools`."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-lora_app = typer.Typer(help="Tools for LoRA files: resize.", no_args_is_help=True)
+lora_app = typer.Typer(help="Tools for LoRA files: resize, merge.", no_args_is_help=True)
 
 
 @lora_app.command("resize")
@@ -22,29 +22,74 @@ def resize(
 ) -> None:
     """Shrink a LoRA by the singular values of each layer's change (computed in fp32): exact at a
     layer's own rank, the best change of the smaller rank otherwise. Prints the energy kept."""
+    from tuner.core.io import save_safetensors
+    from tuner.core.outputs.lora_tools import resize as resized
+
+    tensors, metadata = _read(file, out)
+    result = resized(tensors, metadata, str(file), rank=rank, energy=energy)
+    save_safetensors(out, result.tensors, result.metadata)
+    _report(out, result, layers)
+
+
+@lora_app.command("merge")
+def merge(
+    files: list[str] = typer.Argument(..., help="LoRA files of one model, each FILE or FILE:WEIGHT (default 1)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the merged file."),
+    rank: int | None = typer.Option(None, "--rank", "-r", help="Bring the summed ranks down to this (SVD)."),
+    layers: bool = typer.Option(False, "--layers", help="Print every layer's ranks and energy."),
+) -> None:
+    """Several LoRAs as one: per layer the weighted sum of their changes, exact by stacking their
+    factors (the ranks add up), or the best change of ``--rank`` after that."""
+    from tuner.core.io import save_safetensors
+    from tuner.core.outputs.lora_tools import merge as merged
+    from tuner.core.outputs.lora_tools import resize as resized
+
+    parts = []
+    for item in files:
+        path, weight = _weighted(item)
+        parts.append((*_read(path, out), str(path), weight))
+    result = merged(parts)
+    if rank is not None:
+        result = resized(result.tensors, result.metadata, str(out), rank=rank)
+    save_safetensors(out, result.tensors, result.metadata)
+    _report(out, result, layers)
+
+
+def _weighted(item: str) -> tuple[Path, float]:
+    """``FILE:WEIGHT`` or ``FILE``; a colon followed by no number belongs to the path."""
+    path, _, weight = item.rpartition(":")
+    try:
+        return Path(path), float(weight)
+    except ValueError:
+        return Path(item), 1.0
+
+
+def _read(file: Path, out: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     from tuner.core.errors import DataError
-    from tuner.core.io import save_safetensors
-    from tuner.core.outputs.lora_tools import resize as resized
 
     if not file.is_file():
         raise DataError(f"{file} does not exist")
     if out.resolve() == file.resolve():
-        raise DataError(f"--out {out}: the file being read; write the resized LoRA elsewhere")
+        raise DataError(f"--out {out}: a file being read; write the result elsewhere")
     try:
         with safe_open(str(file), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-            metadata = handle.metadata() or {}
+            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}  # noqa: SIM118
     except Exception as exc:
         raise DataError(f"{file} is not a readable safetensors file: {exc}") from None
-    result = resized(tensors, metadata, str(file), rank=rank, energy=energy)
-    save_safetensors(out, result.tensors, result.metadata)
+
+
+def _report(out: Path, result, layers: bool) -> None:
     ranks = sorted({new for _, new in result.ranks.values()})
     before = sorted({old for old, _ in result.ranks.values()})
     if layers:
         for module, (old, new) in result.ranks.items():
-            typer.echo(f"  {module}: rank {old} -> {new}, energy {result.layer_energy(module):.4f}")
+            kept = f", energy {result.layer_energy(module):.4f}" if module in result.squares else ""
+            typer.echo(f"  {module}: rank {old} -> {new}{kept}")
+    if not result.squares:  # merged exactly: nothing was left out
+        typer.echo(f"{out}: {len(result.ranks)} layers, rank {_span(ranks)} (the ranks added up; exact)")
+        return
     worst = min(result.ranks, key=result.layer_energy)
     typer.echo(
         f"{out}: {len(result.ranks)} layers, rank {_span(before)} -> {_span(ranks)}; energy kept {result.energy:.4f} "

@@ -164,3 +164,53 @@ def _resized_metadata(metadata: dict[str, str], result: Resized) -> dict[str, st
             config["alpha_pattern"] = dict(config["rank_pattern"])
         updated["lora_adapter_metadata"] = json.dumps(config)
     return updated
+
+
+def merge(files: list[tuple[dict[str, torch.Tensor], dict[str, str], str, float]]) -> Resized:
+    """Several LoRA files of one model (``(tensors, metadata, source, weight)`` each) as one: per
+    layer ``sum(weight * alpha / rank * B @ A)``, exactly, by stacking the factors (the ranks add
+    up; :func:`resize` brings them down). Layers in only some files are kept with their weight. A
+    layer whose shapes differ between files, or files of different layouts, are refused in one line."""
+    if not files:
+        raise DataError("name at least one LoRA file to merge")
+    merged: dict[str, list[tuple[LowRankLayer, float, str]]] = {}
+    layouts = {}
+    for tensors, _, source, weight in files:
+        layers, _ = low_rank_layers(tensors, source)
+        layouts[source] = "lora_A/lora_B" if layers[0].down_key.endswith(".lora_A.weight") else "lora_down/lora_up"
+        for layer in layers:
+            merged.setdefault(layer.module, []).append((layer, weight, source))
+    if len(set(layouts.values())) > 1:
+        named = ", ".join(f"{source} ({layout})" for source, layout in layouts.items())
+        raise DataError(f"the files are in different layouts: {named}; convert them to one first")
+    result = Resized({}, dict(files[0][1]))
+    for module, parts in merged.items():
+        first, _, first_source = parts[0]
+        for layer, _, source in parts[1:]:
+            if (layer.down.shape[1], layer.up.shape[0]) != (first.down.shape[1], first.up.shape[0]):
+                raise DataError(
+                    f"{source}: {module} maps {layer.down.shape[1]} to {layer.up.shape[0]} features, "
+                    f"{first_source}: {first.down.shape[1]} to {first.up.shape[0]}: not LoRAs of one model"
+                )
+        downs = [layer.down.float() for layer, _, _ in parts]
+        ups = [(weight * layer.alpha / layer.rank) * layer.up.float() for layer, weight, _ in parts]
+        rank = sum(down.shape[0] for down in downs)
+        result.tensors[first.down_key] = torch.cat(downs).to(first.down.dtype)
+        result.tensors[first.up_key] = torch.cat(ups, dim=1).to(first.up.dtype)
+        if first.alpha_key:
+            result.tensors[first.alpha_key] = torch.tensor(float(rank))
+        result.ranks[module] = (first.rank, rank)
+    result.metadata = _merged_metadata(result.metadata, [(source, weight) for _, _, source, weight in files], result)
+    return result
+
+
+def _merged_metadata(metadata: dict[str, str], sources: list[tuple[str, float]], result: Resized) -> dict[str, str]:
+    from tuner.core.model.lora import METADATA_KEY
+
+    updated = _resized_metadata(metadata, result)
+    if METADATA_KEY in updated:
+        record = json.loads(updated[METADATA_KEY])
+        record.pop("resized_from", None)
+        record["merged_from"] = [{"file": source, "weight": weight} for source, weight in sources]
+        updated[METADATA_KEY] = json.dumps(record, sort_keys=True)
+    return updated
