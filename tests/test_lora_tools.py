@@ -149,3 +149,42 @@ def test_merging_sums_the_weighted_changes_exactly_and_refuses_files_of_other_mo
         DataError, match=r"^the files are in different layouts: a \(lora_A/lora_B\), c \(lora_down/lora_up\)"
     ):
         merge([(a, {}, "a", 1.0), (random_lora(layout="comfyui"), {}, "c", 1.0)])
+
+
+def test_extracting_from_base_plus_a_known_lora_recovers_it(tiny_chroma, tmp_path):
+    """A fine-tune made by adding a known rank-2 change to three Linear weights: extract at rank 2
+    gives those changes back (fp32), at rank 1 their best rank-1 parts; the file passes check-lora."""
+    import shutil
+
+    shutil.copytree(tiny_chroma, tmp_path / "tuned")
+    weights = tmp_path / "tuned" / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    torch.manual_seed(1)
+    names = [n for n in sorted(tensors) if n.endswith(("to_q.weight", "proj_mlp.weight")) and tensors[n].dim() == 2][:3]
+    known = {}
+    for name in names:
+        out_features, in_features = tensors[name].shape
+        known["transformer." + name[: -len(".weight")]] = change = torch.randn(out_features, 2) @ torch.randn(
+            2, in_features
+        )
+        tensors[name] = tensors[name] + change.to(tensors[name].dtype)
+    save_file(tensors, str(weights))
+    runner = CliRunner()
+    for rank in (2, 1):
+        out = tmp_path / f"extracted-{rank}.safetensors"
+        done = runner.invoke(app, ["lora", "extract", "--model", str(tiny_chroma), "--tuned", str(tmp_path / "tuned"),
+                                   "--rank", str(rank), "--out", str(out)])  # fmt: skip
+        assert done.exit_code == 0, done.output
+        found = changes(load_file(out))
+        assert found.keys() == known.keys()  # only what changed
+        for module, change in known.items():
+            if rank == 2:
+                torch.testing.assert_close(found[module], change, atol=1e-4, rtol=1e-4)
+            else:
+                tail = torch.linalg.svdvals(change)[1:].square().sum()
+                assert (found[module] - change).square().sum() == pytest.approx(float(tail), rel=1e-3)
+    checked = runner.invoke(app, ["check-lora", str(tmp_path / "extracted-2.safetensors"), "--plugin", "chroma"])
+    assert checked.exit_code == 0 and "OK: every key loads" in checked.output, checked.output
+    same = runner.invoke(app, ["lora", "extract", "--model", str(tiny_chroma), "--tuned", str(tiny_chroma), "--rank", "2",
+                               "--out", str(tmp_path / "none.safetensors")])  # fmt: skip
+    assert isinstance(same.exception, DataError) and "no 2-D weight differs" in str(same.exception)

@@ -1,4 +1,4 @@
-"""``tuner lora ...``: tools for LoRA files after training (resize, merge). Imports nothing heavy
+"""``tuner lora ...``: tools for LoRA files after training (resize, merge, extract). Imports nothing heavy
 at start; the arithmetic is :mod:`tuner.core.outputs.lora_tools`."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-lora_app = typer.Typer(help="Tools for LoRA files: resize, merge.", no_args_is_help=True)
+lora_app = typer.Typer(help="Tools for LoRA files: resize, merge, extract.", no_args_is_help=True)
 
 
 @lora_app.command("resize")
@@ -51,6 +51,24 @@ def merge(
     result = merged(parts)
     if rank is not None:
         result = resized(result.tensors, result.metadata, str(out), rank=rank)
+    save_safetensors(out, result.tensors, result.metadata)
+    _report(out, result, layers)
+
+
+@lora_app.command("extract")
+def extract(
+    model: str = typer.Option(..., "--model", help="The base: a local diffusers model folder."),
+    tuned: str = typer.Option(..., "--tuned", help="The fine-tuned checkpoint of it, same layout."),
+    rank: int = typer.Option(..., "--rank", "-r", help="The LoRA's rank."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the LoRA (diffusers layout)."),
+    layers: bool = typer.Option(False, "--layers", help="Print every layer's ranks and energy."),
+) -> None:
+    """A LoRA from the difference of a fine-tune and its base, taken in fp32 tensor by tensor, at
+    the best rank-R change of each layer. Prints the energy kept."""
+    from tuner.core.io import save_safetensors
+    from tuner.core.outputs.lora_tools import extract as extracted
+
+    result = extracted(model, tuned, rank, {"extracted_from": tuned})
     save_safetensors(out, result.tensors, result.metadata)
     _report(out, result, layers)
 

@@ -214,3 +214,58 @@ def _merged_metadata(metadata: dict[str, str], sources: list[tuple[str, float]],
         record["merged_from"] = [{"file": source, "weight": weight} for source, weight in sources]
         updated[METADATA_KEY] = json.dumps(record, sort_keys=True)
     return updated
+
+
+def extract(base_folder: str, tuned_folder: str, rank: int, source: dict[str, str]) -> Resized:
+    """A LoRA (diffusers layout) from the difference of two checkpoints of one model: each 2-D
+    ``.weight`` that differs, the difference taken in fp32 (a bf16 difference loses a LoRA-sized
+    change), at its best rank ``rank`` by its singular values. Tensor by tensor: never either model
+    whole in memory. ``source`` goes into the file's training record."""
+    from pathlib import Path
+
+    from tuner.core.model.lora import METADATA_KEY
+    from tuner.core.model.quantize import WeightFiles
+
+    if rank < 1:
+        raise DataError(f"--rank {rank}: a rank is at least 1")
+    base, tuned = WeightFiles(_transformer_folder(base_folder)), WeightFiles(_transformer_folder(tuned_folder))
+    result = Resized({}, {})
+    missing = [name for name in base.where if name not in tuned.where]
+    if len(missing) == len(base.where):
+        raise DataError(f"{tuned_folder} shares no weight names with {base_folder}: not a checkpoint of that model")
+    for name in sorted(set(base.where) & set(tuned.where)):
+        if not name.endswith(".weight"):
+            continue
+        before, after = base.read([name])[name], tuned.read([name])[name]
+        if before.dim() != 2:
+            continue
+        if before.shape != after.shape:
+            raise DataError(f"{tuned_folder}: {name} is {list(after.shape)}, {list(before.shape)} in {base_folder}")
+        difference = after.float() - before.float()
+        if not difference.any():
+            continue
+        u, s, vh = torch.linalg.svd(difference, full_matrices=False)
+        keep = min(rank, s.shape[0])
+        root = s[:keep].sqrt()
+        module = "transformer." + name[: -len(".weight")]
+        result.tensors[module + ".lora_A.weight"] = (root[:, None] * vh[:keep]).contiguous()
+        result.tensors[module + ".lora_B.weight"] = (u[:, :keep] * root).contiguous()
+        result.tensors[module + ".alpha"] = torch.tensor(float(keep))
+        squares = s.square()
+        result.squares[module] = (float(squares.sum()), float(squares[:keep].sum()))
+        result.ranks[module] = (s.shape[0], keep)
+    if not result.ranks:
+        raise DataError(f"{tuned_folder}: no 2-D weight differs from {base_folder}: nothing to extract")
+    record = {"lora_type": "lora", "rank": rank, "alpha": float(rank), "base_model": str(Path(base_folder)), **source}
+    result.metadata = {METADATA_KEY: json.dumps(record, sort_keys=True)}
+    return result
+
+
+def _transformer_folder(folder: str):
+    """The denoiser's weights of a diffusers pipeline folder (``transformer/``) or a model folder."""
+    from pathlib import Path
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise DataError(f"{folder}: not a folder; give a local diffusers model (the pipeline or its transformer/)")
+    return path / "transformer" if (path / "transformer").is_dir() else path
