@@ -188,3 +188,41 @@ def test_extracting_from_base_plus_a_known_lora_recovers_it(tiny_chroma, tmp_pat
     same = runner.invoke(app, ["lora", "extract", "--model", str(tiny_chroma), "--tuned", str(tiny_chroma), "--rank", "2",
                                "--out", str(tmp_path / "none.safetensors")])  # fmt: skip
     assert isinstance(same.exception, DataError) and "no 2-D weight differs" in str(same.exception)
+
+
+def test_folding_into_the_base_equals_diffusers_own_fuse_lora_sharded_or_not(tiny_chroma, shapes_dir, tmp_path):
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel
+
+    from tuner.core.outputs.lora_tools import fuse_into_base
+
+    settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "max_train_steps": 3, "learning_rate": 1e-2}
+    result, _, _ = train(settings)
+    lora = result.lora_files[0]
+    out = tmp_path / "fused"
+    done = CliRunner().invoke(
+        app, ["lora", "merge", str(lora), "--into-base", "--model", str(tiny_chroma), "--out", str(out)]
+    )
+    assert done.exit_code == 0, done.output
+    pipe = ChromaPipeline.from_pretrained(tiny_chroma, torch_dtype=torch.float32)
+    pipe.load_lora_weights(str(lora))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    expected = pipe.transformer.state_dict()
+    ours = ChromaTransformer2DModel.from_pretrained(out).state_dict()
+    assert ours.keys() == expected.keys()
+    changed = 0
+    base = ChromaTransformer2DModel.from_pretrained(tiny_chroma, subfolder="transformer").state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(ours[key], value, atol=1e-6, rtol=1e-5)
+        changed += not torch.equal(value, base[key])
+    assert changed == 14  # the LoRA's layers, and only they
+    sharded = tmp_path / "sharded"  # past the shard size: shards and an index, as diffusers writes them
+    fuse_into_base(load_file(lora), str(lora), str(tiny_chroma), str(sharded), shard_bytes=100_000)
+    assert (
+        len(list(sharded.glob("*.safetensors"))) > 1
+        and (sharded / "diffusion_pytorch_model.safetensors.index.json").exists()
+    )
+    resharded = ChromaTransformer2DModel.from_pretrained(sharded).state_dict()
+    assert all(torch.equal(resharded[k], ours[k]) for k in ours)
+    with pytest.raises(DataError, match="exists; name a new folder"):
+        fuse_into_base(load_file(lora), str(lora), str(tiny_chroma), str(sharded))

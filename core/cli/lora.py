@@ -34,21 +34,33 @@ def resize(
 @lora_app.command("merge")
 def merge(
     files: list[str] = typer.Argument(..., help="LoRA files of one model, each FILE or FILE:WEIGHT (default 1)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Where to write the merged file."),
+    out: Path = typer.Option(..., "--out", "-o", help="The merged file (with --into-base: a new model folder)."),
     rank: int | None = typer.Option(None, "--rank", "-r", help="Bring the summed ranks down to this (SVD)."),
+    into_base: bool = typer.Option(False, "--into-base", help="Fold the LoRA(s) into the base model instead."),
+    model: str | None = typer.Option(None, "--model", help="With --into-base: the base, a local diffusers folder."),
     layers: bool = typer.Option(False, "--layers", help="Print every layer's ranks and energy."),
 ) -> None:
     """Several LoRAs as one: per layer the weighted sum of their changes, exact by stacking their
-    factors (the ranks add up), or the best change of ``--rank`` after that."""
+    factors (the ranks add up), or the best change of ``--rank`` after that. With ``--into-base
+    --model BASE``: the base's denoiser with them folded in, a diffusers model folder written
+    tensor by tensor."""
+    from tuner.core.errors import DataError
     from tuner.core.io import save_safetensors
+    from tuner.core.outputs.lora_tools import fuse_into_base
     from tuner.core.outputs.lora_tools import merge as merged
     from tuner.core.outputs.lora_tools import resize as resized
 
+    if into_base and model is None:
+        raise DataError("--into-base needs --model BASE (a local diffusers model folder)")
     parts = []
     for item in files:
         path, weight = _weighted(item)
         parts.append((*_read(path, out), str(path), weight))
     result = merged(parts)
+    if into_base:
+        fused, written = fuse_into_base(result.tensors, ", ".join(str(p[2]) for p in parts), model, str(out))
+        typer.echo(f"{out}: {model}'s denoiser with {fused} layers changed ({written} tensors), a diffusers folder")
+        return
     if rank is not None:
         result = resized(result.tensors, result.metadata, str(out), rank=rank)
     save_safetensors(out, result.tensors, result.metadata)

@@ -269,3 +269,80 @@ def _transformer_folder(folder: str):
     if not path.is_dir():
         raise DataError(f"{folder}: not a folder; give a local diffusers model (the pipeline or its transformer/)")
     return path / "transformer" if (path / "transformer").is_dir() else path
+
+
+SHARD_BYTES = 5 * 2**30  # diffusers' own default shard size for save_pretrained
+
+
+def fuse_into_base(
+    tensors: dict[str, torch.Tensor], source: str, base_folder: str, out: str, shard_bytes: int = SHARD_BYTES
+) -> tuple[int, int]:
+    """The base model's denoiser with the LoRA folded in (``W + alpha / r * B @ A``, added in fp32,
+    stored in the weight's dtype), written as a diffusers model folder (``config.json`` and the
+    weights, sharded with an index past ``shard_bytes``) into ``out``, which must not exist yet; it
+    appears whole or not at all. Tensor by tensor: the base is never in memory twice. Returns
+    (layers fused, tensors written)."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from tuner.core.model.quantize import WeightFiles
+
+    layers, _ = low_rank_layers(tensors, source)
+    foreign = [layer.module for layer in layers if not layer.module.startswith("transformer.")]
+    if foreign or not layers[0].down_key.endswith(".lora_A.weight"):
+        raise DataError(f"{source}: not in the diffusers layout (transformer.<module>.lora_A); convert it first")
+    by_weight = {layer.module[len("transformer.") :] + ".weight": layer for layer in layers}
+    folder = _transformer_folder(base_folder)
+    base = WeightFiles(folder)
+    absent = sorted(set(by_weight) - set(base.where))
+    if absent:
+        raise DataError(f"{source}: {absent[0]} is not a weight of {base_folder}: a LoRA of another model")
+    target = Path(out)
+    if target.exists():
+        raise DataError(f"--out {out} exists; name a new folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        written: list[list[str]] = []  # the tensor names of each shard written
+        shard: dict[str, torch.Tensor] = {}
+        size = total = 0
+
+        def flush() -> None:  # one shard in memory at a time, named once their number is known
+            save_file(shard, str(work / f"shard-{len(written)}.safetensors"), metadata={"format": "pt"})
+            written.append(list(shard))
+            shard.clear()
+
+        for name in sorted(base.where):
+            weight = base.read([name])[name]
+            layer = by_weight.get(name)
+            if layer is not None:
+                weight = (weight.float() + layer.change()).to(weight.dtype)
+            nbytes = weight.numel() * weight.element_size()
+            if size and size + nbytes > shard_bytes:
+                flush()
+                size = 0
+            shard[name] = weight.contiguous()
+            size, total = size + nbytes, total + nbytes
+        flush()
+        count = len(written)
+        names = (
+            ["diffusion_pytorch_model.safetensors"]
+            if count == 1
+            else [f"diffusion_pytorch_model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        )
+        for number, file in enumerate(names):
+            os.replace(work / f"shard-{number}.safetensors", work / file)
+        if count > 1:
+            weight_map = {name: file for tensors_in, file in zip(written, names, strict=True) for name in tensors_in}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (work / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        shutil.copyfile(folder / "config.json", work / "config.json")
+        os.replace(work, target)  # the folder appears whole
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return len(by_weight), sum(len(names_in) for names_in in written)
