@@ -226,3 +226,45 @@ def test_folding_into_the_base_equals_diffusers_own_fuse_lora_sharded_or_not(tin
     assert all(torch.equal(resharded[k], ours[k]) for k in ours)
     with pytest.raises(DataError, match="exists; name a new folder"):
         fuse_into_base(load_file(lora), str(lora), str(tiny_chroma), str(sharded))
+
+
+def test_converting_between_layouts_is_exact_and_passes_check_lora(tiny_chroma, shapes_dir, tmp_path):
+    """diffusers -> ComfyUI writes what training writes for ComfyUI (q/k/v fused at rank 3r); ComfyUI
+    -> diffusers factors each module's change again, the same changes to fp32 rounding."""
+    settings = {**base_settings(tiny_chroma, shapes_dir, tmp_path), "max_train_steps": 3, "learning_rate": 1e-2,
+                "lora_format": "all"}  # fmt: skip
+    result, host, config = train(settings)
+    diffusers_file, comfyui_file = sorted(result.lora_files, key=lambda p: "comfyui" in p.name)
+    runner = CliRunner()
+
+    def convert(path, to, out):
+        done = runner.invoke(app, ["lora", "convert", str(path), "--to", to, "--plugin", "chroma", "--out", str(out)])
+        assert done.exit_code == 0, done.output
+        checked = runner.invoke(app, ["check-lora", str(out), "--plugin", "chroma", "--format", to])
+        assert checked.exit_code == 0 and "OK: every key loads" in checked.output, checked.output
+        return out
+
+    to_comfyui = load_file(convert(diffusers_file, "comfyui", tmp_path / "c.safetensors"))
+    trained = load_file(comfyui_file)
+    assert to_comfyui.keys() == trained.keys() and all(torch.equal(to_comfyui[k], trained[k]) for k in trained)
+    back = convert(comfyui_file, "diffusers", tmp_path / "d.safetensors")
+    transformer = host.provide("load_model", config=config, component="transformer", dtype=torch.float32)
+    reader = host.lora_formats["diffusers"].read
+    before, after = (
+        reader(str(diffusers_file), transformer, host.family).deltas,
+        reader(str(back), transformer, host.family).deltas,
+    )
+    assert before.keys() == after.keys()
+    for module, delta in before.items():
+        torch.testing.assert_close(after[module], delta, atol=1e-6, rtol=1e-4)
+    again = runner.invoke(app, ["lora", "convert", str(back), "--to", "diffusers", "--plugin", "chroma", "--out",
+                                str(tmp_path / "e.safetensors")])  # fmt: skip
+    assert isinstance(again.exception, DataError) and "in the diffusers layout already" in str(again.exception)
+    mixed = tmp_path / "mixed.safetensors"
+    assert (
+        runner.invoke(app, ["lora", "resize", str(diffusers_file), "--energy", "0.5", "--out", str(mixed)]).exit_code
+        == 0
+    )
+    refused = runner.invoke(app, ["lora", "convert", str(mixed), "--to", "comfyui", "--plugin", "chroma", "--out",
+                                  str(tmp_path / "f.safetensors")])  # fmt: skip
+    assert isinstance(refused.exception, DataError) and "a fused layout needs one rank" in str(refused.exception)

@@ -1,4 +1,4 @@
-"""``tuner lora ...``: tools for LoRA files after training (resize, merge, extract). Imports nothing heavy
+"""``tuner lora ...``: tools for LoRA files after training (resize, merge, extract, convert). Imports nothing heavy
 at start; the arithmetic is :mod:`tuner.core.outputs.lora_tools`."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-lora_app = typer.Typer(help="Tools for LoRA files: resize, merge, extract.", no_args_is_help=True)
+lora_app = typer.Typer(help="Tools for LoRA files: resize, merge, extract, convert.", no_args_is_help=True)
 
 
 @lora_app.command("resize")
@@ -83,6 +83,67 @@ def extract(
     result = extracted(model, tuned, rank, {"extracted_from": tuned})
     save_safetensors(out, result.tensors, result.metadata)
     _report(out, result, layers)
+
+
+@lora_app.command("convert")
+def convert(
+    file: Path = typer.Argument(..., help="LoRA .safetensors file."),
+    to: str = typer.Option(
+        ..., "--to", help="The format to write: diffusers, comfyui, or another the family registers."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the converted file."),
+    plugin: str = typer.Option(..., "--plugin", "-p", help="Model family the LoRA is for."),
+    model: str | None = typer.Option(
+        None, "--model", help="Base model (its config files); default: the file's record."
+    ),
+) -> None:
+    """Move a LoRA between layouts. From the diffusers layout the factors are written as the target
+    format writes a trained LoRA (q/k/v fused at rank 3r for ComfyUI: exact); from another layout the
+    file is read as its runtime reads it and each module's change is factored again at its own rank
+    (exact to fp32 rounding). The converted file passes check-lora for its format."""
+    import json as json_module
+
+    import torch
+
+    from tuner.core.errors import ConfigError, DataError
+    from tuner.core.estimate.models import ModelFiles, build_on_meta
+    from tuner.core.host.manager import PluginHost
+    from tuner.core.io import save_safetensors
+    from tuner.core.model.lora import METADATA_KEY
+    from tuner.core.outputs.lora_tools import export_from_changes, export_of
+
+    host = PluginHost(plugin)
+    formats, family = host.lora_formats, host.family
+    if to not in formats:
+        raise ConfigError(f"--to {to!r}: {plugin} writes {', '.join(formats)}")
+    tensors, metadata = _read(file, out)
+    keys = list(tensors)
+    source = next((n for n, f in reversed(formats.items()) if f.detect and f.detect(keys)), next(iter(formats)))
+    if source == to:
+        raise DataError(f"{file} is in the {to} layout already")
+    record = json_module.loads(metadata.get(METADATA_KEY, "{}"))
+    base = model or record.get("base_model")
+    if not base:
+        raise DataError(f"{file} names no base model in its metadata; pass --model (a folder or hub id)")
+    library, _, class_name = family.transformer_class.rpartition(".")
+    config = ModelFiles(str(base), None).json(f"{family.transformer_subfolder}/config.json")
+    skeleton = build_on_meta(library, class_name, config, torch.float32)  # names and shapes, no weights
+    if source == "diffusers":
+        export = export_of(tensors, metadata, str(file), family.lora_alpha_in)
+    else:
+        reading = formats[source].read(str(file), skeleton, family)
+        if reading.unmatched:
+            raise DataError(
+                f"{file}: {len(reading.unmatched)} keys its runtime would not load ({reading.unmatched[0]})"
+            )
+        export = export_from_changes(reading.deltas, metadata, family.lora_alpha_in)
+    written = formats[to].export(export, skeleton)
+    if len(written) != 1:
+        raise DataError(f"the {to} format writes {len(written)} files for one LoRA; convert writes one")
+    (converted,) = written.values()
+    record["lora_format"] = to
+    save_safetensors(out, converted, {**metadata, METADATA_KEY: json_module.dumps(record, sort_keys=True)})
+    typer.echo(f"{out}: {file} ({source}) in the {to} layout, {len(converted)} tensors")
 
 
 def _weighted(item: str) -> tuple[Path, float]:

@@ -346,3 +346,49 @@ def fuse_into_base(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return len(by_weight), sum(len(names_in) for names_in in written)
+
+
+def export_of(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str, alpha_in: str):
+    """A diffusers-layout file (``transformer.<module>.lora_A``) as the export a format writes from."""
+    from tuner.core.host.records import LoraExport
+    from tuner.core.model.lora import METADATA_KEY
+
+    layers, _ = low_rank_layers(tensors, source)
+    if not all(
+        layer.module.startswith("transformer.") and layer.down_key.endswith(".lora_A.weight") for layer in layers
+    ):
+        raise DataError(f"{source}: not in the diffusers layout (transformer.<module>.lora_A/lora_B)")
+    ranks = {layer.rank for layer in layers}
+    if len(ranks) > 1:
+        raise DataError(
+            f"{source}: its layers have ranks {sorted(ranks)}; a fused layout needs one rank: "
+            "tuner lora resize --rank R first"
+        )
+    state, alphas = {}, {}
+    for layer in layers:
+        module = layer.module[len("transformer.") :]
+        state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = layer.down, layer.up
+        alphas[module] = layer.alpha
+    record = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+    return LoraExport(state, ranks.pop(), alphas, record, alpha_in)
+
+
+def export_from_changes(deltas: dict[str, torch.Tensor], metadata: dict[str, str], alpha_in: str):
+    """Changes per module (a runtime's reading of a file) as factors again: each at its own rank,
+    the singular values above fp32 rounding, so the factors multiply back to the change."""
+    from tuner.core.host.records import LoraExport
+    from tuner.core.model.lora import METADATA_KEY
+
+    state, alphas, ranks = {}, {}, set()
+    for module, delta in deltas.items():
+        if not delta.any():  # a module a fused layer covers without changing it (ComfyUI's q/k/v)
+            continue
+        u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+        keep = int((s > s[0] * 1e-6).sum())
+        root = s[:keep].sqrt()
+        state[f"{module}.lora_A.weight"] = (root[:, None] * vh[:keep]).contiguous()
+        state[f"{module}.lora_B.weight"] = (u[:, :keep] * root).contiguous()
+        alphas[module] = float(keep)
+        ranks.add(keep)
+    record = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
+    return LoraExport(state, max(ranks), alphas, record, alpha_in)
