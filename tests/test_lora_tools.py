@@ -145,6 +145,9 @@ def test_merging_sums_the_weighted_changes_exactly_and_refuses_files_of_other_mo
         DataError, match=r"^b: transformer.blocks.1.proj maps 41 to 16 features, a: 40 to 16: not LoRAs of one model$"
     ):
         merge([(a, {}, "a", 1.0), (wider, {}, "b", 1.0)])
+    record = {"tuner_training": '{"model_family": "chroma"}'}
+    with pytest.raises(DataError, match=r"^the files are LoRAs of different model families: a \(chroma\), f \(flux\)$"):
+        merge([(a, record, "a", 1.0), (b, {"tuner_training": '{"model_family": "flux"}'}, "f", 1.0)])
     with pytest.raises(
         DataError, match=r"^the files are in different layouts: a \(lora_A/lora_B\), c \(lora_down/lora_up\)"
     ):

@@ -173,6 +173,16 @@ def merge(files: list[tuple[dict[str, torch.Tensor], dict[str, str], str, float]
     layer whose shapes differ between files, or files of different layouts, are refused in one line."""
     if not files:
         raise DataError("name at least one LoRA file to merge")
+    from tuner.core.model.lora import METADATA_KEY
+
+    families = {
+        source: json.loads(metadata[METADATA_KEY]).get("model_family")
+        for _, metadata, source, _ in files
+        if METADATA_KEY in metadata
+    }
+    if len({family for family in families.values() if family}) > 1:
+        named = ", ".join(f"{source} ({family})" for source, family in families.items())
+        raise DataError(f"the files are LoRAs of different model families: {named}")
     merged: dict[str, list[tuple[LowRankLayer, float, str]]] = {}
     layouts = {}
     for tensors, _, source, weight in files:
@@ -233,7 +243,9 @@ def extract(base_folder: str, tuned_folder: str, rank: int, source: dict[str, st
     missing = [name for name in base.where if name not in tuned.where]
     if len(missing) == len(base.where):
         raise DataError(f"{tuned_folder} shares no weight names with {base_folder}: not a checkpoint of that model")
-    for name in sorted(set(base.where) & set(tuned.where)):
+    from tqdm.auto import tqdm
+
+    for name in tqdm(sorted(set(base.where) & set(tuned.where)), desc="extract", unit="tensor", leave=False):
         if not name.endswith(".weight"):
             continue
         before, after = base.read([name])[name], tuned.read([name])[name]
@@ -316,7 +328,9 @@ def fuse_into_base(
             written.append(list(shard))
             shard.clear()
 
-        for name in sorted(base.where):
+        from tqdm.auto import tqdm
+
+        for name in tqdm(sorted(base.where), desc="fold into base", unit="tensor", leave=False):
             weight = base.read([name])[name]
             layer = by_weight.get(name)
             if layer is not None:
