@@ -262,7 +262,9 @@ def test_the_data_picker_counts_images_and_says_why_files_are_skipped(client, wo
 # -- runs ---------------------------------------------------------------------------------------------
 
 
-def test_the_run_list_reads_output_folders_including_runs_from_a_terminal(client, workspace, tiny_chroma, shapes_dir):
+def test_the_run_list_reads_output_folders_including_runs_from_a_terminal(
+    client, workspace, tiny_chroma, shapes_dir, monkeypatch
+):
     settings = base_settings(tiny_chroma, shapes_dir, workspace)  # output_dir: <workspace>/out
     result, _, _ = train({**settings, "validation_prompts": ["a red circle"], "validation_num_inference_steps": 2})
     died = workspace / "output" / "killed"
@@ -305,6 +307,31 @@ def test_the_run_list_reads_output_folders_including_runs_from_a_terminal(client
     download = client.get("/files/out/pytorch_lora_weights.safetensors?download=1")
     assert download.headers["content-disposition"].startswith("attachment")
     assert download.content == (workspace / "out" / "pytorch_lora_weights.safetensors").read_bytes()
+
+    # the LoRA tools: each a queued `tuner lora` job writing beside the LoRA (run here in-process)
+    import tuner.plugins.webui.runs_api as runs_api
+    from tuner.plugins.webui.jobs import Jobs
+
+    submitted = []
+    monkeypatch.setattr(runs_api, "tuner_command", lambda: ["tuner"])
+    monkeypatch.setattr(Jobs, "submit", lambda self, kind, argv, *a, **k: submitted.append((kind, argv)))
+    assert "queued" in client.post("/api/run/out/lora", json={"action": "resize", "rank": 2}).json()["message"]
+    assert "queued" in client.post("/api/run/out/lora", json={"action": "convert", "to": "comfyui"}).json()["message"]
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    for kind, argv in submitted:
+        assert kind == "lora" and argv[:2] == ["tuner", "lora"]
+        done = CliRunner().invoke(app, argv[1:])
+        assert done.exit_code == 0, done.output
+    names = {f["name"] for f in client.get("/api/run/out").json()["files"]}
+    assert {"pytorch_lora_weights_rank2.safetensors", "pytorch_lora_weights_comfyui.safetensors"} <= names
+    again = client.post("/api/run/out/lora", json={"action": "resize", "rank": 2})
+    assert again.status_code == 400 and "is there already" in again.json()["error"]
+    for body, says in (({"action": "resize", "rank": "x"}, "rank: 'x'"), ({"action": "melt"}, "resize or convert")):
+        refused = client.post("/api/run/out/lora", json=body)
+        assert refused.status_code == 400 and says in refused.json()["error"]
 
 
 def test_a_torn_last_log_line_waits_for_its_end(workspace):
@@ -544,7 +571,7 @@ def test_no_request_body_or_path_makes_the_server_fail(workspace, monkeypatch):
             for endpoint in ("/api/validate", "/api/buckets", "/api/config", "/api/start"):
                 response = client.post(endpoint, json=body)
                 assert response.status_code < 500, (endpoint, body, response.text[:300])
-            for action in ("stop", "resume", "sample"):
+            for action in ("stop", "resume", "sample", "lora"):
                 response = client.post(f"/api/run/{path}/{action}", json=body)
                 assert response.status_code < 500, (action, path, body, response.text[:300])
             for url in (f"/api/run/{path}", f"/api/browse?path={path}", f"/files/{path}", f"/api/form/{family}"):

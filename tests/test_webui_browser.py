@@ -1,6 +1,6 @@
 """The web UI in a real headless Chromium, used as a person would: open the printed URL, fill the
 new-run form for the bundled tiny model and data, start, watch the loss chart and a validation grid,
-stop (a checkpoint appears), resume, finish, download the LoRA, render a sample.
+stop (a checkpoint appears), resume, finish, download the LoRA, render a sample, resize the LoRA.
 
 Needs Debian's ``chromium`` (``.ci/run`` installs it) and Playwright's Python package, which
 drives that browser without downloading its own. Screenshots go to ``$TUNER_SCREENSHOTS`` when set
@@ -164,6 +164,10 @@ def test_a_person_trains_watches_stops_resumes_downloads_and_samples(browser, tm
         page.click("#sample")
         wait_until(page, "[...document.querySelectorAll('#samples img')].some(i => i.naturalWidth > 0)", timeout=90_000)
         assert list((lora.parent / "samples").glob("*/00_seed7.png"))
+        page.fill("#lora-rank", "2")  # the LoRA tools: a queued `tuner lora resize`, its file listed when done
+        page.click("#lora-resize")
+        wait_until(page, "document.querySelector('#files').textContent.includes('rank2')", timeout=60_000)
+        assert (lora.parent / "pytorch_lora_weights_rank2.safetensors").is_file()
         page.screenshot(path=str(shots / "webui-run.png"), full_page=True)
         page.fill("#resume-steps", str(stopped))  # below its last checkpoint: the CLI refuses, the page says why
         page.click("#resume")

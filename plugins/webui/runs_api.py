@@ -1,5 +1,5 @@
-"""The web UI's API for runs: the list, one run's progress, stop, resume and sample (each a queued
-``tuner`` process)."""
+"""The web UI's API for runs: the list, one run's progress, stop, resume, sample and the LoRA tools
+(each a queued ``tuner`` process)."""
 
 from __future__ import annotations
 
@@ -131,8 +131,40 @@ def routes(server: Server) -> list[Route]:
             {"message": f"queued: images go to {server.space.relative(out)}", "folder": server.space.relative(out)}
         )
 
+    async def api_lora(request: Request) -> Response:
+        """Resize the run's LoRA or convert it to another layout, beside it (``tuner lora ...``)."""
+        folder = server.run_folder(request)
+        body = await read_json(request)
+        lora = folder / "pytorch_lora_weights.safetensors"
+        if not lora.is_file():
+            return problem("no LoRA yet: the LoRA tools need a finished run's pytorch_lora_weights.safetensors")
+        action = body.get("action")
+        if action == "resize":
+            try:
+                rank = int(body.get("rank"))
+                if rank < 1:
+                    raise ValueError(rank)
+            except (TypeError, ValueError, OverflowError):
+                return problem(f"rank: {body.get('rank')!r} is not a whole number of at least 1")
+            out = folder / f"pytorch_lora_weights_rank{rank}.safetensors"
+            argv = [*tuner_command(), "lora", "resize", str(lora), "--rank", str(rank), "--out", str(out)]
+        elif action == "convert":
+            to = str(body.get("to") or "")
+            family = (server.space.run_summary(folder) or {}).get("family")
+            if to not in ("comfyui",) or not family:
+                return problem(f"to: {to!r}: the run's LoRA converts to comfyui (its family must be known)")
+            out = folder / f"pytorch_lora_weights_{to}.safetensors"
+            argv = [*tuner_command(), "lora", "convert", str(lora), "--to", to, "--plugin", family, "--out", str(out)]
+        else:
+            return problem(f"action: {action!r}: resize or convert")
+        if out.exists():
+            return problem(f"{server.space.relative(out)} is there already")
+        server.jobs.submit("lora", argv, folder, label=f"lora {action} {folder.name}")
+        return JSONResponse({"message": f"queued: writes {server.space.relative(out)}"})
+
     return [
         Route("/api/runs", api_runs),
+        Route("/api/run/{path:path}/lora", api_lora, methods=["POST"]),
         Route("/api/run/{path:path}/stop", api_stop, methods=["POST"]),
         Route("/api/run/{path:path}/resume", api_resume, methods=["POST"]),
         Route("/api/run/{path:path}/sample", api_sample, methods=["POST"]),

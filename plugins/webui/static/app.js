@@ -271,6 +271,9 @@ function initRun() {
     $("#stop").disabled = !busy;
     $("#resume").disabled = busy || data.checkpoints.length === 0;
     $("#sample").disabled = !data.files.some(f => f.name.endsWith(".safetensors"));
+    const trained = data.files.some(f => f.name === "pytorch_lora_weights.safetensors");
+    $("#lora-resize").disabled = !trained;
+    $("#lora-comfyui").disabled = !trained || data.files.some(f => f.name === "pytorch_lora_weights_comfyui.safetensors");
     if (!$("#resume-steps").value && total) $("#resume-steps").value = total;
     const log = $("#log"), atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
     if (log.textContent !== data.log_tail) {
@@ -292,6 +295,8 @@ function initRun() {
     const body = Object.fromEntries(new FormData($("#sample-form")).entries());
     act("sample", body);
   });
+  $("#lora-resize").addEventListener("click", () => act("lora", { action: "resize", rank: $("#lora-rank").value }));
+  $("#lora-comfyui").addEventListener("click", () => act("lora", { action: "convert", to: "comfyui" }));
   for (const id of ["a", "b"]) {
     $(`#compare-${id}`).addEventListener("change", event => { $(`#grid-${id}`).src = fileUrl(event.target.value); });
   }
