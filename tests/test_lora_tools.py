@@ -271,3 +271,16 @@ def test_converting_between_layouts_is_exact_and_passes_check_lora(tiny_chroma, 
     refused = runner.invoke(app, ["lora", "convert", str(mixed), "--to", "comfyui", "--plugin", "chroma", "--out",
                                   str(tmp_path / "f.safetensors")])  # fmt: skip
     assert isinstance(refused.exception, DataError) and "a fused layout needs one rank" in str(refused.exception)
+
+
+def test_a_file_whose_record_names_a_type_that_is_not_low_rank_is_refused_by_its_record(tmp_path):
+    """The adapter records say which types the tools handle (AdapterInfo.low_rank): a LoKr file
+    named so in its training record is refused even if its keys looked like pairs."""
+    path = tmp_path / "lokr.safetensors"
+    save_file(random_lora(), str(path), metadata={"tuner_training": '{"lora_type": "lokr"}'})
+    done = CliRunner().invoke(
+        app, ["lora", "resize", str(path), "--rank", "2", "--out", str(tmp_path / "o.safetensors")]
+    )
+    assert isinstance(done.exception, DataError)
+    assert str(done.exception).startswith(f"{path}: a lokr file (") and "only low-rank types" in str(done.exception)
+    assert "\n" not in str(done.exception)

@@ -18,7 +18,7 @@ def resize(
     energy: float | None = typer.Option(
         None, "--energy", help="Instead of --rank: per layer, the smallest rank keeping this share of energy (0.99)."
     ),
-    layers: bool = typer.Option(False, "--layers", help="Print every layer's ranks and energy."),
+    layers: bool = typer.Option(True, "--layers/--total", help="Every layer's ranks and energy, or the total."),
 ) -> None:
     """Shrink a LoRA by the singular values of each layer's change (computed in fp32): exact at a
     layer's own rank, the best change of the smaller rank otherwise. Prints the energy kept."""
@@ -38,7 +38,7 @@ def merge(
     rank: int | None = typer.Option(None, "--rank", "-r", help="Bring the summed ranks down to this (SVD)."),
     into_base: bool = typer.Option(False, "--into-base", help="Fold the LoRA(s) into the base model instead."),
     model: str | None = typer.Option(None, "--model", help="With --into-base: the base, a local diffusers folder."),
-    layers: bool = typer.Option(False, "--layers", help="Print every layer's ranks and energy."),
+    layers: bool = typer.Option(True, "--layers/--total", help="Every layer's ranks and energy, or the total."),
 ) -> None:
     """Several LoRAs as one: per layer the weighted sum of their changes, exact by stacking their
     factors (the ranks add up), or the best change of ``--rank`` after that. With ``--into-base
@@ -73,7 +73,7 @@ def extract(
     tuned: str = typer.Option(..., "--tuned", help="The fine-tuned checkpoint of it, same layout."),
     rank: int = typer.Option(..., "--rank", "-r", help="The LoRA's rank."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the LoRA (diffusers layout)."),
-    layers: bool = typer.Option(False, "--layers", help="Print every layer's ranks and energy."),
+    layers: bool = typer.Option(True, "--layers/--total", help="Every layer's ranks and energy, or the total."),
 ) -> None:
     """A LoRA from the difference of a fine-tune and its base, taken in fp32 tensor by tensor, at
     the best rank-R change of each layer. Prints the energy kept."""
@@ -156,9 +156,13 @@ def _weighted(item: str) -> tuple[Path, float]:
 
 
 def _read(file: Path, out: Path) -> tuple[dict, dict]:
+    """The file's tensors and metadata; refused in one line when its record names an adapter type
+    that is not low rank (the adapter records say which)."""
     from safetensors import safe_open
 
     from tuner.core.errors import DataError
+    from tuner.core.host.manager import PluginHost
+    from tuner.core.outputs.lora_tools import refuse_not_low_rank
 
     if not file.is_file():
         raise DataError(f"{file} does not exist")
@@ -166,9 +170,12 @@ def _read(file: Path, out: Path) -> tuple[dict, dict]:
         raise DataError(f"--out {out}: a file being read; write the result elsewhere")
     try:
         with safe_open(str(file), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}  # noqa: SIM118
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except Exception as exc:
         raise DataError(f"{file} is not a readable safetensors file: {exc}") from None
+    refuse_not_low_rank(metadata, str(file), PluginHost(None).adapter_types)
+    return tensors, metadata
 
 
 def _report(out: Path, result, layers: bool) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -68,6 +69,22 @@ class Resized:
         """The energy kept over every layer together."""
         total = sum(t for t, _ in self.squares.values())
         return sum(k for _, k in self.squares.values()) / total if total else 1.0
+
+
+def refuse_not_low_rank(metadata: dict[str, str], source: str, adapter_types: dict[str, Any]) -> None:
+    """One line when the file's training record names an adapter type whose record says its change
+    is not one product B @ A (``AdapterInfo.low_rank``); files without a record are judged by their
+    keys (:func:`low_rank_layers`)."""
+    from tuner.core.model.lora import METADATA_KEY
+
+    kind = json.loads(metadata[METADATA_KEY]).get("lora_type") if METADATA_KEY in metadata else None
+    adapter = adapter_types.get(kind) if kind else None
+    if adapter is not None and not adapter.low_rank:
+        handled = ", ".join(name for name, info in adapter_types.items() if info.low_rank)
+        raise DataError(
+            f"{source}: a {kind} file ({adapter.description}): only low-rank types (a product B @ A per layer: "
+            f"{handled}) can be resized, merged or converted this way"
+        )
 
 
 def low_rank_layers(
