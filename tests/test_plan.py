@@ -110,6 +110,7 @@ def test_the_real_chromas_plans_fit_their_budgets_and_more_memory_is_never_slowe
             "mixed_precision": "bf16",
             "gradient_checkpointing": True,  # one dimension fewer to trace (the tiny model's test varies it)
             "activation_offload": False,  # likewise
+            "offload_during_startup": True,  # likewise (the caching phases traced once, not twice)
             "validation_prompts": ["a red circle"],
             "data_dir": str(REPO / "examples" / "data" / "shapes"),
         },
