@@ -13,6 +13,7 @@ LoKr's and LoHa's factors) are refused with one line.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,18 @@ class Resized:
         """The energy kept over every layer together."""
         total = sum(t for t, _ in self.squares.values())
         return sum(k for _, k in self.squares.values()) / total if total else 1.0
+
+
+def factors(
+    change: torch.Tensor, keep: Callable[[torch.Tensor], int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``change`` (fp32) as ``up @ down`` of the rank ``keep(squared singular values)`` chooses: the
+    best change of that rank (Eckart-Young), ``sqrt(s)`` on each side. Returns (down, up, squares)."""
+    u, s, vh = torch.linalg.svd(change, full_matrices=False)
+    squares = s.square()
+    rank = keep(squares)
+    root = s[:rank].sqrt()
+    return (root[:, None] * vh[:rank]).contiguous(), (u[:, :rank] * root).contiguous(), squares
 
 
 def refuse_not_low_rank(metadata: dict[str, str], source: str, adapter_types: dict[str, Any]) -> None:
@@ -138,17 +151,17 @@ def resize(
     layers, others = low_rank_layers(tensors, source)
     result = Resized(dict(others), dict(metadata))
     for layer in layers:
-        u, s, vh = torch.linalg.svd(layer.change(), full_matrices=False)
-        squares = s.square()
-        total = float(squares.sum())
-        if rank is not None:
-            keep = min(rank, layer.rank)
-        else:
-            reached = (squares.cumsum(0) >= energy * total * (1 - 1e-6)).nonzero()
-            keep = min(int(reached[0]) + 1 if len(reached) else layer.rank, layer.rank)
-        root = s[:keep].sqrt()
-        result.tensors[layer.up_key] = (u[:, :keep] * root).to(layer.up.dtype).contiguous()
-        result.tensors[layer.down_key] = (root[:, None] * vh[:keep]).to(layer.down.dtype).contiguous()
+
+        def chosen(squares: torch.Tensor, own: int = layer.rank) -> int:
+            if rank is not None:
+                return min(rank, own)
+            reached = (squares.cumsum(0) >= energy * float(squares.sum()) * (1 - 1e-6)).nonzero()
+            return min(int(reached[0]) + 1 if len(reached) else own, own)
+
+        down, up, squares = factors(layer.change(), chosen)
+        keep, total = down.shape[0], float(squares.sum())
+        result.tensors[layer.up_key] = up.to(layer.up.dtype)
+        result.tensors[layer.down_key] = down.to(layer.down.dtype)
         if layer.alpha_key:
             result.tensors[layer.alpha_key] = torch.tensor(float(keep), dtype=tensors[layer.alpha_key].dtype)
         # without an .alpha tensor readers take alpha = rank: scale 1, as the factors now need
@@ -273,16 +286,13 @@ def extract(base_folder: str, tuned_folder: str, rank: int, source: dict[str, st
         difference = after.float() - before.float()
         if not difference.any():
             continue
-        u, s, vh = torch.linalg.svd(difference, full_matrices=False)
-        keep = min(rank, s.shape[0])
-        root = s[:keep].sqrt()
+        down, up, squares = factors(difference, lambda squares: min(rank, len(squares)))
+        keep = down.shape[0]
         module = "transformer." + name[: -len(".weight")]
-        result.tensors[module + ".lora_A.weight"] = (root[:, None] * vh[:keep]).contiguous()
-        result.tensors[module + ".lora_B.weight"] = (u[:, :keep] * root).contiguous()
+        result.tensors[module + ".lora_A.weight"], result.tensors[module + ".lora_B.weight"] = down, up
         result.tensors[module + ".alpha"] = torch.tensor(float(keep))
-        squares = s.square()
         result.squares[module] = (float(squares.sum()), float(squares[:keep].sum()))
-        result.ranks[module] = (s.shape[0], keep)
+        result.ranks[module] = (len(squares), keep)
     if not result.ranks:
         raise DataError(f"{tuned_folder}: no 2-D weight differs from {base_folder}: nothing to extract")
     record = {"lora_type": "lora", "rank": rank, "alpha": float(rank), "base_model": str(Path(base_folder)), **source}
@@ -414,12 +424,10 @@ def export_from_changes(deltas: dict[str, torch.Tensor], metadata: dict[str, str
     for module, delta in deltas.items():
         if not delta.any():  # a module a fused layer covers without changing it (ComfyUI's q/k/v)
             continue
-        u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-        keep = int((s > s[0] * 1e-6).sum())
-        root = s[:keep].sqrt()
-        state[f"{module}.lora_A.weight"] = (root[:, None] * vh[:keep]).contiguous()
-        state[f"{module}.lora_B.weight"] = (u[:, :keep] * root).contiguous()
-        alphas[module] = float(keep)
-        ranks.add(keep)
+        # its own rank: the singular values above fp32 rounding (squared: 1e-12 of the largest)
+        down, up, _ = factors(delta.float(), lambda squares: int((squares > squares[0] * 1e-12).sum()))
+        state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = down, up
+        alphas[module] = float(down.shape[0])
+        ranks.add(down.shape[0])
     record = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else {}
     return LoraExport(state, max(ranks), alphas, record, alpha_in)
