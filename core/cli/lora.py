@@ -3,6 +3,7 @@ at start; the arithmetic is :mod:`tuner.core.outputs.lora_tools`."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import typer
@@ -161,7 +162,6 @@ def _read(file: Path, out: Path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     from tuner.core.errors import DataError
-    from tuner.core.host.manager import PluginHost
     from tuner.core.outputs.lora_tools import refuse_not_low_rank
 
     if not file.is_file():
@@ -174,8 +174,16 @@ def _read(file: Path, out: Path) -> tuple[dict, dict]:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except Exception as exc:
         raise DataError(f"{file} is not a readable safetensors file: {exc}") from None
-    refuse_not_low_rank(metadata, str(file), PluginHost(None).adapter_types)
+    refuse_not_low_rank(metadata, str(file), _adapter_types())
     return tensors, metadata
+
+
+@functools.cache
+def _adapter_types() -> dict:
+    """The installed adapter records, read once per command however many files it reads."""
+    from tuner.core.host.manager import PluginHost
+
+    return PluginHost(None).adapter_types
 
 
 def _report(out: Path, result, layers: bool) -> None:

@@ -5,8 +5,8 @@ A plan sets ``base_model_precision``, ``gradient_checkpointing``, ``blocks_to_sw
 ``activation_offload`` and ``offload_during_startup``; a key the user set is a constraint, never
 varied. Each plan's peak comes from the estimate (one trace per caching setting, per
 checkpointing and per activation offload value; precisions and swapped blocks are arithmetic on
-it). Step times are relative to a bf16 base with checkpointing and nothing offloaded. Its relative step time comes from a cost model whose
-constants were measured by ``benchmarks/gpu.py --tiers`` on one H200 (2026-12-04: the real Chroma,
+it). Its step time, relative to a bf16 base with checkpointing and nothing offloaded, comes from a
+cost model whose constants were measured by ``benchmarks/gpu.py --tiers`` on one H200 (2026-12-04: the real Chroma,
 1024 px, rank 16, gradient checkpointing, bf16; docs/benchmarks.md):
 
 * a quantized base: the precision's own ``step_time`` (its plugin states what was measured: int8

@@ -227,17 +227,6 @@ class BlockSwap:
             for index in indices:
                 self.release(index)
 
-    @contextmanager
-    def all_resident(self) -> Iterator[None]:
-        """Every swapped block's weights in place (code that reads base weights outside a forward)."""
-        for index in range(len(self.blocks)):
-            self.bring_in(index)
-        try:
-            yield
-        finally:
-            for index in list(self.resident):
-                self.release(index)
-
     def resident_bytes(self) -> int:
         """Bytes of swapped blocks' weights on the device now (measured on the storages themselves)."""
         return sum(on_device.untyped_storage().nbytes() for block in self.host for on_device, _ in block)
@@ -293,7 +282,7 @@ def swap_blocks(model: torch.nn.Module, count: int, device: torch.device | str, 
     names = [name for name, p in model.named_parameters() if id(p) in ids]
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)  # noqa: SLF001
     swapper = BlockSwap(swapped, device)
-    model.tuner_block_swap = swapper  # found by weights_in_place
+    model.tuner_block_swap = swapper  # found by move_unswapped
     return swapper
 
 

@@ -96,10 +96,10 @@ KEYS = in_group(
             "memory_budget",
             "str",
             None,
-            "Let tuner pick base_model_precision, blocks_to_swap, activation_offload and offload_during_startup "
-            "(those you leave "
-            "unset) so the run fits this much accelerator memory, fastest first (`tuner estimate --plan` shows "
-            "the plans): a size such as 12GiB, or auto (the free memory now).",
+            "Let tuner pick base_model_precision, gradient_checkpointing, blocks_to_swap, activation_offload, "
+            "offload_during_startup and validation_blocks_to_swap (those you leave unset) so the run fits this "
+            "much accelerator memory, fastest first (`tuner estimate --plan` shows the plans): a size such as "
+            "12GiB, or auto (the free memory now).",
             check=_budget_problem,
             memory=True,
         ),
