@@ -1,6 +1,6 @@
-"""Write docs/memory.md: the memory plans ``tuner estimate --plan`` picks for the real Chroma 1 at
-several card sizes, and what each memory key does: python docs/gen_memory.py (about a minute on
-two CPU cores; it traces the bundled config files, no weights).
+"""Write docs/memory.md: the memory plans ``tuner estimate --plan`` picks for the real Chroma 1 and
+Flux.2 (dev, klein 9B and 4B) at several card sizes, and what each memory key does: python
+docs/gen_memory.py (a few minutes on two CPU cores; it traces the bundled config files, no weights).
 """
 
 from __future__ import annotations
@@ -53,19 +53,35 @@ not re-measured yet. The card's own figures are in docs/benchmarks.md.
 """
 
 
-def plans_for():
+def plans_for(family: str = "chroma", folder: str = "chroma1-configs"):
     from tuner.core.config.build import build_config
     from tuner.core.estimate.plan import memory_plans
     from tuner.core.host.manager import PluginHost
 
-    host = PluginHost("chroma")
+    host = PluginHost(family)
     settings = {
-        "pretrained_model_name_or_path": str(REPO / "examples" / "models" / "chroma1-configs"),
+        "pretrained_model_name_or_path": str(REPO / "examples" / "models" / folder),
         "data_dir": str(REPO / "examples" / "data" / "shapes"),
         "resolution": 1024,
         "mixed_precision": "bf16",
     }
     return memory_plans(host, build_config(host, settings, "docs/gen_memory.py", warn=lambda m: None), "cuda")
+
+
+FLUX2 = (
+    ("dev", "32.2B denoiser, Mistral Small 3.1 24B encoder"),
+    ("klein-9b", "9.1B denoiser, Qwen3-8B encoder"),
+    ("klein-4b", "3.9B denoiser, Qwen3-4B encoder"),
+)
+FLUX2_INTRO = """## Flux.2
+
+The same plans for Flux.2 (`--plugin flux2`; the bundled configs in
+`examples/models/flux2-configs`, no weights), plenty of system RAM, LoRA on the default
+`attention+mlp` targets. Flux.2 dev's 24B text encoder is the largest thing a run loads: in bf16 it
+alone needs about 45 GiB while captions are cached, so on smaller cards the plans keep it in RAM
+(`offload_during_startup`) and the run needs that much system RAM; `text_encoder_1_precision`
+quantizes it.
+"""
 
 
 def table(plans, host_memory: int | None = None) -> list[str]:
@@ -115,13 +131,18 @@ passes through RAM while it loads; with less RAM the plans move to quantized bas
 """
 
 
-def render(plans) -> str:
+def render(plans, flux2: dict) -> str:
     lines = [INTRO, "## Plenty of system RAM", "", *table(plans), "", "## 16 GiB of system RAM", "", RAM_NOTE]
     lines += [*table(plans, 16 * GiB), "", "## 8 GiB of system RAM", "", *table(plans, 8 * GiB), ""]
-    lines += [MEASURED, *keys_section()]
+    lines += [MEASURED, FLUX2_INTRO]
+    for flavour, what in FLUX2:
+        lines += [f"### Flux.2 {flavour} ({what})", "", *table(flux2[flavour]), ""]
+    lines += keys_section()
     return "\n".join(lines).rstrip() + "\n"
 
 
 if __name__ == "__main__":
-    OUT.write_text(render(plans_for()))
+    chroma = plans_for()  # first: system RAM counts this process's own size, which each trace grows
+    flux2 = {flavour: plans_for("flux2", f"flux2-configs/{flavour}") for flavour, _ in FLUX2}
+    OUT.write_text(render(chroma, flux2))
     print(f"wrote {OUT}")

@@ -1,4 +1,4 @@
-"""Rebuild the bundled example assets: the tiny random Chroma and Flux, and the shapes dataset.
+"""Rebuild the bundled example assets: the tiny random Chroma, Flux and Flux.2 (klein), and the shapes dataset.
 
     python examples/build_examples.py
 
@@ -27,9 +27,14 @@ def build_dataset(folder: Path) -> None:
 def main() -> None:
     from tuner.plugins.chroma.tiny import build_tiny_chroma
     from tuner.plugins.flux.tiny import build_tiny_flux
+    from tuner.plugins.flux2.tiny import build_tiny_flux2
 
     build_dataset(HERE / "data" / "shapes")
-    for name, build in (("tiny-chroma", build_tiny_chroma), ("tiny-flux", build_tiny_flux)):
+    for name, build in (
+        ("tiny-chroma", build_tiny_chroma),
+        ("tiny-flux", build_tiny_flux),
+        ("tiny-flux2", build_tiny_flux2),
+    ):
         model = HERE / "models" / name
         if model.exists():
             shutil.rmtree(model)

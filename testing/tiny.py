@@ -138,3 +138,67 @@ def scheduler():
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
+
+
+# Qwen's chat format (Qwen2.5 and Qwen3): what the Flux.2 klein and Qwen-Image pipelines feed their
+# encoders; ``enable_thinking=False`` adds Qwen3's empty thinking block, as the real template does.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet: one printable character per byte (what Qwen's BPE runs on)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def qwen_tokenizer():
+    """A byte-level BPE tokenizer in Qwen's format (``Qwen2TokenizerFast``): every byte, whole-word
+    merges for VOCABULARY (with and without the leading-space marker), the chat special tokens and
+    :data:`QWEN_CHAT_TEMPLATE`. Any text tokenizes; known words are one token each."""
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {char: index for index, char in enumerate(_byte_alphabet())}
+    merges: list[tuple[str, str]] = []
+    for word in VOCABULARY:
+        parts = list(word)
+        while len(parts) > 1:
+            if (parts[0], parts[1]) not in merges:
+                merges.append((parts[0], parts[1]))
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts = [parts[0] + parts[1], *parts[2:]]
+        merges.append(("\u0120", word))  # Ġ marks a leading space
+        vocab.setdefault("\u0120" + word, len(vocab))
+    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL[1:])})
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def qwen3_encoder(vocab_size: int, width: int = 16, layers: int = 27):
+    """A narrow ``Qwen3ForCausalLM``; deep enough by default for the hidden states Flux.2 klein's
+    pipeline stacks (layers 9, 18 and 27)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
+    )

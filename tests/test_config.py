@@ -117,7 +117,7 @@ def test_overrides_are_yaml_scalars():
             r"base_model_precision: unknown precision 'int3'; choose one of no_change, fp8-quanto, int4-quanto, int8-quanto, nf4-bnb",
         ),
         ({"flux_fast_schedule": True}, r"flux_fast_schedule: must stay off for Chroma"),
-        ({"validation_init_image": "x.png"}, r"validation_init_image: Chroma is text-to-image only"),
+        ({"validation_init_image": "x.png"}, r"validation_init_image: x.png: cannot read it as an image: "),
         ({"model_family": "flux"}, r"model_family: this config is for flux, not chroma; use --plugin flux"),
         ({"model_family": "sd5"}, r"model_family: 'sd5' contradicts --plugin chroma"),
         (  # a Flux config: its family is named before its keys (Chroma reads validation_guidance as an alias)

@@ -192,3 +192,40 @@ def test_tuner_sample_with_swapped_blocks_renders_what_validation_rendered(train
             ours = (tmp_path / name / f"{index:02d}_seed{seed}.png").read_bytes()
             assert ours == (trained_run / "validation" / "step_000006" / f"{index:02d}.png").read_bytes(), name
     assert swapped == [3, 2]
+
+
+def test_chroma_img2img_validation_starts_from_the_init_image_and_the_recipe_reproduces_it(
+    tiny_chroma, shapes_dir, tmp_path
+):
+    """ChromaImg2ImgPipeline renders validation from validation_init_image: another start image
+    gives another image, text-to-image a third; `tuner sample --recipe` renders it again exactly."""
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    settings = base_settings(tiny_chroma, shapes_dir, tmp_path)
+    settings.update(
+        max_train_steps=2,
+        validation_prompts=["a red circle"],
+        validation_num_inference_steps=4,
+        validation_init_image=str(shapes_dir / "00_red_circle.png"),
+        validation_init_strength=0.5,
+    )
+    train(settings)
+    started = pixels(tmp_path / "out" / "validation" / "step_000002" / "00.png")
+    train({**settings, "output_dir": str(tmp_path / "t2i"), "validation_init_image": None})
+    from_noise = pixels(tmp_path / "t2i" / "validation" / "step_000002" / "00.png")
+    recipe = tmp_path / "out" / "recipe.json"
+    assert json.loads(recipe.read_text())["settings"]["validation_init_strength"] == 0.5
+    assert "ChromaImg2ImgPipeline" in (tmp_path / "out" / "README.md").read_text()
+    runner = CliRunner()
+    again = runner.invoke(app, ["sample", "--recipe", str(recipe), "--out", str(tmp_path / "s")])
+    other = shapes_dir / "05_green_square.png"
+    elsewhere = runner.invoke(
+        app,
+        ["sample", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--set", f"validation_init_image={other}"],
+    )
+    assert again.exit_code == 0 and elsewhere.exit_code == 0, again.output + elsewhere.output
+    assert np.array_equal(pixels(tmp_path / "s" / "00_seed0.png"), started)
+    assert np.abs(pixels(tmp_path / "o" / "00_seed0.png") - started).mean() > 2
+    assert np.abs(from_noise - started).mean() > 2

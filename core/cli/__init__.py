@@ -225,7 +225,7 @@ def sigmas(
     config: Path | None = typer.Option(None, "--config", "-c", help="Config file whose sampling to show."),
     samples: int = typer.Option(100_000, "--samples", "-n", min=1, help="How many sigmas to draw."),
     bins: int = typer.Option(20, "--bins", min=1, max=1000, help="Histogram bins over [0, 1]."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"edges": [...], "counts": [...]}.'),
+    as_json: bool = typer.Option(False, "--json", help='Print {"edges": [...], "counts": [...], "mean": m}.'),
     set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Show the distribution of training noise levels (sigma) a config trains with."""
@@ -234,19 +234,21 @@ def sigmas(
 
     from tuner.core.model import flow
 
-    latent = cfg.resolution // 8
+    channels, downscale = host.family.latent_layout
+    latent = cfg.resolution // downscale
     drawn = host.provide(
         "sample_sigmas",
         config=cfg,
         batch_size=samples,
-        latent_shape=(samples, 16, latent, latent),
+        latent_shape=(samples, channels, latent, latent),
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     edges, counts = flow.histogram(drawn, bins)
+    mean = round(float(drawn.double().mean()), 6)
     if as_json:
-        typer.echo(json.dumps({"edges": edges, "counts": counts}))
+        typer.echo(json.dumps({"edges": edges, "counts": counts, "mean": mean}))
         return
-    typer.echo(f"sigma distribution of {cfg.model_family} ({samples} samples, seed {cfg.seed})")
+    typer.echo(f"sigma distribution of {cfg.model_family} ({samples} samples, seed {cfg.seed}, mean {mean:.3f})")
     peak = max(counts) or 1
     for lo, hi, count in zip(edges, edges[1:], counts, strict=False):
         typer.echo(f"{lo:4.2f}-{hi:4.2f} {'#' * round(40 * count / peak):<40} {100 * count / samples:5.1f}%")
@@ -355,7 +357,7 @@ def estimate(
 
 def _print_plans(host: Any, cfg: Any, device: str | None, budget: str | None, as_json: bool) -> None:
     from tuner.core.config.keys.model import parse_budget
-    from tuner.core.estimate.plan import choose, memory_plans, plan_table
+    from tuner.core.estimate.plan import choose, memory_plans, none_fits, plan_table
     from tuner.core.estimate.report import available_ram, size
 
     try:
@@ -373,11 +375,7 @@ def _print_plans(host: Any, cfg: Any, device: str | None, budget: str | None, as
         typer.echo(plan_table(plans))
         typer.echo("step: relative step time by a cost model measured on one H200 (tuner.core.estimate.plan)")
     if wanted is not None and chosen is None:
-        smallest = min(plans, key=lambda p: p.estimate.plan_device)
-        raise ConfigError(
-            f"--budget {budget}: no plan fits; the smallest needs {size(smallest.estimate.plan_device)} "
-            f"({', '.join(f'{k}={v}' for k, v in smallest.settings.items())})"
-        )
+        raise ConfigError(f"--budget {budget}: {none_fits(plans, wanted, available_ram())}")
     if chosen is not None and not as_json:
         keys = " ".join(f"--set {k}={v}" for k, v in chosen.settings.items())
         typer.echo(f"chosen for {budget}: {keys} (plan for {size(chosen.estimate.plan_device)})")

@@ -26,6 +26,22 @@ def check_relations(config: Any, warn: Any) -> None:
     check_combinations(config, warn)
     if config.validation_prompt and config.validation_prompts:
         warn("both validation_prompt and validation_prompts are set; validating with all of them")
+    if config.validation_init_image:  # read now: validation comes after training has begun
+        check_image(config, "validation_init_image")
+
+
+def check_image(config: Any, key: str) -> None:
+    """The image ``key`` names opens (its header is read, not the pixels)."""
+    from PIL import Image
+
+    from tuner.core.errors import first_line
+    from tuner.core.fixes import READ_ERRORS
+
+    try:
+        with Image.open(config[key]):
+            pass
+    except READ_ERRORS as exc:
+        raise config.error(key, f"{config[key]}: cannot read it as an image: {first_line(exc)}") from None
 
 
 def check_combinations(config: Any, warn: Any) -> None:

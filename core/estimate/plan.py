@@ -160,6 +160,26 @@ def choose(plans: list[Plan], budget: int, host_memory: int | None = None) -> Pl
     return None
 
 
+def none_fits(plans: list[Plan], budget: int, host_memory: int | None) -> str:
+    """Why :func:`choose` found nothing: system RAM (when a plan fits the card) or the card."""
+    from tuner.core.estimate.report import size
+
+    fitting = [p for p in plans if p.estimate.plan_device <= budget]
+    if fitting and host_memory is not None:  # the card would do: system RAM is short
+        least = min(fitting, key=lambda p: p.estimate.peak_ram)
+        return (
+            f"the plans that fit need at least {size(least.estimate.peak_ram)} of system RAM "
+            f"({plan_keys(least.settings)}); {size(host_memory)} is available"
+        )
+    smallest = min(plans, key=lambda p: p.estimate.plan_device)
+    return f"no plan fits; the smallest needs {size(smallest.estimate.plan_device)} ({plan_keys(smallest.settings)})"
+
+
+def plan_keys(settings: dict) -> str:
+    """A plan's settings as a user reads them: ``key value, ...``."""
+    return ", ".join(f"{key} {value}" for key, value in settings.items())
+
+
 def plan_table(plans: list[Plan]) -> str:
     """One line per plan: its keys, planned device memory, peak RAM, relative step time."""
     from tuner.core.estimate.report import size

@@ -31,15 +31,26 @@ class FamilyInfo:
     transformer_subfolder: str = "transformer"
     # the diffusers pipeline class whose LoRA loader is the reference reader of diffusers LoRAs
     pipeline_class: str = ""
+    # pipelines of the family's other flavours (Flux.2 klein's Flux2KleinPipeline beside dev's
+    # Flux2Pipeline): a model folder whose model_index.json names one of them is the family's too;
+    # the family loads its text encoders itself (load_model) where they differ
+    other_pipeline_classes: tuple[str, ...] = ()
     # where that loader reads lora_alpha: "tensors" (a scalar .alpha per module, which ComfyUI
     # reads too; Flux and Chroma) or "metadata" (diffusers' lora_adapter_metadata; SD3 ignores
     # .alpha tensors)
     lora_alpha_in: str = "tensors"
+    # whether ComfyUI loads this family's diffusers-layout LoRA file completely (Flux.2's only in
+    # part: ComfyUI maps it through Flux.1's names); if not, the run points to the ComfyUI format
+    comfyui_reads_diffusers_files: bool = True
     # the config key `tuner sample --guidance` sets (the scale validation samples with)
     guidance_key: str = "validation_guidance"
     # image sides must be multiples of this (the VAE's downscale times the denoiser's patch size:
     # 8 x 2 for the Flux lineage and SD3); aspect_bucket_alignment must be a multiple of it
     latent_alignment: int = 16
+    # the latents the denoiser trains on (what encode_images returns): channels, and image pixels
+    # per latent pixel (the Flux lineage: the VAE's 16 channels at 1/8; Flux.2: 2x2 patches of its
+    # 32 channels, 128 at 1/16); `tuner sigmas` draws for this shape
+    latent_layout: tuple[int, int] = (16, 8)
     # the module holding the family's heavy hooks (torch, diffusers), registered as part of the
     # family when it is selected for a run and first asked for something; the entry-point module
     # stays a cheap manifest (this record, config keys, check_config)

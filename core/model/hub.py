@@ -68,11 +68,16 @@ def check_model_folder(host: Any, config: Any) -> None:
         found = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
     except (OSError, ValueError, AttributeError):
         return  # not a pipeline folder: the loader says what is missing
-    wanted = family.pipeline_class.rsplit(".", 1)[-1]
-    if found and wanted and found != wanted:
-        owners = [f.name for f in host.families.values() if f.pipeline_class.rsplit(".", 1)[-1] == found]
+
+    def pipelines(info: Any) -> list[str]:
+        return [name.rsplit(".", 1)[-1] for name in (info.pipeline_class, *info.other_pipeline_classes) if name]
+
+    wanted = pipelines(family)
+    if found and wanted and found not in wanted:
+        owners = [f.name for f in host.families.values() if found in pipelines(f)]
         hint = f"use --plugin {owners[0]}" if owners else "no installed family trains it"
         raise config.error(
             key,
-            f"{source} holds a {found} (model_index.json), not {family.name}'s {wanted}; {hint} or a {family.name} model",
+            f"{source} holds a {found} (model_index.json), not {family.name}'s {' or '.join(wanted)}; "
+            f"{hint} or a {family.name} model",
         )

@@ -26,7 +26,7 @@ def apply_memory_budget(ctx: RunContext) -> None:
     from tuner.core.data.cache import default_cache_dir
     from tuner.core.estimate import available_ram, free_memory, size
     from tuner.core.estimate.cached import cached_plans, remember_estimate
-    from tuner.core.estimate.plan import choose, kept_in_place, validation_swap
+    from tuner.core.estimate.plan import choose, kept_in_place, none_fits, plan_keys, validation_swap
 
     budget = free_memory(device_type) if config.memory_budget == "auto" else parse_budget(config.memory_budget)
     if budget is None:
@@ -37,21 +37,10 @@ def apply_memory_budget(ctx: RunContext) -> None:
     ram = available_ram()
     chosen = choose(plans, budget, ram)
     if chosen is None:
-        fitting = [p for p in plans if p.estimate.plan_device <= budget]
-        if fitting and ram is not None:  # the card would do: system RAM is short
-            least = min(fitting, key=lambda p: p.estimate.peak_ram)
-            raise ConfigError(
-                f"{config.source}: memory_budget: {size(budget)}: the plans that fit need at least "
-                f"{size(least.estimate.peak_ram)} of system RAM ({_keys(least.settings)}); {size(ram)} is available"
-            )
-        smallest = min(plans, key=lambda p: p.estimate.plan_device)
-        raise ConfigError(
-            f"{config.source}: memory_budget: {size(budget)}: no plan fits; the smallest needs "
-            f"{size(smallest.estimate.plan_device)} ({_keys(smallest.settings)})"
-        )
+        raise ConfigError(f"{config.source}: memory_budget: {size(budget)}: {none_fits(plans, budget, ram)}")
     for key, value in chosen.settings.items():
         config.set_resolved(key, value)
-    said = _keys(chosen.settings)
+    said = plan_keys(chosen.settings)
     if not config.is_set("validation_blocks_to_swap") and chosen.settings["blocks_to_swap"]:
         fewer = validation_swap(chosen, budget)  # validation keeps the other blocks in place
         config.set_resolved("validation_blocks_to_swap", fewer)
@@ -66,10 +55,6 @@ def apply_memory_budget(ctx: RunContext) -> None:
         f"(peak {size(chosen.estimate.peak_device)} of tensors), about {chosen.relative_step_time:.2f}x the step "
         "time of the same run checkpointed in bf16 with nothing offloaded (a cost model: tuner.core.estimate.plan)"
     )
-
-
-def _keys(settings: dict) -> str:
-    return ", ".join(f"{key} {value}" for key, value in settings.items())
 
 
 def _smallest_over_processes(ctx: RunContext, budget: int) -> int:

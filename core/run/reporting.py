@@ -52,7 +52,13 @@ def announce(ctx: RunContext, state: TrainState, prepared: PreparedData, resumed
     )
     ctx.log(prepared.table)
     adapter = ctx.host.adapter_types[config.lora_type]
-    ctx.log(f"adapter: {adapter.name}; pytorch_lora_weights.safetensors loads in {adapter.loaded_by}")
+    loaded_by = adapter.loaded_by
+    if not ctx.host.family.comfyui_reads_diffusers_files and loaded_by.startswith("diffusers and ComfyUI"):
+        loaded_by = (
+            f"diffusers; ComfyUI loads {ctx.host.family.name}'s diffusers file only in part: "
+            "use lora_format comfyui (or all) for its own file"
+        )
+    ctx.log(f"adapter: {adapter.name}; pytorch_lora_weights.safetensors loads in {loaded_by}")
     ctx.emit(
         events.RunStart,
         state.position.step,

@@ -73,14 +73,34 @@ def predict_flow(transformer, noisy_latents, sigmas, text, config) -> torch.Tens
     )
 
 
+def init_image(path: str) -> Any:
+    """The img2img start image as RGB, EXIF rotation applied; a one-line error naming the key."""
+    from PIL import Image, ImageOps
+
+    from tuner.core.api import READ_ERRORS, ConfigError, first_line
+
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except READ_ERRORS as exc:
+        raise ConfigError(f"validation_init_image: {path}: cannot read it as an image: {first_line(exc)}") from None
+
+
 @hookimpl
 def generate_images(request: Any) -> list[Any]:
-    """Real CFG with ``validation_guidance_real`` through diffusers' ChromaPipeline, with boolean masks."""
-    from diffusers import ChromaPipeline
+    """Real CFG with ``validation_guidance_real`` through diffusers' ChromaPipeline, with boolean masks;
+    with ``validation_init_image``, ChromaImg2ImgPipeline from that image at ``validation_init_strength``."""
+    from diffusers import ChromaImg2ImgPipeline, ChromaPipeline
 
     config = request.config
+    start: dict[str, Any] = {}
+    if config.validation_init_image:
+        start = {"image": init_image(config.validation_init_image), "strength": config.validation_init_strength}
     pipe = partial_pipeline(
-        ChromaPipeline, scheduler=request.scheduler, vae=request.vae, transformer=request.transformer
+        ChromaImg2ImgPipeline if start else ChromaPipeline,
+        scheduler=request.scheduler,
+        vae=request.vae,
+        transformer=request.transformer,
     )
     guidance = config.validation_guidance_real
     negative = {}
@@ -91,6 +111,7 @@ def generate_images(request: Any) -> list[Any]:
         request,
         lambda text: {**fl.pipeline_text_inputs(text, config.flux_t5_padding), **negative},
         guidance_scale=guidance,
+        **start,
     )
 
 

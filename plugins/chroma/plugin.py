@@ -42,6 +42,7 @@ FAMILY = FamilyInfo(
     required_text_keys=("prompt_embeds", "attention_mask"),
     implementation="tuner.plugins.chroma.model",
     text_encoders=("encoder",),
+    supports=("img2img",),  # validation_init_image: ChromaImg2ImgPipeline
     ignored_keys={
         "flux_guidance_mode": NO_GUIDANCE,
         "flux_guidance_value": NO_GUIDANCE,
@@ -52,7 +53,6 @@ FAMILY = FamilyInfo(
     },
     refused_keys={
         "flux_fast_schedule": "must stay off for Chroma, which remaps sigmas itself (see chroma_sigma_remap)",
-        "validation_init_image": "Chroma is text-to-image only in tuner; img2img is not supported",
     },
 )
 

@@ -8,11 +8,11 @@ or previewed with.
 from __future__ import annotations
 
 TEMPLATE = """import torch
-from diffusers import ChromaPipeline
+from diffusers import {pipeline}{imports}
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
-pipe = ChromaPipeline.from_pretrained({base!r}, torch_dtype=dtype).to(device)
+pipe = {pipeline}.from_pretrained({base!r}, torch_dtype=dtype).to(device)
 pipe.load_lora_weights({lora!r})
 pipe.scheduler = pipe.scheduler.from_config({scheduler!r})
 
@@ -28,7 +28,7 @@ for seed, prompt in zip({seeds!r}, {prompts!r}):
     image = pipe(
         prompt_embeds=embeds, prompt_attention_mask=mask,
         negative_prompt_embeds=negative, negative_prompt_attention_mask=negative_mask,
-        guidance_scale={guidance!r}, num_inference_steps={steps}, height={height}, width={width},
+        guidance_scale={guidance!r}, num_inference_steps={steps}, height={height}, width={width},{start}
         generator=torch.Generator("cpu").manual_seed(seed),
         joint_attention_kwargs={{"scale": {scale!r}}},
     ).images[0]
@@ -42,7 +42,17 @@ def render(recipe: dict) -> str:
         if recipe["settings"].get("flux_t5_padding") == "zero"
         else ""
     )
+    init = recipe["settings"].get("validation_init_image")
+    start = (
+        f'\n        image=load_image({init!r}).convert("RGB"), '
+        f"strength={recipe['settings']['validation_init_strength']!r},"
+        if init
+        else ""
+    )
     return TEMPLATE.format(
+        pipeline="ChromaImg2ImgPipeline" if init else "ChromaPipeline",
+        imports="\nfrom diffusers.utils import load_image" if init else "",
+        start=start,
         base=recipe["base_model"],
         lora=recipe["lora_file"],
         scheduler=recipe["scheduler"],

@@ -108,20 +108,13 @@ def sample_sigmas(
     return flow.sample_shifted_logit_normal(config, batch_size, latent_shape, generator, constants)
 
 
-def guidance_values(config: Any, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    if config.flux_guidance_mode == "random-range":
-        low, high = config.flux_guidance_min, config.flux_guidance_max
-        return low + (high - low) * torch.rand(batch_size, generator=generator)
-    return torch.full((batch_size,), float(config.flux_guidance_value))
-
-
 @hookimpl
 def predict_flow(transformer, noisy_latents, sigmas, text, config, generator) -> torch.Tensor:
     batch, device = noisy_latents.shape[0], noisy_latents.device
     embeds, text_mask = fl.conditioning(text, config.flux_t5_padding)
     extra: dict[str, Any] = {"pooled_projections": text["pooled_prompt_embeds"].to(noisy_latents.dtype)}
     if shared.unwrap(transformer).config.guidance_embeds:  # dev has a guidance embedding, schnell none
-        extra["guidance"] = guidance_values(config, batch, generator).to(device)
+        extra["guidance"] = shared.guidance_values(config, batch, generator).to(device)
     if config.flux_attention_masked_training:
         tokens = (noisy_latents.shape[-2] // 2) * (noisy_latents.shape[-1] // 2)
         extra["joint_attention_kwargs"] = {"attention_mask": fl.joint_mask(text_mask, tokens)[:, None, None, :]}

@@ -89,10 +89,7 @@ def check_config(config, warn):
         raise config.error(
             "tokenizer_max_length", f"T5 in Flux takes at most 512 tokens, got {config.tokenizer_max_length}"
         )
-    if config.flux_guidance_mode == "random-range" and config.flux_guidance_min > config.flux_guidance_max:
-        raise config.error(
-            "flux_guidance_min", f"{config.flux_guidance_min} is above flux_guidance_max {config.flux_guidance_max}"
-        )
+    shared.check_guidance_range(config)
     if config.flux_fast_schedule and (config.flow_schedule_shift is not None or config.flow_schedule_auto_shift):
         warn(f"{config.source}: flow_schedule_shift/flow_schedule_auto_shift are ignored with flux_fast_schedule")
     if config.flux_fast_schedule and config.model_flavour != "schnell":

@@ -19,17 +19,23 @@ from tuner.core.api import PluginError
 
 PREFIX = "diffusion_model."
 DIFFUSERS_PREFIX = "transformer."
-DOUBLE = {
-    "attn.to_out.0": "img_attn.proj",
-    "attn.to_add_out": "txt_attn.proj",
-    "ff.net.0.proj": "img_mlp.0",
-    "ff.net.2": "img_mlp.2",
-    "ff_context.net.0.proj": "txt_mlp.0",
-    "ff_context.net.2": "txt_mlp.2",
-    "norm1.linear": "img_mod.lin",
-    "norm1_context.linear": "txt_mod.lin",
-}
-DOUBLE_FUSED = {
+BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class BflNames:
+    """One generation's diffusers -> BFL module names: per double block, per single block (whole
+    weights, and row slices of a fused one in their order) and at the root."""
+
+    double: dict[str, str]
+    double_fused: dict[str, tuple[str, int]]
+    single: dict[str, str]
+    single_fused: dict[str, int]
+    root: dict[str, str]
+    swapped: frozenset[str] = frozenset({"norm_out.linear"})  # BFL orders it (shift, scale), diffusers (scale, shift)
+
+
+QKV_FUSED = {
     "attn.to_q": ("img_attn.qkv", 0),
     "attn.to_k": ("img_attn.qkv", 1),
     "attn.to_v": ("img_attn.qkv", 2),
@@ -37,22 +43,63 @@ DOUBLE_FUSED = {
     "attn.add_k_proj": ("txt_attn.qkv", 1),
     "attn.add_v_proj": ("txt_attn.qkv", 2),
 }
-SINGLE = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
-SINGLE_FUSED = {"attn.to_q": 0, "attn.to_k": 1, "attn.to_v": 2, "proj_mlp": 3}
-ROOT = {
-    "x_embedder": "img_in",
-    "context_embedder": "txt_in",
-    "proj_out": "final_layer.linear",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-}
-SWAPPED = {"norm_out.linear"}  # BFL orders this output (shift, scale), diffusers (scale, shift)
-BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+# Flux.1 and Chroma (ComfyUI's ``flux_to_diffusers``; it reads diffusers-named LoRAs of Flux.2 too)
+FLUX1 = BflNames(
+    double={
+        "attn.to_out.0": "img_attn.proj",
+        "attn.to_add_out": "txt_attn.proj",
+        "ff.net.0.proj": "img_mlp.0",
+        "ff.net.2": "img_mlp.2",
+        "ff_context.net.0.proj": "txt_mlp.0",
+        "ff_context.net.2": "txt_mlp.2",
+        "norm1.linear": "img_mod.lin",
+        "norm1_context.linear": "txt_mod.lin",
+    },
+    double_fused=QKV_FUSED,
+    single={"proj_out": "linear2", "norm.linear": "modulation.lin"},
+    single_fused={"attn.to_q": 0, "attn.to_k": 1, "attn.to_v": 2, "proj_mlp": 3},
+    root={
+        "x_embedder": "img_in",
+        "context_embedder": "txt_in",
+        "proj_out": "final_layer.linear",
+        "norm_out.linear": "final_layer.adaLN_modulation.1",
+        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    },
+)
+# Flux.2 (diffusers' convert_flux2_transformer_checkpoint_to_diffusers, read backwards): the single
+# blocks are fused in diffusers too, the modulation is shared by all blocks of a kind
+FLUX2 = BflNames(
+    double={
+        "attn.to_out.0": "img_attn.proj",
+        "attn.to_add_out": "txt_attn.proj",
+        "ff.linear_in": "img_mlp.0",
+        "ff.linear_out": "img_mlp.2",
+        "ff_context.linear_in": "txt_mlp.0",
+        "ff_context.linear_out": "txt_mlp.2",
+    },
+    double_fused=QKV_FUSED,
+    single={"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"},
+    single_fused={},
+    root={
+        "x_embedder": "img_in",
+        "context_embedder": "txt_in",
+        "proj_out": "final_layer.linear",
+        "norm_out.linear": "final_layer.adaLN_modulation.1",
+        "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+        "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+        "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+        "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+        "single_stream_modulation.linear": "single_stream_modulation.lin",
+    },
+)
+NAMES = {"flux1": FLUX1, "flux2": FLUX2}
 
 
 @dataclass(frozen=True)
@@ -66,8 +113,8 @@ class Place:
     swapped: bool = False
 
 
-def places(transformer: torch.nn.Module) -> dict[str, Place]:
-    """Every Linear of a Flux/Chroma transformer that has a BFL name, with its row range there."""
+def places(transformer: torch.nn.Module, names: BflNames = FLUX1) -> dict[str, Place]:
+    """Every Linear of a Flux-lineage transformer that has a BFL name, with its row range there."""
     linears = {}
     for name, module in transformer.named_modules():
         if isinstance(module, torch.nn.Linear) and ".lora_" not in name:
@@ -78,20 +125,20 @@ def places(transformer: torch.nn.Module) -> dict[str, Place]:
         rows = module.out_features
         match = BLOCK.match(name)
         if match is None:
-            if name in ROOT:
-                found[name] = Place(ROOT[name], 0, rows, rows, name in SWAPPED)
+            if name in names.root:
+                found[name] = Place(names.root[name], 0, rows, rows, name in names.swapped)
             continue
         kind, index, rest = match.groups()
         if kind == "transformer_blocks":
-            if rest in DOUBLE:
-                found[name] = Place(f"double_blocks.{index}.{DOUBLE[rest]}", 0, rows, rows)
-            elif rest in DOUBLE_FUSED:
-                target, order = DOUBLE_FUSED[rest]
+            if rest in names.double:
+                found[name] = Place(f"double_blocks.{index}.{names.double[rest]}", 0, rows, rows)
+            elif rest in names.double_fused:
+                target, order = names.double_fused[rest]
                 fused.setdefault(f"double_blocks.{index}.{target}", []).append((order, name))
-        elif rest in SINGLE:
-            found[name] = Place(f"single_blocks.{index}.{SINGLE[rest]}", 0, rows, rows)
-        elif rest in SINGLE_FUSED:
-            fused.setdefault(f"single_blocks.{index}.linear1", []).append((SINGLE_FUSED[rest], name))
+        elif rest in names.single:
+            found[name] = Place(f"single_blocks.{index}.{names.single[rest]}", 0, rows, rows)
+        elif rest in names.single_fused:
+            fused.setdefault(f"single_blocks.{index}.linear1", []).append((names.single_fused[rest], name))
     for target, members in fused.items():
         members.sort()
         total = sum(linears[name].out_features for _, name in members)
@@ -108,10 +155,14 @@ def _swap_halves(rows: torch.Tensor) -> torch.Tensor:
 
 
 def export_comfyui(
-    state_dict: dict[str, torch.Tensor], alphas: dict[str, float], rank: int, transformer: torch.nn.Module
+    state_dict: dict[str, torch.Tensor],
+    alphas: dict[str, float],
+    rank: int,
+    transformer: torch.nn.Module,
+    names: BflNames = FLUX1,
 ) -> dict[str, torch.Tensor]:
     """peft LoRA tensors (diffusers names) -> ComfyUI keys on BFL names, fused where BFL fuses."""
-    where = places(transformer)
+    where = places(transformer, names)
     groups: dict[str, list[str]] = {}
     for module in alphas:
         if module not in where:
@@ -178,15 +229,17 @@ def _dora_scale(state_dict, alphas, rank, transformer, where, target) -> torch.T
 
 
 def read_comfyui(
-    tensors: dict[str, torch.Tensor], transformer: torch.nn.Module
+    tensors: dict[str, torch.Tensor], transformer: torch.nn.Module, names: BflNames = FLUX1
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Read a file the way ComfyUI does: match each LoRA to a BFL weight of this model, delta =
     alpha/rank * up @ down, then express the deltas per diffusers module. Keys under diffusers'
-    ``transformer.`` names are read as ComfyUI maps them (:func:`_read_diffusers_names`).
+    ``transformer.`` names are read as ComfyUI maps them (:func:`_read_diffusers_names`): through
+    Flux.1's table whatever the generation, as ComfyUI 0.3 does, so a diffusers-named Flux.2 file
+    loads there only in part (its MLPs and single blocks have no Flux.1 name), and so here.
     Returns (deltas, unmatched)."""
-    where = places(transformer)
+    where = places(transformer, names)
     diffusers_named = {k: v for k, v in tensors.items() if k.startswith(DIFFUSERS_PREFIX)}
-    deltas, unmatched = _read_diffusers_names(diffusers_named, transformer, where)
+    deltas, unmatched = _read_diffusers_names(diffusers_named, transformer, places(transformer, FLUX1))
     tensors = {k: v for k, v in tensors.items() if k not in diffusers_named}
     members: dict[str, list[str]] = {}
     for module, place in where.items():

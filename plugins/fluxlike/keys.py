@@ -80,3 +80,10 @@ GUIDANCE_KEYS = (
 )
 
 FAST_SCHEDULE = ConfigKey("flux_fast_schedule", "bool", False, "Schnell's four-level sigma schedule.")
+
+
+def check_guidance_range(config) -> None:
+    if config.flux_guidance_mode == "random-range" and config.flux_guidance_min > config.flux_guidance_max:
+        raise config.error(
+            "flux_guidance_min", f"{config.flux_guidance_min} is above flux_guidance_max {config.flux_guidance_max}"
+        )

@@ -44,6 +44,14 @@ def predict_packed(
     return fl.unpack(prediction, h, w)
 
 
+def guidance_values(config: Any, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The distilled guidance a guidance-embedding model trains with, per sample (``flux_guidance_*``)."""
+    if config.flux_guidance_mode == "random-range":
+        low, high = config.flux_guidance_min, config.flux_guidance_max
+        return low + (high - low) * torch.rand(batch_size, generator=generator)
+    return torch.full((batch_size,), float(config.flux_guidance_value))
+
+
 def image_tokens(height: int, width: int) -> int:
     """Packed image tokens of a ``height`` x ``width`` image (8x VAE, 2x2 patches)."""
     return (height // 16) * (width // 16)

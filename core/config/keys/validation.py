@@ -78,8 +78,20 @@ KEYS = in_group(
             "validation_init_image",
             "path",
             None,
-            "Image for img2img validation (families that support img2img).",
+            "Image for img2img validation (families that support img2img): each validation image starts "
+            "from it, resized to the validation size.",
             needs="img2img",
+            recipe=True,
+        ),
+        ConfigKey(
+            "validation_init_strength",
+            "float",
+            0.7,
+            "How far img2img validation departs from validation_init_image: 0 keeps it, 1 ignores it.",
+            minimum=0,
+            maximum=1,
+            needs="img2img",
+            recipe=True,
         ),
     ),
 )
