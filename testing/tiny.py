@@ -1,6 +1,6 @@
-"""Random miniature model components for tests and examples, built offline: T5 and CLIP encoders
-with in-memory tokenizers, the 16-channel VAE with an 8x downscale, a two-layer MMDiT, a
-flow-matching scheduler.
+"""Random miniature model components for tests and examples, built offline: T5, CLIP and Qwen3
+encoders with in-memory tokenizers (Qwen's byte-level BPE with its chat template), the 16-channel
+VAE with an 8x downscale, a two-layer MMDiT, a flow-matching scheduler.
 Public API for plugin authors (tuner's own Chroma and Flux miniatures are built from these)."""
 
 from __future__ import annotations

@@ -156,8 +156,9 @@ def test_tuner_keys_says_which_keys_chroma_ignores_or_refuses():
 
     for key in ("flux_guidance_mode", "flux_guidance_value", "flow_schedule_shift", "flow_schedule_auto_shift"):
         assert "IGNORED by chroma" in notes(key), notes(key)
-    for key in ("flux_fast_schedule", "validation_init_image", "text_encoder_2_precision"):
+    for key in ("flux_fast_schedule", "text_encoder_2_precision"):
         assert "REFUSED by chroma when set" in notes(key), notes(key)
+    assert "REFUSED" not in notes("validation_init_image")  # img2img validation: ChromaImg2ImgPipeline
     assert "IGNORED" not in notes("chroma_sigma_remap") and "REFUSED" not in notes("network_rank")
 
 

@@ -16,7 +16,7 @@ from .conftest import REPO
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["chroma", "flux"])
+@pytest.mark.parametrize("family", ["chroma", "flux", "flux2"])
 def test_example_config_trains_from_the_command_line(tmp_path, family):
     command = [
         sys.executable,
@@ -64,6 +64,7 @@ def test_example_config_trains_from_the_command_line(tmp_path, family):
     [
         ("tiny-chroma", ("transformer", "vae", "text_encoder")),
         ("tiny-flux", ("transformer", "vae", "text_encoder", "text_encoder_2")),
+        ("tiny-flux2", ("transformer", "vae", "text_encoder")),
     ],
 )
 def test_bundled_tiny_model_is_reproducible(request, name, components):

@@ -28,10 +28,8 @@ class TestFlux2Contract(FamilyContract):
     plugin_module = "tuner.plugins.flux2.plugin"
 
     @pytest.fixture(scope="class")
-    def tiny_model(self, tmp_path_factory):
-        from tuner.plugins.flux2.tiny import build_tiny_flux2
-
-        return build_tiny_flux2(tmp_path_factory.mktemp("contract") / "tiny-flux2")
+    def tiny_model(self, tiny_flux2):
+        return tiny_flux2  # built by tuner.plugins.flux2.tiny (test_examples: the bundled one is that)
 
     def settings(self, model, data, out):
         return {**super().settings(model, data, out), "model_flavour": "klein-4b", "tokenizer_max_length": 40}
@@ -269,6 +267,22 @@ def test_resume_is_bit_exact(shapes_dir, tmp_path):
     straight = load_file(tmp_path / "a" / "out" / "pytorch_lora_weights.safetensors")
     resumed = load_file(tmp_path / "b" / "out" / "pytorch_lora_weights.safetensors")
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "nf4-bnb"])
+def test_quantized_bases_train_unchanged(shapes_dir, tmp_path, precision):
+    """The quantization backends know no family: Flux.2's Linears quantize, its high-precision
+    modules (embedders, modulations, output) stay, and the LoRA trains and passes the self-test."""
+    host = make_host(family="flux2", installed=True)  # the backends are installed plugins
+    settings = dict(host_and_config(tmp_path, shapes_dir)[1].to_dict(), base_model_precision=precision)
+    config = build_config(host, {**settings, "max_train_steps": 2}, "test.yaml", warn=lambda m: None)
+    trainer = Trainer(host, config, warn=lambda m: None)
+    result = trainer.train()
+    assert result.steps == 2 and all(loss == loss for loss in result.losses)
+    model = trainer.model
+    kind = {"int8-quanto": "QLinear", "nf4-bnb": "Linear4bit"}[precision]
+    assert type(model.transformer_blocks[0].ff.linear_in.get_base_layer()).__name__ == kind
+    assert type(model.double_stream_modulation_img.linear).__name__ == "Linear"
 
 
 def test_tuner_sigmas_shows_the_flux2_schedule():

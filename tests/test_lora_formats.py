@@ -37,20 +37,22 @@ def trained(tmp_path, model, data, family="chroma", *plugins, **extra):
     return trainer, trainer.train()
 
 
-def check_lora(path, model, family="chroma"):
+def check_lora(path, model, family="chroma", in_process=True):
+    """``tuner check-lora`` on ``path``: (exit code, output); in a process of its own when the exit
+    status a shell sees is what is tested."""
+    args = ["check-lora", str(path), "--plugin", family, "--model", str(model)]
+    if in_process:
+        from typer.testing import CliRunner
+
+        from tuner.core.cli import app
+
+        out = CliRunner().invoke(app, args)
+        return out.exit_code, out.output
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "tuner.core.cli",
-        "check-lora",
-        str(path),
-        "--plugin",
-        family,
-        "--model",
-        str(model),
-    ]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "tuner.core.cli", *args], cwd=REPO, capture_output=True, text=True, env=env
+    )
+    return out.returncode, out.stdout + out.stderr
 
 
 def test_both_formats_are_written_and_pass_their_self_test(tiny_chroma, shapes_dir, tmp_path):
@@ -175,25 +177,24 @@ def test_check_lora_accepts_good_files_and_flags_renamed_keys(tiny_chroma, shape
     diffusers_file = tmp_path / "out" / "pytorch_lora_weights.safetensors"
     comfy_file = tmp_path / "out" / "pytorch_lora_weights_comfyui.safetensors"
     for good in (diffusers_file, comfy_file):
-        out = check_lora(good, tiny_chroma)
-        assert out.returncode == 0, out.stdout + out.stderr[-1500:]
-        assert "OK: every key loads" in out.stdout
+        code, output = check_lora(good, tiny_chroma)
+        assert code == 0 and "OK: every key loads" in output, output[-1500:]
 
     tensors = load_file(diffusers_file)
     key = "transformer.transformer_blocks.0.attn.to_k.lora_B.weight"
     tensors[key.replace("to_k", "to_kk")] = tensors.pop(key)
     renamed = tmp_path / "renamed.safetensors"
     save_file(tensors, renamed)
-    out = check_lora(renamed, tiny_chroma)
-    assert out.returncode == 1
-    assert "not loaded: transformer.transformer_blocks.0.attn.to_kk.lora_B.weight" in out.stdout
+    code, output = check_lora(renamed, tiny_chroma, in_process=False)  # a shell sees the failure
+    assert code == 1
+    assert "not loaded: transformer.transformer_blocks.0.attn.to_kk.lora_B.weight" in output
 
     # what the reference trainer writes as "comfyui": diffusers names under diffusion_model.
     reference = {k.replace("transformer.", "diffusion_model.", 1): v for k, v in load_file(diffusers_file).items()}
     wrong = tmp_path / "reference_comfyui.safetensors"
     save_file(reference, wrong)
-    out = check_lora(wrong, tiny_chroma)
-    assert out.returncode == 1 and f"FAIL: {len(reference)} keys would be ignored" in out.stdout
+    code, output = check_lora(wrong, tiny_chroma)
+    assert code == 1 and f"FAIL: {len(reference)} keys would be ignored" in output
 
 
 def test_check_lora_fails_files_that_load_but_do_not_fit(tiny_chroma, shapes_dir, tmp_path):

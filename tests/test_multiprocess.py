@@ -76,6 +76,15 @@ def run(tiny_chroma, datasets, tmp_path, name, processes, batch, extra=None, own
         **(extra or {}),
     }
     overrides = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    if processes == 1:  # the reference run: no process boundary to test, so in this process
+        from typer.testing import CliRunner
+
+        from tuner.core.cli import app
+
+        config = str(REPO / "examples" / "chroma-tiny.yaml")
+        done = CliRunner().invoke(app, ["run", "--plugin", "chroma", "--config", config, *overrides])
+        assert done.exit_code == 0, done.output[-3000:]
+        return out, done
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [*launcher, "run", "--plugin", "chroma", "--config", "examples/chroma-tiny.yaml", *overrides]
     if own_launcher and processes > 1:

@@ -165,7 +165,7 @@ def test_the_form_is_generated_from_the_family_and_its_plugins_keys(client):
     assert {"no_change", "int8-quanto", "nf4-bnb"} <= set(fields["base_model_precision"][2]["choices"])
     assert fields["resolution"][2]["memory"] and not fields["learning_rate"][2]["memory"]
     assert fields["data_dir"][2]["browse"]
-    refused_or_ignored = {"validation_init_image", "flux_fast_schedule", "flux_guidance_value", "model_type"}
+    refused_or_ignored = {"flux_fast_schedule", "flux_guidance_value", "model_type"}
     assert not refused_or_ignored & set(fields)
     central = [f["name"] for f in schema["groups"][0]["central"]]
     assert central[0] == "model_flavour"  # the order `tuner configure` asks in
