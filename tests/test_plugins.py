@@ -132,7 +132,9 @@ def test_unknown_plugin_on_the_command_line_is_one_line(tmp_path):
     config.write_text("data_dir: x\n")
     out = _cli("run", "--plugin", "nope", "--config", str(config), TUNER_LOAD_PLUGINS="tuner")
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["error: unknown model family 'nope'; installed families: chroma, flux, flux2"]
+    assert out.stderr.strip().splitlines() == [
+        "error: unknown model family 'nope'; installed families: chroma, flux, flux2"
+    ]
 
 
 def test_plugin_commands_are_added_to_the_cli(tmp_path):

@@ -67,8 +67,17 @@ class Pretrained:
     def text_pipeline(self, cls: Any) -> Any:
         """The pipeline without transformer and VAE: its text encoders, tokenizers and encode_prompt."""
         return cls.from_pretrained(
-            self.source, transformer=None, vae=None, torch_dtype=self.dtype, use_safetensors=True, **self.options
+            self.source, transformer=None, vae=None, use_safetensors=True, **pipeline_dtype(self.dtype), **self.options
         )
+
+
+def pipeline_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype argument of ``DiffusionPipeline.from_pretrained``: ``dtype`` from diffusers 0.42
+    (``torch_dtype`` warns there), ``torch_dtype`` before."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype" if Version(diffusers.__version__) >= Version("0.42.0.dev0") else "torch_dtype": dtype}
 
 
 def load_declared(family: FamilyInfo, config: Any, component: str, dtype: torch.dtype) -> Any:
