@@ -202,3 +202,48 @@ def qwen3_encoder(vocab_size: int, width: int = 16, layers: int = 27):
             tie_word_embeddings=True,
         )
     )
+
+
+# Mistral's chat format (Mistral Small 3.1's template, text parts only): what Flux.2 dev's pipeline
+# feeds its encoder (a system message and the prompt)
+MISTRAL_CHAT_TEMPLATE = (
+    "<s>{% for message in messages %}{% set text = message['content'] if message['content'] is string "
+    "else message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]{% else %}{{ text }}</s>{% endif %}{% endfor %}"
+)
+
+
+def mistral_tokenizer():
+    """The byte-level tokenizer of :func:`qwen_tokenizer` with Mistral's control tokens and
+    :data:`MISTRAL_CHAT_TEMPLATE`: what Flux.2 dev's text-only encoding asks of its processor
+    (``apply_chat_template``). The real model's ``PixtralProcessor`` wraps such a tokenizer with an
+    image processor, which needs torchvision; text-only prompts never reach it."""
+    tokenizer = qwen_tokenizer()
+    control = ["<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    tokenizer.add_special_tokens({"additional_special_tokens": control})
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def mistral3_encoder(vocab_size: int, width: int = 16, layers: int = 30):
+    """A narrow ``Mistral3ForConditionalGeneration`` (a one-layer Pixtral vision tower); deep enough
+    by default for the hidden states Flux.2 dev's pipeline stacks (layers 10, 20 and 30)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    text = MistralConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+    )
+    vision = PixtralVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=16
+    )
+    return Mistral3ForConditionalGeneration(
+        Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=1)
+    )

@@ -62,6 +62,14 @@ def tiny_flux2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_dev(tmp_path_factory) -> Path:
+    """A random miniature Flux.2 dev (Mistral3 encoder, guidance embedding) in diffusers layout."""
+    from tuner.plugins.flux2.tiny import build_tiny_flux2
+
+    return build_tiny_flux2(tmp_path_factory.mktemp("models") / "tiny-flux2-dev", seed=0, flavour="dev")
+
+
+@pytest.fixture(scope="session")
 def tiny_schnell(tmp_path_factory) -> Path:
     """A random miniature Flux.1 schnell: no guidance embedding."""
     from tuner.plugins.flux.tiny import build_tiny_flux

@@ -113,6 +113,42 @@ def test_prediction_packs_and_positions_tokens_as_the_pipeline(shapes_dir, tmp_p
     assert seen["guidance"].tolist() == [2.5, 2.5]
 
 
+def test_dev_encodes_through_mistral_with_the_system_message_trains_with_guidance_and_validates(
+    tiny_flux2_dev, shapes_dir, tmp_path
+):
+    """The dev flavour end to end: Flux2Pipeline's encode_prompt (BFL's system message in the chat
+    template, layers 10/20/30 of Mistral3), training with dev's guidance embedding, and
+    Flux2Pipeline's distilled-guidance validation."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    host, config = host_and_config(
+        tmp_path,
+        shapes_dir,
+        tiny_flux2_dev,
+        model_flavour="dev",
+        tokenizer_max_length=80,  # the system message takes most of it
+        max_train_steps=2,
+        flux_guidance_value=3.0,
+        validation_prompt="a red circle",
+        validation_num_inference_steps=2,
+    )
+    encoders = host.provide("load_model", config=config, component="text_encoders", dtype=torch.float32)
+    assert type(encoders).__name__ == "Flux2Pipeline" and type(encoders.text_encoder).__name__.startswith("Mistral3")
+    fed = []
+    encoders.text_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(kwargs["input_ids"]), with_kwargs=True
+    )
+    text = host.provide(
+        "encode_prompts", text_encoders=encoders, prompts=["a red circle"], config=config, device=torch.device("cpu")
+    )
+    assert text["prompt_embeds"].shape == (1, 80, 48)
+    assert SYSTEM_MESSAGE[:40] in encoders.tokenizer.decode(fed[0][0])
+    trainer = Trainer(host, config, warn=lambda m: None)
+    result = trainer.train()
+    assert trainer.model.config.guidance_embeds  # dev's: predict_flow feeds it (see the packing test)
+    assert result.steps == 2 and (result.validation_dirs[-1] / "00.png").is_file()
+
+
 def test_training_sigmas_take_the_pipelines_resolution_shift(shapes_dir, tmp_path):
     from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 

@@ -54,9 +54,8 @@ def announce(ctx: RunContext, state: TrainState, prepared: PreparedData, resumed
     adapter = ctx.host.adapter_types[config.lora_type]
     loaded_by = adapter.loaded_by
     if not ctx.host.family.comfyui_reads_diffusers_files and loaded_by.startswith("diffusers and ComfyUI"):
-        loaded_by = (
-            f"diffusers; ComfyUI loads {ctx.host.family.name}'s diffusers file only in part: "
-            "use lora_format comfyui (or all) for its own file"
+        loaded_by = f"diffusers; ComfyUI loads {ctx.host.family.name}'s diffusers file only in part: " + (
+            "give it the comfyui file" if "comfyui" in config.lora_format else "set lora_format comfyui (or all)"
         )
     ctx.log(f"adapter: {adapter.name}; pytorch_lora_weights.safetensors loads in {loaded_by}")
     ctx.emit(

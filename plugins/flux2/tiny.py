@@ -1,5 +1,6 @@
-"""A miniature Flux.2 klein with random weights (Qwen3 + tokenizer built in memory, the 32-channel
-VAE with batch-norm statistics, a 1x1-patch transformer), saved in diffusers layout."""
+"""A miniature Flux.2 with random weights, saved in diffusers layout: klein (Qwen3 + its tokenizer)
+or dev (Mistral3 + a tokenizer with Mistral's chat template, a guidance embedding), the 32-channel VAE with batch-norm
+statistics and a 1x1-patch transformer, every tokenizer built in memory."""
 
 from __future__ import annotations
 
@@ -8,16 +9,15 @@ from pathlib import Path
 ENCODER_WIDTH = 16  # the transformer's joint_attention_dim is three encoder layers side by side
 
 
-def build_tiny_flux2(folder: str | Path, seed: int = 0, guidance_embeds: bool = False) -> Path:
-    """Write a random miniature Flux2KleinPipeline to ``folder``; ``guidance_embeds`` adds dev's
-    guidance embedding to the transformer."""
+def build_tiny_flux2(folder: str | Path, seed: int = 0, flavour: str = "klein") -> Path:
+    """Write a random miniature Flux2KleinPipeline (``flavour="klein"``) or Flux2Pipeline
+    (``"dev"``) to ``folder``."""
     import torch
-    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 
     from tuner.testing import tiny
 
     torch.manual_seed(seed)
-    tokenizer = tiny.qwen_tokenizer()
     vae = AutoencoderKLFlux2(
         block_out_channels=(8, 8, 8, 8),
         layers_per_block=1,
@@ -40,14 +40,15 @@ def build_tiny_flux2(folder: str | Path, seed: int = 0, guidance_embeds: bool = 
         joint_attention_dim=3 * ENCODER_WIDTH,
         timestep_guidance_channels=32,
         axes_dims_rope=(2, 2, 6, 6),
-        guidance_embeds=guidance_embeds,
+        guidance_embeds=flavour == "dev",
     )
-    pipe = Flux2KleinPipeline(
-        scheduler=tiny.scheduler(),
-        vae=vae,
-        text_encoder=tiny.qwen3_encoder(len(tokenizer), width=ENCODER_WIDTH),
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
+    if flavour == "dev":
+        tokenizer = tiny.mistral_tokenizer()  # in place of Mistral's processor: text-only prompts
+        encoder = tiny.mistral3_encoder(len(tokenizer), width=ENCODER_WIDTH)
+        pipe = Flux2Pipeline(tiny.scheduler(), vae, encoder, tokenizer, transformer)
+    else:
+        tokenizer = tiny.qwen_tokenizer()
+        encoder = tiny.qwen3_encoder(len(tokenizer), width=ENCODER_WIDTH)
+        pipe = Flux2KleinPipeline(tiny.scheduler(), vae, encoder, tokenizer, transformer)
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
