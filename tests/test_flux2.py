@@ -281,6 +281,27 @@ def test_the_comfyui_file_loads_completely_with_peft_deltas_and_the_diffusers_on
     partial, dropped = bfl.read_comfyui(diffusers_file, model, bfl.FLUX2)
     assert any(".ff.linear_in." in k for k in dropped) and any("single_transformer_blocks" in k for k in dropped)
     assert "transformer_blocks.0.attn.to_q" in partial and len(partial) < len(peft)
+    # and `tuner check-lora` says both
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    check = ["check-lora", "--plugin", "flux2", "--model", str(TINY)]
+    comfy_check = CliRunner().invoke(
+        app, [*check[:1], str(Path(config.output_dir) / "pytorch_lora_weights_comfyui.safetensors"), *check[1:]]
+    )
+    assert comfy_check.exit_code == 0 and "OK: every key loads" in comfy_check.output, comfy_check.output
+    as_comfyui = CliRunner().invoke(
+        app,
+        [
+            *check[:1],
+            str(Path(config.output_dir) / "pytorch_lora_weights.safetensors"),
+            *check[1:],
+            "--format",
+            "comfyui",
+        ],
+    )
+    assert as_comfyui.exit_code == 1 and "ff.linear_in" in as_comfyui.output, as_comfyui.output
 
 
 def test_resume_is_bit_exact(shapes_dir, tmp_path):

@@ -71,7 +71,14 @@ def check_combinations(config: Any, warn: Any) -> None:
                 f"{config.compile_backend!r} is not a torch.compile backend here; e.g. inductor, aot_eager",
             )
     rollout_off = config.scheduled_sampling_max_step_offset == 0
+    sampling = config.sigma_sampling
     ignored = [
+        *(
+            (key, sampling != "logit_normal", f"sigma_sampling is {sampling}")
+            for key in ("sigma_sampling_mean", "sigma_sampling_std")
+        ),
+        ("sigma_sampling_scale", sampling != "mode", f"sigma_sampling is {sampling}"),
+        ("flow_sigmoid_scale", sampling != "family", f"sigma_sampling is {sampling}"),
         *((key, not config.use_ema, "use_ema is off") for key in ("ema_decay", "ema_update_interval", "ema_device")),
         ("lr_num_cycles", config.lr_scheduler != "cosine_with_restarts", f"lr_scheduler is {config.lr_scheduler}"),
         ("lr_power", config.lr_scheduler != "polynomial", f"lr_scheduler is {config.lr_scheduler}"),

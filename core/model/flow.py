@@ -16,6 +16,25 @@ def logit_normal(batch_size: int, generator: torch.Generator, scale: float = 1.0
     return torch.sigmoid(torch.randn(batch_size, generator=generator) * scale)
 
 
+def base_sigmas(config: Any, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The draw a family shifts or remaps (``sigma_sampling``): ``family`` is the logit-normal with
+    ``flow_sigmoid_scale`` every family drew before the key existed (the same numbers from the same
+    generator); ``uniform``; ``logit_normal`` sigmoid(N(mean, std)); ``mode`` SD3's
+    1 - u - s (cos^2(pi u / 2) - 1 + u); ``inverted_parabola`` density 6 s (1 - s), by its inverse CDF."""
+    kind = config.sigma_sampling
+    if kind == "family":
+        return logit_normal(batch_size, generator, config.flow_sigmoid_scale)
+    if kind == "logit_normal":
+        normal = torch.randn(batch_size, generator=generator)
+        return torch.sigmoid(config.sigma_sampling_mean + config.sigma_sampling_std * normal)
+    u = torch.rand(batch_size, generator=generator)
+    if kind == "mode":
+        return 1 - u - config.sigma_sampling_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+    if kind == "inverted_parabola":  # F(s) = 3 s^2 - 2 s^3 = u, solved in closed form
+        return 0.5 + torch.cos(torch.arccos(1 - 2 * u) / 3 - 2 * math.pi / 3)
+    return u
+
+
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """Time shift s*sigma / (1 + (s-1)*sigma); shift > 1 moves mass towards noise."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
@@ -62,11 +81,11 @@ def sample_shifted_logit_normal(
     generator: torch.Generator,
     shift_constants: dict | None = None,
 ) -> torch.Tensor:
-    """Logit-normal sigmas (``flow_sigmoid_scale``) with the static (``flow_schedule_shift``) or
+    """Sigmas from :func:`base_sigmas` (``sigma_sampling``) with the static (``flow_schedule_shift``) or
     resolution-dependent (``flow_schedule_auto_shift``) shift. ``shift_constants`` are a scheduler
     config's ``base_image_seq_len``/``max_image_seq_len``/``base_shift``/``max_shift`` (diffusers'
     defaults when absent). The sequence length is that of 2x2-packed latents."""
-    sigmas = logit_normal(batch_size, generator, config.flow_sigmoid_scale)
+    sigmas = base_sigmas(config, batch_size, generator)
     if config.flow_schedule_auto_shift:
         shift = math.exp(dynamic_shift_mu(packed_tokens(latent_shape), shift_constants or {}))
         sigmas = shift_sigmas(sigmas, shift)

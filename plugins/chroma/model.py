@@ -61,7 +61,7 @@ def example_text(config: Any, transformer: Any, batch_size: int, dtype: torch.dt
 
 @hookimpl
 def sample_sigmas(config: Any, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    return chroma_sigmas.sample(batch_size, generator, config.chroma_sigma_remap, config.flow_sigmoid_scale)
+    return chroma_sigmas.sample(config, batch_size, generator)
 
 
 @hookimpl

@@ -92,6 +92,8 @@ def check_config(config, warn):
     shared.check_guidance_range(config)
     if config.flux_fast_schedule and (config.flow_schedule_shift is not None or config.flow_schedule_auto_shift):
         warn(f"{config.source}: flow_schedule_shift/flow_schedule_auto_shift are ignored with flux_fast_schedule")
+    if config.flux_fast_schedule and config.is_set("sigma_sampling"):
+        warn(f"{config.source}: sigma_sampling is ignored with flux_fast_schedule (schnell's four levels)")
     if config.flux_fast_schedule and config.model_flavour != "schnell":
         warn(
             f"{config.source}: flux_fast_schedule is meant for schnell; this run trains flavour {config.model_flavour}"

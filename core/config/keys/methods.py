@@ -8,6 +8,27 @@ from tuner.core.host.records import ConfigKey, in_group
 KEYS = in_group(
     "optimisation",
     (
+        ConfigKey(
+            "sigma_sampling",
+            "str",
+            "family",
+            "The density training sigmas are drawn from, before the family's shift or remap: family (its own: "
+            "logit-normal with flow_sigmoid_scale), uniform, logit_normal (sigma_sampling_mean, _std), mode "
+            "(SD3's, sigma_sampling_scale) or inverted_parabola (6 s (1 - s): the middle, never the ends).",
+            choices=("family", "uniform", "logit_normal", "mode", "inverted_parabola"),
+            recipe=True,
+        ),
+        ConfigKey("sigma_sampling_mean", "float", 0.0, "logit_normal: mean of the normal in logit space.", recipe=True),
+        ConfigKey("sigma_sampling_std", "float", 1.0, "logit_normal: its standard deviation.", minimum=0, recipe=True),
+        ConfigKey(
+            "sigma_sampling_scale",
+            "float",
+            1.29,
+            "mode: how far mass moves to the middle (0: uniform; SD3's 1.29).",
+            minimum=-1,
+            maximum=1.75,
+            recipe=True,
+        ),
         ConfigKey("flow_sigmoid_scale", "float", 1.0, "Scale of the logit-normal sigma density.", minimum=0),
         ConfigKey("flow_schedule_shift", "float", None, "Static sigma shift s (s > 1: more noise).", minimum=0),
         ConfigKey("flow_schedule_auto_shift", "bool", False, "Resolution-dependent sigma shift."),
