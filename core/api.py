@@ -82,6 +82,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "image_size": ("tuner.core.data.images", "image_size"),
     "read_caption": ("tuner.core.data.images", "read_caption"),
     "scan_dataset": ("tuner.core.data.images", "scan_dataset"),
+    "caption_rule": ("tuner.core.data.images", "caption_rule"),
+    "CaptionRule": ("tuner.core.data.images", "CaptionRule"),
     "unreadable_errors": ("tuner.core.data.images", "unreadable_errors"),
     "bucket_tables": ("tuner.core.data.cache", "bucket_tables"),
     "READ_ERRORS": ("tuner.core.fixes", "READ_ERRORS"),

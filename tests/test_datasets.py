@@ -149,3 +149,36 @@ def test_simpletuner_backends_become_datasets_and_train(tiny_chroma, shapes_dir,
     assert reg["kind"] == "regularisation" and reg["resolution"] == 48 and reg["crop_style"] == "random"
     result, _, _ = train({**settings, "memory_estimate": False, "report_to": "none"})
     assert result.steps == 4
+
+
+def test_caption_strategies_extensions_and_a_trigger_word(tmp_path, shapes_dir):
+    """instanceprompt gives every image instance_prompt; .caption files are read, .txt first where
+    both exist (the order of caption_extensions); caption_prefix goes before every caption; the
+    settings are checked in one line."""
+    from tuner.core.data.images import caption_rule, scan_dataset
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b", "c"):
+        (data / f"{name}.png").write_bytes((shapes_dir / "00_red_circle.png").read_bytes())
+    (data / "a.txt").write_text("from txt")
+    (data / "a.caption").write_text("from caption")
+    (data / "b.caption").write_text("only caption")
+    host = make_host()
+
+    def captions(**settings):
+        config = make_config(host, {"data_dir": str(data), **settings})
+        return {item.image.stem: item.caption for item in scan_dataset(data, lambda m: None, caption_rule(config))}
+
+    assert captions() == {"a": "from txt", "b": "only caption", "c": ""}
+    assert captions(caption_extensions=[".caption", ".txt"])["a"] == "from caption"
+    assert captions(caption_prefix="sks") == {"a": "sks from txt", "b": "sks only caption", "c": "sks"}
+    assert set(captions(caption_strategy="instanceprompt", instance_prompt="a photo of sks").values()) == {
+        "a photo of sks"
+    }
+    for settings, message in (
+        ({"caption_strategy": "instanceprompt"}, "instance_prompt: is required with caption_strategy instanceprompt"),
+        ({"caption_extensions": ["txt"]}, "caption_extensions: 'txt' is no file extension"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            make_config(host, {"data_dir": str(data), **settings})

@@ -167,7 +167,11 @@ def test_filename_captions():
         ({"--lora_type": "lycoris"}, None, "lora_type: lycoris needs lycoris_config"),
         ({"--lora_type": "glora"}, None, "lora_type: tuner trains standard"),
         ({}, {"crop_style": "face"}, "crop_style 'face'; tuner crops center or random"),
-        ({}, {"caption_strategy": "parquet"}, "caption_strategy 'parquet'; tuner supports textfile and filename"),
+        (
+            {},
+            {"caption_strategy": "parquet"},
+            "caption_strategy 'parquet'; tuner supports textfile, filename and instanceprompt",
+        ),
         ({}, {"type": "aws"}, "type 'aws'; tuner reads local folders only"),
     ],
 )
@@ -239,3 +243,20 @@ def test_convert_config_reports_every_refusal_at_once_and_names_its_input(tmp_pa
     result = CliRunner().invoke(app, ["convert-config", str(path), "-o", str(tmp_path / "t.yaml")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "t.yaml").read_text().startswith(f"# written by `tuner convert-config` from {path};")
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [
+        ({"caption_strategy": "instanceprompt", "instance_prompt": "sks shape"}, {"instance_prompt": "sks shape"}),
+        ({"only_instance_prompt": True, "instance_prompt": "sks"}, {"caption_strategy": "instanceprompt"}),
+        (
+            {"caption_strategy": "textfile", "prepend_instance_prompt": True, "instance_prompt": "sks"},
+            {"caption_prefix": "sks"},
+        ),
+    ],
+)
+def test_instance_prompts_map_to_tuners_caption_keys(tmp_path, tiny_chroma, shapes_dir, backend, expected):
+    settings, _ = simpletuner.load(write_simpletuner(tmp_path, tiny_chroma, shapes_dir, backend), PluginHost("chroma"))
+    entry = settings["datasets"][0] if "datasets" in settings else settings
+    assert {k: entry.get(k) for k in expected} == expected, settings

@@ -243,7 +243,9 @@ def test_dataset_problems(tiny_chroma, shapes_dir, tmp_path):
     warnings: list[str] = []
     result, _, _ = train({**base_settings(tiny_chroma, data, tmp_path), "max_train_steps": 1}, warnings=warnings)
     assert result.steps == 1
-    assert any("2 image(s)" in w and "have no caption (no .txt file" in w for w in warnings)  # 01_green_circle, broken
+    assert any(
+        "2 image(s)" in w and "have no caption (no .txt or .caption file" in w for w in warnings
+    )  # 01_green_circle, broken
     assert any("skipped 1 unreadable image(s): broken.png" in w for w in warnings)
 
     empty = tmp_path / "empty"
@@ -305,7 +307,7 @@ def test_captions_and_files_a_dataset_folder_really_holds(tmp_path, shapes_dir):
         "utf16.png": "a caption ünicode",
     }
     (warning,) = warnings
-    assert warning.startswith(f"3 image(s) in {data} have no caption (no .txt file, or an empty one)")
+    assert warning.startswith(f"3 image(s) in {data} have no caption (no .txt or .caption file, or an empty one)")
 
 
 def test_weights_are_never_unpickled(tiny_chroma, shapes_dir, tmp_path, monkeypatch):

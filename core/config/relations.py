@@ -125,6 +125,13 @@ def check_methods(config, warn) -> None:
 
 def check_dataset(config) -> None:
     """Relations between the keys a dataset may set for itself."""
+    if config.caption_strategy == "instanceprompt" and not (config.instance_prompt or "").strip():
+        raise config.error(
+            "instance_prompt", "is required with caption_strategy instanceprompt: the caption of every image"
+        )
+    bad = [e for e in config.caption_extensions if not e.startswith(".") or len(e) < 2]
+    if bad:
+        raise config.error("caption_extensions", f"{bad[0]!r} is no file extension; write e.g. .txt or .caption")
     if config.aspect_bucket_alignment > config.resolution:
         raise config.error(
             "aspect_bucket_alignment",

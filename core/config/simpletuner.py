@@ -288,8 +288,15 @@ def _dataset(backend: dict[str, Any], where: str) -> dict[str, Any]:
     if backend.get("type", "local") != "local":
         raise ConfigError(f"{where}: type {backend['type']!r}; tuner reads local folders only")
     strategy = backend.get("caption_strategy", "filename")
-    if strategy not in ("textfile", "filename"):
-        raise ConfigError(f"{where}: caption_strategy {strategy!r}; tuner supports textfile and filename")
+    if strategy not in ("textfile", "filename", "instanceprompt"):
+        raise ConfigError(
+            f"{where}: caption_strategy {strategy!r}; tuner supports textfile, filename and instanceprompt"
+        )
+    prompt = backend.get("instance_prompt")
+    if backend.get("only_instance_prompt"):
+        strategy = "instanceprompt"
+    if strategy == "instanceprompt" and not prompt:
+        raise ConfigError(f"{where}: caption_strategy instanceprompt needs instance_prompt")
     unknown = sorted(set(backend) - BACKEND_KEYS)
     if unknown:
         raise ConfigError(f"{where}: key(s) {', '.join(unknown)} have no tuner equivalent")
@@ -305,6 +312,10 @@ def _dataset(backend: dict[str, Any], where: str) -> dict[str, Any]:
     if backend.get("is_regularisation_data"):
         entry["kind"] = "regularisation"
     entry.update({k: backend[k] for k in ("caption_dropout_probability",) if k in backend})
+    if strategy == "instanceprompt":
+        entry["instance_prompt"] = prompt
+    elif backend.get("prepend_instance_prompt") and prompt:  # SimpleTuner's trigger word before each caption
+        entry["caption_prefix"] = prompt
     return entry
 
 

@@ -267,12 +267,12 @@ def bucket_tables(config: Config, global_batch: int, warn: Callable[[str], None]
     """What ``tuner buckets`` prints, read from image headers only: each dataset's bucket table
     (named when there are several); unreadable images and skipped small ones go to ``warn``."""
     from tuner.core.config.datasets import resolve
-    from tuner.core.data.images import scan_dataset
+    from tuner.core.data.images import caption_rule, scan_dataset
 
     datasets = resolve(config)
     tables = []
     for dataset in datasets:
-        items = scan_dataset(dataset.config.data_dir, warn, dataset.config.caption_strategy)
+        items = scan_dataset(dataset.config.data_dir, warn, caption_rule(dataset.config))
         unreadable: list[str] = []
         _, bucket_plan = assign_buckets(items, dataset.config, global_batch, warn, unreadable)
         if unreadable:

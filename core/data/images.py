@@ -96,12 +96,41 @@ def _utf16_without_bom(raw: bytes) -> str | None:
     return max(readings, key=lambda text: sum(c.isascii() for c in text), default=None)
 
 
-def scan_dataset(data_dir: str | Path, warn: Callable[[str], None], caption_strategy: str = "textfile") -> list[Item]:
+@dataclass(frozen=True)
+class CaptionRule:
+    """Where an image's caption comes from: ``textfile`` (a same-stem file with the first of
+    ``extensions`` present), ``filename`` or ``instanceprompt`` (``instance_prompt`` for every
+    image); ``prefix`` (a trigger word) goes before each."""
+
+    strategy: str = "textfile"
+    instance_prompt: str = ""
+    extensions: tuple[str, ...] = (".txt", ".caption")
+    prefix: str = ""
+
+    def __call__(self, caption: str) -> str:
+        return " ".join(part for part in (self.prefix, caption) if part)
+
+
+def caption_rule(config: Any) -> CaptionRule:
+    """The :class:`CaptionRule` of a run's (or a dataset's) config."""
+    return CaptionRule(
+        config.caption_strategy,
+        config.instance_prompt or "",
+        tuple(e.lower() for e in config.caption_extensions),
+        " ".join((config.caption_prefix or "").split()),
+    )
+
+
+def scan_dataset(
+    data_dir: str | Path, warn: Callable[[str], None], captions: CaptionRule | str = "textfile"
+) -> list[Item]:
     """List the images under ``data_dir`` (see :func:`image_files`) with their captions.
 
-    A missing or empty caption (a same-stem ``.txt`` file, any case of the extension) trains with
-    an empty caption (one warning with the count). An empty folder is an error.
+    A missing or empty caption (a same-stem file with one of the rule's extensions, any case, the
+    first in the rule's order winning) trains with an empty caption (one warning with the count).
+    An empty folder is an error.
     """
+    rule = captions if isinstance(captions, CaptionRule) else CaptionRule(captions)
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"data_dir {root} is not a folder")
@@ -114,29 +143,31 @@ def scan_dataset(data_dir: str | Path, warn: Callable[[str], None], caption_stra
         )
     if not images:
         raise DataError(f"data_dir {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    captions = {}  # (folder, stem) -> caption file, whatever the case of ".txt"
+    if rule.strategy != "textfile":
+        given = (lambda image: caption_from_filename(image)) if rule.strategy == "filename" else None
+        return [Item(image, rule(given(image) if given else rule.instance_prompt)) for image in images]
+    found: dict[tuple[Path, str], list[tuple[int, Path]]] = {}  # (folder, stem) -> caption files by rank
     for folder in {image.parent for image in images}:
         for file in folder.iterdir():
-            if file.suffix.lower() == ".txt" and not file.name.startswith("."):
+            suffix = file.suffix.lower()
+            if suffix in rule.extensions and not file.name.startswith("."):
                 if file.is_file():
-                    captions.setdefault((folder, file.stem), file)
+                    found.setdefault((folder, file.stem), []).append((rule.extensions.index(suffix), file))
                 else:  # a folder, a pipe or a broken link named like a caption: never read
                     warn(f"caption {file} is not a regular file; its image trains without a caption")
     items, uncaptioned = [], []
     for image in images:
-        if caption_strategy == "filename":
-            items.append(Item(image, caption_from_filename(image)))
-            continue
-        caption_file = captions.get((image.parent, image.stem))
+        caption_file = min(found.get((image.parent, image.stem), [(0, None)]))[1]
         caption = read_caption(caption_file, warn) if caption_file is not None else ""
         if not caption:
             uncaptioned.append(image.name)
-        items.append(Item(image, caption))
+        items.append(Item(image, rule(caption)))
     if uncaptioned:
         shown = ", ".join(uncaptioned[:3]) + (" ..." if len(uncaptioned) > 3 else "")
+        named = " or ".join(rule.extensions)
         warn(
-            f"{len(uncaptioned)} image(s) in {root} have no caption (no .txt file, or an empty one) and train "
-            f"with an empty caption: {shown}"
+            f"{len(uncaptioned)} image(s) in {root} have no caption (no {named} file, or an empty one) and train "
+            f"with {'only the caption_prefix' if rule.prefix else 'an empty caption'}: {shown}"
         )
     return items
 

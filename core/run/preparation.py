@@ -15,7 +15,7 @@ from tuner.core.config.datasets import describe as describe_datasets
 from tuner.core.config.datasets import resolve as resolve_datasets
 from tuner.core.config.keys.validation import validation_prompts
 from tuner.core.data.cache import PreparedData, prepare_caches, text_key
-from tuner.core.data.images import scan_dataset
+from tuner.core.data.images import caption_rule, scan_dataset
 from tuner.core.errors import DataError
 from tuner.core.run.evaluation import split_off
 
@@ -73,7 +73,7 @@ def prepare_data(ctx: RunContext) -> RunData:
             )
         scanned[0], held_out_items = split_off(scanned[0], config.eval_split, config.seed)
     elif config.eval_data_dir:
-        held_out_items = scan_dataset(config.eval_data_dir, ctx.warn, config.caption_strategy)
+        held_out_items = scan_dataset(config.eval_data_dir, ctx.warn, caption_rule(config))
     micro_batches = config.max_train_steps * config.gradient_accumulation_steps
     weights = [d.weight for d in datasets]
     drawn = (  # global batches each dataset gives: how many epochs of random crops to cache
@@ -118,7 +118,7 @@ def _joined(parts: list[PreparedData], datasets: list[Any]) -> PreparedData:
 def _scan(ctx: RunContext, dataset: Any, datasets: list[Any]) -> list:
     """A dataset's images and captions."""
     with _naming(dataset, datasets):
-        return scan_dataset(dataset.config.data_dir, ctx.warn, dataset.config.caption_strategy)
+        return scan_dataset(dataset.config.data_dir, ctx.warn, caption_rule(dataset.config))
 
 
 @contextmanager

@@ -155,15 +155,15 @@ def _inside_workspace(workspace: Workspace, config: Any) -> None:
 
 def _check_data(config: Any) -> None:
     """The cheap data checks of a run (a folder with images), before a job is queued."""
+    from tuner.core.api import caption_rule, scan_dataset
     from tuner.core.api import resolve_datasets as resolve
-    from tuner.core.api import scan_dataset
 
     datasets = resolve(config)
     if not datasets:
         raise config.error("data_dir", "is required: a folder of images with .txt captions (or datasets:)")
     for dataset in datasets:
         try:
-            scan_dataset(dataset.config.data_dir, lambda message: None, dataset.config.caption_strategy)
+            scan_dataset(dataset.config.data_dir, lambda message: None, caption_rule(dataset.config))
         except DataError as exc:
             raise config.error("data_dir", str(exc)) from None
 

@@ -32,7 +32,8 @@ KEYS = in_group(
             "mappings",
             None,
             "Several datasets instead of data_dir: a list of entries with data_dir and any of id, weight, kind "
-            "(training or regularisation), resolution, resolution_type, repeats, caption_strategy, "
+            "(training or regularisation), resolution, resolution_type, repeats, caption_strategy, instance_prompt, "
+            "caption_extensions, caption_prefix, "
             "caption_dropout_probability, crop_style, aspect_bucket_max_ratio, aspect_bucket_alignment, "
             "minimum_image_size.",
         ),
@@ -40,8 +41,22 @@ KEYS = in_group(
             "caption_strategy",
             "str",
             "textfile",
-            "textfile: same-stem .txt captions; filename: the image's name is its caption.",
-            choices=("textfile", "filename"),
+            "textfile: same-stem caption files (caption_extensions); filename: the image's name is its "
+            "caption; instanceprompt: instance_prompt for every image.",
+            choices=("textfile", "filename", "instanceprompt"),
+        ),
+        ConfigKey("instance_prompt", "str", None, "The caption of every image with caption_strategy instanceprompt."),
+        ConfigKey(
+            "caption_extensions",
+            "str_list",
+            [".txt", ".caption"],
+            "Caption files beside an image, by extension; where several exist the first listed wins.",
+        ),
+        ConfigKey(
+            "caption_prefix",
+            "str",
+            None,
+            "Put before every caption (a trigger word); caption dropout drops it with the caption.",
         ),
         ConfigKey(
             "dataset_repeats",
