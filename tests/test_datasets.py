@@ -182,3 +182,30 @@ def test_caption_strategies_extensions_and_a_trigger_word(tmp_path, shapes_dir):
     ):
         with pytest.raises(ConfigError, match=message):
             make_config(host, {"data_dir": str(data), **settings})
+
+
+def test_caption_dropout_can_keep_the_trigger_word(tiny_chroma, shapes_dir, tmp_path):
+    """With caption_dropout_keeps_prefix a dropped caption trains with caption_prefix alone: the
+    trigger word is on every sample, and the share dropped is the one asked."""
+    from tuner.core.data.cache import TensorCache, cache_key, text_key
+    from tuner.core.run.trainer import Trainer
+
+    from .test_buckets import Captions
+
+    settings = {
+        **base_settings(tiny_chroma, shapes_dir, tmp_path),
+        "caption_prefix": "sks",
+        "caption_dropout_probability": 0.5,
+        "caption_dropout_keeps_prefix": True,
+        "train_batch_size": 2,
+        "max_train_steps": 8,
+    }
+    spy = Captions()
+    host = make_host(("captions", spy))
+    config = make_config(host, settings)
+    trainer = Trainer(host, config, warn=lambda m: None)
+    trainer.prepare_data()
+    text = TensorCache(tmp_path / "cache", "text", cache_key(host, config, "text", "text_encoder"))
+    spy.empty = text.load(text_key("sks"))["prompt_embeds"]
+    trainer.train()
+    assert len(spy.dropped) == 16 and 3 <= sum(spy.dropped) <= 13, spy.dropped

@@ -40,6 +40,7 @@ OVERRIDES = {
     "instance_prompt": "instance_prompt",
     "caption_extensions": "caption_extensions",
     "caption_prefix": "caption_prefix",
+    "caption_dropout_keeps_prefix": "caption_dropout_keeps_prefix",
     "caption_dropout_probability": "caption_dropout_probability",
     "crop_style": "crop_style",
     "aspect_bucket_max_ratio": "aspect_bucket_max_ratio",

@@ -483,9 +483,7 @@ def training_step(host, config, transformer, latent_shape, text, params, optimiz
     ctx = RunContext(host, config, TracingAccelerator(dtype), dtype, lambda message: None)
     datasets = resolve(config)
     empty = {name: value[0] for name, value in text.items()}  # the cached "" encoding, one sample
-    stepper = TracingStepper(
-        ctx, datasets, empty if any(d.config.caption_dropout_probability for d in datasets) else {}
-    )
+    stepper = TracingStepper(ctx, datasets, [empty if d.config.caption_dropout_probability else {} for d in datasets])
     state = TrainState(
         model=transformer,
         wrapped=transformer,

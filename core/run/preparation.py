@@ -31,7 +31,8 @@ class RunData:
 
     prepared: PreparedData  # the training images of every dataset, cached, in one list
     datasets: list[Any]  # tuner.core.config.datasets.Dataset, in the config's order
-    empty_caption: dict[str, torch.Tensor] = field(default_factory=dict)  # "" encoded (caption dropout)
+    # per dataset, the encoding its dropped captions train with ({} without caption dropout)
+    dropped_captions: list[dict[str, torch.Tensor]] = field(default_factory=list)
     held_out: PreparedData | None = None  # the eval loss's cached images (eval_steps)
 
 
@@ -61,8 +62,8 @@ def prepare_data(ctx: RunContext) -> RunData:
         raise config.error("data_dir", "is required: a folder of images with .txt captions (or datasets:)")
     prompts = validation_prompts(config)
     extra = prompts + [config.validation_negative_prompt or ""] if prompts else []
-    if any(d.config.caption_dropout_probability > 0 for d in datasets):
-        extra.append("")  # what a dropped caption trains with
+    dropped = [dropped_caption(d.config) for d in datasets]  # what a dropped caption trains with
+    extra += [t for t in dict.fromkeys(dropped) if t is not None and t not in extra]
     global_batch = config.train_batch_size * ctx.accelerator.num_processes
     scanned = [_scan(ctx, d, datasets) for d in datasets]
     held_out_items: list = []
@@ -98,8 +99,16 @@ def prepare_data(ctx: RunContext) -> RunData:
             parts.append(replace(part, entries=entries))
         if held_out_items:
             held_out = prepare_caches(ctx.host, config, held_out_items, [], ctx.device, ctx.weight_dtype, ctx.warn)
-    empty_caption = parts[0].text.load(text_key("")) if "" in extra else {}
-    return RunData(_joined(parts, datasets), datasets, empty_caption, held_out)
+    dropped_captions = [parts[0].text.load(text_key(t)) if t is not None else {} for t in dropped]
+    return RunData(_joined(parts, datasets), datasets, dropped_captions, held_out)
+
+
+def dropped_caption(config: Any) -> str | None:
+    """The text a dataset's dropped captions train with: "" or, when asked, its caption_prefix;
+    None without caption dropout."""
+    if config.caption_dropout_probability <= 0:
+        return None
+    return caption_rule(config).prefix if config.caption_dropout_keeps_prefix else ""
 
 
 def _joined(parts: list[PreparedData], datasets: list[Any]) -> PreparedData:

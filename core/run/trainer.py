@@ -275,7 +275,7 @@ class Trainer:
     def prepare_data(self) -> PreparedData:
         """Every dataset cached (:func:`tuner.core.run.preparation.prepare_data`); the steps draw from it."""
         self.data = prepare_data(self.ctx)
-        self.stepper = Stepper(self.ctx, self.data.datasets, self.data.empty_caption)
+        self.stepper = Stepper(self.ctx, self.data.datasets, self.data.dropped_captions)
         return self.data.prepared
 
     def load_transformer(self) -> torch.nn.Module:

@@ -38,11 +38,11 @@ class Stepper:
     """Draws batches and takes optimizer steps for one run.
 
     ``datasets`` are the run's datasets (:class:`tuner.core.config.datasets.Dataset`; their weights
-    order the batches, their caption dropout applies per batch), ``empty_caption`` the cached
-    encoding of "" that a dropped caption trains with."""
+    order the batches, their caption dropout applies per batch), ``dropped_captions`` per dataset
+    the cached encoding a dropped caption trains with ("", or its caption_prefix when asked)."""
 
-    def __init__(self, ctx: RunContext, datasets: list[Any], empty_caption: dict[str, torch.Tensor]):
-        self.ctx, self.datasets, self.empty_caption = ctx, datasets, empty_caption
+    def __init__(self, ctx: RunContext, datasets: list[Any], dropped_captions: list[dict[str, torch.Tensor]]):
+        self.ctx, self.datasets, self.dropped_captions = ctx, datasets, dropped_captions
         self.grids: dict[tuple[int, ...], torch.Tensor] = {}  # scheduled sampling: inference sigmas per size
         self.scheduler: Any = None  # the family's inference scheduler, loaded for the first rollout
 
@@ -134,16 +134,15 @@ class Stepper:
     def caption_dropout(
         self, batch: dict[str, Any], global_size: int, shared: torch.Generator, mine: slice
     ) -> dict[str, torch.Tensor]:
-        """The batch's text with dropped captions replaced by the empty one (drawn for the global batch)."""
+        """The batch's text with dropped captions replaced (drawn for the global batch)."""
         text = batch["text"]
         dropout = self.datasets[batch["dataset"]].config.caption_dropout_probability if self.datasets else 0.0
         if dropout <= 0:
             return text
         with self.exact():
             dropped = (torch.rand(global_size, generator=shared) < dropout)[mine]
-        return {
-            name: torch.where(_rows(dropped, value), self.empty_caption[name], value) for name, value in text.items()
-        }
+        instead = self.dropped_captions[batch["dataset"]]
+        return {name: torch.where(_rows(dropped, value), instead[name], value) for name, value in text.items()}
 
     # -- what a step decides from values: ``tuner estimate`` runs this class's steps on fake
     # tensors, which have shapes but no values, through a subclass that answers these three

@@ -56,7 +56,15 @@ KEYS = in_group(
             "caption_prefix",
             "str",
             None,
-            "Put before every caption (a trigger word); caption dropout drops it with the caption.",
+            "Put before every caption (a trigger word); caption dropout drops it with the caption unless "
+            "caption_dropout_keeps_prefix.",
+        ),
+        ConfigKey(
+            "caption_dropout_keeps_prefix",
+            "bool",
+            False,
+            "A dropped caption trains with caption_prefix alone instead of the empty caption: the trigger word "
+            "stays on every sample.",
         ),
         ConfigKey(
             "dataset_repeats",
