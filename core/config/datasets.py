@@ -40,6 +40,7 @@ OVERRIDES = {
     "instance_prompt": "instance_prompt",
     "caption_extensions": "caption_extensions",
     "caption_prefix": "caption_prefix",
+    "caption_lines": "caption_lines",
     "caption_dropout_keeps_prefix": "caption_dropout_keeps_prefix",
     "caption_dropout_probability": "caption_dropout_probability",
     "crop_style": "crop_style",

@@ -23,6 +23,7 @@ from tuner.core.config.keys.model import NO_QUANTIZATION
 from tuner.core.config.values import model_source
 from tuner.core.data.buckets import Bucket, BucketPlan, bucket_sizes, plan
 from tuner.core.data.images import Item, image_size, load_image, unreadable_errors
+from tuner.core.data.sampler import step_seed
 from tuner.core.errors import DataError
 from tuner.core.io import atomic_write, remove_stale_temporaries, save_safetensors
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 CACHE_FORMAT = 3
 VAE_BATCH = 4
 TEXT_BATCH = 8
+CAPTION_DRAW = 0xCA9  # step_seed's purpose tag for drawing one of an image's captions
 
 
 def _digest(value: Any) -> str:
@@ -206,6 +208,7 @@ class Entry:
     latent: str
     text: str
     bucket: Bucket
+    others: tuple[str, ...] = ()  # the text keys of the image's other captions
     dataset: int = 0  # which of the run's datasets it belongs to
     variants: tuple[str, ...] = ()  # with random crops: the latents of each epoch's crop
     image: Path | None = None  # the image file
@@ -371,7 +374,7 @@ def prepare_caches(
     if not usable:
         raise DataError(f"data_dir {config.data_dir}: none of the {len(items)} images could be used")
 
-    texts = list(dict.fromkeys([item.caption for item in usable] + extra_texts))
+    texts = list(dict.fromkeys([caption for item in usable for caption in item.captions] + extra_texts))
     missing_texts = [t for t in texts if not text.has(text_key(t))]
     if missing_texts:
         encoders = load_text_encoders(host, config, device, dtype, warn)
@@ -417,6 +420,7 @@ def prepare_caches(
             latent_key(config, i.image, b),
             text_key(i.caption),
             b,
+            tuple(text_key(c) for c in i.others),
             variants=tuple(latent_key(config, i.image, b, e) for e in range(epochs)) if epochs > 1 else (),
             image=i.image,
         )
@@ -430,8 +434,8 @@ class CachedDataset:
     item, ``size`` being the bucket's ``(height, width)`` in pixels. Indices past the end name the
     same items in later epochs (their own random crops)."""
 
-    def __init__(self, prepared: PreparedData):
-        self.prepared = prepared
+    def __init__(self, prepared: PreparedData, seed: int = 0):
+        self.prepared, self.seed = prepared, seed
 
     def __len__(self) -> int:
         return len(self.prepared.entries)
@@ -444,9 +448,13 @@ class CachedDataset:
         epoch, position = divmod(index, len(self.prepared.entries))
         entry = self.prepared.entries[position]
         key = entry.variants[epoch % len(entry.variants)] if entry.variants else entry.latent
+        text = entry.text
+        if entry.others:  # several captions: one drawn from (seed, sample index), whichever process asks
+            texts = (entry.text, *entry.others)
+            text = texts[step_seed(self.seed, index, CAPTION_DRAW) % len(texts)]
         return {
             "latents": self.prepared.latents.load(key)["latents"],
-            "text": self.prepared.text.load(entry.text),
+            "text": self.prepared.text.load(text),
             "size": (entry.bucket.height, entry.bucket.width),
             "dataset": entry.dataset,
         }

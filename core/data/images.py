@@ -26,6 +26,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 class Item:
     image: Path
     caption: str
+    others: tuple[str, ...] = ()  # more captions of the image: one of all is drawn per sample
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        return (self.caption, *self.others)
 
 
 def caption_from_filename(image: Path) -> str:
@@ -59,10 +64,11 @@ def image_files(root: Path, not_files: list[Path] | None = None) -> list[Path]:
     return sorted(found)
 
 
-def read_caption(path: Path, warn: Callable[[str], None]) -> str:
-    """A caption file's text on one line: UTF-8 (with or without BOM), UTF-16 with a BOM, or UTF-16
-    without one (text full of NULs as UTF-8 is tried as UTF-16 LE and BE); undecodable bytes are
-    replaced with a warning, and a file that is no text in any of them is named and left out."""
+def read_caption(path: Path, warn: Callable[[str], None], lines: bool = False) -> str:
+    """A caption file's text on one line (``lines``: its lines kept): UTF-8 (with or without BOM),
+    UTF-16 with a BOM, or UTF-16 without one (text full of NULs as UTF-8 is tried as UTF-16 LE and
+    BE); undecodable bytes are replaced with a warning, and a file that is no text in any of them is
+    named and left out."""
     raw = path.read_bytes()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         text = raw.decode("utf-16", errors="replace")
@@ -77,7 +83,7 @@ def read_caption(path: Path, warn: Callable[[str], None]) -> str:
         except UnicodeDecodeError:
             warn(f"caption {path} is not UTF-8; undecodable bytes were replaced")
             text = raw.decode("utf-8", errors="replace")
-    return " ".join(text.split())
+    return text if lines else " ".join(text.split())
 
 
 def _utf16_without_bom(raw: bytes) -> str | None:
@@ -107,8 +113,16 @@ class CaptionRule:
     extensions: tuple[str, ...] = (".txt", ".caption")
     prefix: str = ""
 
+    lines: str = "each"  # a caption file's lines: each its own caption, or joined into one
+
     def __call__(self, caption: str) -> str:
         return " ".join(part for part in (self.prefix, caption) if part)
+
+    def item(self, image: Path, text: str) -> Item:
+        """The image with the caption(s) a caption file's ``text`` holds, the prefix before each."""
+        lines = [" ".join(line.split()) for line in text.splitlines()] if self.lines == "each" else []
+        captions = [line for line in lines if line] or [" ".join(text.split())]
+        return Item(image, self(captions[0]), tuple(self(c) for c in captions[1:]))
 
 
 def caption_rule(config: Any) -> CaptionRule:
@@ -118,6 +132,7 @@ def caption_rule(config: Any) -> CaptionRule:
         config.instance_prompt or "",
         tuple(e.lower() for e in config.caption_extensions),
         " ".join((config.caption_prefix or "").split()),
+        config.caption_lines,
     )
 
 
@@ -158,10 +173,10 @@ def scan_dataset(
     items, uncaptioned = [], []
     for image in images:
         caption_file = min(found.get((image.parent, image.stem), [(0, None)]))[1]
-        caption = read_caption(caption_file, warn) if caption_file is not None else ""
-        if not caption:
+        item = rule.item(image, read_caption(caption_file, warn, lines=True) if caption_file is not None else "")
+        if item.caption == rule(""):
             uncaptioned.append(image.name)
-        items.append(Item(image, rule(caption)))
+        items.append(item)
     if uncaptioned:
         shown = ", ".join(uncaptioned[:3]) + (" ..." if len(uncaptioned) > 3 else "")
         named = " or ".join(rule.extensions)

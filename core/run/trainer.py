@@ -173,7 +173,7 @@ class Trainer:
         held_out = self.data.held_out if self.data else None
         evaluator = Evaluator(ctx, held_out) if config.eval_steps and held_out else None
         result = TrainResult(ctx.output_dir, 0, resumed_from=self.checkpoints.resume(state))
-        dataset = CachedDataset(prepared)
+        dataset = CachedDataset(prepared, config.seed)
         reporting.announce(ctx, state, prepared, result.resumed_from)
         self.phase = "training"
         _record(record, status="training", resumed_step=state.position.step if result.resumed_from else None)

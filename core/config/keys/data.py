@@ -53,6 +53,14 @@ KEYS = in_group(
             "Caption files beside an image, by extension; where several exist the first listed wins.",
         ),
         ConfigKey(
+            "caption_lines",
+            "str",
+            "each",
+            "A caption file of several lines: each line is a caption of its own (one is drawn per sample, "
+            "from the seed) or they are joined into one.",
+            choices=("each", "join"),
+        ),
+        ConfigKey(
             "caption_prefix",
             "str",
             None,
