@@ -277,3 +277,29 @@ def test_a_run_with_several_captions_per_image_resumes_exactly(tiny_chroma, shap
         "checkpointing_steps": 3,
     }
     assert_resume_is_exact(straight, 3)
+
+
+def test_captions_from_a_metadata_file(shapes_dir, tmp_path):
+    """caption_metadata: a JSON object or Hugging Face's metadata.jsonl; a list is several captions;
+    images it does not list keep their caption files; a broken file is one line naming it."""
+    from tuner.core.data.images import caption_rule, scan_dataset
+
+    data = several_captions(tmp_path / "data", shapes_dir)
+    host = make_host()
+
+    def captions(metadata, text):
+        path = tmp_path / metadata
+        path.write_text(text)
+        config = make_config(host, {"data_dir": str(data), "caption_metadata": str(path)})
+        return {i.image.stem: i.captions for i in scan_dataset(data, lambda m: None, caption_rule(config))}
+
+    as_json = captions(
+        "captions.json", json.dumps({"00_red_circle.png": ["one", "two"], "01_green_circle.png": "x  y"})
+    )
+    assert as_json["00_red_circle"] == ("one", "two") and as_json["01_green_circle"] == ("x y",)
+    assert as_json["02_blue_circle"] == ((data / "02_blue_circle.txt").read_text().strip(),)  # not listed
+    lines = [{"file_name": "03_yellow_circle.png", "text": "from jsonl"}]
+    as_jsonl = captions("metadata.jsonl", "\n".join(json.dumps(row) for row in lines))
+    assert as_jsonl["03_yellow_circle"] == ("from jsonl",)
+    with pytest.raises(DataError, match=r"caption_metadata .*bad.jsonl: cannot read it \(no 'file_name' field\)"):
+        captions("bad.jsonl", json.dumps({"name": "00_red_circle.png"}))

@@ -41,6 +41,7 @@ OVERRIDES = {
     "caption_extensions": "caption_extensions",
     "caption_prefix": "caption_prefix",
     "caption_lines": "caption_lines",
+    "caption_metadata": "caption_metadata",
     "caption_dropout_keeps_prefix": "caption_dropout_keeps_prefix",
     "caption_dropout_probability": "caption_dropout_probability",
     "crop_style": "crop_style",

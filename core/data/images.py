@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,16 +104,25 @@ def _utf16_without_bom(raw: bytes) -> str | None:
 
 @dataclass(frozen=True)
 class CaptionRule:
-    """Where an image's caption comes from: ``textfile`` (a same-stem file with the first of
-    ``extensions`` present), ``filename`` or ``instanceprompt`` (``instance_prompt`` for every
-    image); ``prefix`` (a trigger word) goes before each."""
+    """Where an image's caption comes from: ``textfile`` (the caption metadata file where it lists
+    the image, else a same-stem file with the first of ``extensions`` present), ``filename`` or
+    ``instanceprompt`` (``instance_prompt`` for every image); ``prefix`` (a trigger word) goes
+    before each."""
 
     strategy: str = "textfile"
     instance_prompt: str = ""
     extensions: tuple[str, ...] = (".txt", ".caption")
     prefix: str = ""
-
     lines: str = "each"  # a caption file's lines: each its own caption, or joined into one
+    # caption_metadata: image path (relative to the folder, or its name) -> its captions
+    metadata: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def listed(self, image: Path, root: Path) -> Item | None:
+        """The image's captions from the metadata file, if it lists the image."""
+        captions = self.metadata.get(image.relative_to(root).as_posix()) or self.metadata.get(image.name)
+        if not captions:
+            return None
+        return Item(image, self(captions[0]), tuple(self(c) for c in captions[1:]))
 
     def __call__(self, caption: str) -> str:
         return " ".join(part for part in (self.prefix, caption) if part)
@@ -133,7 +142,35 @@ def caption_rule(config: Any) -> CaptionRule:
         tuple(e.lower() for e in config.caption_extensions),
         " ".join((config.caption_prefix or "").split()),
         config.caption_lines,
+        read_caption_metadata(config.caption_metadata) if config.caption_metadata else {},
     )
+
+
+def read_caption_metadata(path: str | Path) -> dict[str, tuple[str, ...]]:
+    """``caption_metadata``: a JSON object of image path -> caption or list of captions, or JSON
+    lines of ``{"file_name": ..., "caption" or "text": caption or list}`` (Hugging Face's
+    imagefolder ``metadata.jsonl``). A file that cannot be read is a one-line error naming it."""
+    import json
+
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8-sig")
+        if path.suffix.lower() == ".jsonl":
+            rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
+            pairs = [(row["file_name"], row["caption"] if "caption" in row else row["text"]) for row in rows]
+        else:
+            pairs = list(json.loads(raw).items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        what = f"no {exc} field" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+        raise DataError(
+            f"caption_metadata {path}: cannot read it ({what}); write a JSON object of file -> caption(s), or "
+            'JSON lines of {"file_name": ..., "caption": ...}'
+        ) from None
+    table = {}
+    for name, captions in pairs:
+        listed = [captions] if isinstance(captions, str) else list(captions or [])
+        table[str(name).replace("\\", "/")] = tuple(" ".join(str(c).split()) for c in listed if str(c).strip())
+    return table
 
 
 def scan_dataset(
@@ -172,6 +209,10 @@ def scan_dataset(
                     warn(f"caption {file} is not a regular file; its image trains without a caption")
     items, uncaptioned = [], []
     for image in images:
+        listed = rule.listed(image, root) if rule.metadata else None
+        if listed is not None:  # the metadata file names it: its captions, whatever files lie beside it
+            items.append(listed)
+            continue
         caption_file = min(found.get((image.parent, image.stem), [(0, None)]))[1]
         item = rule.item(image, read_caption(caption_file, warn, lines=True) if caption_file is not None else "")
         if item.caption == rule(""):

@@ -53,6 +53,14 @@ KEYS = in_group(
             "Caption files beside an image, by extension; where several exist the first listed wins.",
         ),
         ConfigKey(
+            "caption_metadata",
+            "path",
+            None,
+            "Captions from one file instead of files beside the images: a JSON object of image path (relative "
+            "to data_dir, or the file name) -> caption or list of captions, or a metadata.jsonl of "
+            '{"file_name", "caption" or "text"} lines; images it does not list keep their caption files.',
+        ),
+        ConfigKey(
             "caption_lines",
             "str",
             "each",
