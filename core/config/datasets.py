@@ -42,6 +42,7 @@ OVERRIDES = {
     "caption_prefix": "caption_prefix",
     "caption_lines": "caption_lines",
     "caption_metadata": "caption_metadata",
+    "regularisation_target": "regularisation_target",
     "caption_dropout_keeps_prefix": "caption_dropout_keeps_prefix",
     "caption_dropout_probability": "caption_dropout_probability",
     "crop_style": "crop_style",
@@ -104,6 +105,10 @@ def resolve(config: Config) -> list[Dataset]:
             raise _error(where, f"id {name!r} is used by another entry")
         ids.add(str(name))
         values["datasets"] = None  # an entry is one dataset
+        if kind != "regularisation":  # the run's regularisation_target is its regularisation entries'
+            if values.get("regularisation_target", "noise") != "noise":
+                raise _error(where, "regularisation_target: base_model is for kind: regularisation entries")
+            values["regularisation_target"] = "noise"
         found.append(Dataset(str(name), config.derive(values, where), float(weight), kind))
     return found
 

@@ -14,6 +14,11 @@ def check_relations(config: Any, warn: Any) -> None:
     check_dataset(config)
     for dataset in resolve(config):  # each entry of datasets: checked as the run's own keys are
         check_dataset(dataset.config)
+    if config.regularisation_target != "noise" and config.datasets is None:
+        raise config.error(
+            "regularisation_target",
+            "base_model applies to datasets entries of kind: regularisation; data_dir alone is training images",
+        )
     if config.eval_steps and not (config.eval_data_dir or config.eval_split):
         raise config.error("eval_steps", "needs held-out images: set eval_data_dir or eval_split")
     if config.eval_data_dir and config.eval_split:

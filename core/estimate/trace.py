@@ -498,7 +498,8 @@ def training_step(host, config, transformer, latent_shape, text, params, optimiz
         "latents": torch.zeros(config.train_batch_size, *latent_shape),
         "text": text,
         "size": [0, 0],
-        "dataset": 0,
+        # a regularisation dataset trained towards the base model's prediction takes one more forward
+        "dataset": next((i for i, d in enumerate(datasets) if d.config.regularisation_target == "base_model"), 0),
     }
     with torch.random.fork_rng(devices=[]):  # the step seeds LoRA dropout; the caller's stream stays
         stepper.optimizer_step(state, iter([batch] * config.gradient_accumulation_steps))

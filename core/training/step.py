@@ -4,7 +4,8 @@ what it counts is what a run does."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -89,11 +90,35 @@ class MicroBatch:
 
 
 def flow_matching_loss(
-    model: Prediction, batch: MicroBatch, noisy_and_target: tuple[torch.Tensor, torch.Tensor] | None = None
+    model: Prediction,
+    batch: MicroBatch,
+    noisy_and_target: tuple[torch.Tensor, torch.Tensor] | None = None,
+    base: Prediction | None = None,
 ) -> torch.Tensor:
     """Noise the latents to the sigmas, ask the family for the velocity, and return the MSE against
     ``noise - latents``. ``noisy_and_target`` replaces both (scheduled sampling's rolled-out latents,
-    at the same sigmas)."""
+    at the same sigmas). With ``base`` (``regularisation_target: base_model``) the target is the
+    base model's own prediction on the same input: every adapter off, no gradient, the family's
+    draws (guidance) the same as the trained forward's."""
     noisy, target = noisy_and_target or flow.noisy_and_target(batch.latents, batch.noise, batch.sigmas)
+    if base is not None:
+        draws = torch.Generator().set_state(batch.generator.get_state())
+        with torch.no_grad(), adapters_off(base.transformer):
+            target = base(noisy, batch.sigmas, batch.text, draws).float()
     prediction = model(noisy, batch.sigmas, batch.text, batch.generator)
     return flow.flow_loss(prediction, target)
+
+
+@contextmanager
+def adapters_off(model: torch.nn.Module) -> Iterator[None]:
+    """Every peft adapter layer of ``model`` (any adapter type) passes its base layer's output only."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

@@ -128,7 +128,10 @@ class Stepper:
             rolled = rollout.roll_out(own_model, MicroBatch(latents, noise, sigmas.to(device), text, steps), paths)
         own = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x10CA1, rank))
         torch.manual_seed(step_seed(config.seed, micro_step, rollbacks, 0xD409, rank))  # LoRA dropout
-        loss = flow_matching_loss(model, MicroBatch(latents, noise, sigmas.to(device), text, own), rolled)
+        base = None
+        if self.datasets and self.datasets[batch["dataset"]].config.regularisation_target == "base_model":
+            base = Prediction(ctx.host, config, state.model, ctx.weight_dtype, accelerator.autocast)
+        loss = flow_matching_loss(model, MicroBatch(latents, noise, sigmas.to(device), text, own), rolled, base)
         return loss, sigmas
 
     def caption_dropout(

@@ -53,6 +53,15 @@ KEYS = in_group(
             "Caption files beside an image, by extension; where several exist the first listed wins.",
         ),
         ConfigKey(
+            "regularisation_target",
+            "str",
+            "noise",
+            "What a regularisation dataset (kind: regularisation) trains towards: noise (noise - latents, as "
+            "any image) or base_model (the base model's own prediction, the adapter off, no gradient: the LoRA "
+            "learns to leave those prompts alone; one more forward per such step).",
+            choices=("noise", "base_model"),
+        ),
+        ConfigKey(
             "caption_metadata",
             "path",
             None,
