@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tuner.core.config.keys.model import NO_QUANTIZATION
 from tuner.core.config.values import model_source
 from tuner.core.data.buckets import Bucket, BucketPlan, bucket_sizes, plan
-from tuner.core.data.images import Item, image_size, load_image, unreadable_errors
+from tuner.core.data.images import Item, image_size, load_image, load_mask, unreadable_errors
 from tuner.core.data.sampler import step_seed
 from tuner.core.errors import DataError
 from tuner.core.io import atomic_write, remove_stale_temporaries, save_safetensors
@@ -183,9 +183,11 @@ def crop_offset(config: Config, path: Path, epoch: int = 0) -> float:
     return int(_digest([config.seed, image_key(path), epoch])[:8], 16) / 0xFFFFFFFF
 
 
-def latent_key(config: Config, path: Path, bucket: Bucket, epoch: int = 0) -> str:
+def latent_key(config: Config, path: Path, bucket: Bucket, epoch: int = 0, mask: Path | None = None) -> str:
     offset = crop_offset(config, path, epoch)
     parts = [image_key(path), bucket.width, bucket.height, config.crop_style, offset]
+    if mask is not None:  # cached with the latents: a changed mask is a new entry
+        parts.append(image_key(mask))
     if config.image_background != "white":  # transparent images look different on it
         parts.append(config.image_background)
     return _digest(parts)[:32]
@@ -209,6 +211,7 @@ class Entry:
     text: str
     bucket: Bucket
     others: tuple[str, ...] = ()  # the text keys of the image's other captions
+    masked: bool = False  # its cached latents come with a loss mask
     dataset: int = 0  # which of the run's datasets it belongs to
     variants: tuple[str, ...] = ()  # with random crops: the latents of each epoch's crop
     image: Path | None = None  # the image file
@@ -308,13 +311,14 @@ def prepare_caches(
     text = TensorCache(root, "text", cache_key(host, config, "text", "text_encoder"))
 
     unreadable: list[str] = []
+    resized: list[str] = []  # masks of another size than their image (said once)
     transparent: set[str] = set()  # images composited on image_background (said once)
     usable, bucket_plan = assign_buckets(items, config, global_batch, warn, unreadable)
     vae = None
     while True:  # an image that fails to decode is dropped and the buckets planned again
         epochs = crop_epochs(config, bucket_plan, global_batch, batch_count)
         wanted = [
-            (i, b, e, latent_key(config, i.image, b, e))
+            (i, b, e, latent_key(config, i.image, b, e, i.mask))
             for i, b in zip(usable, bucket_plan.buckets, strict=True)
             for e in range(epochs)
         ]
@@ -329,7 +333,7 @@ def prepare_caches(
             for bucket in dict.fromkeys(b for _, b, _, _ in missing):
                 group = [m for m in missing if m[1] == bucket]
                 for start in range(0, len(group), VAE_BATCH):
-                    chunk, pixels = [], []
+                    chunk, pixels, masks = [], [], []
                     for item, _, epoch, key in group[start : start + VAE_BATCH]:
                         if item in failed:
                             continue
@@ -345,6 +349,12 @@ def prepare_caches(
                                     lambda item=item: transparent.add(item.image.name),
                                 )
                             )
+                            if item.mask is not None:  # the same turn, scale and crop as its image
+                                masks.append(
+                                    load_mask(item.mask, item.image, bucket, config.crop_style, offset, resized)
+                                )
+                            else:
+                                masks.append(None)
                             chunk.append(key)
                         except unreadable_errors() as exc:
                             failed.append(item)
@@ -353,8 +363,12 @@ def prepare_caches(
                         encoded = host.provide(
                             "encode_images", vae=vae, pixels=torch.stack(pixels).to(device, dtype), config=config
                         )
-                        for key, latent in zip(chunk, encoded, strict=True):
-                            latents.save(key, {"latents": latent.float()}, source=f"image {sources[key]}")
+                        for key, latent, mask in zip(chunk, encoded, masks, strict=True):
+                            tensors = {"latents": latent.float()}
+                            if mask is not None:  # on the latent grid: each latent pixel's share of white
+                                grid = torch.nn.functional.interpolate(mask[None], size=latent.shape[-2:], mode="area")
+                                tensors["mask"] = grid[0]
+                            latents.save(key, tensors, source=f"image {sources[key]}")
         if not failed:
             break
         kept = [item for item in usable if item not in failed]
@@ -364,6 +378,8 @@ def prepare_caches(
         gc.collect()
     if unreadable:
         warn(f"skipped {len(unreadable)} unreadable image(s): {', '.join(unreadable[:5])}")
+    if resized:
+        warn(f"{len(resized)} mask(s) differ in size from their image and were resized to it: {', '.join(resized[:3])}")
     if transparent:
         names = sorted(transparent)
         warn(
@@ -417,11 +433,12 @@ def prepare_caches(
     epochs = crop_epochs(config, bucket_plan, global_batch, batch_count)
     entries = [
         Entry(
-            latent_key(config, i.image, b),
+            latent_key(config, i.image, b, 0, i.mask),
             text_key(i.caption),
             b,
             tuple(text_key(c) for c in i.others),
-            variants=tuple(latent_key(config, i.image, b, e) for e in range(epochs)) if epochs > 1 else (),
+            i.mask is not None,
+            variants=tuple(latent_key(config, i.image, b, e, i.mask) for e in range(epochs)) if epochs > 1 else (),
             image=i.image,
         )
         for i, b in zip(usable, bucket_plan.buckets, strict=True)
@@ -452,8 +469,10 @@ class CachedDataset:
         if entry.others:  # several captions: one drawn from (seed, sample index), whichever process asks
             texts = (entry.text, *entry.others)
             text = texts[step_seed(self.seed, index, CAPTION_DRAW) % len(texts)]
+        cached = self.prepared.latents.load(key)
         return {
-            "latents": self.prepared.latents.load(key)["latents"],
+            "latents": cached["latents"],
+            "mask": cached["mask"] if entry.masked else None,
             "text": self.prepared.text.load(text),
             "size": (entry.bucket.height, entry.bucket.width),
             "dataset": entry.dataset,
@@ -463,7 +482,12 @@ class CachedDataset:
 def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
+    masks = [r.get("mask") for r in rows]
+    if any(m is not None for m in masks):  # images without a mask weigh every latent pixel fully
+        shape = next(m for m in masks if m is not None).shape
+        masks = [m if m is not None else torch.ones(shape) for m in masks]
     return {
+        "mask": torch.stack(masks) if masks[0] is not None else None,
         "latents": torch.stack([r["latents"] for r in rows]),  # one bucket per batch: one shape
         "text": {name: torch.stack([r["text"][name] for r in rows]) for name in rows[0]["text"]},
         "size": rows[0]["size"],

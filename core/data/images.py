@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,15 @@ def unreadable_errors() -> tuple[type[Exception], ...]:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+MASK_STEM = ".mask"  # cat.mask.png beside cat.png: its loss weights, never a training image
+
+
 @dataclass(frozen=True)
 class Item:
     image: Path
     caption: str
     others: tuple[str, ...] = ()  # more captions of the image: one of all is drawn per sample
+    mask: Path | None = None  # its loss mask (white: train, black: ignore), when it has one that matters
 
     @property
     def captions(self) -> tuple[str, ...]:
@@ -55,6 +59,8 @@ def image_files(root: Path, not_files: list[Path] | None = None) -> list[Path]:
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         for name in files:
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if Path(name).stem.lower().endswith(MASK_STEM):  # a loss mask, not an image to train on
                 continue
             path = Path(folder) / name
             if path.is_file():  # follows links: a regular file, or a link to one
@@ -197,7 +203,8 @@ def scan_dataset(
         raise DataError(f"data_dir {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if rule.strategy != "textfile":
         given = (lambda image: caption_from_filename(image)) if rule.strategy == "filename" else None
-        return [Item(image, rule(given(image) if given else rule.instance_prompt)) for image in images]
+        items = [Item(image, rule(given(image) if given else rule.instance_prompt)) for image in images]
+        return with_masks(items, root, warn)
     found: dict[tuple[Path, str], list[tuple[int, Path]]] = {}  # (folder, stem) -> caption files by rank
     for folder in {image.parent for image in images}:
         for file in folder.iterdir():
@@ -225,7 +232,7 @@ def scan_dataset(
             f"{len(uncaptioned)} image(s) in {root} have no caption (no {named} file, or an empty one) and train "
             f"with {'only the caption_prefix' if rule.prefix else 'an empty caption'}: {shown}"
         )
-    return items
+    return with_masks(items, root, warn)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -294,3 +301,73 @@ def load_image(
         img = img.crop((left, top, left + bucket.width, top + bucket.height))
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def with_masks(items: list[Item], root: Path, warn: Callable[[str], None]) -> list[Item]:
+    """Each item with its same-stem ``.mask`` image (any image suffix), said with a count. A mask
+    that is white everywhere changes nothing and is dropped (the image trains as without one); an
+    image whose mask is black everywhere would train nothing and is left out; an unreadable mask
+    leaves its image out, named."""
+    from PIL import Image
+
+    masks = {}
+    for folder in {item.image.parent for item in items}:
+        for file in folder.iterdir():
+            stem = Path(file.stem)
+            if file.suffix.lower() in IMAGE_SUFFIXES and stem.suffix.lower() == MASK_STEM and file.is_file():
+                masks[(folder, stem.stem)] = file
+    if not masks:
+        return items
+    kept, white, black, unreadable = [], 0, [], []
+    for item in items:
+        mask = masks.get((item.image.parent, item.image.stem))
+        if mask is None:
+            kept.append(item)
+            continue
+        try:
+            with Image.open(mask) as img:
+                low, high = img.convert("L").getextrema()
+        except unreadable_errors() as exc:
+            unreadable.append(f"{mask.name} ({type(exc).__name__})")
+            continue
+        if high == 0:
+            black.append(item.image.name)
+        elif low == 255:
+            white += 1
+            kept.append(item)
+        else:
+            kept.append(replace(item, mask=mask))
+    with_mask = sum(1 for item in kept if item.mask is not None)
+    warn(
+        f"{with_mask} of {len(items)} image(s) in {root} have a loss mask (<name>.mask.png; white trains, black is "
+        "ignored); the others train everywhere" + (f"; {white} all-white mask(s) change nothing" if white else "")
+    )
+    if black:
+        warn(
+            f"left out {len(black)} image(s) whose mask is black everywhere (nothing to train): {', '.join(black[:3])}"
+        )
+    if unreadable:
+        warn(f"left out {len(unreadable)} image(s) whose mask cannot be read: {', '.join(unreadable[:3])}")
+    return kept
+
+
+def load_mask(mask: Path, image: Path, bucket: Bucket, crop_style: str, offset: float, notes: list[str]):
+    """The loss mask of ``image`` as a ``[1, height, width]`` float tensor in [0, 1] for ``bucket``:
+    upright (EXIF), resized to the image's own size if it differs (said in ``notes``), then scaled
+    and cropped exactly as :func:`load_image` does the image."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(image) as img:
+        size = ImageOps.exif_transpose(img).size
+    with Image.open(mask) as raw:
+        weights = ImageOps.exif_transpose(raw).convert("L")
+        if weights.size != size:
+            notes.append(f"{mask.name} ({weights.width}x{weights.height}, image {size[0]}x{size[1]})")
+            weights = weights.resize(size, Image.Resampling.BILINEAR)
+        width, height, left, top = crop_box(size[0], size[1], bucket, crop_style, offset)
+        weights = weights.resize((width, height), Image.Resampling.BILINEAR)
+        weights = weights.crop((left, top, left + bucket.width, top + bucket.height))
+        array = np.asarray(weights, dtype=np.float32) / 255.0
+    return torch.from_numpy(array)[None].contiguous()

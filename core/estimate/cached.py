@@ -61,6 +61,7 @@ IRRELEVANT = {
     "caption_prefix",
     "caption_dropout_keeps_prefix",
     "sigma_sampling",
+    "masked_loss_floor",
     "sigma_sampling_mean",
     "sigma_sampling_std",
     "sigma_sampling_scale",

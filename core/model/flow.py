@@ -112,6 +112,18 @@ def flow_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return per_sample.mean()
 
 
+def masked_flow_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, floor: float = 0.0
+) -> torch.Tensor:
+    """The squared error of each latent pixel (mean over channels), weighted by its mask ``weights``
+    (``[B, 1, h, w]``, at least ``floor``): sum(w * l) / sum(w) per sample, in fp32, then the mean
+    over the batch. A sample whose weights are all 0 (a crop of only black) contributes 0."""
+    per_pixel = (prediction.float() - target.float()).pow(2).mean(1)
+    w = weights.float().clamp(min=floor)[:, 0]
+    per_sample = (per_pixel * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp(min=1e-8)
+    return per_sample.mean()
+
+
 def histogram(samples: torch.Tensor, bins: int = 20) -> tuple[list[float], list[int]]:
     """Counts of samples in ``bins`` equal bins over [0, 1]: (edges, counts)."""
     counts = torch.histc(samples.float(), bins=bins, min=0.0, max=1.0)

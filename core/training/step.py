@@ -87,6 +87,8 @@ class MicroBatch:
     sigmas: torch.Tensor
     text: dict[str, torch.Tensor]
     generator: torch.Generator
+    mask: torch.Tensor | None = None  # loss weights on the latent grid, [B, 1, h, w] (masked loss)
+    mask_floor: float = 0.0
 
 
 def flow_matching_loss(
@@ -106,6 +108,8 @@ def flow_matching_loss(
         with torch.no_grad(), adapters_off(base.transformer):
             target = base(noisy, batch.sigmas, batch.text, draws).float()
     prediction = model(noisy, batch.sigmas, batch.text, batch.generator)
+    if batch.mask is not None:
+        return flow.masked_flow_loss(prediction, target, batch.mask, batch.mask_floor)
     return flow.flow_loss(prediction, target)
 
 

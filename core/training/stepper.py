@@ -131,7 +131,11 @@ class Stepper:
         base = None
         if self.datasets and self.datasets[batch["dataset"]].config.regularisation_target == "base_model":
             base = Prediction(ctx.host, config, state.model, ctx.weight_dtype, accelerator.autocast)
-        loss = flow_matching_loss(model, MicroBatch(latents, noise, sigmas.to(device), text, own), rolled, base)
+        mask = batch.get("mask")
+        micro = MicroBatch(latents, noise, sigmas.to(device), text, own)
+        if mask is not None:
+            micro.mask, micro.mask_floor = mask.to(device, torch.float32), config.masked_loss_floor
+        loss = flow_matching_loss(model, micro, rolled, base)
         return loss, sigmas
 
     def caption_dropout(

@@ -62,6 +62,15 @@ KEYS = in_group(
             choices=("noise", "base_model"),
         ),
         ConfigKey(
+            "masked_loss_floor",
+            "float",
+            0.0,
+            "With loss masks (<name>.mask.png beside an image): the least weight a latent pixel keeps, so black "
+            "areas still train a little (0: not at all).",
+            minimum=0,
+            maximum=1,
+        ),
+        ConfigKey(
             "caption_metadata",
             "path",
             None,
