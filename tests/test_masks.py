@@ -128,3 +128,32 @@ def test_an_all_white_mask_trains_bit_identically_to_none_and_a_real_one_changes
 def test_masked_loss_floor_is_a_checked_key(tiny_chroma, shapes_dir, tmp_path, floor):
     config = make_config(make_host(), {**base_settings(tiny_chroma, shapes_dir, tmp_path), "masked_loss_floor": floor})
     assert config.masked_loss_floor == floor
+
+
+def test_masks_from_a_folder_paired_by_name_and_from_simpletuners_mask_datasets(tiny_chroma, shapes_dir, tmp_path):
+    import json
+
+    from tuner.core.config import simpletuner
+    from tuner.core.host.manager import PluginHost
+
+    folder, names = dataset(tmp_path / "d", shapes_dir)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    half_mask(masks / f"{names[0]}.png")  # named like its image, as SimpleTuner's mask datasets are
+    half_mask(masks / f"{names[1]}.mask.png")
+    config = make_config(make_host(), {"data_dir": str(folder), "mask_dir": str(masks)})
+    items = scan_dataset(folder, lambda m: None, caption_rule(config), config.mask_dir)
+    assert [i.mask.name if i.mask else None for i in items] == [f"{names[0]}.png", f"{names[1]}.mask.png", None, None]
+    backends = [
+        {"id": "photos", "type": "local", "instance_data_dir": str(folder), "caption_strategy": "textfile",
+         "conditioning_data": "photo-masks"},
+        {"id": "photo-masks", "type": "local", "dataset_type": "conditioning", "conditioning_type": "mask",
+         "instance_data_dir": str(masks)},
+    ]  # fmt: skip
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_family": "chroma", "pretrained_model_name_or_path": str(tiny_chroma),
+                    "data_backend_config": str(tmp_path / "multidatabackend.json"), "output_dir": str(tmp_path / "o")})
+    )  # fmt: skip
+    settings, _ = simpletuner.load(tmp_path / "config.json", PluginHost("chroma"))
+    assert settings["mask_dir"] == str(masks) and settings["data_dir"] == str(folder)

@@ -43,6 +43,8 @@ OVERRIDES = {
     "caption_lines": "caption_lines",
     "caption_metadata": "caption_metadata",
     "regularisation_target": "regularisation_target",
+    "mask_dir": "mask_dir",
+    "masked_loss_floor": "masked_loss_floor",
     "caption_dropout_keeps_prefix": "caption_dropout_keeps_prefix",
     "caption_dropout_probability": "caption_dropout_probability",
     "crop_style": "crop_style",

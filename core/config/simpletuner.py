@@ -87,6 +87,7 @@ BACKEND_KEYS = {
     "prepend_instance_prompt",
     "instance_prompt",
     "only_instance_prompt",
+    "conditioning_data",
 }
 
 
@@ -265,6 +266,16 @@ def _backends(base: Path, backend_path: Path, raw: dict[str, Any]) -> dict[str, 
     if not images:
         raise ConfigError(f"{path}: no enabled image backend")
     entries = [_dataset(backend, f"{path}: backend {backend.get('id', '?')!r}") for backend in images]
+    masks = {  # conditioning backends of masks, by id: the image backends naming them get mask_dir
+        b.get("id"): b["instance_data_dir"]
+        for b in backends
+        if b.get("dataset_type") == "conditioning" and b.get("conditioning_type") == "mask" and not b.get("disabled")
+    }
+    for backend, entry in zip(images, entries, strict=True):
+        linked = backend.get("conditioning_data")
+        for name in [linked] if isinstance(linked, str) else linked or []:
+            if name in masks:
+                entry["mask_dir"] = masks[name]
     settings: dict[str, Any] = {}
     if len(entries) == 1:  # one backend: the short form, data_dir and the rest at the top level
         entry = entries[0]

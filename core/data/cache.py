@@ -278,7 +278,7 @@ def bucket_tables(config: Config, global_batch: int, warn: Callable[[str], None]
     datasets = resolve(config)
     tables = []
     for dataset in datasets:
-        items = scan_dataset(dataset.config.data_dir, warn, caption_rule(dataset.config))
+        items = scan_dataset(dataset.config.data_dir, warn, caption_rule(dataset.config), dataset.config.mask_dir)
         unreadable: list[str] = []
         _, bucket_plan = assign_buckets(items, dataset.config, global_batch, warn, unreadable)
         if unreadable:

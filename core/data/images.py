@@ -42,7 +42,7 @@ def caption_from_filename(image: Path) -> str:
     return " ".join(image.stem.replace("_", " ").split())
 
 
-def image_files(root: Path, not_files: list[Path] | None = None) -> list[Path]:
+def image_files(root: Path, not_files: list[Path] | None = None, with_masks: bool = False) -> list[Path]:
     """Images under ``root``, sorted: subfolders and symlinked subfolders followed (each real
     folder once, so link loops end), hidden files and folders (``.ipynb_checkpoints``, macOS
     ``._*`` files) skipped. Only regular files count: a named pipe, a device or a broken link named
@@ -60,7 +60,7 @@ def image_files(root: Path, not_files: list[Path] | None = None) -> list[Path]:
         for name in files:
             if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            if Path(name).stem.lower().endswith(MASK_STEM):  # a loss mask, not an image to train on
+            if Path(name).stem.lower().endswith(MASK_STEM) and not with_masks:  # a loss mask, not an image
                 continue
             path = Path(folder) / name
             if path.is_file():  # follows links: a regular file, or a link to one
@@ -180,7 +180,10 @@ def read_caption_metadata(path: str | Path) -> dict[str, tuple[str, ...]]:
 
 
 def scan_dataset(
-    data_dir: str | Path, warn: Callable[[str], None], captions: CaptionRule | str = "textfile"
+    data_dir: str | Path,
+    warn: Callable[[str], None],
+    captions: CaptionRule | str = "textfile",
+    mask_dir: str | Path | None = None,
 ) -> list[Item]:
     """List the images under ``data_dir`` (see :func:`image_files`) with their captions.
 
@@ -204,7 +207,7 @@ def scan_dataset(
     if rule.strategy != "textfile":
         given = (lambda image: caption_from_filename(image)) if rule.strategy == "filename" else None
         items = [Item(image, rule(given(image) if given else rule.instance_prompt)) for image in images]
-        return with_masks(items, root, warn)
+        return with_masks(items, root, warn, mask_dir)
     found: dict[tuple[Path, str], list[tuple[int, Path]]] = {}  # (folder, stem) -> caption files by rank
     for folder in {image.parent for image in images}:
         for file in folder.iterdir():
@@ -232,7 +235,7 @@ def scan_dataset(
             f"{len(uncaptioned)} image(s) in {root} have no caption (no {named} file, or an empty one) and train "
             f"with {'only the caption_prefix' if rule.prefix else 'an empty caption'}: {shown}"
         )
-    return with_masks(items, root, warn)
+    return with_masks(items, root, warn, mask_dir)
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -303,19 +306,30 @@ def load_image(
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def with_masks(items: list[Item], root: Path, warn: Callable[[str], None]) -> list[Item]:
-    """Each item with its same-stem ``.mask`` image (any image suffix), said with a count. A mask
-    that is white everywhere changes nothing and is dropped (the image trains as without one); an
-    image whose mask is black everywhere would train nothing and is left out; an unreadable mask
-    leaves its image out, named."""
+def with_masks(
+    items: list[Item], root: Path, warn: Callable[[str], None], mask_dir: str | Path | None = None
+) -> list[Item]:
+    """Each item with its mask, said with a count: a same-stem ``.mask`` image beside it (any image
+    suffix), or with ``mask_dir`` the image of the same relative path and stem there (``.mask`` or
+    not: SimpleTuner's mask datasets name masks like their images). A mask that is white everywhere
+    changes nothing and is dropped (the image trains as without one); an image whose mask is black
+    everywhere would train nothing and is left out; an unreadable mask leaves its image out, named."""
     from PIL import Image
 
     masks = {}
+    if mask_dir is not None:
+        if not Path(mask_dir).is_dir():
+            raise DataError(f"mask_dir {mask_dir} is not a folder")
+        for file in image_files(Path(mask_dir), with_masks=True):
+            relative = file.relative_to(mask_dir).parent
+            stem = Path(file.stem)
+            name = stem.stem if stem.suffix.lower() == MASK_STEM else file.stem
+            masks[(root / relative, name)] = file
     for folder in {item.image.parent for item in items}:
         for file in folder.iterdir():
             stem = Path(file.stem)
             if file.suffix.lower() in IMAGE_SUFFIXES and stem.suffix.lower() == MASK_STEM and file.is_file():
-                masks[(folder, stem.stem)] = file
+                masks.setdefault((folder, stem.stem), file)
     if not masks:
         return items
     kept, white, black, unreadable = [], 0, [], []

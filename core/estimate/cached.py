@@ -62,6 +62,7 @@ IRRELEVANT = {
     "caption_dropout_keeps_prefix",
     "sigma_sampling",
     "masked_loss_floor",
+    "mask_dir",
     "sigma_sampling_mean",
     "sigma_sampling_std",
     "sigma_sampling_scale",

@@ -127,7 +127,7 @@ def _joined(parts: list[PreparedData], datasets: list[Any]) -> PreparedData:
 def _scan(ctx: RunContext, dataset: Any, datasets: list[Any]) -> list:
     """A dataset's images and captions."""
     with _naming(dataset, datasets):
-        return scan_dataset(dataset.config.data_dir, ctx.warn, caption_rule(dataset.config))
+        return scan_dataset(dataset.config.data_dir, ctx.warn, caption_rule(dataset.config), dataset.config.mask_dir)
 
 
 @contextmanager

@@ -134,7 +134,8 @@ class Stepper:
         mask = batch.get("mask")
         micro = MicroBatch(latents, noise, sigmas.to(device), text, own)
         if mask is not None:
-            micro.mask, micro.mask_floor = mask.to(device, torch.float32), config.masked_loss_floor
+            own_config = self.datasets[batch["dataset"]].config if self.datasets else config
+            micro.mask, micro.mask_floor = mask.to(device, torch.float32), own_config.masked_loss_floor
         loss = flow_matching_loss(model, micro, rolled, base)
         return loss, sigmas
 

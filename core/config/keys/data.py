@@ -62,6 +62,13 @@ KEYS = in_group(
             choices=("noise", "base_model"),
         ),
         ConfigKey(
+            "mask_dir",
+            "path",
+            None,
+            "Loss masks from this folder, paired by name with the images (same relative path and stem; "
+            "SimpleTuner's conditioning_type: mask datasets), instead of <name>.mask.png beside each image.",
+        ),
+        ConfigKey(
             "masked_loss_floor",
             "float",
             0.0,
