@@ -43,10 +43,11 @@ def check_data_folders(config: Any) -> None:
     datasets = resolve_datasets(config)
     if not datasets:
         raise config.error("data_dir", "is required: a folder of images with .txt captions (or datasets:)")
-    folders = [(d, d.config.data_dir) for d in datasets] + [(None, config.eval_data_dir)] * bool(config.eval_data_dir)
-    for dataset, folder in folders:
+    folders = [(d, "data_dir", d.config.data_dir) for d in datasets]
+    folders += [(d, "mask_dir", d.config.mask_dir) for d in datasets if d.config.mask_dir]
+    folders += [(None, "eval_data_dir", config.eval_data_dir)] * bool(config.eval_data_dir)
+    for dataset, what, folder in folders:
         if not Path(folder).is_dir():
-            what = "eval_data_dir" if dataset is None else "data_dir"
             problem = DataError(f"{what} {folder} is not a folder")
             if dataset is not None and len(datasets) > 1:
                 problem = DataError(f"{dataset.label}: {problem}")
