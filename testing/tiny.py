@@ -189,19 +189,22 @@ def qwen3_encoder(vocab_size: int, width: int = 16, layers: int = 27):
     pipeline stacks (layers 9, 18 and 27)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    return Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=vocab_size,
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-        )
-    )
+    return Qwen3ForCausalLM(Qwen3Config(**narrow_decoder(vocab_size, width, layers, 512), tie_word_embeddings=True))
+
+
+def narrow_decoder(vocab_size: int, width: int, layers: int, positions: int = 1024) -> dict:
+    """The config of a narrow decoder-only text model (Qwen, Mistral): two heads sharing one key/value
+    head of width 8, an MLP twice the width."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "max_position_embeddings": positions,
+    }
 
 
 # Mistral's chat format (Mistral Small 3.1's template, text parts only): what Flux.2 dev's pipeline
@@ -231,16 +234,7 @@ def mistral3_encoder(vocab_size: int, width: int = 16, layers: int = 30):
     by default for the hidden states Flux.2 dev's pipeline stacks (layers 10, 20 and 30)."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
-    text = MistralConfig(
-        vocab_size=vocab_size,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=1024,
-    )
+    text = MistralConfig(**narrow_decoder(vocab_size, width, layers))
     vision = PixtralVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=64, patch_size=16
     )
