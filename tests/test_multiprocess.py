@@ -1,6 +1,8 @@
 """Two CPU processes (DDP over gloo, launched by accelerate) train what one process does with the
-same global batch, on two weighted datasets, one of them with images of three aspect ratios and
-caption dropout (every global batch from one dataset and one bucket); only the main process writes."""
+same global batch, on two weighted datasets, one of them with images of three aspect ratios,
+caption dropout and the base model's prediction as its target, the other with a loss mask and
+several captions per image (every global batch from one dataset and one bucket); only the main
+process writes."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from .conftest import REPO
@@ -97,11 +100,21 @@ def run(tiny_chroma, datasets, tmp_path, name, processes, batch, extra=None, own
 @pytest.mark.slow
 @pytest.mark.parametrize(("kind", "steps"), [("lora", 8), ("dora", 4), ("lokr", 4), ("loha", 4)])
 def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_dir, mixed_dir, tmp_path, kind, steps):
+    squares = tmp_path / "squares"  # with a loss mask and a caption file of three captions
+    squares.mkdir()
+    for file in shapes_dir.iterdir():
+        (squares / file.name).write_bytes(file.read_bytes())
+    (squares / "00_red_circle.txt").write_text("a red circle\na red ring\na round red shape\n")
+    mask = Image.new("L", (128, 128), 255)
+    mask.paste(0, (0, 0, 64, 128))
+    mask.save(squares / "01_green_circle.mask.png")
     datasets = [
-        {"id": "squares", "data_dir": str(shapes_dir), "weight": 2},
-        # three buckets; caption dropout drawn for the global batch: the same samples either way
-        {"id": "mixed", "data_dir": str(mixed_dir), "aspect_bucket_alignment": 16, "caption_dropout_probability": 0.3},
-    ]
+        {"id": "squares", "data_dir": str(squares), "weight": 2},
+        # three buckets; caption dropout drawn for the global batch: the same samples either way;
+        # trained towards the base model's own prediction (a second forward with the adapter off)
+        {"id": "mixed", "data_dir": str(mixed_dir), "aspect_bucket_alignment": 16, "caption_dropout_probability": 0.3,
+         "kind": "regularisation", "regularisation_target": "base_model"},
+    ]  # fmt: skip
     extra = {"lora_type": kind, "max_train_steps": steps}
     if kind == "loha":  # block swap under DDP: the swapped weights are DDP's ignored parameters
         extra["blocks_to_swap"] = 2
