@@ -92,8 +92,9 @@ def image_tokens(latent_shape: tuple[int, ...]) -> int:
 
 @hookimpl
 def sample_sigmas(config: Any, batch_size: int, latent_shape: tuple[int, ...], generator: torch.Generator):
-    """Sigmas from ``sigma_sampling`` (the family's: logit-normal), shifted by the pipelines' resolution shift exp(mu) at 50 steps
-    (``flow_schedule_auto_shift``, on by default), else by ``flow_schedule_shift`` if set."""
+    """Sigmas from ``sigma_sampling`` (the family's: logit-normal), shifted by the pipelines'
+    resolution shift exp(mu) at 50 steps (``flow_schedule_auto_shift``, on by default), else by
+    ``flow_schedule_shift`` if set."""
     sigmas = flow.base_sigmas(config, batch_size, generator)
     if config.flow_schedule_auto_shift:
         sigmas = flow.shift_sigmas(
