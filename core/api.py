@@ -90,6 +90,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     # the model side: flow-matching arithmetic, LoRA targets, pipelines, quantization helpers
     "flow": ("tuner.core.model.flow", ""),
     "resolve_targets": ("tuner.core.model.lora", "resolve_targets"),
+    "diffusers_layout": ("tuner.core.model.lora", "diffusers_layout"),
     "base_weight": ("tuner.core.model.adapters", "base_weight"),
     "module_of": ("tuner.core.model.adapters", "module_of"),
     "is_lycoris": ("tuner.core.model.adapters", "is_lycoris"),

@@ -1,4 +1,4 @@
-"""Rebuild the bundled example assets: the tiny random Chroma, Flux and Flux.2 (klein), and the shapes dataset.
+"""Rebuild the bundled example assets: the tiny random Chroma, Flux, Flux.2 (klein) and Qwen-Image (and -Edit), and the shapes dataset.
 
     python examples/build_examples.py
 
@@ -28,12 +28,18 @@ def main() -> None:
     from tuner.plugins.chroma.tiny import build_tiny_chroma
     from tuner.plugins.flux.tiny import build_tiny_flux
     from tuner.plugins.flux2.tiny import build_tiny_flux2
+    from tuner.plugins.qwen_image.tiny import build_tiny_qwen_image, edit_pairs
 
     build_dataset(HERE / "data" / "shapes")
+    if (HERE / "data" / "edit-pairs").exists():
+        shutil.rmtree(HERE / "data" / "edit-pairs")
+    edit_pairs(HERE / "data" / "edit-pairs", count=8, size=64)
     for name, build in (
         ("tiny-chroma", build_tiny_chroma),
         ("tiny-flux", build_tiny_flux),
         ("tiny-flux2", build_tiny_flux2),
+        ("tiny-qwen-image", build_tiny_qwen_image),
+        ("tiny-qwen-image-edit", lambda folder, seed: build_tiny_qwen_image(folder, seed, edit=True)),
     ):
         model = HERE / "models" / name
         if model.exists():

@@ -163,11 +163,15 @@ class FamilyContract:
             prompts=["a red circle", "a cat"],
             config=config,
             device=torch.device("cpu"),
+            references=None,
         )
         example = host.provide(
             "example_text", config=config, transformer=transformer, batch_size=2, dtype=torch.float32
         )
         assert example is not None, "the family must implement example_text (tuner estimate needs it)"
+        if host.family.text_lengths_vary:  # real encodings are as long as their longest prompt, at most the example
+            assert all(real[k].shape[1] <= v.shape[1] for k, v in example.items() if k in real and v.dim() > 1)
+            example = {k: v[:, : real[k].shape[1]] if k in real and v.dim() > 1 else v for k, v in example.items()}
         assert {k: (tuple(v.shape), v.dtype) for k, v in example.items()} == {
             k: (tuple(v.shape), v.dtype) for k, v in real.items()
         }, "example_text must match encode_prompts in keys, shapes and dtypes"

@@ -160,24 +160,24 @@ def _byte_alphabet() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def qwen_tokenizer():
-    """A byte-level BPE tokenizer in Qwen's format (``Qwen2TokenizerFast``): every byte, whole-word
-    merges for VOCABULARY (with and without the leading-space marker), the chat special tokens and
-    :data:`QWEN_CHAT_TEMPLATE`. Any text tokenizes; known words are one token each."""
+def qwen_tokenizer(extra_words: tuple[str, ...] | list[str] = ()):
+    """A byte-level BPE tokenizer in Qwen's format (``Qwen2TokenizerFast``): every byte, merges
+    learned (``tokenizers``' BPE trainer) on VOCABULARY and ``extra_words`` with and without a
+    leading space, so each is one token either way, as in Qwen's real vocabulary; the chat special
+    tokens and :data:`QWEN_CHAT_TEMPLATE`. Any text tokenizes."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
 
-    vocab = {char: index for index, char in enumerate(_byte_alphabet())}
-    merges: list[tuple[str, str]] = []
-    for word in VOCABULARY:
-        parts = list(word)
-        while len(parts) > 1:
-            if (parts[0], parts[1]) not in merges:
-                merges.append((parts[0], parts[1]))
-            vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = [parts[0] + parts[1], *parts[2:]]
-        merges.append(("\u0120", word))  # Ġ marks a leading space
-        vocab.setdefault("\u0120" + word, len(vocab))
-    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=merges)
+    words = list(dict.fromkeys([*VOCABULARY, *extra_words]))
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=100_000, initial_alphabet=_byte_alphabet(), show_progress=False)
+    learner.train_from_iterator([*words, *(" " + w for w in words)], trainer)
+    learned = json.loads(learner.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tokenizer = Qwen2TokenizerFast(vocab=learned["vocab"], merges=merges)
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL[1:])})
     tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE

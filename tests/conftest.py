@@ -70,6 +70,14 @@ def tiny_flux2_dev(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_image(tmp_path_factory) -> Path:
+    """A random miniature Qwen-Image (Qwen2.5-VL, the 3D VAE) in diffusers layout."""
+    from tuner.plugins.qwen_image.tiny import build_tiny_qwen_image
+
+    return build_tiny_qwen_image(tmp_path_factory.mktemp("models") / "tiny-qwen-image", seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_schnell(tmp_path_factory) -> Path:
     """A random miniature Flux.1 schnell: no guidance embedding."""
     from tuner.plugins.flux.tiny import build_tiny_flux

@@ -16,8 +16,11 @@ from .conftest import REPO
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["chroma", "flux", "flux2"])
-def test_example_config_trains_from_the_command_line(tmp_path, family):
+@pytest.mark.parametrize(
+    ("family", "example"),
+    [("chroma", "chroma"), ("flux", "flux"), ("flux2", "flux2"), ("qwen_image", "qwen-image")],
+)
+def test_example_config_trains_from_the_command_line(tmp_path, family, example):
     command = [
         sys.executable,
         "-m",
@@ -26,7 +29,7 @@ def test_example_config_trains_from_the_command_line(tmp_path, family):
         "--plugin",
         family,
         "--config",
-        f"examples/{family}-tiny.yaml",
+        f"examples/{example}-tiny.yaml",
         "--set",
         f"output_dir={tmp_path / 'out'}",
         "--set",
@@ -65,6 +68,7 @@ def test_example_config_trains_from_the_command_line(tmp_path, family):
         ("tiny-chroma", ("transformer", "vae", "text_encoder")),
         ("tiny-flux", ("transformer", "vae", "text_encoder", "text_encoder_2")),
         ("tiny-flux2", ("transformer", "vae", "text_encoder")),
+        ("tiny-qwen-image", ("transformer", "vae", "text_encoder")),
     ],
 )
 def test_bundled_tiny_model_is_reproducible(request, name, components):

@@ -133,7 +133,7 @@ def test_unknown_plugin_on_the_command_line_is_one_line(tmp_path):
     out = _cli("run", "--plugin", "nope", "--config", str(config), TUNER_LOAD_PLUGINS="tuner")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "error: unknown model family 'nope'; installed families: chroma, flux, flux2"
+        "error: unknown model family 'nope'; installed families: chroma, flux, flux2, qwen_image"
     ]
 
 

@@ -63,6 +63,14 @@ def encode_images(vae, pixels):
 
 
 @hookimpl(trylast=True)
+def example_vae_latents(vae, height, width, dtype):
+    import torch
+
+    downscale = 2 ** (len(vae.config.block_out_channels) - 1)
+    return torch.zeros(1, vae.config.latent_channels, height // downscale, width // downscale, dtype=dtype)
+
+
+@hookimpl(trylast=True)
 def sample_sigmas(config, batch_size, latent_shape, generator):
     from tuner.core.model import flow
 

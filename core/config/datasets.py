@@ -44,6 +44,7 @@ OVERRIDES = {
     "caption_metadata": "caption_metadata",
     "regularisation_target": "regularisation_target",
     "mask_dir": "mask_dir",
+    "conditioning_data_dir": "conditioning_data_dir",
     "masked_loss_floor": "masked_loss_floor",
     "caption_dropout_keeps_prefix": "caption_dropout_keeps_prefix",
     "caption_dropout_probability": "caption_dropout_probability",

@@ -142,6 +142,12 @@ def text_key(text: str) -> str:
     return _digest(text)[:32]
 
 
+def conditioning_key(text: str, reference: Path | None = None) -> str:
+    """A text's cache key; with an edit pair's reference image, that image's identity too (the
+    encoder sees it: a changed reference re-encodes only its own pairs)."""
+    return text_key(text) if reference is None else _digest([text, image_key(reference)])[:32]
+
+
 def _model_identity(config: Config, host: PluginHost, component: str) -> dict[str, Any]:
     source = model_source(config, host.family.flavours)
     identity: dict[str, Any] = {"family": host.family.name, "source": source, "revision": config.revision}
@@ -183,11 +189,20 @@ def crop_offset(config: Config, path: Path, epoch: int = 0) -> float:
     return int(_digest([config.seed, image_key(path), epoch])[:8], 16) / 0xFFFFFFFF
 
 
-def latent_key(config: Config, path: Path, bucket: Bucket, epoch: int = 0, mask: Path | None = None) -> str:
+def latent_key(
+    config: Config,
+    path: Path,
+    bucket: Bucket,
+    epoch: int = 0,
+    mask: Path | None = None,
+    reference: tuple[Path, tuple[int, int]] | None = None,
+) -> str:
     offset = crop_offset(config, path, epoch)
     parts = [image_key(path), bucket.width, bucket.height, config.crop_style, offset]
     if mask is not None:  # cached with the latents: a changed mask is a new entry
         parts.append(image_key(mask))
+    if reference is not None:  # an edit pair's reference latents (at their size) are cached with the target's
+        parts += [image_key(reference[0]), *reference[1]]
     if config.image_background != "white":  # transparent images look different on it
         parts.append(config.image_background)
     return _digest(parts)[:32]
@@ -215,6 +230,7 @@ class Entry:
     dataset: int = 0  # which of the run's datasets it belongs to
     variants: tuple[str, ...] = ()  # with random crops: the latents of each epoch's crop
     image: Path | None = None  # the image file
+    reference: tuple[int, int] | None = None  # an edit pair's reference size (batches share it)
 
 
 @dataclass
@@ -297,13 +313,16 @@ def prepare_caches(
     warn: Callable[[str], None],
     global_batch: int = 1,
     batch_count: int = 1,
+    extra_reference: Path | None = None,
 ) -> PreparedData:
     """Make sure every image has cached latents at its bucket's size (with random crops, one crop
-    per epoch that ``batch_count`` global batches reach) and every caption/prompt a cached encoding.
+    per epoch that ``batch_count`` global batches reach) and every caption/prompt a cached encoding
+    (``extra_texts`` with ``extra_reference``, validation's edit reference, when given).
     Encoders are loaded only for what is missing and are freed afterwards.
     """
     import torch
 
+    from tuner.core.data.pairs import open_reference, reference_pixels
     from tuner.core.model.encoders import load_text_encoders, load_vae
 
     root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
@@ -313,14 +332,19 @@ def prepare_caches(
     unreadable: list[str] = []
     resized: list[str] = []  # masks of another size than their image (said once)
     transparent: set[str] = set()  # images composited on image_background (said once)
+    sizes = pair_sizes(host, config, items, extra_reference, unreadable)  # edit pairs' references
+    items = [i for i in items if i.reference is None or i.reference in sizes]
+
+    def keyed(i: Item, b: Bucket, e: int) -> str:
+        reference = (i.reference, sizes[i.reference]["vae"]) if i.reference is not None else None
+        return latent_key(config, i.image, b, e, i.mask, reference)
+
     usable, bucket_plan = assign_buckets(items, config, global_batch, warn, unreadable)
     vae = None
     while True:  # an image that fails to decode is dropped and the buckets planned again
         epochs = crop_epochs(config, bucket_plan, global_batch, batch_count)
         wanted = [
-            (i, b, e, latent_key(config, i.image, b, e, i.mask))
-            for i, b in zip(usable, bucket_plan.buckets, strict=True)
-            for e in range(epochs)
+            (i, b, e, keyed(i, b, e)) for i, b in zip(usable, bucket_plan.buckets, strict=True) for e in range(epochs)
         ]
         missing = [(i, b, e, k) for i, b, e, k in wanted if not latents.has(k)]
         if not missing:
@@ -333,7 +357,7 @@ def prepare_caches(
             for bucket in dict.fromkeys(b for _, b, _, _ in missing):
                 group = [m for m in missing if m[1] == bucket]
                 for start in range(0, len(group), VAE_BATCH):
-                    chunk, pixels, masks = [], [], []
+                    chunk, pixels, masks, references = [], [], [], []
                     for item, _, epoch, key in group[start : start + VAE_BATCH]:
                         if item in failed:
                             continue
@@ -355,6 +379,11 @@ def prepare_caches(
                                 )
                             else:
                                 masks.append(None)
+                            references.append(
+                                reference_pixels(item.reference, sizes[item.reference]["vae"])
+                                if item.reference is not None
+                                else None
+                            )
                             chunk.append(key)
                         except unreadable_errors() as exc:
                             failed.append(item)
@@ -363,8 +392,12 @@ def prepare_caches(
                         encoded = host.provide(
                             "encode_images", vae=vae, pixels=torch.stack(pixels).to(device, dtype), config=config
                         )
-                        for key, latent, mask in zip(chunk, encoded, masks, strict=True):
+                        for key, latent, mask, reference in zip(chunk, encoded, masks, references, strict=True):
                             tensors = {"latents": latent.float()}
+                            if reference is not None:  # the edit's start, at the family's size for it
+                                tensors["reference"] = host.provide(
+                                    "encode_images", vae=vae, pixels=reference[None].to(device, dtype), config=config
+                                )[0].float()
                             if mask is not None:  # on the latent grid: each latent pixel's share of white
                                 grid = torch.nn.functional.interpolate(mask[None], size=latent.shape[-2:], mode="area")
                                 tensors["mask"] = grid[0]
@@ -390,24 +423,41 @@ def prepare_caches(
     if not usable:
         raise DataError(f"data_dir {config.data_dir}: none of the {len(items)} images could be used")
 
-    texts = list(dict.fromkeys([caption for item in usable for caption in item.captions] + extra_texts))
-    missing_texts = [t for t in texts if not text.has(text_key(t))]
+    # (text, reference): an edit pair's instruction is encoded with its reference image
+    texts = list(
+        dict.fromkeys(
+            [(caption, item.reference) for item in usable for caption in item.captions]
+            + [(t, extra_reference) for t in extra_texts]
+        )
+    )
+    missing_texts = [(t, r) for t, r in texts if not text.has(conditioning_key(t, r))]
     if missing_texts:
         encoders = load_text_encoders(host, config, device, dtype, warn)
-        # captions in batches; prompts (validation) one at a time, as `tuner sample` encodes them,
-        # so that a recipe reproduces the validation images bit for bit
-        captions = [t for t in missing_texts if t not in extra_texts]
-        batches = [captions[i : i + TEXT_BATCH] for i in range(0, len(captions), TEXT_BATCH)]
-        batches += [[t] for t in missing_texts if t in extra_texts]
+        # captions in batches (plain and paired apart); prompts (validation) one at a time, as `tuner
+        # sample` encodes them, so that a recipe reproduces the validation images bit for bit
+        extras = {(t, extra_reference) for t in extra_texts}
+        batches = []
+        for paired in (False, True):
+            captions = [m for m in missing_texts if m not in extras and (m[1] is not None) == paired]
+            batches += [captions[i : i + TEXT_BATCH] for i in range(0, len(captions), TEXT_BATCH)]
+        batches += [[m] for m in missing_texts if m in extras]
         with torch.no_grad():
             for batch in batches:
+                references = None
+                if batch[0][1] is not None:
+                    references = [open_reference(r, sizes[r]["encoder"]) for _, r in batch]
                 encoded = host.provide(
-                    "encode_prompts", text_encoders=encoders, prompts=batch, config=config, device=device
+                    "encode_prompts",
+                    text_encoders=encoders,
+                    prompts=[t for t, _ in batch],
+                    config=config,
+                    device=device,
+                    references=references,
                 )
-                for row, t in enumerate(batch):
+                for row, (t, r) in enumerate(batch):
                     text.save(
-                        text_key(t),
-                        {name: value[row] for name, value in encoded.items()},
+                        conditioning_key(t, r),
+                        text_row(encoded, row, host.family.text_lengths_vary),
                         source=f"caption {t!r}"[:120],
                     )
         del encoders
@@ -422,28 +472,61 @@ def prepare_caches(
                 f"rebuilt {len(cache.damaged)} damaged {cache.kind} cache entr{'y' if len(cache.damaged) == 1 else 'ies'} in {cache.dir}"
             )
     required = host.family.required_text_keys
-    for t in texts:  # refuse entries written without what the family needs (e.g. masks)
-        stored = text.tensor_names(text_key(t))
+    for t, r in texts:  # refuse entries written without what the family needs (e.g. masks)
+        stored = text.tensor_names(conditioning_key(t, r))
         lacking = [name for name in required if name not in stored]
         if lacking:
             raise DataError(
-                f"text cache entry {text.path(text_key(t))} has no {', '.join(lacking)} "
+                f"text cache entry {text.path(conditioning_key(t, r))} has no {', '.join(lacking)} "
                 f"(written by an older tuner or another tool); delete {text.dir} to rebuild the text cache"
             )
     epochs = crop_epochs(config, bucket_plan, global_batch, batch_count)
     entries = [
         Entry(
-            latent_key(config, i.image, b, 0, i.mask),
-            text_key(i.caption),
+            keyed(i, b, 0),
+            conditioning_key(i.caption, i.reference),
             b,
-            tuple(text_key(c) for c in i.others),
+            tuple(conditioning_key(c, i.reference) for c in i.others),
             i.mask is not None,
-            variants=tuple(latent_key(config, i.image, b, e, i.mask) for e in range(epochs)) if epochs > 1 else (),
+            variants=tuple(keyed(i, b, e) for e in range(epochs)) if epochs > 1 else (),
             image=i.image,
+            reference=sizes[i.reference]["vae"] if i.reference is not None else None,
         )
         for i, b in zip(usable, bucket_plan.buckets, strict=True)
     ]
     return PreparedData(latents, text, entries, len(unreadable), bucket_plan)
+
+
+@dataclass(frozen=True)
+class PairBucket:
+    """The batch group of edit pairs: the targets' bucket and the references' size."""
+
+    bucket: Bucket
+    reference: tuple[int, int]
+
+    @property
+    def aspect(self) -> float:
+        return self.bucket.aspect
+
+    @property
+    def width(self) -> int:
+        return self.bucket.width
+
+
+def pair_sizes(
+    host: PluginHost, config: Config, items: list[Item], extra: Path | None, unreadable: list[str]
+) -> dict[Path, dict[str, tuple[int, int]]]:
+    """The family's VAE and encoder sizes of every reference image (and of validation's); an
+    unreadable reference leaves its pair out, named."""
+    from tuner.core.data.pairs import reference_sizes
+
+    sizes = {}
+    for reference in dict.fromkeys([i.reference for i in items if i.reference is not None] + [extra] * bool(extra)):
+        try:
+            sizes[reference] = reference_sizes(host, config, reference)
+        except unreadable_errors() as exc:
+            unreadable.append(f"{reference.name} ({type(exc).__name__})")
+    return sizes
 
 
 class CachedDataset:
@@ -457,8 +540,12 @@ class CachedDataset:
     def __len__(self) -> int:
         return len(self.prepared.entries)
 
-    def buckets(self) -> list[Bucket]:
-        return [entry.bucket for entry in self.prepared.entries]
+    def buckets(self) -> list[Any]:
+        """Each entry's batch group: its bucket, and an edit pair's reference size (batches stack them)."""
+        return [
+            entry.bucket if entry.reference is None else PairBucket(entry.bucket, entry.reference)
+            for entry in self.prepared.entries
+        ]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Item ``index % len(self)``; ``index // len(self)`` is its epoch (which random crop)."""
@@ -470,13 +557,39 @@ class CachedDataset:
             texts = (entry.text, *entry.others)
             text = texts[step_seed(self.seed, index, CAPTION_DRAW) % len(texts)]
         cached = self.prepared.latents.load(key)
+        conditioning = self.prepared.text.load(text)
+        if "reference" in cached:  # the edit's start reaches predict_flow with the text
+            conditioning["reference_latents"] = cached["reference"]
         return {
             "latents": cached["latents"],
             "mask": cached["mask"] if entry.masked else None,
-            "text": self.prepared.text.load(text),
+            "text": conditioning,
             "size": (entry.bucket.height, entry.bucket.width),
             "dataset": entry.dataset,
         }
+
+
+def text_row(encoded: dict[str, torch.Tensor], row: int, cut: bool) -> dict[str, torch.Tensor]:
+    """Row ``row`` of a batch of encodings; with ``cut`` (``FamilyInfo.text_lengths_vary``) only its
+    tokens: every tensor as long as ``attention_mask`` is cut to the mask's count, so what is cached
+    does not depend on the other prompts of its encoding batch."""
+    values = {name: value[row] for name, value in encoded.items()}
+    if cut and "attention_mask" in values:
+        mask = values["attention_mask"]
+        tokens, length = int(mask.sum()), mask.shape[0]
+        values = {name: v[:tokens] if v.dim() and v.shape[0] == length else v for name, v in values.items()}
+    return values
+
+
+def pad_stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack; tensors that differ in their first dimension (text of varying length) are right-padded
+    with zeros to the longest first."""
+    import torch
+
+    longest = max(t.shape[0] for t in tensors) if tensors[0].dim() else 0
+    if any(t.dim() and t.shape[0] != longest for t in tensors):
+        tensors = [torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])]) for t in tensors]
+    return torch.stack(tensors)
 
 
 def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -489,7 +602,7 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "mask": torch.stack(masks) if masks[0] is not None else None,
         "latents": torch.stack([r["latents"] for r in rows]),  # one bucket per batch: one shape
-        "text": {name: torch.stack([r["text"][name] for r in rows]) for name in rows[0]["text"]},
+        "text": {name: pad_stack([r["text"][name] for r in rows]) for name in rows[0]["text"]},
         "size": rows[0]["size"],
         "dataset": rows[0]["dataset"],  # one dataset per batch too
     }

@@ -31,6 +31,7 @@ class Item:
     caption: str
     others: tuple[str, ...] = ()  # more captions of the image: one of all is drawn per sample
     mask: Path | None = None  # its loss mask (white: train, black: ignore), when it has one that matters
+    reference: Path | None = None  # edit pairs: the image the edit starts from (this image is its target)
 
     @property
     def captions(self) -> tuple[str, ...]:

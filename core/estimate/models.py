@@ -83,8 +83,12 @@ def _tie_shared_weights(model: torch.nn.Module) -> None:
     """Share the parameters a transformers model declares tied (T5's encoder embedding is its
     ``shared`` table): checkpoints store them once, so they count once."""
     tied = getattr(model, "_tied_weights_keys", None)
+    untied_output = getattr(getattr(model, "config", None), "tie_word_embeddings", True) is False
+    output = model.get_output_embeddings() if untied_output and hasattr(model, "get_output_embeddings") else None
     for target, source in tied.items() if isinstance(tied, dict) else []:
         owner, _, name = target.rpartition(".")
+        if output is not None and model.get_submodule(owner) is output:  # its own head (Qwen2.5-VL 7B)
+            continue
         try:
             setattr(model.get_submodule(owner), name, model.get_parameter(source))
         except AttributeError:  # not in this variant of the model

@@ -356,10 +356,7 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
                     generator=torch.Generator(),
                 )
             # the VAE's own latents at that size: a family may train on others (Flux.2: in patches)
-            downscale = 2 ** (len(vae.config.block_out_channels) - 1)
-            vae.decode(
-                torch.zeros(1, vae.config.latent_channels, val_height // downscale, val_width // downscale, dtype=dtype)
-            )
+            vae.decode(host.provide("example_vae_latents", vae=vae, height=val_height, width=val_width, dtype=dtype))
         parts = {"LoRA, optimizer state, VAE": resident - trace.traced_weights, "activations": live.peak - resident}
         trace.phases.append(Phase("validate", live.peak - trace.traced_weights, 0, parts))
     return {

@@ -210,9 +210,12 @@ def cache_fingerprint(config: Config, kind: str, family: FamilyInfo) -> dict[str
 
 @hookspec(firstresult=True)
 def encode_prompts(
-    text_encoders: Any, prompts: list[str], config: Config, device: torch.device
+    text_encoders: Any, prompts: list[str], config: Config, device: torch.device, references: list[Any] | None
 ) -> dict[str, torch.Tensor]:
     """Encode a batch of captions or prompts for caching.
+
+    ``references``: for edit pairs (families that support ``edit``), the reference image (PIL, at
+    the size :func:`reference_sizes` gives the encoder) each prompt is encoded with; None otherwise.
 
     Called only for texts missing from the text cache, with ``device`` the device the encoders
     compute on: put token ids there (with ``offload_during_startup`` the encoders' weights live in
@@ -244,6 +247,26 @@ def example_text(config: Config, transformer: Any, batch_size: int, dtype: torch
     keys, shapes and dtypes as a real encoding (``dtype`` is what the encoders run in); the
     contract kit (``tuner.testing.contract``) checks that. Stops at the first non-None result;
     a family without it gets no memory estimate.
+    """
+
+
+@hookspec(firstresult=True)
+def reference_sizes(config: Config, width: int, height: int) -> dict[str, tuple[int, int]]:
+    """Edit pairs: the ``(width, height)`` a ``width`` x ``height`` reference image is resized to
+    for the VAE (``"vae"``: its latents go beside the noisy ones) and for the text encoder
+    (``"encoder"``: a vision-language encoder sees it with the instruction), as the family's edit
+    pipeline sizes them. Called by families that support ``edit``. Stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def example_vae_latents(vae: Any, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Latents the VAE's own ``decode`` takes for a ``height`` x ``width`` image, batch 1 (what a
+    pipeline decodes; a family may train on other latents, as Flux.2 on 2x2 patches).
+
+    Called by ``tuner estimate`` inside ``FakeTensorMode`` (build with ``torch.zeros``) to trace
+    validation's decode. The core's default: ``[1, latent_channels, h, w]`` at a downscale of
+    2^(len(block_out_channels) - 1). Stops at the first non-None result.
     """
 
 

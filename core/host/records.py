@@ -36,8 +36,10 @@ class FamilyInfo:
     # the family loads its text encoders itself (load_model) where they differ
     other_pipeline_classes: tuple[str, ...] = ()
     # where that loader reads lora_alpha: "tensors" (a scalar .alpha per module, which ComfyUI
-    # reads too; Flux and Chroma) or "metadata" (diffusers' lora_adapter_metadata; SD3 ignores
-    # .alpha tensors)
+    # reads too; Flux and Chroma), "metadata" (diffusers' lora_adapter_metadata; SD3 ignores
+    # .alpha tensors) or "folded" (written nowhere: alpha/rank is multiplied into lora_B, so a
+    # reader's default scale of 1 is right; Qwen-Image's loader takes .alpha tensors for another
+    # trainer's format and ComfyUI ignores metadata)
     lora_alpha_in: str = "tensors"
     # whether ComfyUI loads this family's diffusers-layout LoRA file completely (Flux.2's only in
     # part: ComfyUI maps it through Flux.1's names); if not, the run points to the ComfyUI format
@@ -82,6 +84,10 @@ class FamilyInfo:
     # it when encode_prompts changes): the text cache's fingerprint
     text_cache_keys: tuple[str, ...] = ()
     text_encoding: str = ""
+    # encodings differ in length (Qwen-Image's pipelines cut the padding and pad a batch to its
+    # longest prompt): each cached row keeps only its ``attention_mask``'s tokens, and a training
+    # batch is right-padded with zeros (mask 0) to its longest; otherwise rows are cached as encoded
+    text_lengths_vary: bool = False
     # keys offered by the core or a shared module that this family accepts but does not use
     # (a warning when set), and keys it refuses when set to anything but their default: key -> why
     ignored_keys: dict[str, str] = field(default_factory=dict)
@@ -281,6 +287,7 @@ class ValidationRequest:
     num_inference_steps: int
     config: Config
     device: Any = None
+    reference: Any = None  # edits: the reference image (PIL) the prompts are instructions for
 
 
 @dataclass

@@ -129,6 +129,11 @@ def diffusers_layout(export: LoraExport) -> dict[str, torch.Tensor]:
     if export.alpha_in == "tensors":
         for module, alpha in export.alphas.items():
             tensors[f"{TRANSFORMER_PREFIX}{module}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    elif export.alpha_in == "folded":  # alpha/rank inside lora_B: every reader's default scale (1) is right
+        for module, alpha in export.alphas.items():
+            down, up = (f"{TRANSFORMER_PREFIX}{module}.lora_{side}.weight" for side in "AB")
+            if down in tensors and up in tensors:
+                tensors[up] = tensors[up] * (alpha / tensors[down].shape[0])
     return tensors
 
 

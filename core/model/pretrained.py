@@ -64,10 +64,17 @@ class Pretrained:
     def scheduler(self, cls: Any, subfolder: str = "scheduler") -> Any:
         return cls.from_pretrained(self.source, subfolder=subfolder, **self.options)
 
-    def text_pipeline(self, cls: Any) -> Any:
-        """The pipeline without transformer and VAE: its text encoders, tokenizers and encode_prompt."""
+    def text_pipeline(self, cls: Any, **components: Any) -> Any:
+        """The pipeline without transformer and VAE: its text encoders, tokenizers and encode_prompt
+        (``components`` given instead of loaded, e.g. a processor built another way)."""
         return cls.from_pretrained(
-            self.source, transformer=None, vae=None, use_safetensors=True, **pipeline_dtype(self.dtype), **self.options
+            self.source,
+            transformer=None,
+            vae=None,
+            use_safetensors=True,
+            **components,
+            **pipeline_dtype(self.dtype),
+            **self.options,
         )
 
 

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuner.core.config.datasets import choose as choose_dataset
@@ -16,6 +17,7 @@ from tuner.core.config.datasets import resolve as resolve_datasets
 from tuner.core.config.keys.validation import validation_prompts
 from tuner.core.data.cache import PreparedData, prepare_caches, text_key
 from tuner.core.data.images import caption_rule, scan_dataset
+from tuner.core.data.pairs import with_references
 from tuner.core.errors import DataError
 from tuner.core.run.evaluation import split_off
 
@@ -38,13 +40,16 @@ class RunData:
 
 def check_data_folders(config: Any) -> None:
     """Every dataset's folder (and the held-out one) exists: said before anything heavy starts."""
-    from pathlib import Path
-
     datasets = resolve_datasets(config)
     if not datasets:
         raise config.error("data_dir", "is required: a folder of images with .txt captions (or datasets:)")
     folders = [(d, "data_dir", d.config.data_dir) for d in datasets]
     folders += [(d, "mask_dir", d.config.mask_dir) for d in datasets if d.config.mask_dir]
+    folders += [
+        (d, "conditioning_data_dir", d.config.conditioning_data_dir)
+        for d in datasets
+        if d.config.get("conditioning_data_dir")
+    ]
     folders += [(None, "eval_data_dir", config.eval_data_dir)] * bool(config.eval_data_dir)
     for dataset, what, folder in folders:
         if not Path(folder).is_dir():
@@ -89,7 +94,7 @@ def prepare_data(ctx: RunContext) -> RunData:
             with _naming(dataset, datasets):  # no usable image after the filters, or too few for a batch
                 part = prepare_caches(
                     ctx.host, dataset.config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch,
-                    batch_count=drawn[number],
+                    batch_count=drawn[number], extra_reference=validation_reference(config),
                 )  # fmt: skip
                 entries = [replace(e, dataset=number) for e in part.entries] * (1 + dataset.config.dataset_repeats)
                 if len(entries) < global_batch:
@@ -126,9 +131,18 @@ def _joined(parts: list[PreparedData], datasets: list[Any]) -> PreparedData:
 
 
 def _scan(ctx: RunContext, dataset: Any, datasets: list[Any]) -> list:
-    """A dataset's images and captions."""
+    """A dataset's images and captions (and an edit pair's reference)."""
     with _naming(dataset, datasets):
-        return scan_dataset(dataset.config.data_dir, ctx.warn, caption_rule(dataset.config), dataset.config.mask_dir)
+        items = scan_dataset(dataset.config.data_dir, ctx.warn, caption_rule(dataset.config), dataset.config.mask_dir)
+        if dataset.config.get("conditioning_data_dir"):
+            root = Path(dataset.config.data_dir)
+            items = with_references(items, root, dataset.config.conditioning_data_dir, ctx.warn)
+        return items
+
+
+def validation_reference(config: Any) -> Path | None:
+    """The reference image edit validation renders from (encoded with the validation prompts)."""
+    return Path(config.validation_reference_image) if config.get("validation_reference_image") else None
 
 
 @contextmanager

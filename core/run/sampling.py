@@ -206,7 +206,9 @@ def render(
     texts = [*prompts, config.validation_negative_prompt or ""]
     with torch.no_grad():  # one text per batch, as training cached its validation prompts
         encoded = [
-            host.provide("encode_prompts", text_encoders=encoders, prompts=[t], config=config, device=device)
+            host.provide(
+                "encode_prompts", text_encoders=encoders, prompts=[t], config=config, device=device, references=None
+            )
             for t in texts
         ]
     del encoders

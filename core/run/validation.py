@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tuner.core.config.keys.validation import validation_prompts, validation_sizes
-from tuner.core.data.cache import text_key
+from tuner.core.data.cache import conditioning_key
+from tuner.core.data.pairs import open_reference
 from tuner.core.host import events
 from tuner.core.host.records import ValidationRequest
 from tuner.core.io import atomic_write
@@ -60,6 +61,7 @@ class Validator:
             return []
         ctx, config = self.ctx, self.ctx.config
         text = self.prepared.text
+        reference = Path(config.validation_reference_image) if config.get("validation_reference_image") else None
         folder = ctx.output_dir / "validation" / f"step_{step:06d}"
         seeds, written = self.seeds(), []
         was_training = model.training
@@ -70,14 +72,17 @@ class Validator:
             vae=self.component("vae"),
             scheduler=self.component("scheduler"),
             prompts=self.prompts,
-            text=[_batched(text.load(text_key(p)), ctx.device) for p in self.prompts],
-            negative_text=_batched(text.load(text_key(config.validation_negative_prompt or "")), ctx.device),
+            text=[_batched(text.load(conditioning_key(p, reference)), ctx.device) for p in self.prompts],
+            negative_text=_batched(
+                text.load(conditioning_key(config.validation_negative_prompt or "", reference)), ctx.device
+            ),
             seeds=seeds,
             width=self.sizes[0][0],
             height=self.sizes[0][1],
             num_inference_steps=config.validation_num_inference_steps,
             config=config,
             device=ctx.device,
+            reference=open_reference(reference) if reference is not None else None,
         )
         for (width, height), images in render_sizes(ctx.host, request, self.sizes, ctx.autocast):
             suffix = f"_{width}x{height}" if len(self.sizes) > 1 else ""

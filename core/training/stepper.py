@@ -150,7 +150,7 @@ class Stepper:
         with self.exact():
             dropped = (torch.rand(global_size, generator=shared) < dropout)[mine]
         instead = self.dropped_captions[batch["dataset"]]
-        return {name: torch.where(_rows(dropped, value), instead[name], value) for name, value in text.items()}
+        return {name: _replace_rows(dropped, value, instead[name]) for name, value in text.items()}
 
     # -- what a step decides from values: ``tuner estimate`` runs this class's steps on fake
     # tensors, which have shapes but no values, through a subclass that answers these three
@@ -180,6 +180,16 @@ class Stepper:
                 )
             self.grids[key] = rollout.inference_grid(ctx.host, ctx.config, self.scheduler, latent_shape)
         return self.grids[key]
+
+
+def _replace_rows(rows: torch.Tensor, batch: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """``batch`` with the rows picked by ``rows`` replaced by ``row``; text of varying length
+    (``FamilyInfo.text_lengths_vary``) is zero-padded to the longer of the two first."""
+    if row.dim() and row.shape[0] != batch.shape[1]:
+        longest = max(row.shape[0], batch.shape[1])
+        row = torch.cat([row, row.new_zeros(longest - row.shape[0], *row.shape[1:])])
+        batch = torch.cat([batch, batch.new_zeros(batch.shape[0], longest - batch.shape[1], *batch.shape[2:])], 1)
+    return torch.where(_rows(rows, batch), row, batch)
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

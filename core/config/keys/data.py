@@ -69,6 +69,15 @@ KEYS = in_group(
             "SimpleTuner's conditioning_type: mask datasets), instead of <name>.mask.png beside each image.",
         ),
         ConfigKey(
+            "conditioning_data_dir",
+            "path",
+            None,
+            "Edit pairs (families that support edits): the reference image of each training image, paired by "
+            "name (same relative path and stem) from this folder; the training image is the edit's target. "
+            "Images without a reference are skipped, counted.",
+            needs="edit",
+        ),
+        ConfigKey(
             "masked_loss_floor",
             "float",
             0.0,

@@ -84,6 +84,15 @@ KEYS = in_group(
             recipe=True,
         ),
         ConfigKey(
+            "validation_reference_image",
+            "path",
+            None,
+            "Reference image of edit validation (families that support edits; required there): each prompt is "
+            "the instruction applied to it.",
+            needs="edit",
+            recipe=True,
+        ),
+        ConfigKey(
             "validation_init_strength",
             "float",
             0.7,
