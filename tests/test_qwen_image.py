@@ -346,7 +346,7 @@ def test_edit_pairs_train_validate_and_a_changed_reference_re_encodes_only_its_p
     (data / "references" / "07_yellow_square.png").unlink()
     warnings = []
 
-    def run(steps):
+    def run(steps, **extra):
         host, config = host_and_config(
             tmp_path,
             data / "targets",
@@ -357,15 +357,15 @@ def test_edit_pairs_train_validate_and_a_changed_reference_re_encodes_only_its_p
             max_train_steps=steps,
             learning_rate=1e-2,
             validation_prompt="invert the colors",
-            validation_reference_image=str(data / "references" / "01_green_circle.png"),
             validation_guidance=1.0,
             validation_num_inference_steps=2,
             validation_steps=steps,
+            **extra,
         )
         trainer = Trainer(host, config, warn=warnings.append)
         return trainer, trainer.train(), host, config
 
-    trainer, result, host, config = run(30)
+    trainer, result, host, config = run(30, validation_reference_image=str(data / "references" / "00_red_circle.png"))
     assert any("skipped 1 image(s) without a reference" in w for w in warnings), warnings
     first, last = sum(result.losses[:8]) / 8, sum(result.losses[-8:]) / 8
     assert last < 0.9 * first, (first, last)
@@ -381,12 +381,27 @@ def test_edit_pairs_train_validate_and_a_changed_reference_re_encodes_only_its_p
         embeds, _ = encoders.encode_prompt(["invert the colors"], image=[resized], device="cpu", max_sequence_length=40)
     torch.testing.assert_close(stored["prompt_embeds"], embeds[0], atol=1e-5, rtol=0)
     assert load_file(next(latent_dir.glob("*.safetensors")))["reference"].shape == (16, 4, 4)  # 32 px at 1/8
+    # `tuner sample --recipe` renders the validation image again, bit for bit; --reference edits another
+    from typer.testing import CliRunner
+
+    from tuner.core.cli import app
+
+    recipe = Path(config.output_dir) / "recipe.json"
+    other = data / "references" / "06_blue_square.png"
+    for folder, extra in (("again", []), ("other", ["--reference", str(other)])):
+        out = CliRunner().invoke(app, ["sample", "--recipe", str(recipe), "--out", str(tmp_path / folder), *extra])
+        assert out.exit_code == 0, out.output
+    validation = torch.tensor(list(Image.open(result.validation_dirs[-1] / "00.png").getdata()))
+    again = torch.tensor(list(Image.open(next((tmp_path / "again").glob("*.png"))).getdata()))
+    edited_other = torch.tensor(list(Image.open(next((tmp_path / "other").glob("*.png"))).getdata()))
+    assert torch.equal(again, validation) and not torch.equal(edited_other, validation)
     texts, latents = set(text_dir.glob("*.safetensors")), set(latent_dir.glob("*.safetensors"))
     # seven pairs and the empty negative prompt with the validation reference (the validation prompt
     # with that reference is one of the pairs: encoded once)
     assert len(texts) == 7 + 1
     Image.open(reference).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(reference)  # one reference changes
-    run(2)
+    run(2)  # without validation_reference_image: the first pair's reference, recorded in the recipe
+    assert json.loads(recipe.read_text())["settings"]["validation_reference_image"].endswith("00_red_circle.png")
     assert len(set(text_dir.glob("*.safetensors")) - texts) == 1
     assert len(set(latent_dir.glob("*.safetensors")) - latents) == 1
 

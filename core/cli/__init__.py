@@ -392,6 +392,9 @@ def sample(
     steps: int | None = typer.Option(None, "--steps", min=1, help="Sampler steps."),
     guidance: float | None = typer.Option(None, "--guidance", help="Guidance scale (the family's validation key)."),
     negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Negative prompt."),
+    reference: Path | None = typer.Option(
+        None, "--reference", help="Edit models: the image the prompts edit (validation_reference_image)."
+    ),
     scale: float = typer.Option(1.0, "--lora-scale", help="LoRA strength."),
     out: Path = typer.Option(Path("samples"), "--out", help="Folder for the PNGs."),
     set_: list[str] | None = SET_OPTION,
@@ -421,9 +424,14 @@ def sample(
     if family is None:
         raise PluginError("choose a model family with --plugin NAME, a config or a recipe")
     host = _host(str(family))
+    keys = host.config_keys()
+    # a recipe records every sampling-relevant key; those at their default are left unset, so the
+    # config's "X is ignored because ..." notes stay for what the user set
+    raw = {k: v for k, v in raw.items() if not (recipe and k in keys and v == keys[k].default)}
     for key, value in (
         ("validation_num_inference_steps", steps),
         ("validation_negative_prompt", negative_prompt),
+        ("validation_reference_image", str(reference) if reference is not None else None),
         (host.family.guidance_key, guidance),
     ):
         if value is not None:

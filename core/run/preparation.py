@@ -72,6 +72,10 @@ def prepare_data(ctx: RunContext) -> RunData:
     extra += [t for t in dict.fromkeys(dropped) if t is not None and t not in extra]
     global_batch = config.train_batch_size * ctx.accelerator.num_processes
     scanned = [_scan(ctx, d, datasets) for d in datasets]
+    paired = next((i.reference for items in scanned for i in items if i.reference is not None), None)
+    if prompts and paired is not None and not config.get("validation_reference_image"):
+        config.set_default("validation_reference_image", str(paired))  # the recipe records it too
+        ctx.log(f"validating edits of {paired} (the first pair's reference; validation_reference_image chooses)")
     held_out_items: list = []
     if config.eval_split:  # from the first dataset
         if config.eval_split >= len(scanned[0]):

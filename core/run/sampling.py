@@ -202,12 +202,18 @@ def render(
     dtype = weight_dtype(config)  # the rule training and validation follow
     device = torch.device(device_type())
     load = lambda component: host.provide("load_model", config=config, component=component, dtype=dtype)  # noqa: E731
+    reference, references = edit_reference(host, config)
     encoders = load_text_encoders(host, config, device, dtype)
     texts = [*prompts, config.validation_negative_prompt or ""]
     with torch.no_grad():  # one text per batch, as training cached its validation prompts
         encoded = [
             host.provide(
-                "encode_prompts", text_encoders=encoders, prompts=[t], config=config, device=device, references=None
+                "encode_prompts",
+                text_encoders=encoders,
+                prompts=[t],
+                config=config,
+                device=device,
+                references=references,
             )
             for t in texts
         ]
@@ -246,9 +252,22 @@ def render(
         num_inference_steps=config.validation_num_inference_steps,
         config=config,
         device=device,
+        reference=reference,
     )
     # as validation renders: under accelerate's autocast
     return [images for _, images in render_sizes(host, request, sizes, lambda: autocast(device.type, dtype))]
+
+
+def edit_reference(host: Any, config: Any) -> tuple[Any, list[Any] | None]:
+    """Edits (``validation_reference_image``): the reference as the pipeline takes it, and as the
+    text encoder sees it beside each prompt (the family's ``reference_sizes``), as training cached
+    its validation prompts; (None, None) otherwise."""
+    if not config.get("validation_reference_image"):
+        return None, None
+    from tuner.core.data.pairs import open_reference, reference_sizes
+
+    path = Path(config.validation_reference_image)
+    return open_reference(path), [open_reference(path, reference_sizes(host, config, path)["encoder"])]
 
 
 def sample_blocks_to_swap(config: Any) -> int:
