@@ -139,7 +139,12 @@ def test_dev_encodes_through_mistral_with_the_system_message_trains_with_guidanc
         lambda module, args, kwargs: fed.append(kwargs["input_ids"]), with_kwargs=True
     )
     text = host.provide(
-        "encode_prompts", text_encoders=encoders, prompts=["a red circle"], config=config, device=torch.device("cpu"), references=None
+        "encode_prompts",
+        text_encoders=encoders,
+        prompts=["a red circle"],
+        config=config,
+        device=torch.device("cpu"),
+        references=None,
     )
     assert text["prompt_embeds"].shape == (1, 80, 48)
     assert SYSTEM_MESSAGE[:40] in encoders.tokenizer.decode(fed[0][0])

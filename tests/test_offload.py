@@ -42,7 +42,12 @@ def encode(host, config, offloaded_check: list):
     t5_layers = layers_with_weights(encoders.encoder)
     with torch.no_grad(), MaterializedLayers(t5_layers) as watch:
         text = host.provide(
-            "encode_prompts", text_encoders=encoders, prompts=["a red circle", "a cat"], config=config, device=CPU, references=None
+            "encode_prompts",
+            text_encoders=encoders,
+            prompts=["a red circle", "a cat"],
+            config=config,
+            device=CPU,
+            references=None,
         )
     offloaded_check.append(("t5", len(t5_layers), watch.counts, all(p.is_meta for p in encoders.encoder.parameters())))
     return latents, text
@@ -108,8 +113,12 @@ def test_text_encoder_precision_quantizes_t5_and_keys_the_text_cache(tiny_chroma
     reference = load_text_encoders(host, plain, CPU, torch.float32)
     prompts = ["a red circle on a white background"]
     with torch.no_grad():
-        a = host.provide("encode_prompts", text_encoders=encoders, prompts=prompts, config=quantized, device=CPU, references=None)
-        b = host.provide("encode_prompts", text_encoders=reference, prompts=prompts, config=plain, device=CPU, references=None)
+        a = host.provide(
+            "encode_prompts", text_encoders=encoders, prompts=prompts, config=quantized, device=CPU, references=None
+        )
+        b = host.provide(
+            "encode_prompts", text_encoders=reference, prompts=prompts, config=plain, device=CPU, references=None
+        )
     error = (a["prompt_embeds"] - b["prompt_embeds"]).abs().max() / b["prompt_embeds"].abs().max()
     assert 0 < error < 0.05  # int8 changes the encoding a little, so it must not share a cache
     root = tmp_path / "cache"
