@@ -29,6 +29,7 @@ def check_relations(config: Any, warn: Any) -> None:
         )
     check_methods(config, warn)
     check_combinations(config, warn)
+    check_model_type(config)
     if config.validation_prompt and config.validation_prompts:
         warn("both validation_prompt and validation_prompts are set; validating with all of them")
     for key in ("validation_init_image", "validation_reference_image"):  # read now: validation comes later
@@ -154,3 +155,38 @@ def check_dataset(config) -> None:
         raise config.error(
             "caption_dropout_probability", f"{config.caption_dropout_probability} is not below 1; use 0 to 0.5"
         )
+
+
+# keys that shape a LoRA only: set explicitly with model_type: full, they are refused
+LORA_ONLY = ("network_rank", "lora_alpha", "lora_type", "lora_dropout", "lora_format")
+
+
+def check_model_type(config: Any) -> None:
+    """model_type: full refuses what only a LoRA has or what assumes a frozen base; its own keys are
+    refused with a LoRA."""
+    if config.model_type != "full":
+        for key in ("full_frozen_modules", "bf16_stochastic_rounding"):
+            if config.is_set(key) and config[key] not in (None, False):
+                raise config.error(key, "applies to model_type: full only")
+        return
+    lora_keys = [k for k in LORA_ONLY if k in config and config.is_set(k)]
+    lora_keys += [k for k in config.keys if k.endswith("_lora_target") and config.is_set(k)]
+    if lora_keys:
+        raise config.error(lora_keys[0], "is a LoRA setting; model_type: full trains the weights themselves")
+    refused = {
+        "base_model_precision": config.base_model_precision != "no_change",
+        "blocks_to_swap": bool(config.get("blocks_to_swap")),
+        "regularisation_target": any(d.config.regularisation_target != "noise" for d in resolve(config)),
+    }
+    for key, bad in refused.items():
+        if bad:
+            raise config.error(
+                key,
+                {
+                    "base_model_precision": "a quantized base cannot be fine-tuned fully; train a LoRA on it instead",
+                    "blocks_to_swap": "block swap keeps frozen weights in host memory; model_type: full trains them",
+                    "regularisation_target": "base_model needs the untouched base beside the trained weights",
+                }[key],
+            )
+    if config.bf16_stochastic_rounding and config.mixed_precision != "bf16":
+        raise config.error("bf16_stochastic_rounding", "needs mixed_precision: bf16 (the weights are bf16)")

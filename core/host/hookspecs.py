@@ -250,6 +250,15 @@ def example_text(config: Config, transformer: Any, batch_size: int, dtype: torch
     """
 
 
+@hookspec
+def export_full_model(transformer: Any, config: Config) -> dict[str, dict[str, torch.Tensor]] | None:
+    """``model_type: full``: single files for other runtimes, ``{file name: {key: tensor}}``, beside
+    the diffusers folder the core writes (``transformer/``). The Flux lineage writes ComfyUI's layout
+    (BFL names, q/k/v fused). Called once at the end of a full fine-tune (and for the EMA's files);
+    every plugin's answer is written.
+    """
+
+
 @hookspec(firstresult=True)
 def reference_sizes(config: Config, width: int, height: int) -> dict[str, tuple[int, int]]:
     """Edit pairs: the ``(width, height)`` a ``width`` x ``height`` reference image is resized to

@@ -70,6 +70,8 @@ class FamilyInfo:
     # LoRA targets: the config key naming a preset or a list of module names (a key the family
     # registers), its presets, and module prefixes never adapted, each with why (a list that names
     # a module under one is refused with that reason)
+    # model_type: full: module prefixes that stay frozen by default, each with why
+    frozen_in_full: dict[str, str] = field(default_factory=dict)
     lora_target_key: str = ""
     lora_presets: dict[str, Any] = field(default_factory=dict)
     never_adapt: dict[str, str] = field(default_factory=dict)

@@ -58,7 +58,10 @@ def _absolute_if_local(source: str) -> str:
 def lora_files(
     ctx: RunContext, model: torch.nn.Module, targets: list[str], step: int
 ) -> dict[str, dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]]:
-    """``{format: {file name: (tensors, safetensors metadata)}}`` for every format of the run."""
+    """``{format: {file name: (tensors, safetensors metadata)}}`` for every format of the run
+    (none for a full fine-tune: its checkpoints hold the trained weights themselves)."""
+    if ctx.config.get("model_type", "lora") == "full":
+        return {}
     export = export_from(model, ctx.config, training_record(ctx, targets, step), ctx.host.family.lora_alpha_in)
     metadata = file_metadata(export)
     formats = ctx.host.lora_formats
@@ -83,6 +86,10 @@ def save_final(
     ``suffix`` goes before each file's extension (``_ema``: the EMA's files)."""
     from tuner.core.model.selftest import self_test
 
+    if ctx.config.get("model_type", "lora") == "full":  # the model itself: a diffusers folder and single files
+        from tuner.core.outputs.full_model import save_full
+
+        return save_full(ctx, model, suffix)
     folder = ctx.output_dir
     written: dict[str, list[Path]] = {}
     try:

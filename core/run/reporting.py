@@ -46,18 +46,19 @@ def announce(ctx: RunContext, state: TrainState, prepared: PreparedData, resumed
     config, processes, images = ctx.config, ctx.accelerator.num_processes, len(prepared.entries)
     effective_batch = config.train_batch_size * config.gradient_accumulation_steps * processes
     trainable = sum(p.numel() for p in state.params)
+    full = config.model_type == "full"
     ctx.log(
-        f"training {images} images, {len(state.targets)} LoRA modules, {trainable:,} trainable parameters, "
-        f"effective batch {effective_batch}" + (f" ({processes} processes)" if processes > 1 else "")
+        f"training {images} images, {len(state.targets)} {'modules in full' if full else 'LoRA modules'}, "
+        f"{trainable:,} trainable parameters, effective batch {effective_batch}"
+        + (f" ({processes} processes)" if processes > 1 else "")
     )
     ctx.log(prepared.table)
-    adapter = ctx.host.adapter_types[config.lora_type]
-    loaded_by = adapter.loaded_by
-    if not ctx.host.family.comfyui_reads_diffusers_files and loaded_by.startswith("diffusers and ComfyUI"):
-        loaded_by = f"diffusers; ComfyUI loads {ctx.host.family.name}'s diffusers file only in part: " + (
-            "give it the comfyui file" if "comfyui" in config.lora_format else "set lora_format comfyui (or all)"
-        )
-    ctx.log(f"adapter: {adapter.name}; pytorch_lora_weights.safetensors loads in {loaded_by}")
+    if full:
+        frozen = [p for p, _ in state.model.named_parameters() if not _.requires_grad]
+        weights = "bf16 weights, stochastic rounding" if config.bf16_stochastic_rounding else "fp32 master weights"
+        ctx.log(f"model_type: full, {weights}; {len(frozen)} tensors frozen; writes transformer/ (diffusers)")
+    else:
+        loaded_by_line(ctx)
     ctx.emit(
         events.RunStart,
         state.position.step,
@@ -67,6 +68,18 @@ def announce(ctx: RunContext, state: TrainState, prepared: PreparedData, resumed
         resumed_step=state.position.step if resumed_from else None,
         model=state.model,
     )
+
+
+def loaded_by_line(ctx: RunContext) -> None:
+    """Which runtimes load the LoRA file (and where ComfyUI needs its own)."""
+    config = ctx.config
+    adapter = ctx.host.adapter_types[config.lora_type]
+    loaded_by = adapter.loaded_by
+    if not ctx.host.family.comfyui_reads_diffusers_files and loaded_by.startswith("diffusers and ComfyUI"):
+        loaded_by = f"diffusers; ComfyUI loads {ctx.host.family.name}'s diffusers file only in part: " + (
+            "give it the comfyui file" if "comfyui" in config.lora_format else "set lora_format comfyui (or all)"
+        )
+    ctx.log(f"adapter: {adapter.name}; pytorch_lora_weights.safetensors loads in {loaded_by}")
 
 
 @contextmanager

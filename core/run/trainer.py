@@ -43,6 +43,7 @@ from tuner.core.run.preparation import RunData, check_data_folders, prepare_data
 from tuner.core.run.stopping import StopRequest, interrupted_message
 from tuner.core.run.validation import Validator
 from tuner.core.training.ema import EMA_SUFFIX, AdapterEMA
+from tuner.core.training.full import enable_stochastic_rounding
 from tuner.core.training.guard import DivergenceGuard
 from tuner.core.training.runtime import (
     attention_kernel,
@@ -50,6 +51,7 @@ from tuner.core.training.runtime import (
     build_optimizer,
     choose_cpu_threads,
     new_accelerator,
+    trained_dtype,
     weight_dtype,
 )
 from tuner.core.training.state import Position, RunContext, TrainState
@@ -223,7 +225,7 @@ class Trainer:
 
     def finish(self, state: TrainState, validator: Validator, result: TrainResult) -> None:
         """The final checkpoint, the LoRA files (self-tested), the last validation and the recipe."""
-        ctx, step = self.ctx, state.position.step
+        ctx, step, config = self.ctx, state.position.step, self.config
         if self.config.checkpointing_steps:  # the final state too, so a finished run can be extended
             result.checkpoints.append(self.checkpoints.save(state))
         ctx.accelerator.wait_for_everyone()
@@ -238,7 +240,7 @@ class Trainer:
             ctx.log(f"self-test passed: {', '.join(p.name for p in result.lora_files)} reload as trained")
         final_validation = self.validate(validator, state, step)
         result.validation_dirs += final_validation
-        if final_validation and result.lora_files:
+        if final_validation and result.lora_files and config.model_type != "full":  # recipes apply a LoRA
             validator.write_recipe(result.lora_files, EMA_SUFFIX if self.config.validation_use_ema else "")
         ctx.accelerator.wait_for_everyone()
         ctx.emit(events.RunEnd, step, lora_files=[str(p) for p in result.lora_files])
@@ -282,7 +284,8 @@ class Trainer:
         """The frozen denoiser on the device (streamed and quantized when a precision is set)."""
         ctx, config = self.ctx, self.config
         if config.base_model_precision == NO_QUANTIZATION:
-            transformer = ctx.host.provide("load_model", config=config, component="transformer", dtype=ctx.weight_dtype)
+            dtype = trained_dtype(config)  # a full fine-tune's master weights: fp32 (or bf16, rounded stochastically)
+            transformer = ctx.host.provide("load_model", config=config, component="transformer", dtype=dtype)
         else:  # streamed block by block, each block quantized as it arrives
             from tuner.core.model.quantize import load_quantized
 
@@ -310,6 +313,8 @@ class Trainer:
         transformer.train()
         params = lora_parameters(transformer)
         optimizer = build_optimizer(ctx.host, config, params)
+        if config.get("bf16_stochastic_rounding"):
+            enable_stochastic_rounding(optimizer, config.seed)
         lr_scheduler = build_lr_scheduler(config, optimizer)
         # placed above (accelerate's own .to() would copy the swapped blocks' emptied storages)
         wrapped, optimizer = ctx.accelerator.prepare(transformer, optimizer, device_placement=[False, True])

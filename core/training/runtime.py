@@ -35,6 +35,14 @@ def weight_dtype(config: Config) -> torch.dtype:
     return WEIGHT_DTYPES[config.mixed_precision]
 
 
+def trained_dtype(config: Config) -> torch.dtype:
+    """The dtype the denoiser is loaded in: the frozen weights' (a LoRA trains in fp32 beside
+    them); model_type: full trains fp32 master weights, or bf16 with bf16_stochastic_rounding."""
+    if config.get("model_type", "lora") != "full":
+        return weight_dtype(config)
+    return torch.bfloat16 if config.get("bf16_stochastic_rounding") else torch.float32
+
+
 def device_type() -> str:
     """``cuda``, ``mps``, ``xpu`` or ``cpu``: the accelerator this process would train on."""
     if torch.cuda.is_available():

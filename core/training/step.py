@@ -23,13 +23,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def attach_lora(host: PluginHost, config: Config, transformer: torch.nn.Module) -> list[str]:
-    """Put the run's LoRA on ``transformer`` (the family's targets, possibly wrapped by extensions),
-    turn on gradient checkpointing when configured, and return the adapted modules' full names."""
-    patterns = host.provide("lora_target_modules", config=config, transformer=transformer)
-    targets = resolve_targets(transformer, patterns)
-    if not targets:
-        raise ConfigError(f"{config.source}: LoRA targets {patterns!r} match no Linear module of the model")
-    add_lora(transformer, targets, config, host.adapter_types)
+    """Make ``transformer`` trainable as the run says: put the run's LoRA on it (the family's
+    targets, possibly wrapped by extensions), or with ``model_type: full`` let its own weights train
+    (all but the frozen modules); turn on gradient checkpointing when configured, and return the
+    adapted (or trained) modules' full names."""
+    if config.get("model_type", "lora") == "full":
+        from tuner.core.training.full import frozen_modules, make_trainable
+
+        targets = make_trainable(transformer, frozen_modules(config, host.family))
+    else:
+        patterns = host.provide("lora_target_modules", config=config, transformer=transformer)
+        targets = resolve_targets(transformer, patterns)
+        if not targets:
+            raise ConfigError(f"{config.source}: LoRA targets {patterns!r} match no Linear module of the model")
+        add_lora(transformer, targets, config, host.adapter_types)
     if config.gradient_checkpointing:
         checkpoint_blocks(transformer)
     if config.activation_offload:

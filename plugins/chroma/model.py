@@ -118,3 +118,9 @@ def generate_images(request: Any) -> list[Any]:
 @hookimpl
 def recipe_snippet(recipe: dict[str, Any]) -> str:
     return snippet.render(recipe)
+
+
+@hookimpl
+def export_full_model(transformer, config):
+    """model_type: full: chroma_comfyui.safetensors, BFL's single-file layout (ComfyUI, from_single_file)."""
+    return shared.export_full_model(transformer, "chroma")

@@ -36,6 +36,8 @@ FAMILY = FamilyInfo(
     lora_target_key="flux_lora_target",
     lora_presets=PRESETS,
     never_adapt={APPROXIMATOR: "the approximator: LoRAs on it break Chroma"},
+    # full fine-tuning leaves it too, as Chroma's own trainer does (full_frozen_modules: [] trains it)
+    frozen_in_full={APPROXIMATOR: "the approximator (the modulation from the timestep), frozen as Chroma trains"},
     high_precision=HIGH_PRECISION,
     text_cache_keys=("tokenizer_max_length",),
     text_encoding="chroma-t5-v1",

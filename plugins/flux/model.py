@@ -152,3 +152,9 @@ def generate_images(request: Any) -> list[Any]:
         true_cfg_scale=config.validation_guidance_real,
         max_sequence_length=config.tokenizer_max_length,
     )
+
+
+@hookimpl
+def export_full_model(transformer, config):
+    """model_type: full: flux_comfyui.safetensors, BFL's single-file layout (ComfyUI, from_single_file)."""
+    return shared.export_full_model(transformer, "flux")

@@ -68,3 +68,10 @@ def t5_example_text(config: Any, transformer: Any, batch_size: int, dtype: torch
     if pooled:
         text["pooled_prompt_embeds"] = torch.zeros(batch_size, model.pooled_projection_dim, dtype=dtype)
     return text
+
+
+def export_full_model(transformer: torch.nn.Module, family: str) -> dict[str, dict[str, torch.Tensor]]:
+    """A full fine-tune's single file for ComfyUI (and diffusers' from_single_file): BFL's layout."""
+    from tuner.plugins.fluxlike.checkpoint import bfl_checkpoint
+
+    return {f"{family}_comfyui.safetensors": bfl_checkpoint(transformer)}

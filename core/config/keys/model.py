@@ -44,7 +44,32 @@ def _budget_problem(value: str) -> str | None:
 KEYS = in_group(
     "model",
     (
-        ConfigKey("model_type", "str", "lora", "Only LoRA training is supported.", choices=("lora",), in_form=False),
+        ConfigKey(
+            "model_type",
+            "str",
+            "lora",
+            "lora (an adapter on the frozen denoiser) or full (every weight of the denoiser trains; the family "
+            "keeps some frozen, see full_frozen_modules). full writes a diffusers folder and one single file.",
+            choices=("lora", "full"),
+            resume_critical=True,
+        ),
+        ConfigKey(
+            "full_frozen_modules",
+            "list",
+            None,
+            "model_type: full: module names (prefixes) that stay frozen (default: the family's, e.g. Chroma's "
+            "distilled guidance layer; [] trains everything).",
+            resume_critical=True,
+        ),
+        ConfigKey(
+            "bf16_stochastic_rounding",
+            "bool",
+            False,
+            "model_type: full: keep the weights in bf16 and round each update stochastically (seeded), "
+            "instead of fp32 master weights: half the weight and gradient memory, updates below bf16's "
+            "precision still count.",
+            resume_critical=True,
+        ),
         ConfigKey(
             "model_family",
             "str",

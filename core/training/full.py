@@ -1,0 +1,77 @@
+"""Full fine-tuning (``model_type: full``): every weight of the denoiser trains, except the modules
+the family keeps frozen (``FamilyInfo.frozen_in_full``, e.g. Chroma's distilled guidance layer) or
+``full_frozen_modules`` names; and bf16 weights updated with stochastic rounding.
+
+Stochastic rounding (``bf16_stochastic_rounding``): round-to-nearest drops every update smaller than
+half a bf16 unit in the last place, so small learning rates stop training a bf16 model; rounding
+up with probability equal to the remainder keeps the update in expectation. The optimizer steps on
+an fp32 copy of each parameter (its grad in fp32 too: the optimizer's state and arithmetic are
+fp32, as on fp32 master weights), and the result is rounded back stochastically, seeded from
+(seed, the number of steps taken), so a resumed run rounds exactly as an uninterrupted one. An
+optimizer that writes its parameters itself (bitsandbytes' 8-bit, transformers' Adafactor) writes
+the fp32 copy, so it goes through the same rounding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tuner.core.data.sampler import step_seed
+
+ROUNDING_STEP = "stochastic_rounding_step"  # kept in the first param group: saved and restored with it
+ROUNDING = 0x5702
+
+
+def frozen_modules(config: Any, family: Any) -> list[str]:
+    """Module prefixes that stay frozen: ``full_frozen_modules`` when set, else the family's."""
+    chosen = config.get("full_frozen_modules")
+    return list(chosen) if chosen is not None else list(family.frozen_in_full)
+
+
+def make_trainable(transformer: torch.nn.Module, frozen: list[str]) -> list[str]:
+    """Every parameter trains except those under ``frozen``; returns the trained modules' names
+    (the direct owners of trained parameters), sorted."""
+    trained = set()
+    for name, param in transformer.named_parameters():
+        owner = name.rpartition(".")[0]
+        keep = any(owner == f or owner.startswith(f + ".") for f in frozen)
+        param.requires_grad_(not keep)
+        if not keep:
+            trained.add(owner)
+    return sorted(trained)
+
+
+def stochastic_round(value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """fp32 -> bf16, rounding up with probability equal to the dropped fraction: random bits added
+    below bf16's last place of the fp32 pattern, then truncated (exact in bf16). Unbiased."""
+    bits = value.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, dtype=torch.int32).to(bits.device)
+    rounded = (bits + noise) & -65536  # clear the low 16 bits: what bf16 keeps of an fp32 pattern
+    finite = torch.isfinite(value)  # inf and nan keep their pattern (the guard sees them)
+    return torch.where(finite, rounded.view(torch.float32), value.float()).to(torch.bfloat16)
+
+
+def enable_stochastic_rounding(optimizer: torch.optim.Optimizer, seed: int) -> None:
+    """Run ``optimizer``'s steps on fp32 copies of its bf16 parameters and round the results back
+    stochastically (see the module's docstring)."""
+    bf16 = [p for group in optimizer.param_groups for p in group["params"] if p.dtype == torch.bfloat16]
+    optimizer.param_groups[0].setdefault(ROUNDING_STEP, 0)
+
+    def before(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for param in bf16:
+            if param.grad is not None:
+                param.data = param.data.float()
+                param.grad = param.grad.float()
+
+    def after(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        group = opt.param_groups[0]
+        generator = torch.Generator().manual_seed(step_seed(seed, group[ROUNDING_STEP], ROUNDING))
+        for param in bf16:
+            if param.data.dtype == torch.float32:
+                param.data = stochastic_round(param.data, generator)
+                param.grad = None  # fp32; the next step's backward starts a bf16 one
+        group[ROUNDING_STEP] += 1
+
+    optimizer.register_step_pre_hook(before)
+    optimizer.register_step_post_hook(after)
