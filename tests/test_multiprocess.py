@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 from .conftest import REPO
 
+CONFIG = REPO / "examples" / "chroma-tiny.yaml"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -26,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(tiny_chroma, datasets, tmp_path, name, processes, batch, extra=None, own_launcher=False):
+def run(tiny_chroma, datasets, tmp_path, name, processes, batch, extra=None, own_launcher=False, config=None):
     """One process, or ``processes`` started by accelerate launch (``own_launcher``: by ``tuner run
     --processes``, which goes through accelerate's launcher in-process)."""
     out = tmp_path / name
@@ -84,12 +86,11 @@ def run(tiny_chroma, datasets, tmp_path, name, processes, batch, extra=None, own
 
         from tuner.core.cli import app
 
-        config = str(REPO / "examples" / "chroma-tiny.yaml")
-        done = CliRunner().invoke(app, ["run", "--plugin", "chroma", "--config", config, *overrides])
+        done = CliRunner().invoke(app, ["run", "--plugin", "chroma", "--config", str(config or CONFIG), *overrides])
         assert done.exit_code == 0, done.output[-3000:]
         return out, done
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [*launcher, "run", "--plugin", "chroma", "--config", "examples/chroma-tiny.yaml", *overrides]
+    command = [*launcher, "run", "--plugin", "chroma", "--config", str(config or CONFIG), *overrides]
     if own_launcher and processes > 1:
         command += ["--processes", str(processes)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
@@ -149,3 +150,33 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_
         "train_log.jsonl",
     ]
     assert json.loads((double / "run.json").read_text())["status"] == "finished"  # written by the main process
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_in_two_processes_matches_one_with_the_same_global_batch(
+    tiny_chroma, shapes_dir, mixed_dir, tmp_path
+):
+    """model_type: full under DDP: every weight's gradient all-reduced, the EMA of every weight, only
+    the main process writing the folder and the single file."""
+    import yaml
+
+    settings = yaml.safe_load(CONFIG.read_text())
+    for key in ("network_rank", "lora_alpha", "flux_lora_target", "model_type"):
+        settings.pop(key, None)
+    config = tmp_path / "full.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    datasets = [
+        {"id": "squares", "data_dir": str(shapes_dir), "weight": 2},
+        {"id": "mixed", "data_dir": str(mixed_dir), "aspect_bucket_alignment": 16, "caption_dropout_probability": 0.3},
+    ]
+    extra = {"model_type": "full", "max_train_steps": 4, "learning_rate": 1e-3}
+    single, _ = run(tiny_chroma, datasets, tmp_path, "one", processes=1, batch=4, extra=extra, config=config)
+    double, done = run(tiny_chroma, datasets, tmp_path, "two", processes=2, batch=2, extra=extra, config=config)
+    assert "effective batch 8 (2 processes)" in done.stdout and done.stdout.count("saved ") == 1
+    for name in ("transformer", "transformer_ema"):
+        a = load_file(next((single / name).glob("*.safetensors")))
+        b = load_file(next((double / name).glob("*.safetensors")))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert (double / "chroma_comfyui.safetensors").is_file() and (double / "chroma_comfyui_ema.safetensors").is_file()

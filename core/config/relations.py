@@ -30,6 +30,12 @@ def check_relations(config: Any, warn: Any) -> None:
     check_methods(config, warn)
     check_combinations(config, warn)
     check_model_type(config)
+    if config.get("pretrained_transformer_model_name_or_path") and config.base_model_precision != "no_change":
+        raise config.error(
+            "base_model_precision",
+            "quantized loading streams the base model's own denoiser; unset pretrained_transformer_model_name_or_path "
+            "or base_model_precision",
+        )
     if config.validation_prompt and config.validation_prompts:
         warn("both validation_prompt and validation_prompts are set; validating with all of them")
     for key in ("validation_init_image", "validation_reference_image"):  # read now: validation comes later
@@ -176,6 +182,7 @@ def check_model_type(config: Any) -> None:
     refused = {
         "base_model_precision": config.base_model_precision != "no_change",
         "blocks_to_swap": bool(config.get("blocks_to_swap")),
+        "memory_budget": bool(config.get("memory_budget")),
         "regularisation_target": any(d.config.regularisation_target != "noise" for d in resolve(config)),
     }
     for key, bad in refused.items():
@@ -185,8 +192,16 @@ def check_model_type(config: Any) -> None:
                 {
                     "base_model_precision": "a quantized base cannot be fine-tuned fully; train a LoRA on it instead",
                     "blocks_to_swap": "block swap keeps frozen weights in host memory; model_type: full trains them",
+                    "memory_budget": "its plans quantize and swap the base, which model_type: full trains; "
+                    "`tuner estimate` shows what fits",
                     "regularisation_target": "base_model needs the untouched base beside the trained weights",
                 }[key],
             )
     if config.bf16_stochastic_rounding and config.mixed_precision != "bf16":
         raise config.error("bf16_stochastic_rounding", "needs mixed_precision: bf16 (the weights are bf16)")
+    if config.bf16_stochastic_rounding and config.optimizer == "prodigy":
+        raise config.error(
+            "optimizer",
+            "prodigy estimates one step size from all parameters at once; bf16_stochastic_rounding steps them "
+            "one at a time: use adamw, adamw8bit or adafactor",
+        )

@@ -188,15 +188,24 @@ DEVICE_ADVICE = {
 }
 
 
-def shortfalls(found: Estimate, free_device: int | None, free_ram: int | None) -> list[str]:
-    """One line per resource the estimate says will run short, naming the phase and what helps."""
+# model_type: full cannot quantize or swap its trained weights: what shrinks its training step
+FULL_ADVICE = (
+    "bf16_stochastic_rounding: true (bf16 weights: half the weight and gradient memory), optimizer: "
+    "adafactor or adamw8bit (a fraction of AdamW's state), gradient_checkpointing: true; `tuner estimate "
+    "--set ...` shows each (or train a LoRA)"
+)
+
+
+def shortfalls(found: Estimate, free_device: int | None, free_ram: int | None, full: bool = False) -> list[str]:
+    """One line per resource the estimate says will run short, naming the phase and what helps
+    (``full``: what helps a full fine-tune)."""
     lines = []
     checks = [("RAM", found.peak_ram, free_ram, max(found.phases, key=lambda p: p.ram))]
     if found.device_type != "cpu":
         checks.insert(0, (f"{found.device_type} memory", found.plan_device, free_device, found.peak_phase))
     for what, needed, free, phase in checks:
         if free is not None and needed > free:
-            advice = ADVICE.get(phase.name, "see tuner estimate")
+            advice = FULL_ADVICE if full and phase.name == "train" else ADVICE.get(phase.name, "see tuner estimate")
             if what != "RAM" and phase.name in DEVICE_ADVICE:
                 advice = f"{DEVICE_ADVICE[phase.name]}; or: {advice}"
             lines.append(f"the run may need {size(needed)} of {what} ({phase.name}) but {size(free)} is free: {advice}")

@@ -31,7 +31,7 @@ from tuner.core.model.activations import copies_by
 from tuner.core.model.encoders import text_encoder_precisions
 from tuner.core.model.swap import repeated_blocks
 from tuner.core.training.ema import AdapterEMA
-from tuner.core.training.runtime import autocast, build_optimizer, weight_dtype
+from tuner.core.training.runtime import autocast, build_optimizer, trained_dtype, weight_dtype
 from tuner.core.training.runtime import device_type as local_device_type
 from tuner.core.training.stepper import StepOutcome, Stepper
 
@@ -116,8 +116,8 @@ def estimate_precisions(
     import_object(family.transformer_class)  # a one-line error when the class is missing
     transformer_config = files.json(f"{family.transformer_subfolder}/config.json")
 
-    def denoiser() -> torch.nn.Module:
-        return build_on_meta(library, class_name, transformer_config, dtype)
+    def denoiser() -> torch.nn.Module:  # a full fine-tune's weights: fp32 masters, or bf16 (stochastic rounding)
+        return build_on_meta(library, class_name, transformer_config, trained_dtype(config))
 
     transformer = denoiser()
     bases = [base_weights(host, config, transformer, p) for p in precisions]
@@ -381,6 +381,10 @@ def first_step(host, config, params) -> Any:
         p.grad = torch.zeros_like(p)
     try:
         optimizer = build_optimizer(host, config, params)
+        if config.get("bf16_stochastic_rounding"):  # its state is fp32 beside bf16 weights
+            from tuner.core.training.full import enable_stochastic_rounding
+
+            enable_stochastic_rounding(optimizer, config.seed)
         optimizer.step()
     except (DataDependentOutputException, RuntimeError, TypeError, NotImplementedError):
         optimizer = None

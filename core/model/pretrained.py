@@ -90,8 +90,20 @@ def pipeline_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
 def load_declared(family: FamilyInfo, config: Any, component: str, dtype: torch.dtype) -> Any:
     """``load_model`` from the family's record: each class it declares, from its subfolder."""
     hub = Pretrained(model_source(config, family.flavours), config.revision, dtype)
+    own = config.get("pretrained_transformer_model_name_or_path")  # a fine-tuned denoiser beside the base
+
+    def transformer(cls: Any) -> Any:
+        if not own:
+            return hub.model(cls, family.transformer_subfolder)
+        from pathlib import Path
+
+        subfolder = config.get("pretrained_transformer_subfolder")
+        if subfolder is None and (Path(own) / family.transformer_subfolder).is_dir():
+            subfolder = family.transformer_subfolder  # the run's output folder, or a whole pipeline
+        return Pretrained(own, None, dtype).model(cls, subfolder)
+
     declared = {
-        "transformer": (family.transformer_class, lambda cls: hub.model(cls, family.transformer_subfolder)),
+        "transformer": (family.transformer_class, transformer),
         "vae": (family.vae_class, lambda cls: hub.model(cls, "vae")),
         "scheduler": (family.scheduler_class, hub.scheduler),
         "text_encoders": (family.pipeline_class, hub.text_pipeline),

@@ -36,7 +36,12 @@ def report_memory_estimate(ctx: RunContext) -> Any:
         ctx.warn(f"memory estimate unavailable: {first_line(exc)}")
         return None
     ctx.log(found.summary())
-    for line in shortfalls(found, free_memory(device_type), available_ram()):
+    full = config.get("model_type", "lora") == "full"
+    for line in shortfalls(found, free_memory(device_type), available_ram(), full):
+        if full and f" of {device_type} memory " in line:  # a full fine-tune's step would not fit: refused now
+            from tuner.core.errors import ConfigError
+
+            raise ConfigError(f"{config.source}: model_type: full: {line}")
         ctx.warn(line)
     return found
 

@@ -5,14 +5,16 @@ the family keeps frozen (``FamilyInfo.frozen_in_full``, e.g. Chroma's distilled 
 Stochastic rounding (``bf16_stochastic_rounding``): round-to-nearest drops every update smaller than
 half a bf16 unit in the last place, so small learning rates stop training a bf16 model; rounding
 up with probability equal to the remainder keeps the update in expectation. The optimizer steps on
-an fp32 copy of each parameter (its grad in fp32 too: the optimizer's state and arithmetic are
-fp32, as on fp32 master weights), and the result is rounded back stochastically, seeded from
+an fp32 copy of each parameter in turn (its grad in fp32 too: the optimizer's state and arithmetic
+are fp32, as on fp32 master weights), and the result is rounded back stochastically, seeded from
 (seed, the number of steps taken), so a resumed run rounds exactly as an uninterrupted one. An
 optimizer that writes its parameters itself (bitsandbytes' 8-bit, transformers' Adafactor) writes
-the fp32 copy, so it goes through the same rounding."""
+the fp32 copy, so it goes through the same rounding. Cost: one optimizer call per parameter (the
+multi-tensor kernels are not used); memory: one parameter's fp32 copy at a time."""
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -53,25 +55,48 @@ def stochastic_round(value: torch.Tensor, generator: torch.Generator) -> torch.T
 
 
 def enable_stochastic_rounding(optimizer: torch.optim.Optimizer, seed: int) -> None:
-    """Run ``optimizer``'s steps on fp32 copies of its bf16 parameters and round the results back
-    stochastically (see the module's docstring)."""
+    """Step ``optimizer``'s bf16 parameters one at a time on an fp32 copy (its grad in fp32 too) and
+    round each result back stochastically: one parameter's fp32 copy exists at a time. Its other
+    parameters step together, as usual. Optimizers that combine parameters in one step (Prodigy's
+    shared step size) are refused by the config check."""
     bf16 = [p for group in optimizer.param_groups for p in group["params"] if p.dtype == torch.bfloat16]
     optimizer.param_groups[0].setdefault(ROUNDING_STEP, 0)
+    step_all = optimizer.step  # the class's step, with the optimizer's hooks
 
-    def before(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def step(self: torch.optim.Optimizer, closure: Any = None) -> Any:
+        grads = {p: p.grad for p in bf16}
+        others = [
+            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None and p not in grads
+        ]
         for param in bf16:
-            if param.grad is not None:
-                param.data = param.data.float()
-                param.grad = param.grad.float()
-
-    def after(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        group = opt.param_groups[0]
+            param.grad = None
+        loss = step_all(closure) if others else None  # the fp32 parameters (if any) as usual
+        group = optimizer.param_groups[0]
         generator = torch.Generator().manual_seed(step_seed(seed, group[ROUNDING_STEP], ROUNDING))
+        kept = {p: p.grad for p in others}
+        for param in others:
+            param.grad = None
         for param in bf16:
-            if param.data.dtype == torch.float32:
-                param.data = stochastic_round(param.data, generator)
-                param.grad = None  # fp32; the next step's backward starts a bf16 one
+            if grads[param] is None:
+                continue
+            param.data, param.grad = param.data.float(), grads[param].float()
+            step_all()
+            param.data, param.grad = stochastic_round(param.data, generator), None
+        for param, grad in kept.items():
+            param.grad = grad
         group[ROUNDING_STEP] += 1
+        return loss
 
-    optimizer.register_step_pre_hook(before)
-    optimizer.register_step_post_hook(after)
+    # load_state_dict casts the state to its parameter's dtype: fp32 state would lose bits to bf16
+    # params, so they are fp32 (the same values) while it loads
+    def loading(opt: torch.optim.Optimizer, state_dict: Any) -> None:
+        for param in bf16:
+            param.data = param.data.float()
+
+    def loaded(opt: torch.optim.Optimizer) -> None:
+        for param in bf16:
+            param.data = param.data.to(torch.bfloat16)  # exact: the values were bf16
+
+    optimizer.step = types.MethodType(step, optimizer)  # bound, as accelerate's wrapper expects
+    optimizer.register_load_state_dict_pre_hook(loading)
+    optimizer.register_load_state_dict_post_hook(loaded)

@@ -54,6 +54,24 @@ KEYS = in_group(
             resume_critical=True,
         ),
         ConfigKey(
+            "pretrained_transformer_model_name_or_path",
+            "str",
+            None,
+            "A denoiser to use instead of the base model's (a full fine-tune's output folder, its transformer/ "
+            "folder, or a hub id); the other components come from the base.",
+            resume_critical=True,
+            recipe=True,
+        ),
+        ConfigKey(
+            "pretrained_transformer_subfolder",
+            "str",
+            None,
+            "The subfolder of pretrained_transformer_model_name_or_path holding the denoiser (default: transformer "
+            "when there is one, else the folder itself).",
+            resume_critical=True,
+            recipe=True,
+        ),
+        ConfigKey(
             "full_frozen_modules",
             "list",
             None,
