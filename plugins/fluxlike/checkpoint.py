@@ -36,7 +36,9 @@ def _other_name(name: str) -> str | None:
     match = BLOCK.match(name)
     if match is not None:
         kind, index, rest = match.groups()
-        table, prefix = (DOUBLE_NORMS, "double_blocks") if kind == "transformer_blocks" else (SINGLE_NORMS, "single_blocks")
+        table, prefix = (
+            (DOUBLE_NORMS, "double_blocks") if kind == "transformer_blocks" else (SINGLE_NORMS, "single_blocks")
+        )
         return f"{prefix}.{index}.{table[rest]}" if rest in table else None
     for pattern, replacement in APPROXIMATOR:
         if pattern.match(name):
