@@ -128,7 +128,7 @@ def test_overrides_are_yaml_scalars():
             {"lora_rank": 4, "network_rank": 8},
             r"'lora_rank' and 'network_rank' are the same key \(network_rank\); keep one",
         ),
-        ({"model_type": "full"}, r"model_type: 'full' is not one of lora"),
+        ({"model_type": "dreambooth"}, r"model_type: 'dreambooth' is not one of lora, full"),
     ],
 )
 def test_config_errors_name_the_key(host, settings, message):

@@ -52,6 +52,7 @@ KEYS = in_group(
             "keeps some frozen, see full_frozen_modules). full writes a diffusers folder and one single file.",
             choices=("lora", "full"),
             resume_critical=True,
+            in_form=False,  # the web UI's form is a LoRA's (its keys, presets, estimate)
         ),
         ConfigKey(
             "pretrained_transformer_model_name_or_path",
@@ -73,7 +74,7 @@ KEYS = in_group(
         ),
         ConfigKey(
             "full_frozen_modules",
-            "list",
+            "str_list",
             None,
             "model_type: full: module names (prefixes) that stay frozen (default: the family's, e.g. Chroma's "
             "distilled guidance layer; [] trains everything).",
