@@ -47,17 +47,18 @@ def test_stochastic_rounding_keeps_small_updates_and_is_unbiased():
     assert torch.isinf(stochastic_round(torch.tensor([float("inf")]), g)).all()
 
 
-def chroma_width_converter(inner_dim: int):
-    """diffusers 0.42's convert_chroma_transformer_checkpoint_to_diffusers with the model's width:
-    the function hard-codes the real Chroma's (inner_dim = 3072), so a tiny model's file cannot pass
+def width_converter(family: str, inner_dim: int):
+    """diffusers 0.42's convert_<family>_transformer_checkpoint_to_diffusers with the model's width:
+    the function hard-codes the real model's (inner_dim = 3072), so a tiny model's file cannot pass
     through from_single_file (the test below shows it). Its own code, with the one constant changed."""
     from diffusers.loaders import single_file_utils
 
-    source = inspect.getsource(single_file_utils.convert_chroma_transformer_checkpoint_to_diffusers)
+    name = f"convert_{family}_transformer_checkpoint_to_diffusers"
+    source = inspect.getsource(getattr(single_file_utils, name))
     assert "    inner_dim = 3072\n" in source  # when this fails, diffusers reads the width itself
     namespace = dict(vars(single_file_utils))
     exec(source.replace("    inner_dim = 3072\n", f"    inner_dim = {inner_dim}\n"), namespace)  # noqa: S102
-    return namespace["convert_chroma_transformer_checkpoint_to_diffusers"]
+    return namespace[name]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_a_full_fine_tune_lowers_the_loss_and_writes_a_folder_and_a_comfyui_file
     assert all(k.startswith("model.diffusion_model.") for k in single)
     with pytest.raises(RuntimeError, match="split"):  # diffusers' converter assumes Chroma's 3072 width
         convert_chroma_transformer_checkpoint_to_diffusers(dict(single))
-    converted = chroma_width_converter(trained.inner_dim)(dict(single))
+    converted = width_converter("chroma", trained.inner_dim)(dict(single))
     assert set(converted) == set(after)
     assert all(torch.equal(converted[k], after[k]) for k in after)
 
@@ -192,3 +193,47 @@ def test_tuner_sample_renders_the_fine_tuned_folder_as_validation_did(full_run, 
     sampled = Image.open(next((tmp_path / "s").glob("*.png")))
     validation = Image.open(result.validation_dirs[-1] / "00.png")
     assert list(sampled.getdata()) == list(validation.getdata())
+
+
+def test_a_rollback_before_the_first_checkpoint_reads_the_base_weights_again(tiny_chroma, one_image_dir, tmp_path):
+    """The start of a full fine-tune is not copied into RAM (it would be the whole model): a rollback
+    to it reloads the base model's weights."""
+    from .test_resume import PoisonSteps
+
+    settings = full_settings(
+        tiny_chroma, one_image_dir, tmp_path, max_train_steps=4, divergence_skip_limit=2, learning_rate=1e-2
+    )
+    trainer, result = run_trainer(settings, ("poison", PoisonSteps({3, 4})))  # steps 3 and 4: no checkpoint yet
+    assert result.steps == 4 and result.rollbacks == 1
+    assert trainer.checkpoints.start.adapter is None
+    weights = load_file(next((Path(settings["output_dir"]) / "transformer").glob("*.safetensors")))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_a_full_fine_tune_that_cannot_fit_is_told_what_shrinks_it(tiny_chroma, shapes_dir, tmp_path):
+    from tuner.core.api import estimate
+    from tuner.core.estimate import shortfalls
+
+    host = make_host()
+    config = make_config(host, full_settings(tiny_chroma, shapes_dir, tmp_path, memory_estimate=True))
+    found = estimate(host, config, "cuda")
+    found.phases = [p for p in found.phases if p.name == "train"]  # as at a real size: training is the peak
+    (line,) = shortfalls(found, free_device=1024, free_ram=None, full=True)
+    assert "of cuda memory (train)" in line and "bf16_stochastic_rounding: true" in line and "adafactor" in line
+    (lora_line,) = shortfalls(found, free_device=1024, free_ram=None)
+    assert "quantized base_model_precision" in lora_line  # what helps a LoRA
+
+
+def test_flux_writes_the_same_single_file_layout(tiny_flux, one_image_dir, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    settings = full_settings(tiny_flux, one_image_dir, tmp_path, max_train_steps=2)
+    settings["model_family"] = "flux"
+    train(settings)
+    out = Path(settings["output_dir"])
+    trained = FluxTransformer2DModel.from_pretrained(out / "transformer").state_dict()
+    converted = width_converter("flux", FluxTransformer2DModel.load_config(out / "transformer")["num_attention_heads"]
+                                * FluxTransformer2DModel.load_config(out / "transformer")["attention_head_dim"])(
+        dict(load_file(out / "flux_comfyui.safetensors")))  # fmt: skip
+    assert set(converted) == set(trained)
+    assert all(torch.equal(converted[k], trained[k]) for k in trained)

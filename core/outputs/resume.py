@@ -28,7 +28,7 @@ class Snapshot:
     """The state a rollback returns to before any checkpoint exists, in host memory (it must not
     take accelerator memory all run long)."""
 
-    adapter: dict[str, torch.Tensor]
+    adapter: dict[str, torch.Tensor] | None  # None for a full fine-tune: the base model's files hold it
     optimizer: tuple[dict[str, torch.Tensor], dict[str, Any]]
     lr_scheduler: dict[str, Any]
     guard: dict[str, Any]
@@ -46,8 +46,9 @@ class Checkpoints:
         """Keep the freshly initialised state as the rollback target until a checkpoint exists."""
         if self.ctx.is_main:
             checkpoint.prune(self.ctx.output_dir, 0)  # leftovers of saves cut off by a crash
+        full = self.ctx.config.get("model_type", "lora") == "full"  # a copy of the whole model: read again instead
         self.start = Snapshot(
-            adapter={n: t.to("cpu", copy=True) for n, t in state.adapter().items()},
+            adapter=None if full else {n: t.to("cpu", copy=True) for n, t in state.adapter().items()},
             optimizer=checkpoint.optimizer_state(state.optimizer),
             lr_scheduler=state.lr_scheduler.state_dict(),
             guard=state.guard.state_dict(),
@@ -111,6 +112,18 @@ class Checkpoints:
         state.guard.load_state_dict(guard)
         checkpoint.restore_rng(tensors["rng"], saved["rng"])
 
+    def base_weights(self, state: TrainState) -> dict[str, torch.Tensor]:
+        """The denoiser's weights as loaded at the start (a full fine-tune's rollback target before
+        its first checkpoint), read from the model's files again."""
+        from tuner.core.training.runtime import trained_dtype
+
+        ctx = self.ctx
+        base = ctx.host.provide(
+            "load_model", config=ctx.config, component="transformer", dtype=trained_dtype(ctx.config)
+        )
+        trained = state.adapter()
+        return {name: value for name, value in base.named_parameters() if name in trained}
+
     def resume(self, state: TrainState) -> Path | None:
         """Restore ``resume_from_checkpoint`` (``latest``: the newest intact one) into ``state``."""
         config, wanted = self.ctx.config, self.ctx.config.resume_from_checkpoint
@@ -151,7 +164,8 @@ class Checkpoints:
             self.restore(state, folder)
         else:
             start = self.start
-            _load(state, start.adapter, start.optimizer, start.lr_scheduler)
+            weights = start.adapter if start.adapter is not None else self.base_weights(state)
+            _load(state, weights, start.optimizer, start.lr_scheduler)
             if state.ema is not None:
                 state.ema.load_state_dict(start.ema)
             state.position = Position()

@@ -38,7 +38,7 @@ def report_memory_estimate(ctx: RunContext) -> Any:
     ctx.log(found.summary())
     full = config.get("model_type", "lora") == "full"
     for line in shortfalls(found, free_memory(device_type), available_ram(), full):
-        if full and f" of {device_type} memory " in line:  # a full fine-tune's step would not fit: refused now
+        if full and f" of {device_type} memory (train)" in line:  # its training step cannot fit: refused now
             from tuner.core.errors import ConfigError
 
             raise ConfigError(f"{config.source}: model_type: full: {line}")
