@@ -329,6 +329,11 @@ def estimate(
     if device is not None and device not in ("cuda", "mps", "cpu"):
         raise ConfigError(f"--device {device!r}: choose cuda, mps or cpu")
     host, cfg = _load_config(plugin, config, set_)
+    if (plan or budget is not None) and cfg.model_type == "full":
+        raise ConfigError(
+            "--plan: the plans quantize and swap the base, which model_type: full trains; compare "
+            "--set bf16_stochastic_rounding=true and --set optimizer=adafactor (or adamw8bit) instead"
+        )
     if plan or budget is not None:
         _print_plans(host, cfg, device, budget, as_json)
         return
