@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tuner.core import hookimpl
 from tuner.core.api import Interrupted, Trainer, build_config, estimate
 from tuner.testing import make_host
 from tuner.testing.contract import FamilyContract
@@ -430,3 +431,52 @@ def test_without_torchvision_the_edit_processor_is_assembled_from_its_image_half
     )
     pads = int((out["input_ids"] == processor.image_token_id).sum())
     assert pads == int(out["image_grid_thw"].prod()) // 4  # one token per 2x2 merged patch
+
+
+class SeenText:
+    """Keeps the text each predict_flow call receives (a wrapper, as a third-party plugin would)."""
+
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl(wrapper=True)
+    def predict_flow(self, text):
+        self.seen.append({k: v.detach().clone() for k, v in text.items()})
+        return (yield)
+
+
+def test_dropped_instructions_train_with_their_own_references_encoding(tmp_path):
+    """Caption dropout on edit pairs: a dropped instruction is the empty prompt encoded with that
+    pair's own reference (what the edit pipelines' negative prompt is at inference), and the
+    reference's latents stay."""
+    from tuner.core.data.cache import conditioning_key
+
+    spy = SeenText()
+    _, config = host_and_config(
+        tmp_path,
+        PAIRS / "targets",
+        EDIT,
+        conditioning_data_dir=str(PAIRS / "references"),
+        reference_pixels=32 * 32,
+        train_batch_size=2,
+        max_train_steps=6,
+        caption_dropout_probability=0.5,
+    )
+    from tuner.plugins.qwen_image import plugin
+
+    host = make_host(("qwen_image", plugin), ("spy", spy), family="qwen_image")
+    Trainer(host, config, warn=lambda m: None).train()
+    text_dir = next((tmp_path / "cache" / "text").iterdir())
+    stored = {
+        (prompt, ref.name): load_file(text_dir / f"{conditioning_key(prompt, ref)}.safetensors")["prompt_embeds"]
+        for ref in sorted((PAIRS / "references").glob("*.png"))
+        for prompt in ("", "invert the colors")
+    }
+    assert len(spy.seen) == 6 and all("reference_latents" in t for t in spy.seen)
+    dropped = 0
+    for text in spy.seen:
+        for row in range(2):
+            embeds = text["prompt_embeds"][row, : int(text["attention_mask"][row].sum())]
+            (match,) = [key for key, e in stored.items() if e.shape == embeds.shape and torch.equal(e, embeds)]
+            dropped += match[0] == ""
+    assert 0 < dropped < 12  # some rows dropped, each to the empty prompt with its own reference

@@ -41,13 +41,6 @@ def check_relations(config: Any, warn: Any) -> None:
     for key in ("validation_init_image", "validation_reference_image"):  # read now: validation comes later
         if config.get(key):
             check_image(config, key)
-    for dataset in resolve(config):
-        if dataset.config.get("conditioning_data_dir") and dataset.config.caption_dropout_probability > 0:
-            raise config.error(
-                "caption_dropout_probability",
-                f"is not supported with edit pairs (conditioning_data_dir {dataset.config.conditioning_data_dir}): "
-                "a dropped instruction would still need its reference image's encoding",
-            )
 
 
 def check_image(config: Any, key: str) -> None:

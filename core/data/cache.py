@@ -231,6 +231,7 @@ class Entry:
     variants: tuple[str, ...] = ()  # with random crops: the latents of each epoch's crop
     image: Path | None = None  # the image file
     reference: tuple[int, int] | None = None  # an edit pair's reference size (batches share it)
+    dropped: str | None = None  # an edit pair's text key of a dropped caption (encoded with its reference)
 
 
 @dataclass
@@ -314,10 +315,12 @@ def prepare_caches(
     global_batch: int = 1,
     batch_count: int = 1,
     extra_reference: Path | None = None,
+    dropped_text: str | None = None,
 ) -> PreparedData:
     """Make sure every image has cached latents at its bucket's size (with random crops, one crop
     per epoch that ``batch_count`` global batches reach) and every caption/prompt a cached encoding
-    (``extra_texts`` with ``extra_reference``, validation's edit reference, when given).
+    (``extra_texts`` with ``extra_reference``, validation's edit reference, when given; with
+    ``dropped_text``, what a dropped caption trains with, each edit pair's own encoding of it).
     Encoders are loaded only for what is missing and are freed afterwards.
     """
     import torch
@@ -427,6 +430,7 @@ def prepare_caches(
     texts = list(
         dict.fromkeys(
             [(caption, item.reference) for item in usable for caption in item.captions]
+            + [(dropped_text, i.reference) for i in usable if i.reference is not None and dropped_text is not None]
             + [(t, extra_reference) for t in extra_texts]
         )
     )
@@ -491,6 +495,9 @@ def prepare_caches(
             variants=tuple(keyed(i, b, e) for e in range(epochs)) if epochs > 1 else (),
             image=i.image,
             reference=sizes[i.reference]["vae"] if i.reference is not None else None,
+            dropped=conditioning_key(dropped_text, i.reference)
+            if i.reference is not None and dropped_text is not None
+            else None,
         )
         for i, b in zip(usable, bucket_plan.buckets, strict=True)
     ]
@@ -561,6 +568,7 @@ class CachedDataset:
         if "reference" in cached:  # the edit's start reaches predict_flow with the text
             conditioning["reference_latents"] = cached["reference"]
         return {
+            "dropped_text": self.prepared.text.load(entry.dropped) if entry.dropped else None,
             "latents": cached["latents"],
             "mask": cached["mask"] if entry.masked else None,
             "text": conditioning,
@@ -599,7 +607,9 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if any(m is not None for m in masks):  # images without a mask weigh every latent pixel fully
         shape = next(m for m in masks if m is not None).shape
         masks = [m if m is not None else torch.ones(shape) for m in masks]
+    dropped = [r.get("dropped_text") for r in rows]  # an edit pair's own dropped-caption encoding
     return {
+        "dropped_text": {n: pad_stack([d[n] for d in dropped]) for n in dropped[0]} if dropped[0] else None,
         "mask": torch.stack(masks) if masks[0] is not None else None,
         "latents": torch.stack([r["latents"] for r in rows]),  # one bucket per batch: one shape
         "text": {name: pad_stack([r["text"][name] for r in rows]) for name in rows[0]["text"]},

@@ -69,13 +69,15 @@ def prepare_data(ctx: RunContext) -> RunData:
     prompts = validation_prompts(config)
     extra = prompts + [config.validation_negative_prompt or ""] if prompts else []
     dropped = [dropped_caption(d.config) for d in datasets]  # what a dropped caption trains with
-    extra += [t for t in dict.fromkeys(dropped) if t is not None and t not in extra]
+    paired = [bool(d.config.get("conditioning_data_dir")) for d in datasets]  # edit pairs: one encoding per pair
+    shared = [t for t, own in zip(dropped, paired, strict=True) if t is not None and not own]
+    extra += [t for t in dict.fromkeys(shared) if t not in extra]
     global_batch = config.train_batch_size * ctx.accelerator.num_processes
     scanned = [_scan(ctx, d, datasets) for d in datasets]
-    paired = next((i.reference for items in scanned for i in items if i.reference is not None), None)
-    if prompts and paired is not None and not config.get("validation_reference_image"):
-        config.set_default("validation_reference_image", str(paired))  # the recipe records it too
-        ctx.log(f"validating edits of {paired} (the first pair's reference; validation_reference_image chooses)")
+    first = next((i.reference for items in scanned for i in items if i.reference is not None), None)
+    if prompts and first is not None and not config.get("validation_reference_image"):
+        config.set_default("validation_reference_image", str(first))  # the recipe records it too
+        ctx.log(f"validating edits of {first} (the first pair's reference; validation_reference_image chooses)")
     held_out_items: list = []
     if config.eval_split:  # from the first dataset
         if config.eval_split >= len(scanned[0]):
@@ -99,6 +101,7 @@ def prepare_data(ctx: RunContext) -> RunData:
                 part = prepare_caches(
                     ctx.host, dataset.config, items, extra, ctx.device, ctx.weight_dtype, ctx.warn, global_batch,
                     batch_count=drawn[number], extra_reference=validation_reference(config),
+                    dropped_text=dropped[number],
                 )  # fmt: skip
                 entries = [replace(e, dataset=number) for e in part.entries] * (1 + dataset.config.dataset_repeats)
                 if len(entries) < global_batch:
@@ -109,7 +112,10 @@ def prepare_data(ctx: RunContext) -> RunData:
             parts.append(replace(part, entries=entries))
         if held_out_items:
             held_out = prepare_caches(ctx.host, config, held_out_items, [], ctx.device, ctx.weight_dtype, ctx.warn)
-    dropped_captions = [parts[0].text.load(text_key(t)) if t is not None else {} for t in dropped]
+    dropped_captions = [
+        parts[0].text.load(text_key(t)) if t is not None and not own else {}
+        for t, own in zip(dropped, paired, strict=True)
+    ]
     return RunData(_joined(parts, datasets), datasets, dropped_captions, held_out)
 
 

@@ -149,8 +149,11 @@ class Stepper:
             return text
         with self.exact():
             dropped = (torch.rand(global_size, generator=shared) < dropout)[mine]
-        instead = self.dropped_captions[batch["dataset"]]
-        return {name: _replace_rows(dropped, value, instead[name]) for name, value in text.items()}
+        instead = batch.get("dropped_text") or self.dropped_captions[batch["dataset"]]  # edit pairs: each its own
+        return {
+            name: _replace_rows(dropped, value, instead[name]) if name in instead else value  # reference latents stay
+            for name, value in text.items()
+        }
 
     # -- what a step decides from values: ``tuner estimate`` runs this class's steps on fake
     # tensors, which have shapes but no values, through a subclass that answers these three
@@ -183,13 +186,22 @@ class Stepper:
 
 
 def _replace_rows(rows: torch.Tensor, batch: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-    """``batch`` with the rows picked by ``rows`` replaced by ``row``; text of varying length
-    (``FamilyInfo.text_lengths_vary``) is zero-padded to the longer of the two first."""
-    if row.dim() and row.shape[0] != batch.shape[1]:
-        longest = max(row.shape[0], batch.shape[1])
-        row = torch.cat([row, row.new_zeros(longest - row.shape[0], *row.shape[1:])])
-        batch = torch.cat([batch, batch.new_zeros(batch.shape[0], longest - batch.shape[1], *batch.shape[2:])], 1)
+    """``batch`` with the rows picked by ``rows`` replaced by ``row`` (one row for every sample, or a
+    batch of them: edit pairs' own); text of varying length (``FamilyInfo.text_lengths_vary``) is
+    zero-padded to the longer of the two first."""
+    own = row.dim() == batch.dim()
+    tokens = 1 if own else 0  # the token axis of ``row``
+    if row.dim() > tokens and row.shape[tokens] != batch.shape[1]:
+        longest = max(row.shape[tokens], batch.shape[1])
+        row = _pad_tokens(row, tokens, longest)
+        batch = _pad_tokens(batch, 1, longest)
     return torch.where(_rows(rows, batch), row, batch)
+
+
+def _pad_tokens(tensor: torch.Tensor, axis: int, length: int) -> torch.Tensor:
+    shape = list(tensor.shape)
+    shape[axis] = length - shape[axis]
+    return torch.cat([tensor, tensor.new_zeros(shape)], axis)
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
