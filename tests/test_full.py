@@ -237,3 +237,18 @@ def test_flux_writes_the_same_single_file_layout(tiny_flux, one_image_dir, tmp_p
         dict(load_file(out / "flux_comfyui.safetensors")))  # fmt: skip
     assert set(converted) == set(trained)
     assert all(torch.equal(converted[k], trained[k]) for k in trained)
+
+
+def test_flux2_writes_bfls_layout_that_from_single_file_reads(tiny_flux2, one_image_dir, tmp_path):
+    """Flux.2's converter reads any width: the file goes through from_single_file itself."""
+    from diffusers import Flux2Transformer2DModel
+
+    settings = full_settings(tiny_flux2, one_image_dir, tmp_path, max_train_steps=2, model_flavour="klein-4b")
+    settings.update(model_family="flux2", tokenizer_max_length=40)
+    result, _, _ = train(settings)
+    out = Path(settings["output_dir"])
+    trained = Flux2Transformer2DModel.from_pretrained(out / "transformer").state_dict()
+    single = Flux2Transformer2DModel.from_single_file(
+        str(out / "flux2_comfyui.safetensors"), config=str(tiny_flux2), subfolder="transformer"
+    ).state_dict()
+    assert set(single) == set(trained) and all(torch.equal(single[k], trained[k]) for k in trained)

@@ -158,3 +158,10 @@ def generate_images(request: Any) -> list[Any]:
     if cls.__name__ == KLEIN and request.negative_text is not None:
         shared["negative_prompt_embeds"] = request.negative_text["prompt_embeds"]
     return render(pipe, request, lambda text: {"prompt_embeds": text["prompt_embeds"]}, **shared)
+
+
+@hookimpl
+def export_full_model(transformer, config):
+    """model_type: full: flux2_comfyui.safetensors, BFL's Flux.2 layout without a prefix (as BFL
+    publishes it; ComfyUI detects either, diffusers' Flux.2 converter strips none)."""
+    return fluxlike.export_full_model(transformer, "flux2", "flux2", prefix="")

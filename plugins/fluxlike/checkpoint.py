@@ -1,4 +1,4 @@
-"""A Flux.1-lineage denoiser (Flux.1, Chroma) as one single-file checkpoint in BFL's layout, what
+"""A Flux-lineage denoiser (Flux.1, Chroma, Flux.2) as one single-file checkpoint in BFL's layout, what
 ComfyUI's diffusion-model loader and diffusers' ``from_single_file`` read: BFL names under
 ``model.diffusion_model.``, q/k/v fused into ``qkv`` (double blocks) and ``linear1`` with the MLP's
 input (single blocks), the final modulation's halves in BFL's order. The inverse of diffusers'
@@ -46,8 +46,11 @@ def _other_name(name: str) -> str | None:
     return None
 
 
-def bfl_checkpoint(transformer: torch.nn.Module, names: BflNames = FLUX1) -> dict[str, torch.Tensor]:
-    """Every weight of ``transformer`` under its BFL name (see the module's docstring)."""
+def bfl_checkpoint(
+    transformer: torch.nn.Module, names: BflNames = FLUX1, prefix: str = CHECKPOINT_PREFIX
+) -> dict[str, torch.Tensor]:
+    """Every weight of ``transformer`` under its BFL name (see the module's docstring), each key
+    after ``prefix`` (Flux.2: none, as BFL publishes it; diffusers' Flux.2 converter strips no prefix)."""
     where = places(transformer, names)
     out: dict[str, torch.Tensor] = {}
     covered: set[str] = set()
@@ -64,7 +67,7 @@ def bfl_checkpoint(transformer: torch.nn.Module, names: BflNames = FLUX1) -> dic
             if place.swapped:
                 first, second = tensor.chunk(2, dim=0)
                 tensor = torch.cat([second, first], dim=0)
-            key = f"{CHECKPOINT_PREFIX}{place.target}.{kind}"
+            key = f"{prefix}{place.target}.{kind}"
             if place.total == place.rows:
                 out[key] = tensor
                 continue
@@ -77,5 +80,5 @@ def bfl_checkpoint(transformer: torch.nn.Module, names: BflNames = FLUX1) -> dic
         other = _other_name(name)
         if other is None:
             raise KeyError(f"no BFL name for {name}")
-        out[CHECKPOINT_PREFIX + other] = tensor.detach()
+        out[prefix + other] = tensor.detach()
     return out

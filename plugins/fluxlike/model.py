@@ -70,8 +70,12 @@ def t5_example_text(config: Any, transformer: Any, batch_size: int, dtype: torch
     return text
 
 
-def export_full_model(transformer: torch.nn.Module, family: str) -> dict[str, dict[str, torch.Tensor]]:
+def export_full_model(
+    transformer: torch.nn.Module, family: str, generation: str = "flux1", prefix: str | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
     """A full fine-tune's single file for ComfyUI (and diffusers' from_single_file): BFL's layout."""
-    from tuner.plugins.fluxlike.checkpoint import bfl_checkpoint
+    from tuner.plugins.fluxlike.bfl import NAMES
+    from tuner.plugins.fluxlike.checkpoint import CHECKPOINT_PREFIX, bfl_checkpoint
 
-    return {f"{family}_comfyui.safetensors": bfl_checkpoint(transformer)}
+    state = bfl_checkpoint(transformer, NAMES[generation], CHECKPOINT_PREFIX if prefix is None else prefix)
+    return {f"{family}_comfyui.safetensors": state}
