@@ -53,6 +53,22 @@ def resolution_shift(
     return math.exp(mu)
 
 
+def pack_patches(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, (h/2)(w/2), 4C]: 2x2 patches in row-major order, feature index
+    c*4 + dy*2 + dx (the Flux lineage's and Qwen-Image's _pack_latents)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_patches(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack_patches` for a latent of height ``h`` and width ``w``."""
+    b, _, features = packed.shape
+    c = features // 4
+    x = packed.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, h, w)
+
+
 def packed_tokens(latent_shape: tuple[int, ...]) -> int:
     """Image tokens of a latent of ``latent_shape`` in 2x2 patches (the Flux lineage, SD3, Qwen-Image)."""
     return (latent_shape[-2] // 2) * (latent_shape[-1] // 2)

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from tuner.core.api import flow
 
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, h, w] -> [B, (h/2)(w/2), 4C]: 2x2 patches, feature index c*4 + dy*2 + dx."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`pack` for a latent of height ``h`` and width ``w``."""
-    b, _, features = packed.shape
-    c = features // 4
-    x = packed.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, h, w)
+pack = flow.pack_patches  # [B, C, h, w] -> [B, (h/2)(w/2), 4C]: the core's 2x2 packing
+unpack = flow.unpack_patches
 
 
 def image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:

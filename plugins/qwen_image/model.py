@@ -168,19 +168,6 @@ def sample_sigmas(config: Any, batch_size: int, latent_shape: tuple[int, ...], g
     return flow.sample_shifted_logit_normal(config, batch_size, latent_shape, generator, constants)
 
 
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, H/2 * W/2, 4C]: the pipelines' _pack_latents (2x2 patches, row-major)."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    b, _, channels = packed.shape
-    x = packed.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, channels // 4, h, w)
-
-
 def text_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """None when every token counts, as the pipelines pass it (attention without a mask); the
     estimate's fake tensors have no values and keep the mask (the costlier path)."""
@@ -196,12 +183,12 @@ def predict_flow(transformer, noisy_latents, sigmas, text, config, generator) ->
     tokens are the target's."""
     b, _, h, w = noisy_latents.shape
     dtype = noisy_latents.dtype
-    hidden = pack(noisy_latents)
+    hidden = flow.pack_patches(noisy_latents)
     shapes = [(1, h // 2, w // 2)]
     reference = text.get("reference_latents")
     if reference is not None:
         rh, rw = reference.shape[-2:]
-        hidden = torch.cat([hidden, pack(reference.to(dtype))], dim=1)
+        hidden = torch.cat([hidden, flow.pack_patches(reference.to(dtype))], dim=1)
         shapes.append((1, rh // 2, rw // 2))
     prediction = transformer(
         hidden_states=hidden,
@@ -211,7 +198,7 @@ def predict_flow(transformer, noisy_latents, sigmas, text, config, generator) ->
         img_shapes=[shapes] * b,
         return_dict=False,
     )[0]
-    return unpack(prediction[:, : (h // 2) * (w // 2)], h, w)
+    return flow.unpack_patches(prediction[:, : (h // 2) * (w // 2)], h, w)
 
 
 @hookimpl
