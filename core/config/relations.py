@@ -172,24 +172,30 @@ def check_model_type(config: Any) -> None:
     lora_keys += [k for k in config.keys if k.endswith("_lora_target") and config.is_set(k)]
     if lora_keys:
         raise config.error(lora_keys[0], "is a LoRA setting; model_type: full trains the weights themselves")
-    refused = {
-        "base_model_precision": config.base_model_precision != "no_change",
-        "blocks_to_swap": bool(config.get("blocks_to_swap")),
-        "memory_budget": bool(config.get("memory_budget")),
-        "regularisation_target": any(d.config.regularisation_target != "noise" for d in resolve(config)),
-    }
-    for key, bad in refused.items():
-        if bad:
-            raise config.error(
-                key,
-                {
-                    "base_model_precision": "a quantized base cannot be fine-tuned fully; train a LoRA on it instead",
-                    "blocks_to_swap": "block swap keeps frozen weights in host memory; model_type: full trains them",
-                    "memory_budget": "its plans quantize and swap the base, which model_type: full trains; "
-                    "`tuner estimate` shows what fits",
-                    "regularisation_target": "base_model needs the untouched base beside the trained weights",
-                }[key],
-            )
+    for key, refused, why in (
+        (
+            "base_model_precision",
+            config.base_model_precision != "no_change",
+            "a quantized base cannot be fine-tuned fully; train a LoRA on it instead",
+        ),
+        (
+            "blocks_to_swap",
+            bool(config.get("blocks_to_swap")),
+            "block swap keeps frozen weights in host memory; model_type: full trains them",
+        ),
+        (
+            "memory_budget",
+            bool(config.get("memory_budget")),
+            "its plans quantize and swap the base, which model_type: full trains; `tuner estimate` shows what fits",
+        ),
+        (
+            "regularisation_target",
+            any(d.config.regularisation_target != "noise" for d in resolve(config)),
+            "base_model needs the untouched base beside the trained weights",
+        ),
+    ):
+        if refused:
+            raise config.error(key, why)
     if config.bf16_stochastic_rounding and config.mixed_precision != "bf16":
         raise config.error("bf16_stochastic_rounding", "needs mixed_precision: bf16 (the weights are bf16)")
     if config.bf16_stochastic_rounding and config.optimizer == "prodigy":
