@@ -480,3 +480,40 @@ def test_dropped_instructions_train_with_their_own_references_encoding(tmp_path)
             (match,) = [key for key, e in stored.items() if e.shape == embeds.shape and torch.equal(e, embeds)]
             dropped += match[0] == ""
     assert 0 < dropped < 12  # some rows dropped, each to the empty prompt with its own reference
+
+
+def test_edit_pairs_resume_bit_exact_and_their_reference_tokens_are_estimated(tmp_path):
+    """A stopped edit run (pairs, dropped instructions with their own references) resumes to the
+    same LoRA bit for bit; the estimate counts the reference latents riding along."""
+    settings = {
+        "conditioning_data_dir": str(PAIRS / "references"),
+        "reference_pixels": 32 * 32,
+        "train_batch_size": 2,
+        "caption_dropout_probability": 0.3,
+        "max_train_steps": 4,
+        "checkpointing_steps": 2,
+    }
+
+    def run(folder, *plugins, **extra):
+        from tuner.plugins.qwen_image import plugin
+
+        _, config = host_and_config(folder, PAIRS / "targets", EDIT, **settings, **extra)
+        host = make_host(("qwen_image", plugin), *plugins, family="qwen_image")
+        trainer = Trainer(host, config, warn=lambda m: None)
+        for _, hooks in plugins:
+            hooks.trainer = trainer
+        return trainer.train()
+
+    run(tmp_path / "a")
+    with pytest.raises(Interrupted):
+        run(tmp_path / "b", ("stop", StopAt(2)))
+    run(tmp_path / "b", resume_from_checkpoint="latest")
+    straight = load_file(tmp_path / "a" / "out" / "pytorch_lora_weights.safetensors")
+    resumed = load_file(tmp_path / "b" / "out" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+    def activations(model, **extra):
+        host, config = host_and_config(tmp_path / "e", PAIRS / "targets", model, resolution=64, **extra)
+        return estimate(host, config, "cpu").phase("train").parts["batch, gradients, activations"]
+
+    assert activations(EDIT, reference_pixels=64 * 64) > activations(TINY)  # the same transformer config
