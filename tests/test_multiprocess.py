@@ -153,11 +153,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_
 
 
 @pytest.mark.slow
-def test_a_full_fine_tune_in_two_processes_matches_one_with_the_same_global_batch(
+def test_a_full_fine_tune_sharded_in_two_processes_matches_one_with_the_same_global_batch(
     tiny_chroma, shapes_dir, mixed_dir, tmp_path
 ):
-    """model_type: full under DDP: every weight's gradient all-reduced, the EMA of every weight, only
-    the main process writing the folder and the single file."""
+    """model_type: full sharded by FSDP2 (launched by accelerate as for DDP): every weight's gradient
+    reduce-scattered, the EMA of every shard, the model gathered once and only the main process
+    writing the folder and the single file. (DDP's gradient averaging is the LoRA tests'.)"""
     import yaml
 
     settings = yaml.safe_load(CONFIG.read_text())
@@ -169,10 +170,11 @@ def test_a_full_fine_tune_in_two_processes_matches_one_with_the_same_global_batc
         {"id": "squares", "data_dir": str(shapes_dir), "weight": 2},
         {"id": "mixed", "data_dir": str(mixed_dir), "aspect_bucket_alignment": 16, "caption_dropout_probability": 0.3},
     ]
-    extra = {"model_type": "full", "max_train_steps": 4, "learning_rate": 1e-3}
+    extra = {"model_type": "full", "max_train_steps": 4, "learning_rate": 1e-3, "fsdp_enable": "true"}
     single, _ = run(tiny_chroma, datasets, tmp_path, "one", processes=1, batch=4, extra=extra, config=config)
     double, done = run(tiny_chroma, datasets, tmp_path, "two", processes=2, batch=2, extra=extra, config=config)
     assert "effective batch 8 (2 processes)" in done.stdout and done.stdout.count("saved ") == 1
+    assert "FSDP2: 3 blocks and the rest sharded across 2 processes" in done.stdout
     for name in ("transformer", "transformer_ema"):
         a = load_file(next((single / name).glob("*.safetensors")))
         b = load_file(next((double / name).glob("*.safetensors")))

@@ -30,6 +30,7 @@ def check_relations(config: Any, warn: Any) -> None:
     check_methods(config, warn)
     check_combinations(config, warn)
     check_model_type(config)
+    check_sharding(config)
     if config.get("pretrained_transformer_model_name_or_path") and config.base_model_precision != "no_change":
         raise config.error(
             "base_model_precision",
@@ -204,3 +205,39 @@ def check_model_type(config: Any) -> None:
             "prodigy estimates one step size from all parameters at once; bf16_stochastic_rounding steps them "
             "one at a time: use adamw, adamw8bit or adafactor",
         )
+
+
+def check_sharding(config: Any) -> None:
+    """fsdp_enable refuses what keeps whole weights outside the shards or steps them by hand."""
+    if not config.fsdp_enable:
+        return
+    for key, refused, why in (
+        (
+            "base_model_precision",
+            config.base_model_precision != "no_change",
+            "a quantized base cannot be sharded by FSDP2 here; shard the bf16 base, or train the quantized one "
+            "with DDP (fsdp_enable: false)",
+        ),
+        (
+            "blocks_to_swap",
+            bool(config.get("blocks_to_swap")),
+            "block swap moves whole blocks to host memory; FSDP2 shards them: use one or the other",
+        ),
+        (
+            "memory_budget",
+            bool(config.get("memory_budget")),
+            "its plans quantize and swap the base for one process; `tuner estimate --processes N` shows FSDP2's share",
+        ),
+        (
+            "bf16_stochastic_rounding",
+            bool(config.get("bf16_stochastic_rounding")),
+            "FSDP2 keeps fp32 master weights sharded (mixed_precision casts what a block computes with); unset it",
+        ),
+        (
+            "lora_type",
+            config.get("lora_type") == "dora",
+            "a DoRA's files read every adapted layer's whole base weight; under FSDP2 use lora, lokr or loha",
+        ),
+    ):
+        if refused:
+            raise config.error(key, why)

@@ -127,23 +127,36 @@ def restore_optimizer(
 # -- writing, finding, loading ---------------------------------------------------------------------
 
 
+def partial_folder(folder: Path, owner: str | int | None = None) -> Path:
+    """Where ``folder`` is written before it is renamed into place (``owner``: this process's id,
+    or a name all processes of a sharded save agree on)."""
+    return folder.parent / f".{folder.name}.partial-{os.getpid() if owner is None else owner}"
+
+
 def write_checkpoint(
     folder: Path,
     files: dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None]],
     state: dict[str, Any],
     last_good: Callable[[], str],
+    partial: Path | None = None,
 ) -> Path:
-    """Write safetensors ``files`` and ``state`` to ``folder`` atomically (all or nothing)."""
+    """Write safetensors ``files`` and ``state`` to ``folder`` atomically (all or nothing).
+    ``partial``: a folder already holding other parts (a sharded save's shards), finished here."""
     folder = Path(folder)
-    partial = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    fresh = partial is None
+    partial = partial_folder(folder) if partial is None else partial
     try:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+        if fresh:
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
         for name, (tensors, metadata) in files.items():
             save_safetensors(partial / name, tensors, metadata)
         _write_json(partial / STATE, state)
-        manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(partial.iterdir())}
+        written = sorted(p for p in partial.rglob("*") if p.is_file())
+        manifest = {
+            p.relative_to(partial).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in written
+        }
         _write_json(partial / MANIFEST, manifest)
         if folder.exists():  # saving the same step again: move the old one aside first
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"
@@ -154,13 +167,18 @@ def write_checkpoint(
             os.replace(partial, folder)
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(
-                f"disk full while writing {folder.name} in {folder.parent}; {last_good()} is intact; "
-                "free some space and resume with resume_from_checkpoint: latest"
-            ) from None
-        raise TunerError(f"cannot write {folder}: {exc}") from None
+        raise write_error(exc, folder, last_good) from None
     return folder
+
+
+def write_error(exc: OSError, folder: Path, last_good: Callable[[], str]) -> TunerError:
+    """The one-line error of a failed checkpoint write (a full disk names the last good one)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(
+            f"disk full while writing {folder.name} in {folder.parent}; {last_good()} is intact; "
+            "free some space and resume with resume_from_checkpoint: latest"
+        )
+    return TunerError(f"cannot write {folder}: {exc}")
 
 
 def verify(folder: Path) -> str | None:

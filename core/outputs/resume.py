@@ -13,10 +13,11 @@ import torch
 
 from tuner.core import __version__
 from tuner.core.host import events
-from tuner.core.outputs import checkpoint
+from tuner.core.outputs import checkpoint, sharded
 from tuner.core.outputs.export import lora_files
 from tuner.core.training.ema import EMA_FILE
 from tuner.core.training.runtime import scale_learning_rate
+from tuner.core.training.sharding import gathered, is_dtensor, is_sharded, place_like, whole
 from tuner.core.training.state import Position
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,42 +48,58 @@ class Checkpoints:
         if self.ctx.is_main:
             checkpoint.prune(self.ctx.output_dir, 0)  # leftovers of saves cut off by a crash
         full = self.ctx.config.get("model_type", "lora") == "full"  # a copy of the whole model: read again instead
+
+        def host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # sharded: gathered (small)
+            return {n: whole(t).to("cpu", copy=True) for n, t in tensors.items()}
+
         self.start = Snapshot(
-            adapter=None if full else {n: t.to("cpu", copy=True) for n, t in state.adapter().items()},
+            adapter=None if full else host_copy(state.adapter()),
             optimizer=checkpoint.optimizer_state(state.optimizer),
             lr_scheduler=state.lr_scheduler.state_dict(),
             guard=state.guard.state_dict(),
-            ema={n: t.to("cpu", copy=True) for n, t in state.ema.state_dict().items()} if state.ema else None,
+            ema=host_copy(state.ema.state_dict()) if state.ema else None,
         )
 
     def save(self, state: TrainState) -> Path:
+        """Write ``checkpoint-<step>`` (every process calls it; under FSDP2 every process writes
+        its shards, :mod:`tuner.core.outputs.sharded`)."""
         ctx, position = self.ctx, state.position
         folder = ctx.output_dir / f"checkpoint-{position.step}"
         ctx.accelerator.wait_for_everyone()
-        if ctx.is_main:
-            files = {
-                name: content
-                for per_format in lora_files(ctx, state.model, state.targets, position.step).values()
-                for name, content in per_format.items()
-            }
-            opt_tensors, opt_state = checkpoint.optimizer_state(state.optimizer)
-            rng_tensors, rng_scalars = checkpoint.rng_state()
+        shards = is_sharded(state.model)
+        files: dict[str, Any] = {}
+        with gathered(state.model, trainable_only=True, keep=ctx.is_main):  # the LoRA files: whole tensors
+            if ctx.is_main:
+                files = {
+                    name: content
+                    for per_format in lora_files(ctx, state.model, state.targets, position.step).values()
+                    for name, content in per_format.items()
+                }
+        opt_tensors, opt_state = checkpoint.optimizer_state(state.optimizer)
+        rng_tensors, rng_scalars = checkpoint.rng_state()
+        files["rng.safetensors"] = (rng_tensors, None)
+        if not shards:
             files["adapter.safetensors"] = (state.adapter(), None)
             files["optimizer.safetensors"] = (opt_tensors, None)
-            files["rng.safetensors"] = (rng_tensors, None)
             if state.ema is not None:
                 files[EMA_FILE] = (state.ema.state_dict(), None)
-            record = {
-                "tuner_version": __version__,
-                "position": vars(position),
-                "guard": state.guard.state_dict(),
-                "optimizer": opt_state,
-                "scheduler": state.lr_scheduler.state_dict(),
-                "rng": rng_scalars,
-                "resume_settings": checkpoint.resume_settings(ctx.config, state.targets),
-                "config": ctx.config.to_dict(),
-            }
+        record = {
+            "tuner_version": __version__,
+            "position": vars(position),
+            "samples_per_micro_step": ctx.config.train_batch_size * ctx.accelerator.num_processes,
+            "processes": ctx.accelerator.num_processes,
+            "guard": state.guard.state_dict(),
+            "optimizer": opt_state,
+            "scheduler": state.lr_scheduler.state_dict(),
+            "rng": rng_scalars,
+            "resume_settings": checkpoint.resume_settings(ctx.config, state.targets),
+            "config": ctx.config.to_dict(),
+        }
+        if shards:
+            sharded.write(ctx, folder, state, files, record, lambda: self.last_good(folder))
+        elif ctx.is_main:
             checkpoint.write_checkpoint(folder, files, record, lambda: self.last_good(folder))
+        if ctx.is_main:
             checkpoint.prune(ctx.output_dir, ctx.config.checkpoints_total_limit or 0)
             ctx.emit(events.Save, position.step, files=[str(folder / name) for name in files], checkpoint=str(folder))
             ctx.log(f"step {position.step}: checkpoint saved to {folder}")
@@ -105,12 +122,42 @@ class Checkpoints:
             "rollbacks": position.pop("rollbacks", 0),
             "lr_scale": position.pop("lr_scale", 1.0),
         }
-        _load(state, tensors["adapter"], (tensors["optimizer"], saved["optimizer"]), saved["scheduler"])
-        if state.ema is not None:
-            state.ema.load_state_dict(tensors[EMA_FILE.removesuffix(".safetensors")])
+        self.check_batch(saved, folder)
+        if sharded.is_sharded_checkpoint(folder):  # written under FSDP2: read into this run's layout
+            adapter, optimizer, ema = sharded.read(folder, state)
+        else:
+            adapter, optimizer = tensors["adapter"], tensors["optimizer"]
+            ema = tensors.get(EMA_FILE.removesuffix(".safetensors"), {})
+        _load(state, adapter, (optimizer, saved["optimizer"]), saved["scheduler"])
+        _load_ema(state, ema)
         state.position = Position(step=position["step"], micro_step=position["micro_step"])
         state.guard.load_state_dict(guard)
         checkpoint.restore_rng(tensors["rng"], saved["rng"])
+
+    def latest_valid(self) -> Path | None:
+        """The newest intact checkpoint, as the main process finds it: every process resumes the
+        same one even while files change (a process of a killed run still writing)."""
+        ctx = self.ctx
+        found = [checkpoint.latest_valid(ctx.output_dir, ctx.warn) if ctx.is_main else None]
+        if ctx.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            found = broadcast_object_list(found)
+        return found[0]
+
+    def check_batch(self, saved: dict[str, Any], folder: Path) -> None:
+        """The data order continues from samples consumed = micro-steps x samples per micro-step:
+        another global batch continues elsewhere (said, not refused: a deliberate change is allowed)."""
+        ctx = self.ctx
+        before = saved.get("samples_per_micro_step")
+        now = ctx.config.train_batch_size * ctx.accelerator.num_processes
+        if before is not None and before != now:
+            ctx.warn(
+                f"resume_from_checkpoint: {folder.name} drew {before} samples per micro-step "
+                f"({saved.get('processes', '?')} processes); this run draws {now} "
+                f"({ctx.accelerator.num_processes} x train_batch_size {ctx.config.train_batch_size}): the samples from "
+                "here on differ from an uninterrupted run; set train_batch_size so the two match"
+            )
 
     def base_weights(self, state: TrainState) -> dict[str, torch.Tensor]:
         """The denoiser's weights as loaded at the start (a full fine-tune's rollback target before
@@ -130,7 +177,7 @@ class Checkpoints:
         if not wanted:
             return None
         if wanted == "latest":
-            folder = checkpoint.latest_valid(self.ctx.output_dir, self.ctx.warn)
+            folder = self.latest_valid()
             if folder is None:
                 self.ctx.warn(
                     f"resume_from_checkpoint: latest: no checkpoint in {self.ctx.output_dir}; starting at step 0"
@@ -159,15 +206,14 @@ class Checkpoints:
         guard = state.guard
         lr_scale = guard.begin_rollback(state.position.step + 1)
         rollbacks = guard.rollbacks
-        folder = checkpoint.latest_valid(self.ctx.output_dir, self.ctx.warn)
+        folder = self.latest_valid()
         if folder is not None:
             self.restore(state, folder)
         else:
             start = self.start
             weights = start.adapter if start.adapter is not None else self.base_weights(state)
             _load(state, weights, start.optimizer, start.lr_scheduler)
-            if state.ema is not None:
-                state.ema.load_state_dict(start.ema)
+            _load_ema(state, start.ema)
             state.position = Position()
             state.guard.load_state_dict(start.guard)
         # the restored optimizer and schedule run at the scale they were saved with
@@ -202,9 +248,32 @@ def schedule_change(lr_scheduler: Any, step: int, config: Any) -> str | None:
 
 
 def _load(state: TrainState, adapter, optimizer_state, scheduler_state) -> None:
+    """Weights, optimizer and schedule into ``state``; whole tensors are cut to this process's
+    shards under FSDP2 (a checkpoint of an unsharded run, the start of the run)."""
     parameters = dict(state.model.named_parameters())
     with torch.no_grad():
         for name, value in adapter.items():
-            parameters[name].copy_(value.to(parameters[name].device))
-    checkpoint.restore_optimizer(state.optimizer, *optimizer_state)
+            target = parameters[name]
+            value = value if is_dtensor(value) else place_like(value.to(_local(target).device), target)
+            target.copy_(value)
+    tensors, scalars = optimizer_state
+    by_index = [p for group in state.optimizer.param_groups for p in group["params"]]
+    tensors = {
+        key: place_like(value, by_index[int(key.split(".")[0])])
+        if not is_dtensor(value) and value.shape == by_index[int(key.split(".")[0])].shape
+        else value
+        for key, value in tensors.items()
+    }
+    checkpoint.restore_optimizer(state.optimizer, tensors, scalars)
     state.lr_scheduler.load_state_dict(scheduler_state)
+
+
+def _load_ema(state: TrainState, tensors: dict[str, torch.Tensor] | None) -> None:
+    if state.ema is None:
+        return
+    average = state.ema.state_dict()
+    state.ema.load_state_dict({n: place_like(v, average[n]) if n in average else v for n, v in (tensors or {}).items()})
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if is_dtensor(tensor) else tensor

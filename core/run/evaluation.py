@@ -16,6 +16,7 @@ import torch
 from tuner.core.data.images import Item
 from tuner.core.data.sampler import step_seed
 from tuner.core.host import events
+from tuner.core.training.sharding import is_sharded
 from tuner.core.training.step import MicroBatch, Prediction, flow_matching_loss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,9 +42,10 @@ class Evaluator:
         self.sigmas = [(i + 0.5) / levels for i in range(levels)]
 
     def run(self, model: torch.nn.Module, step: int) -> float | None:
-        """The mean eval loss (main process only; None elsewhere), also sent as an Evaluation event."""
+        """The mean eval loss (main process only; None elsewhere), also sent as an Evaluation event.
+        Under FSDP2 every process computes it (a sharded forward needs them all)."""
         ctx, config = self.ctx, self.ctx.config
-        if not ctx.is_main:
+        if not (ctx.is_main or is_sharded(model)):
             return None
         totals = [0.0] * len(self.sigmas)
         was_training = model.training
@@ -62,6 +64,8 @@ class Evaluator:
                     totals[level] += float(loss)
         torch.set_rng_state(rng)
         model.train(was_training)
+        if not ctx.is_main:
+            return None
         losses = [total / len(self.prepared.entries) for total in totals]
         mean = sum(losses) / len(losses)
         ctx.log(f"eval loss {mean:.4f} at step {step} ({len(self.prepared.entries)} held-out images)")

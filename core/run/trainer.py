@@ -54,6 +54,7 @@ from tuner.core.training.runtime import (
     trained_dtype,
     weight_dtype,
 )
+from tuner.core.training.sharding import gathered, shard
 from tuner.core.training.state import Position, RunContext, TrainState
 from tuner.core.training.step import attach_lora
 from tuner.core.training.stepper import StepOutcome, Stepper
@@ -85,15 +86,13 @@ class Trainer:
     :meth:`batches` and :meth:`optimizer_step` are public so benchmarks and tests can drive steps."""
 
     def __init__(self, host: PluginHost, config: Config, warn: Callable[[str], None] = warn_user):
-        accelerator = new_accelerator(config.mixed_precision)  # cpu=True without an accelerator (gloo)
-        sharded = str(accelerator.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED")
-        if sharded and config.checkpointing_steps:  # the launch, not the config, decides this
-            raise config.error(
-                "checkpointing_steps",
-                f"full-state checkpoints are not supported under {accelerator.distributed_type} yet "
-                "(they would read sharded tensors); set it to 0 (the final LoRA is still saved)",
-            )
+        # cpu=True without an accelerator (gloo)
+        accelerator = new_accelerator(config.mixed_precision, config.process_group_timeout)
+        check_launch(accelerator, config)
         self.ctx = RunContext(host, config, accelerator, weight_dtype(config), warn)
+        self.fsdp = bool(config.fsdp_enable) and accelerator.num_processes > 1
+        if config.fsdp_enable and not self.fsdp:
+            self.ctx.warn("fsdp_enable: one process, nothing to shard; training unsharded")
         if self.ctx.device.type == "cuda":  # TF32 for the fp32 parts (LoRA, optimizer math, losses)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -229,13 +228,18 @@ class Trainer:
         if self.config.checkpointing_steps:  # the final state too, so a finished run can be extended
             result.checkpoints.append(self.checkpoints.save(state))
         ctx.accelerator.wait_for_everyone()
-        if ctx.is_main:
-            result.lora_files += save_final(ctx, state.model, state.targets, step, self.checkpoints.last_good)
-            if state.ema is not None:  # the average as a second set of files, self-tested the same way
-                with state.ema.applied(state.model):
+        # sharded (FSDP2): every process gathers, the main one writes (a LoRA: the adapter; full: everything)
+        trainable_only = config.model_type != "full"
+        with gathered(state.model, trainable_only, keep=ctx.is_main):
+            if ctx.is_main:
+                result.lora_files += save_final(ctx, state.model, state.targets, step, self.checkpoints.last_good)
+        if state.ema is not None:  # the average as a second set of files, self-tested the same way
+            with state.ema.applied(state.model), gathered(state.model, trainable_only, keep=ctx.is_main):
+                if ctx.is_main:
                     result.lora_files += save_final(
                         ctx, state.model, state.targets, step, self.checkpoints.last_good, EMA_SUFFIX
                     )
+        if ctx.is_main:
             ctx.emit(events.Save, step, files=[str(p) for p in result.lora_files])
             ctx.log(f"self-test passed: {', '.join(p.name for p in result.lora_files)} reload as trained")
         final_validation = self.validate(validator, state, step)
@@ -311,13 +315,18 @@ class Trainer:
             ctx.warn("activation_offload: on a CPU activations are in RAM either way; offloading saves nothing here")
         move_unswapped(transformer, ctx.device)  # a swapped block's weights stay in host memory
         transformer.train()
+        if self.fsdp:  # before the optimizer: it steps the shards
+            blocks = shard(transformer, ctx.weight_dtype, config.fsdp_reshard_after_forward)
+            ctx.log(f"FSDP2: {blocks} blocks and the rest sharded across {ctx.accelerator.num_processes} processes")
         params = lora_parameters(transformer)
         optimizer = build_optimizer(ctx.host, config, params)
         if config.get("bf16_stochastic_rounding"):
             enable_stochastic_rounding(optimizer, config.seed)
         lr_scheduler = build_lr_scheduler(config, optimizer)
-        # placed above (accelerate's own .to() would copy the swapped blocks' emptied storages)
-        wrapped, optimizer = ctx.accelerator.prepare(transformer, optimizer, device_placement=[False, True])
+        if self.fsdp:  # sharded already: accelerate prepares the optimizer only
+            wrapped, optimizer = transformer, ctx.accelerator.prepare(optimizer)
+        else:  # placed above (accelerate's own .to() would copy the swapped blocks' emptied storages)
+            wrapped, optimizer = ctx.accelerator.prepare(transformer, optimizer, device_placement=[False, True])
         self.state = TrainState(
             model=ctx.accelerator.unwrap_model(wrapped),
             wrapped=wrapped,
@@ -338,6 +347,18 @@ class Trainer:
 
     def optimizer_step(self, state: TrainState, batches) -> StepOutcome | None:
         return self.stepper.optimizer_step(state, batches)
+
+
+def check_launch(accelerator: Any, config: Config) -> None:
+    """accelerate's own FSDP and DeepSpeed plugins are not how tuner shards (the launch, not the
+    config, selects them): one line that says what to launch instead."""
+    kind = str(accelerator.distributed_type).split(".")[-1]
+    if kind in ("FSDP", "DEEPSPEED"):
+        raise config.error(
+            "fsdp_enable",
+            f"the run was launched with accelerate's {kind} plugin; tuner shards with FSDP2 itself: launch as for "
+            "DDP (accelerate launch --multi_gpu, or torchrun) with fsdp_enable: true",
+        )
 
 
 def _record(record: RunRecord | None, **fields: Any) -> None:

@@ -17,6 +17,7 @@ from tuner.core.host.records import ValidationRequest
 from tuner.core.io import atomic_write
 from tuner.core.outputs.export import LORA_FILE
 from tuner.core.run.sampling import render_sizes
+from tuner.core.training.sharding import is_sharded
 
 if TYPE_CHECKING:  # pragma: no cover
     from tuner.core.data.cache import PreparedData
@@ -32,9 +33,10 @@ class Validator:
         self.prompts = validation_prompts(ctx.config)
         self.components: dict[str, Any] = {}
 
-    @property
-    def active(self) -> bool:
-        return bool(self.prompts) and self.ctx.is_main
+    def renders(self, model: torch.nn.Module) -> bool:
+        """The main process renders; under FSDP2 every process does (the forward of a sharded model
+        gathers its weights from all of them), and the main one writes."""
+        return bool(self.prompts) and (self.ctx.is_main or is_sharded(model))
 
     def seeds(self) -> list[int]:
         config = self.ctx.config
@@ -57,7 +59,7 @@ class Validator:
         to ``output_dir/validation/step_N``; returns ``[that folder]`` (``[]`` without prompts or off
         the main process). With one size the files are ``NN.png`` and ``grid.png``, with several
         ``NN_WxH.png`` and ``grid_WxH.png``."""
-        if not self.active:
+        if not self.renders(model):
             return []
         ctx, config = self.ctx, self.ctx.config
         text = self.prepared.text
@@ -85,6 +87,8 @@ class Validator:
             reference=open_reference(reference) if reference is not None else None,
         )
         for (width, height), images in render_sizes(ctx.host, request, self.sizes, ctx.autocast):
+            if not ctx.is_main:
+                continue
             suffix = f"_{width}x{height}" if len(self.sizes) > 1 else ""
             paths = [folder / f"{i:02d}{suffix}.png" for i in range(len(images))]
             for path, image in zip(paths, images, strict=True):
@@ -95,6 +99,8 @@ class Validator:
             written += paths
         torch.set_rng_state(rng)
         model.train(was_training)
+        if not ctx.is_main:
+            return []
         lines = "".join(f"{i:02d} seed {s}: {p}\n" for i, (p, s) in enumerate(zip(self.prompts, seeds, strict=True)))
         atomic_write(folder / "prompts.txt", lambda tmp: Path(tmp).write_text(lines))
         ctx.emit(events.Validation, step, folder=str(folder), images=[str(p) for p in written])

@@ -85,17 +85,21 @@ def chains(grid: torch.Tensor, sigmas: torch.Tensor, offsets: torch.Tensor) -> l
 
 
 @torch.no_grad()
-def roll_out(model: Prediction, batch: MicroBatch, paths: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+def roll_out(
+    model: Prediction, batch: MicroBatch, paths: list[list[float]], forwards: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The noisy latents at the batch's sigmas and the training target, with the samples whose
     ``paths`` (:func:`chains`) climb above their sigma produced by the model's own Euler steps down
-    them (see the module's docstring)."""
+    them (see the module's docstring). ``forwards``: run exactly this many forwards (at least the
+    longest path's steps), as every process of a sharded model must; a forward with no sample of
+    this process to step computes one row and drops it."""
     from tuner.core.model import flow
 
     latents, noise, sigmas, text = batch.latents, batch.noise, batch.sigmas, batch.text
     transformer = model.transformer
     noisy, target = flow.noisy_and_target(latents, noise, sigmas)
     steps = [len(path) - 1 for path in paths]
-    longest = max(steps, default=0)
+    longest = max(max(steps, default=0), forwards or 0)
     if longest == 0:
         return noisy, target
     rolled = torch.tensor([n > 0 for n in steps], device=latents.device)
@@ -105,7 +109,12 @@ def roll_out(model: Prediction, batch: MicroBatch, paths: list[list[float]]) -> 
     transformer.eval()  # no LoRA dropout in the model's own steps
     try:
         for index in range(longest):  # chains aligned to end together: all land on t at the last step
-            active = [i for i, n in enumerate(steps) if index >= longest - n]
+            active = [i for i, n in enumerate(steps) if index >= longest - n and n > 0]
+            if not active:  # only another process steps now: take part in the sharded forward
+                model(
+                    current[:1], sigmas[:1].float(), {name: value[:1] for name, value in text.items()}, batch.generator
+                )
+                continue
             here = torch.tensor([paths[i][index - (longest - steps[i])] for i in active], dtype=torch.float32)
             there = torch.tensor([paths[i][index - (longest - steps[i]) + 1] for i in active], dtype=torch.float32)
             rows = torch.tensor(active, device=latents.device)

@@ -56,20 +56,26 @@ def device_type() -> str:
     return "cpu"
 
 
-def new_accelerator(mixed_precision: str) -> Any:
+def new_accelerator(mixed_precision: str, timeout_s: int | None = None) -> Any:
     """An ``accelerate.Accelerator`` for one run (``cpu=True`` on a machine without an accelerator,
     so ``torchrun``/``accelerate launch`` start gloo processes there too).
 
     accelerate keeps its state per process and refuses a second Accelerator with another
     mixed precision ("AcceleratorState has already been initialized"); a process that runs several
     trainings or samples (tests, a notebook, the web UI's tests) gets a fresh state each time. A
-    launched multi-process run trains once per process and keeps its state as it is."""
+    launched multi-process run trains once per process and keeps its state as it is. ``timeout_s``:
+    how long a collective waits for the other processes (``process_group_timeout``)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state(reset_partial_state=True)  # noqa: SLF001 - accelerate offers no public reset (see the docstring)
-    return Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator())
+    handlers = []
+    if timeout_s is not None:
+        from tuner.core.training.sharding import process_group_timeout
+
+        handlers.append(process_group_timeout(timeout_s))
+    return Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator(), kwargs_handlers=handlers)
 
 
 def has_accelerator() -> bool:

@@ -19,6 +19,7 @@ import torch
 from tuner.core.data.cache import CachedDataset, collate
 from tuner.core.data.sampler import DatasetBatches, step_seed
 from tuner.core.training import rollout
+from tuner.core.training.sharding import gradient_sync, is_sharded, whole
 from tuner.core.training.step import MicroBatch, Prediction, flow_matching_loss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,7 +80,7 @@ class Stepper:
             sizes.append(list(batch["size"]))
             used.append(self.datasets[batch["dataset"]].id if self.datasets else "default")
             syncing = index == accumulation - 1
-            with nullcontext() if syncing else accelerator.no_sync(state.wrapped):
+            with gradient_sync(state.wrapped, accelerator, syncing):
                 loss, drawn = self.training_loss(state, batch, state.position.micro_step)
                 accelerator.backward(loss / accumulation)
             state.position.micro_step += 1
@@ -89,7 +90,7 @@ class Stepper:
         if accelerator.num_processes > 1:
             step_loss = accelerator.reduce(step_loss.to(accelerator.device), reduction="mean")
         limit = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(state.params, limit)
+        grad_norm = whole(accelerator.clip_grad_norm_(state.params, limit))  # sharded: the global norm
         if not self.finite(step_loss, grad_norm):
             state.optimizer.zero_grad(set_to_none=True)
             return None
@@ -109,23 +110,29 @@ class Stepper:
         shared = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x5EED))
         mine = slice(rank * local, (rank + 1) * local)
         with self.exact():
-            sigmas = ctx.host.provide(
+            every_sigma = ctx.host.provide(
                 "sample_sigmas", config=config, batch_size=global_shape[0], latent_shape=global_shape, generator=shared
-            )[mine]
+            )
+            sigmas = every_sigma[mine]
         noise = torch.randn(global_shape, generator=shared)[mine].to(device)
         text = self.caption_dropout(batch, global_shape[0], shared, mine)
         text = {k: v.to(device, non_blocking=True) for k, v in text.items()}
         model = Prediction(ctx.host, config, state.wrapped, ctx.weight_dtype, accelerator.autocast)
-        rolled, paths = None, None
+        rolled, paths, forwards = None, None, None
         if rollout.enabled(config):  # drawn for the global batch, like the noise
             with self.exact():
-                offsets = rollout.draw_offsets(config, state.position.step, global_shape[0], shared)[mine]
-                if bool(offsets.any()):
-                    paths = rollout.chains(self.inference_grid(global_shape), sigmas, offsets)
+                every_offset = rollout.draw_offsets(config, state.position.step, global_shape[0], shared)
+                offsets = every_offset[mine]
+                if bool(every_offset.any() if is_sharded(state.model) else offsets.any()):
+                    grid = self.inference_grid(global_shape)
+                    paths = rollout.chains(grid, sigmas, offsets)
+                    if is_sharded(state.model):  # a sharded forward needs every process: all take the most steps
+                        forwards = max(len(path) - 1 for path in rollout.chains(grid, every_sigma, every_offset))
         if paths is not None:
             steps = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x2011, rank))
             own_model = Prediction(ctx.host, config, state.model, ctx.weight_dtype, accelerator.autocast)
-            rolled = rollout.roll_out(own_model, MicroBatch(latents, noise, sigmas.to(device), text, steps), paths)
+            micro = MicroBatch(latents, noise, sigmas.to(device), text, steps)
+            rolled = rollout.roll_out(own_model, micro, paths, forwards)
         own = torch.Generator().manual_seed(step_seed(config.seed, micro_step, rollbacks, 0x10CA1, rank))
         torch.manual_seed(step_seed(config.seed, micro_step, rollbacks, 0xD409, rank))  # LoRA dropout
         base = None

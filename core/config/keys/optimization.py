@@ -84,6 +84,31 @@ KEYS = in_group(
         ),
         ConfigKey("gradient_checkpointing", "bool", True, "Recompute block activations in backward.", memory=True),
         ConfigKey(
+            "fsdp_enable",
+            "bool",
+            False,
+            "Shard the denoiser's weights, gradients and optimizer state across the run's processes with PyTorch "
+            "FSDP2 (launch several processes as for DDP); checkpoints are then sharded too (DCP, safetensors) and "
+            "resume in another number of processes with the same global batch.",
+            memory=True,
+        ),
+        ConfigKey(
+            "fsdp_reshard_after_forward",
+            "bool",
+            True,
+            "fsdp_enable: free each block's gathered weights after its forward and gather them again in backward "
+            "(false: keep them until backward, less communication, more memory).",
+            memory=True,
+        ),
+        ConfigKey(
+            "process_group_timeout",
+            "int",
+            1800,
+            "Seconds a process of a multi-process run waits for the others (a gather, a barrier) before the run "
+            "fails instead of hanging.",
+            minimum=10,
+        ),
+        ConfigKey(
             "compile",
             "bool",
             False,

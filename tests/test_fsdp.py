@@ -1,0 +1,181 @@
+"""FSDP2 (``fsdp_enable``) on CPU processes over gloo: the code path GPUs run, since tuner calls
+``fully_shard`` itself. Two launchers meeting on 127.0.0.1 (two "machines" of one process each)
+train what one process trains with twice the batch; their sharded (DCP) checkpoint resumes in one
+process; a 2-process run killed with SIGKILL resumes bit for bit. Every launch has a 60 s process
+group timeout: a hang fails the test instead of blocking CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import REPO, base_settings, make_config, make_host, train
+from .test_multiprocess import free_port
+
+FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors")
+
+
+def settings(tiny_chroma, shapes_dir, folder, batch, **extra):
+    return {
+        **base_settings(tiny_chroma, shapes_dir, folder),
+        "cache_dir": str(folder.parent / "cache"),  # one cache for every run of the module
+        "fsdp_enable": True,
+        "process_group_timeout": 60,
+        "train_batch_size": batch,
+        "gradient_accumulation_steps": 2,
+        "gradient_checkpointing": True,  # recomputation inside a sharded block
+        "learning_rate": 5e-3,
+        "lr_scheduler": "constant",  # a killed run of 400 steps and one of 4 share a schedule
+        "use_ema": True,
+        "ema_decay": 0.7,
+        "checkpointing_steps": 2,
+        "validation_prompts": ["a red circle"],  # the final validation: every process renders
+        "validation_num_inference_steps": 2,
+        **extra,
+    }
+
+
+def torchrun(config_file, nodes: int, per_node: int, port: int, node_rank: int = 0, **popen) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run"),
+        *("--nnodes", str(nodes), "--node-rank", str(node_rank), "--nproc-per-node", str(per_node)),
+        *("--master-addr", "127.0.0.1", "--master-port", str(port)),
+        *("-m", "tuner.core.cli", "run", "--plugin", "chroma", "--config", str(config_file)),
+    ]
+    return subprocess.Popen(command, cwd=REPO, env=env, text=True, **popen)
+
+
+def write_config(folder, values):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.json.yaml"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def assert_same(a_dir, b_dir, exact: bool):
+    for name in FILES:
+        a, b = load_file(a_dir / name), load_file(b_dir / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            if exact:
+                assert torch.equal(a[key], b[key]), f"{name}: {key}"
+            else:
+                torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def two_machines(tiny_chroma, shapes_dir, tmp_path_factory):
+    """A 4-step LoRA run in two launchers (torchrun --nnodes 2, one process each) on this machine."""
+    root = tmp_path_factory.mktemp("fsdp")
+    values = settings(tiny_chroma, shapes_dir, root / "nodes", batch=2)
+    config_file = write_config(root / "configs", values)
+    port = free_port()
+    launchers = [
+        torchrun(config_file, 2, 1, port, rank, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)
+    ]
+    outputs = [launcher.communicate(timeout=300) for launcher in launchers]
+    for launcher, (_, err) in zip(launchers, outputs, strict=True):
+        assert launcher.returncode == 0, err[-3000:]
+    return root, values, outputs[0][0]
+
+
+@pytest.mark.slow
+def test_two_machines_train_what_one_process_trains_and_their_shards_resume_in_one(two_machines):
+    root, values, stdout = two_machines
+    out = root / "nodes" / "out"
+    assert "FSDP2: 3 blocks and the rest sharded across 2 processes" in stdout
+    assert "effective batch 8 (2 processes)" in stdout and stdout.count("\nsaved ") == 1  # the main process writes
+    assert sorted(p.name for p in (out / "validation" / "step_000004").iterdir()) == [
+        "00.png",
+        "grid.png",
+        "prompts.txt",
+    ]
+    shards = sorted(p.name for p in (out / "checkpoint-2" / "sharded").iterdir())
+    assert len(shards) == 2 and all(name.endswith(".safetensors") for name in shards)  # one per process
+    manifest = json.loads((out / "checkpoint-2" / "manifest.json").read_text())
+    assert {f"sharded/{name}" for name in shards} <= set(manifest)  # verified on load like every file
+
+    one = {**values, "train_batch_size": 4, "output_dir": str(root / "one" / "out")}
+    warned: list[str] = []
+    train(one, warnings=warned)
+    assert "fsdp_enable: one process, nothing to shard; training unsharded" in warned
+    assert_same(out, root / "one" / "out", exact=False)
+
+    resumed = root / "resumed" / "out"  # the 2-process shards read into one unsharded process
+    resumed.mkdir(parents=True)
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    warned = []
+    result, _, _ = train({**one, "output_dir": str(resumed), "resume_from_checkpoint": "latest"}, warnings=warned)
+    assert result.resumed_from.name == "checkpoint-2" and result.steps == 4
+    assert not [w for w in warned if "samples per micro-step" in w]  # the same global batch: no warning
+    assert_same(out, resumed, exact=False)
+
+
+@pytest.mark.slow
+def test_a_killed_fsdp_run_resumes_bit_for_bit(two_machines):
+    root, values, _ = two_machines
+    killed = root / "killed" / "out"
+    config_file = write_config(root / "killed", {**values, "output_dir": str(killed), "max_train_steps": 400})
+    process = torchrun(config_file, 1, 2, free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoint-2").is_dir():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    launcher = psutil.Process(process.pid)
+    victims = [*launcher.children(recursive=True), launcher]  # both processes and the launcher, mid-run
+    for victim in victims:
+        victim.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=30)
+    process.wait()
+    for _, later in [(int(p.name.split("-")[1]), p) for p in killed.glob("checkpoint-*")]:
+        if later.name != "checkpoint-2":  # the kill lands at an unpredictable step: resume from 2
+            shutil.rmtree(later)
+    config_file = write_config(
+        root / "killed", {**values, "output_dir": str(killed), "resume_from_checkpoint": "latest"}
+    )
+    done = torchrun(config_file, 1, 2, free_port(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = done.communicate(timeout=300)
+    assert done.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stdout and "checkpoint-2 at step 2" in stdout
+    assert_same(root / "nodes" / "out", killed, exact=True)
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ({"base_model_precision": "int8-quanto"}, "base_model_precision"),
+        ({"blocks_to_swap": 1}, "blocks_to_swap"),
+        ({"lora_type": "dora"}, "lora_type"),
+    ],
+)
+def test_what_fsdp_cannot_shard_is_refused_in_one_line(tiny_chroma, shapes_dir, tmp_path, extra, key):
+    from tuner.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        make_config(make_host(), {**base_settings(tiny_chroma, shapes_dir, tmp_path), "fsdp_enable": True, **extra})
+    message = str(refused.value)
+    assert message.startswith(f"test.yaml: {key}: ") and "\n" not in message
+
+
+def test_accelerates_own_fsdp_and_deepspeed_launches_point_to_fsdp_enable(tiny_chroma, shapes_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from tuner.core.errors import ConfigError
+    from tuner.core.run.trainer import check_launch
+
+    config = make_config(make_host(), base_settings(tiny_chroma, shapes_dir, tmp_path))
+    for kind in ("FSDP", "DEEPSPEED"):
+        with pytest.raises(ConfigError, match=f"accelerate's {kind} plugin; tuner shards with FSDP2 itself"):
+            check_launch(SimpleNamespace(distributed_type=f"DistributedType.{kind}"), config)
+    check_launch(SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"), config)
