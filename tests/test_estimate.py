@@ -417,3 +417,32 @@ def test_a_run_prints_the_remembered_estimate(tiny_chroma, shapes_dir, tmp_path,
     monkeypatch.setattr(tuner.core.estimate, "estimate", lambda *a, **k: pytest.fail("estimated again"))
     train({**settings, "output_dir": str(tmp_path / "second")})
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("memory estimate")] == first
+
+
+@pytest.mark.slow
+def test_fsdp_shares_of_real_chroma_per_process(chroma1_estimates):
+    """fsdp_enable: each of P processes holds 1/P of the weights and of the optimizer state, plus
+    the two largest blocks gathered in the compute dtype; activations stay whole. DDP (no
+    fsdp_enable) changes nothing per process."""
+    from tuner.core.estimate.sharded import per_process
+
+    whole = chroma1_estimates["no_change"]
+    host = make_host()
+    ddp = make_config(host, {"model_family": "chroma", "pretrained_model_name_or_path": str(CHROMA1)})
+    assert per_process(whole, ddp, 4) is whole
+    fsdp = ddp.derive({"fsdp_enable": True, "mixed_precision": "bf16"})
+    train = whole.phase("train")
+    blocks = sorted(whole.settings["block_bytes"], reverse=True)
+    shares = {p: per_process(whole, fsdp, p) for p in (2, 4, 8)}
+    for processes, share in shares.items():
+        parts = share.phase("train").parts
+        assert parts["weights (1/P, as stored)"] == train.parts["weights"] // processes
+        assert parts["gathered blocks"] == blocks[0] + blocks[1]  # bf16 as stored: no cast
+        assert parts["LoRA + optimizer state (1/P)"] == train.parts["LoRA + optimizer state"] // processes
+        assert share.phase("train").device == sum(parts.values())
+        assert share.phase("load").ram == whole.phase("load").ram  # every process loads the whole model
+        assert "per process of" in share.table().splitlines()[0]
+    devices = [shares[p].phase("train").device for p in (2, 4, 8)]
+    assert devices == sorted(devices, reverse=True) and devices[0] < train.device
+    kept = per_process(whole, fsdp.derive({"fsdp_reshard_after_forward": False}), 4).phase("train")
+    assert kept.parts["gathered blocks"] == train.parts["weights"]  # gathered from forward to backward

@@ -323,6 +323,9 @@ def estimate(
         None, "--budget", help="With --plan: pick the fastest plan that fits, e.g. 12GiB."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the estimate(s) as JSON."),
+    processes: int = typer.Option(
+        1, "--processes", min=1, help="With fsdp_enable: the memory of one of N processes (FSDP2 shares)."
+    ),
     set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Estimate peak accelerator memory and system RAM of a run, from the model's config files only."""
@@ -334,14 +337,19 @@ def estimate(
             "--plan: the plans quantize and swap the base, which model_type: full trains; compare "
             "--set bf16_stochastic_rounding=true and --set optimizer=adafactor (or adamw8bit) instead"
         )
+    if (plan or budget is not None) and cfg.fsdp_enable:
+        raise ConfigError("--plan: the plans quantize and swap the base of one process; fsdp_enable shards it instead")
     if plan or budget is not None:
         _print_plans(host, cfg, device, budget, as_json)
         return
     from tuner.core.config.keys.model import NO_QUANTIZATION
     from tuner.core.estimate import estimate_precisions, size
+    from tuner.core.estimate.sharded import per_process
 
+    if processes > 1 and not cfg.fsdp_enable:
+        typer.echo(f"DDP: each of the {processes} processes needs all of this (fsdp_enable: true shards it)")
     precisions = [NO_QUANTIZATION, *sorted(host.precisions)] if compare else [cfg.base_model_precision]
-    found = estimate_precisions(host, cfg, precisions, device)
+    found = [per_process(e, cfg, processes) for e in estimate_precisions(host, cfg, precisions, device)]
     if as_json:
         typer.echo(json.dumps([e.to_dict() for e in found] if compare else found[0].to_dict(), indent=1))
         return

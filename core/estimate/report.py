@@ -98,12 +98,21 @@ class Estimate:
     def table(self) -> str:
         s = self.settings
         device = "RAM (tensors)" if self.device_type == "cpu" else f"{self.device_type} (tensors)"
+        if s.get("model_type") == "full":  # every trained weight is the denoiser's own
+            trained = f"full fine-tune of {s['lora_modules']} modules ({_count(s['lora_parameters'])} parameters)"
+            denoiser = s["transformer_parameters"] + s["lora_parameters"]
+        else:
+            trained = (
+                f"LoRA rank {s['network_rank']} on {s['lora_modules']} modules ({_count(s['lora_parameters'])} "
+                "parameters)"
+            )
+            denoiser = s["transformer_parameters"]
         lines = [
-            f"{self.family} from {self.source}: {_count(s['transformer_parameters'])}-parameter denoiser, base "
-            f"{self.precision}, {s['mixed_precision']}, LoRA rank {s['network_rank']} on {s['lora_modules']} modules "
-            f"({_count(s['lora_parameters'])} parameters), {s['resolution']} px (largest bucket "
+            f"{self.family} from {self.source}: {_count(denoiser)}-parameter denoiser, base "
+            f"{self.precision}, {s['mixed_precision']}, {trained}, {s['resolution']} px (largest bucket "
             f"{s['largest_bucket']}), batch {s['train_batch_size']}, "
-            f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, on {self.device_type}",
+            f"gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, on {self.device_type}"
+            + (f", per process of {s['processes']} (FSDP2)" if s.get("fsdp") else ""),
             f"  {'phase':<16}{device:>16}{'system RAM':>14}",
         ]
         for phase in self.phases:

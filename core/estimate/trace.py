@@ -363,6 +363,7 @@ def trace_training(host, config, transformer, latent_shape, vae, dtype, mode, ke
         "mixed_precision": config.mixed_precision,
         "network_rank": config.network_rank,
         "lora_modules": len(targets),
+        "model_type": config.get("model_type", "lora"),
         "lora_parameters": sum(p.numel() for p in params),
         "transformer_parameters": sum(p.numel() for p in transformer.parameters() if not p.requires_grad),
         "resolution": size,

@@ -28,10 +28,12 @@ def report_memory_estimate(ctx: RunContext) -> Any:
         return None
     from tuner.core.estimate import available_ram, free_memory, shortfalls
     from tuner.core.estimate.cached import cached_estimate
+    from tuner.core.estimate.sharded import per_process
 
     device_type = ctx.device.type
     try:  # remembered under cache_dir: a second start with the same settings skips the tracing
         found, _ = cached_estimate(ctx.host, config, device_type, config.cache_dir or default_cache_dir())
+        found = per_process(found, config, ctx.accelerator.num_processes)  # fsdp_enable: this process's share
     except Exception as exc:  # advisory: no failure of it (a plugin's, a missing file) may stop a run
         ctx.warn(f"memory estimate unavailable: {first_line(exc)}")
         return None

@@ -294,7 +294,9 @@ class Trainer:
             from tuner.core.model.quantize import load_quantized
 
             transformer = load_quantized(ctx.host, config, ctx.weight_dtype, ctx.device)
-        return transformer if config.blocks_to_swap else transformer.to(ctx.device)  # swapped: setup moves it
+        if config.blocks_to_swap or self.fsdp:  # setup moves it: swapped blocks stay in RAM; FSDP2 moves shards
+            return transformer
+        return transformer.to(ctx.device)
 
     def setup(self, transformer: torch.nn.Module | None = None) -> TrainState:
         """Load the denoiser (unless given, from :meth:`load_transformer`), put the LoRA on it,
@@ -313,11 +315,12 @@ class Trainer:
             )
         if config.activation_offload and ctx.device.type == "cpu":
             ctx.warn("activation_offload: on a CPU activations are in RAM either way; offloading saves nothing here")
-        move_unswapped(transformer, ctx.device)  # a swapped block's weights stay in host memory
         transformer.train()
-        if self.fsdp:  # before the optimizer: it steps the shards
+        if self.fsdp:  # before the optimizer (it steps the shards); each process moves only its shards to the device
             blocks = shard(transformer, ctx.weight_dtype, config.fsdp_reshard_after_forward)
             ctx.log(f"FSDP2: {blocks} blocks and the rest sharded across {ctx.accelerator.num_processes} processes")
+        else:
+            move_unswapped(transformer, ctx.device)  # a swapped block's weights stay in host memory
         params = lora_parameters(transformer)
         optimizer = build_optimizer(ctx.host, config, params)
         if config.get("bf16_stochastic_rounding"):
