@@ -157,6 +157,7 @@ def test_a_killed_fsdp_run_resumes_bit_for_bit(two_machines):
         ({"base_model_precision": "int8-quanto"}, "base_model_precision"),
         ({"blocks_to_swap": 1}, "blocks_to_swap"),
         ({"lora_type": "dora"}, "lora_type"),
+        ({"use_ema": True, "ema_device": "cpu"}, "ema_device"),
     ],
 )
 def test_what_fsdp_cannot_shard_is_refused_in_one_line(tiny_chroma, shapes_dir, tmp_path, extra, key):

@@ -99,7 +99,9 @@ def run(tiny_chroma, datasets, tmp_path, name, processes, batch, extra=None, own
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "steps"), [("lora", 8), ("dora", 4), ("lokr", 4), ("loha", 4)])
+# DoRA and LoKr all-reduce their trainable tensors as LoRA does (DDP sees parameters, not adapter
+# types): LoRA through accelerate launch, and LoHa with block swap through tuner's own launcher
+@pytest.mark.parametrize(("kind", "steps"), [("lora", 8), ("loha", 4)])
 def test_two_processes_match_one_with_the_same_global_batch(tiny_chroma, shapes_dir, mixed_dir, tmp_path, kind, steps):
     squares = tmp_path / "squares"  # with a loss mask and a caption file of three captions
     squares.mkdir()

@@ -238,6 +238,16 @@ def check_sharding(config: Any) -> None:
             config.get("lora_type") == "dora",
             "a DoRA's files read every adapted layer's whole base weight; under FSDP2 use lora, lokr or loha",
         ),
+        (
+            "ema_device",
+            config.get("use_ema") and config.get("ema_device") == "cpu",
+            "under FSDP2 each process keeps the EMA of its own shards beside them: use accelerator",
+        ),
+        (
+            "compile",
+            bool(config.get("compile")),
+            "compiled blocks under FSDP2 are not tested yet; train sharded without compile",
+        ),
     ):
         if refused:
             raise config.error(key, why)
