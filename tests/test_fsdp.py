@@ -180,3 +180,97 @@ def test_accelerates_own_fsdp_and_deepspeed_launches_point_to_fsdp_enable(tiny_c
         with pytest.raises(ConfigError, match=f"accelerate's {kind} plugin; tuner shards with FSDP2 itself"):
             check_launch(SimpleNamespace(distributed_type=f"DistributedType.{kind}"), config)
     check_launch(SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"), config)
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+class Tiny(torch.nn.Module):
+    _repeated_blocks = ("Block",)
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([Block(), Block()])
+        self.out = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(self.blocks[1](self.blocks[0](x)[:, :4]))
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one process in this test's process (torch's fully_shard and DCP
+    need one), gone afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def trained_state(model):
+    from tuner.core.training.guard import DivergenceGuard
+    from tuner.core.training.state import TrainState
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.1)
+    for _ in range(2):
+        model(torch.ones(1, 4)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return TrainState(model, model, optimizer, None, params, ["blocks.0.linear"], DivergenceGuard(3, 2, 0.5))
+
+
+def test_a_sharded_checkpoint_reads_into_one_unsharded_process_and_a_full_disk_is_one_line(
+    one_rank_group, tmp_path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    import safetensors.torch
+
+    from tuner.core.outputs import checkpoint, sharded
+    from tuner.core.training.sharding import is_dtensor, shard
+
+    torch.manual_seed(0)
+    model = Tiny()
+    assert shard(model, torch.float32, reshard_after_forward=True) == 2
+    state = trained_state(model)
+    assert all(is_dtensor(p) for p in model.parameters())
+    ctx = SimpleNamespace(is_main=True)
+    folder = tmp_path / "checkpoint-2"
+    sharded.write(ctx, folder, state, {}, {"position": {"step": 2}}, lambda: "checkpoint-1")
+    assert checkpoint.verify(folder) is None and sharded.is_sharded_checkpoint(folder)
+
+    torch.manual_seed(1)
+    plain = trained_state(Tiny())  # another run, unsharded, with its own optimizer state
+    adapter, optimizer, ema = sharded.read(folder, plain)
+    ours = {n: p.full_tensor() for n, p in model.named_parameters()}
+    assert adapter.keys() == ours.keys() and not ema
+    for name, value in adapter.items():
+        assert not is_dtensor(value) and torch.equal(value, ours[name])
+    saved = {
+        k: v.full_tensor() if is_dtensor(v) else v for k, v in checkpoint.optimizer_state(state.optimizer)[0].items()
+    }
+    assert optimizer.keys() == saved.keys() and all(torch.equal(optimizer[k], saved[k]) for k in saved)
+
+    def disk_full(tensors, filename, metadata=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(checkpoint.DiskFullError) as failed:
+        sharded.write(
+            ctx,
+            tmp_path / "checkpoint-4",
+            state,
+            {"rng.safetensors": ({"x": torch.ones(1)}, None)},
+            {},
+            lambda: "checkpoint-2",
+        )
+    assert "disk full while writing checkpoint-4" in str(failed.value) and "checkpoint-2 is intact" in str(failed.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # no partial folder left

@@ -151,7 +151,7 @@ class Checkpoints:
         ctx = self.ctx
         before = saved.get("samples_per_micro_step")
         now = ctx.config.train_batch_size * ctx.accelerator.num_processes
-        if before is not None and before != now:
+        if before is not None and before != now and ctx.is_main:
             ctx.warn(
                 f"resume_from_checkpoint: {folder.name} drew {before} samples per micro-step "
                 f"({saved.get('processes', '?')} processes); this run draws {now} "

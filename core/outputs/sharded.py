@@ -57,14 +57,16 @@ def write(
     """Every process writes its shards into the partial folder, then the main process adds
     ``files`` and ``record`` and renames it into place. Called by every process."""
     import torch.distributed.checkpoint as dcp
-    from accelerate.utils import broadcast_object_list
 
     partial = checkpoint.partial_folder(folder, "sharded")
-    failure = [None]
+    problem: TunerError | None = None
     if ctx.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    ctx.accelerator.wait_for_everyone()
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        except OSError as exc:
+            problem = checkpoint.write_error(exc, folder, last_good)
+    _agree(problem)  # the folder exists before any process writes into it
     try:
         writer = dcp.HuggingFaceStorageWriter(str(partial / SHARDS), save_distributed=True)
         dcp.save(sharded_tensors(state), storage_writer=writer)
@@ -79,10 +81,20 @@ def write(
         try:
             checkpoint.write_checkpoint(folder, files, record, last_good, partial=partial)
         except TunerError as exc:
-            failure = [str(exc)]
-    failure = broadcast_object_list(failure)  # every process fails with the main one, none waits
-    if failure[0] is not None:
-        raise TunerError(failure[0])
+            problem = exc
+    _agree(problem)
+
+
+def _agree(problem: TunerError | None) -> None:
+    """The main process's ``problem`` (None: all went well) raised in every process, so none waits
+    for a process that has failed: the main one raises its own error, the others its message."""
+    from accelerate.utils import broadcast_object_list
+
+    said = broadcast_object_list([str(problem) if problem is not None else None])[0]
+    if problem is not None:
+        raise problem
+    if said is not None:
+        raise TunerError(said)
 
 
 def read(folder: Path, state: TrainState) -> tuple[dict[str, torch.Tensor], ...]:
