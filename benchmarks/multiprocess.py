@@ -116,6 +116,7 @@ def worker(args: argparse.Namespace) -> None:
             "measured": "max_memory_allocated" if cuda else "VmHWM over the timed steps (libraries included)",
         }
         print(MARK + json.dumps(row), flush=True)
+    trainer.ctx.accelerator.end_training()  # the process group ended as a run ends it, not at interpreter exit
 
 
 def resident_peak() -> int:

@@ -48,13 +48,12 @@ IGNORED = {
     "user_prompt_library",
     "enable_xformers_memory_efficient_attention",
     "attention_mechanism",
-    # FSDP details tuner decides itself (fully_shard per transformer block, DCP checkpoints); fsdp_enable
-    # and fsdp_reshard_after_forward carry over
+    # FSDP details tuner decides itself (fully_shard per transformer block, DCP checkpoints); fsdp_enable,
+    # fsdp_reshard_after_forward and fsdp_cpu_ram_efficient_loading carry over
     "fsdp_version",
     "fsdp_state_dict_type",
     "fsdp_transformer_layer_cls_to_wrap",
     "fsdp_auto_wrap_policy",
-    "fsdp_cpu_ram_efficient_loading",
     "fsdp_limit_all_gathers",
 }
 # values tuner cannot honour, with the reason

@@ -11,7 +11,9 @@ Per process, with P processes:
   while they are reduce-scattered (a full fine-tune's; a LoRA's are negligible);
 * activations, the batch and the VAE: as in one process (each process computes its own samples).
 
-System RAM is unchanged: every process loads the whole denoiser before sharding it.
+System RAM per process is unchanged: every process loads the whole denoiser before sharding it
+(with ``fsdp_cpu_ram_efficient_loading`` a machine's processes take turns, so a machine needs one
+such copy at a time rather than one per process).
 """
 
 from __future__ import annotations
@@ -64,9 +66,10 @@ def per_process(found: Estimate, config: Config, processes: int) -> Estimate:
             )
             parts["activations"] = phase.parts.get("activations", 0)
         phases.append(Phase(phase.name, sum(parts.values()), phase.ram, parts))
+    when = "in turns on each machine" if config.get("fsdp_cpu_ram_efficient_loading", True) else "all at once"
     note = (
         f"FSDP2 across {processes} processes: the figures are per process; each process loads the whole "
-        "denoiser into system RAM before sharding it"
+        f"denoiser into system RAM before sharding it ({when})"
     )
     settings: dict[str, Any] = {**found.settings, "processes": processes, "fsdp": True}
     return replace(found, phases=phases, settings=settings, notes=[*found.notes, note])

@@ -54,7 +54,7 @@ from tuner.core.training.runtime import (
     trained_dtype,
     weight_dtype,
 )
-from tuner.core.training.sharding import gathered, shard
+from tuner.core.training.sharding import gathered, in_turns, shard
 from tuner.core.training.state import Position, RunContext, TrainState
 from tuner.core.training.step import attach_lora
 from tuner.core.training.stepper import StepOutcome, Stepper
@@ -303,24 +303,11 @@ class Trainer:
         build optimizer and schedule, hand them to accelerate, and remember the start as the first
         rollback target."""
         ctx, config = self.ctx, self.config
-        transformer = transformer if transformer is not None else self.load_transformer()
-        targets = attach_lora(ctx.host, config, transformer)
-        self.swap = swap_blocks(transformer, config.blocks_to_swap, ctx.device, config.error)
-        if self.swap is not None and ctx.device.type == "cpu":
-            ctx.warn("blocks_to_swap: on a CPU the weights stay in RAM either way; swapping saves nothing here")
-        elif self.swap is not None and not self.swap.pinned:
-            ctx.warn(
-                "blocks_to_swap: the system refused to lock host memory (pinning: ulimit -l); the swapped "
-                "blocks are copied unpinned, more slowly and without overlapping the compute"
-            )
-        if config.activation_offload and ctx.device.type == "cpu":
-            ctx.warn("activation_offload: on a CPU activations are in RAM either way; offloading saves nothing here")
-        transformer.train()
-        if self.fsdp:  # before the optimizer (it steps the shards); each process moves only its shards to the device
-            blocks = shard(transformer, ctx.weight_dtype, config.fsdp_reshard_after_forward)
-            ctx.log(f"FSDP2: {blocks} blocks and the rest sharded across {ctx.accelerator.num_processes} processes")
+        if transformer is None and self.fsdp:  # fsdp_cpu_ram_efficient_loading: a machine's processes take turns
+            transformer, targets = in_turns(ctx.accelerator, self.load_trainable, config.fsdp_cpu_ram_efficient_loading)
         else:
-            move_unswapped(transformer, ctx.device)  # a swapped block's weights stay in host memory
+            transformer = transformer if transformer is not None else self.load_transformer()
+            targets = self.make_trainable(transformer)
         params = lora_parameters(transformer)
         optimizer = build_optimizer(ctx.host, config, params)
         if config.get("bf16_stochastic_rounding"):
@@ -342,6 +329,36 @@ class Trainer:
         )
         self.checkpoints.remember_start(self.state)
         return self.state
+
+    def load_trainable(self) -> tuple[torch.nn.Module, list[str]]:
+        transformer = self.load_transformer()
+        return transformer, self.make_trainable(transformer)
+
+    def make_trainable(self, transformer: torch.nn.Module) -> list[str]:
+        """The LoRA (or the full model's trainable weights) on ``transformer``, block swap, then the
+        model on the device, or sharded (FSDP2); returns the adapted modules."""
+        ctx, config = self.ctx, self.config
+        targets = attach_lora(ctx.host, config, transformer)
+        self.swap = swap_blocks(transformer, config.blocks_to_swap, ctx.device, config.error)
+        if self.swap is not None and ctx.device.type == "cpu":
+            ctx.warn("blocks_to_swap: on a CPU the weights stay in RAM either way; swapping saves nothing here")
+        elif self.swap is not None and not self.swap.pinned:
+            ctx.warn(
+                "blocks_to_swap: the system refused to lock host memory (pinning: ulimit -l); the swapped "
+                "blocks are copied unpinned, more slowly and without overlapping the compute"
+            )
+        if config.activation_offload and ctx.device.type == "cpu":
+            ctx.warn("activation_offload: on a CPU activations are in RAM either way; offloading saves nothing here")
+        transformer.train()
+        if self.fsdp:  # before the optimizer (it steps the shards); each process moves only its shards to the device
+            blocks = shard(transformer, ctx.weight_dtype, config.fsdp_reshard_after_forward)
+            turns = " (each machine's processes load it in turns)" if config.fsdp_cpu_ram_efficient_loading else ""
+            ctx.log(
+                f"FSDP2: {blocks} blocks and the rest sharded across {ctx.accelerator.num_processes} processes{turns}"
+            )
+        else:
+            move_unswapped(transformer, ctx.device)  # a swapped block's weights stay in host memory
+        return targets
 
     # -- steps (tuner.core.training.stepper) ----------------------------------------------------
 

@@ -16,13 +16,15 @@ which every process enters together.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from tuner.core.model.swap import repeated_blocks
+
+T = TypeVar("T")
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -53,6 +55,22 @@ def shard(model: torch.nn.Module, weight_dtype: torch.dtype, reshard_after_forwa
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return len(blocks)
+
+
+def in_turns(accelerator: Any, build: Callable[[], T], one_at_a_time: bool) -> T:
+    """``build()`` in every process; ``one_at_a_time``: the processes of each machine take turns
+    (local rank 0 first, the others waiting), so a machine's RAM holds one whole model being
+    loaded and sharded at a time plus everyone's shards, instead of one whole model per process."""
+    if not one_at_a_time:
+        return build()
+    own = accelerator.local_process_index
+    turns = int(accelerator.gather(torch.tensor([own + 1], device=accelerator.device)).max())
+    built = None
+    for turn in range(turns):  # as many barriers in every process, whatever its machine's count
+        if turn == own:
+            built = build()
+        accelerator.wait_for_everyone()
+    return built
 
 
 def gradient_sync(model: torch.nn.Module, accelerator: Any, syncing: bool):

@@ -101,6 +101,13 @@ KEYS = in_group(
             memory=True,
         ),
         ConfigKey(
+            "fsdp_cpu_ram_efficient_loading",
+            "bool",
+            True,
+            "fsdp_enable: the processes of a machine load the denoiser in turns, each sharding it before the next "
+            "loads (one whole copy in system RAM at a time); false: all at once (a faster start with RAM to spare).",
+        ),
+        ConfigKey(
             "process_group_timeout",
             "int",
             1800,
