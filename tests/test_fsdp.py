@@ -1,7 +1,7 @@
 """FSDP2 (``fsdp_enable``) on CPU processes over gloo: the code path GPUs run, since tuner calls
 ``fully_shard`` itself. Two launchers meeting on 127.0.0.1 (two "machines" of one process each)
-train what one process trains with twice the batch; their sharded (DCP) checkpoint resumes in one
-process; a 2-process run killed with SIGKILL resumes bit for bit. Every launch has a 60 s process
+train what one process trains with twice the batch; a 2-process run killed with SIGKILL resumes
+bit for bit, and its sharded (DCP) checkpoint resumes in one process with twice the batch. Every launch has a 60 s process
 group timeout: a hang fails the test instead of blocking CI."""
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def two_machines(tiny_chroma, shapes_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_machines_train_what_one_process_trains_and_their_shards_resume_in_one(two_machines):
+def test_two_machines_train_what_one_process_trains_with_twice_the_batch(two_machines):
     root, values, stdout = two_machines
     out = root / "nodes" / "out"
     assert "FSDP2: 3 blocks and the rest sharded across 2 processes" in stdout
@@ -112,18 +112,9 @@ def test_two_machines_train_what_one_process_trains_and_their_shards_resume_in_o
     assert "fsdp_enable: one process, nothing to shard; training unsharded" in warned
     assert_same(out, root / "one" / "out", exact=False)
 
-    resumed = root / "resumed" / "out"  # the 2-process shards read into one unsharded process
-    resumed.mkdir(parents=True)
-    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
-    warned = []
-    result, _, _ = train({**one, "output_dir": str(resumed), "resume_from_checkpoint": "latest"}, warnings=warned)
-    assert result.resumed_from.name == "checkpoint-2" and result.steps == 4
-    assert not [w for w in warned if "samples per micro-step" in w]  # the same global batch: no warning
-    assert_same(out, resumed, exact=False)
-
 
 @pytest.mark.slow
-def test_a_killed_fsdp_run_resumes_bit_for_bit(two_machines):
+def test_a_killed_fsdp_run_resumes_bit_for_bit_and_in_one_process(two_machines):
     root, values, _ = two_machines
     killed = root / "killed" / "out"
     config_file = write_config(root / "killed", {**values, "output_dir": str(killed), "max_train_steps": 400})
@@ -141,6 +132,16 @@ def test_a_killed_fsdp_run_resumes_bit_for_bit(two_machines):
     for _, later in [(int(p.name.split("-")[1]), p) for p in killed.glob("checkpoint-*")]:
         if later.name != "checkpoint-2":  # the kill lands at an unpredictable step: resume from 2
             shutil.rmtree(later)
+    resumed = root / "resumed" / "out"  # its shards read into one unsharded process with twice the batch
+    resumed.mkdir(parents=True)
+    shutil.copytree(killed / "checkpoint-2", resumed / "checkpoint-2")
+    warned: list[str] = []
+    one = {**values, "train_batch_size": 4, "output_dir": str(resumed), "resume_from_checkpoint": "latest"}
+    result, _, _ = train(one, warnings=warned)
+    assert result.resumed_from.name == "checkpoint-2" and result.steps == 4
+    assert not [w for w in warned if "samples per micro-step" in w]  # the same global batch: no warning
+    assert_same(root / "nodes" / "out", resumed, exact=False)
+
     config_file = write_config(
         root / "killed", {**values, "output_dir": str(killed), "resume_from_checkpoint": "latest"}
     )

@@ -154,7 +154,7 @@ class Checkpoints:
         if before is not None and before != now and ctx.is_main:
             ctx.warn(
                 f"resume_from_checkpoint: {folder.name} drew {before} samples per micro-step "
-                f"({saved.get('processes', '?')} processes); this run draws {now} "
+                f"({_processes(saved.get('processes'))}); this run draws {now} "
                 f"({ctx.accelerator.num_processes} x train_batch_size {ctx.config.train_batch_size}): the samples from "
                 "here on differ from an uninterrupted run; set train_batch_size so the two match"
             )
@@ -273,6 +273,10 @@ def _load_ema(state: TrainState, tensors: dict[str, torch.Tensor] | None) -> Non
         return
     average = state.ema.state_dict()
     state.ema.load_state_dict({n: place_like(v, average[n]) if n in average else v for n, v in (tensors or {}).items()})
+
+
+def _processes(count: int | None) -> str:
+    return "processes unknown" if count is None else f"{count} process{'' if count == 1 else 'es'}"
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
