@@ -275,3 +275,67 @@ def test_a_sharded_checkpoint_reads_into_one_unsharded_process_and_a_full_disk_i
         )
     assert "disk full while writing checkpoint-4" in str(failed.value) and "checkpoint-2 is intact" in str(failed.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # no partial folder left
+
+
+def _round_in_shards(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from tuner.core.training.full import stochastic_round
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        weights = torch.randn(7, 5, generator=torch.Generator().manual_seed(3))  # 7 rows: uneven shards (4 + 3)
+        sharded = distribute_tensor(weights, init_device_mesh("cpu", (2,)), [Shard(0)])
+        rounded = stochastic_round(sharded, torch.Generator().manual_seed(11)).full_tensor()
+        if rank == 0:  # the bits, as a list: a tensor would be shared memory of an ended process
+            results.put(rounded.view(torch.int16).tolist())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stochastic_rounding_of_shards_is_the_bits_of_the_whole_tensor():
+    """bf16_stochastic_rounding under FSDP2: each process rounds its shard with its slice of the
+    noise the whole tensor gets, so two processes round exactly as one does."""
+    import torch.multiprocessing as mp
+
+    from tuner.core.training.full import stochastic_round
+
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_round_in_shards, args=(free_port(), results), nprocs=2)
+    weights = torch.randn(7, 5, generator=torch.Generator().manual_seed(3))
+    whole = stochastic_round(weights, torch.Generator().manual_seed(11))
+    assert whole.dtype == torch.bfloat16 and results.get() == whole.view(torch.int16).tolist()
+
+
+def test_stochastic_rounding_steps_a_sharded_bf16_model_as_an_unsharded_one(one_rank_group):
+    """The step of a bf16 shard (an fp32 twin holding its optimizer state, rounded into the
+    shard's storage) equals the unsharded step bit for bit, and its fp32 state survives a
+    load_state_dict (which casts state to the parameter's dtype)."""
+    import copy
+
+    from tuner.core.training.full import enable_stochastic_rounding
+    from tuner.core.training.sharding import shard
+
+    torch.manual_seed(0)
+    plain = Tiny().to(torch.bfloat16)
+    sharded = copy.deepcopy(plain)
+    shard(sharded, torch.bfloat16, reshard_after_forward=True)
+    optimizers = []
+    for model in (sharded, plain):
+        optimizers.append(torch.optim.AdamW(model.parameters(), lr=0.01))
+        enable_stochastic_rounding(optimizers[-1], seed=5)
+    for _ in range(3):
+        for model, optimizer in zip((sharded, plain), optimizers, strict=True):
+            model(torch.ones(1, 4, dtype=torch.bfloat16)).float().pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, ours), (_, theirs) in zip(sharded.named_parameters(), plain.named_parameters(), strict=True):
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours.full_tensor(), theirs), name
+    before = {id(p): {k: v.full_tensor() for k, v in s.items() if k != "step"} for p, s in optimizers[0].state.items()}
+    optimizers[0].load_state_dict(optimizers[0].state_dict())
+    for param, state in optimizers[0].state.items():
+        for key, value in state.items():
+            if key != "step":
+                assert value.dtype == torch.float32 and torch.equal(value.full_tensor(), before[id(param)][key])

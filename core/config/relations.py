@@ -229,11 +229,6 @@ def check_sharding(config: Any) -> None:
             "its plans quantize and swap the base for one process; `tuner estimate --processes N` shows FSDP2's share",
         ),
         (
-            "bf16_stochastic_rounding",
-            bool(config.get("bf16_stochastic_rounding")),
-            "FSDP2 keeps fp32 master weights sharded (mixed_precision casts what a block computes with); unset it",
-        ),
-        (
             "lora_type",
             config.get("lora_type") == "dora",
             "a DoRA's files read every adapted layer's whole base weight; under FSDP2 use lora, lokr or loha",

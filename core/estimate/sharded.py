@@ -8,7 +8,8 @@ Per process, with P processes:
   (``mixed_precision``): the block computing and the one prefetched; with
   ``fsdp_reshard_after_forward: false`` every block stays gathered from its forward to its backward;
 * the trained weights' optimizer state and gradients: 1/P, plus one block's whole gradients (fp32)
-  while they are reduce-scattered (a full fine-tune's; a LoRA's are negligible);
+  while they are reduce-scattered (a full fine-tune's; a LoRA's are negligible); with
+  ``bf16_stochastic_rounding`` the weights and their gradients are bf16;
 * activations, the batch and the VAE: as in one process (each process computes its own samples).
 
 System RAM per process is unchanged: every process loads the whole denoiser before sharding it
@@ -54,7 +55,7 @@ def per_process(found: Estimate, config: Config, processes: int) -> Estimate:
         gathered = int(cast * (weights if not config.get("fsdp_reshard_after_forward", True) else sum(blocks[:2])))
         parts: dict[str, int] = {"weights (1/P, as stored)": weights // processes, "gathered blocks": gathered}
         if phase.name == "train":
-            gradients = trained * 4  # fp32, a LoRA's and a full fine-tune's master weights alike
+            gradients = trained * (stored if full else 4)  # a LoRA's fp32; a full fine-tune's in its weights' dtype
             block_gradients = int(blocks[0] * 4 / stored) if full else 0
             parts[f"{STATE} (1/P)"] = state // processes
             parts[f"{GRADIENTS} (gradients 1/P)"] = (

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tuner.core.data.sampler import step_seed
+from tuner.core.training.sharding import is_dtensor
 
 ROUNDING_STEP = "stochastic_rounding_step"  # kept in the first param group: saved and restored with it
 ROUNDING = 0x5702
@@ -46,9 +47,23 @@ def make_trainable(transformer: torch.nn.Module, frozen: list[str]) -> list[str]
 
 def stochastic_round(value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """fp32 -> bf16, rounding up with probability equal to the dropped fraction: random bits added
-    below bf16's last place of the fp32 pattern, then truncated (exact in bf16). Unbiased."""
+    below bf16's last place of the fp32 pattern, then truncated (exact in bf16). Unbiased.
+
+    A sharded tensor (FSDP2's DTensor) is rounded where it lies, with its slice of the noise the
+    whole tensor would get: the same bits as one process rounding the whole tensor."""
+    noise = torch.randint(0, 1 << 16, tuple(value.shape), generator=generator, dtype=torch.int32)
+    if not is_dtensor(value):
+        return _rounded(value, noise.to(value.device))
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    mesh, placements = value.device_mesh, value.placements
+    mine = distribute_tensor(noise, mesh, placements, src_data_rank=None).to_local()  # cut locally, no traffic
+    local = _rounded(value.to_local(), mine)
+    return DTensor.from_local(local, mesh, placements, shape=value.shape, stride=value.stride())
+
+
+def _rounded(value: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     bits = value.float().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, dtype=torch.int32).to(bits.device)
     rounded = (bits + noise) & -65536  # clear the low 16 bits: what bf16 keeps of an fp32 pattern
     finite = torch.isfinite(value)  # inf and nan keep their pattern (the guard sees them)
     return torch.where(finite, rounded.view(torch.float32), value.float()).to(torch.bfloat16)
@@ -79,6 +94,9 @@ def enable_stochastic_rounding(optimizer: torch.optim.Optimizer, seed: int) -> N
         for param in bf16:
             if grads[param] is None:
                 continue
+            if is_dtensor(param):  # a shard (FSDP2): its metadata would not follow a .data swap
+                _step_twin(optimizer, param, grads[param], step_all, generator)
+                continue
             param.data, param.grad = param.data.float(), grads[param].float()
             step_all()
             param.data, param.grad = stochastic_round(param.data, generator), None
@@ -88,15 +106,51 @@ def enable_stochastic_rounding(optimizer: torch.optim.Optimizer, seed: int) -> N
         return loss
 
     # load_state_dict casts the state to its parameter's dtype: fp32 state would lose bits to bf16
-    # params, so they are fp32 (the same values) while it loads
+    # params, so they are fp32 (the same values) while it loads; a shard's fp32 state is put back
+    # after the load instead
+    stashed: dict[int, dict[str, torch.Tensor]] = {}
+
     def loading(opt: torch.optim.Optimizer, state_dict: Any) -> None:
+        stashed.clear()
         for param in bf16:
-            param.data = param.data.float()
+            if not is_dtensor(param):
+                param.data = param.data.float()
+        for index, entries in state_dict["state"].items():
+            stashed[int(index)] = {k: v for k, v in entries.items() if torch.is_tensor(v) and v.is_floating_point()}
 
     def loaded(opt: torch.optim.Optimizer) -> None:
         for param in bf16:
-            param.data = param.data.to(torch.bfloat16)  # exact: the values were bf16
+            if not is_dtensor(param):
+                param.data = param.data.to(torch.bfloat16)  # exact: the values were bf16
+        in_order = [p for group in opt.param_groups for p in group["params"]]
+        for index, entries in stashed.items():
+            if is_dtensor(in_order[index]) and in_order[index].dtype == torch.bfloat16:
+                opt.state[in_order[index]].update({k: v for k, v in entries.items() if k != "step"})
+        stashed.clear()
 
     optimizer.step = types.MethodType(step, optimizer)  # bound, as accelerate's wrapper expects
     optimizer.register_load_state_dict_pre_hook(loading)
     optimizer.register_load_state_dict_post_hook(loaded)
+
+
+def _step_twin(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, grad: torch.Tensor, step: Any, generator: torch.Generator
+) -> None:
+    """Step a bf16 shard on an fp32 twin that holds its optimizer state for the step, then round
+    the result into the shard's own storage."""
+    twin = torch.nn.Parameter(param.detach().float())
+    twin.grad = grad.float()
+    places = [(g, i) for g in optimizer.param_groups for i, p in enumerate(g["params"]) if p is param]
+    if param in optimizer.state:
+        optimizer.state[twin] = optimizer.state.pop(param)
+    for group, index in places:
+        group["params"][index] = twin
+    try:
+        step()
+    finally:
+        for group, index in places:
+            group["params"][index] = param
+        if twin in optimizer.state:
+            optimizer.state[param] = optimizer.state.pop(twin)
+    with torch.no_grad():
+        param.to_local().copy_(stochastic_round(twin.detach(), generator).to_local())
