@@ -142,7 +142,7 @@ def test_text_encoder_precision_quantizes_t5_and_keys_the_text_cache(tiny_chroma
 
 @pytest.fixture(scope="module")
 def chroma1_nf4(tmp_path_factory):
-    from tuner.core.estimate import estimate
+    from tuner.core.estimate import estimate_precisions
 
     from .conftest import REPO
 
@@ -154,10 +154,9 @@ def chroma1_nf4(tmp_path_factory):
         "base_model_precision": "nf4-bnb",
         "validation_prompt": "a photo",
     }
-    return {
-        offload: estimate(host, make_config(host, {**settings, "offload_during_startup": offload}), "cuda")
-        for offload in (False, True)
-    }
+    # both caching variants over one traced training step (what `tuner estimate --plan` does)
+    found = estimate_precisions(host, make_config(host, settings), ["nf4-bnb"], "cuda", offloads=[False, True])
+    return dict(zip((False, True), found, strict=True))
 
 
 @pytest.mark.slow

@@ -60,8 +60,9 @@ def check_data_folders(config: Any) -> None:
 
 
 def prepare_data(ctx: RunContext) -> RunData:
-    """Scan, filter, bucket and cache every dataset (the main process first, the others reuse its
-    cache entries); a one-line error names the dataset when one has no usable image."""
+    """Scan, filter, bucket and cache every dataset (the main process first, then each machine's
+    first, the others reuse their cache entries); a one-line error names the dataset when one has
+    no usable image."""
     config = ctx.config
     datasets = resolve_datasets(config)
     if not datasets:
@@ -95,7 +96,9 @@ def prepare_data(ctx: RunContext) -> RunData:
         else {0: micro_batches}
     )
     parts, held_out = [], None
-    with ctx.accelerator.main_process_first():
+    # the main process caches first, then each machine's first process whatever its own cache_dir lacks
+    # (per-machine caches), then the others, who find every entry written
+    with ctx.accelerator.main_process_first(), ctx.accelerator.local_main_process_first():
         for number, (dataset, items) in enumerate(zip(datasets, scanned, strict=True)):
             with _naming(dataset, datasets):  # no usable image after the filters, or too few for a batch
                 part = prepare_caches(
