@@ -93,6 +93,7 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
     else:  # the resident peak from here on, not the loading's (Linux: "5" resets VmHWM)
         Path("/proc/self/clear_refs").write_text("5")
+    resident_at_start = 0 if cuda else resident_peak()  # just reset: what the process holds before the steps
     sync()
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -112,6 +113,7 @@ def worker(args: argparse.Namespace) -> None:
             "processes": processes,
             "step_s": step_s,
             "peak_bytes_per_process": peaks,
+            "resident_before_steps_bytes": resident_at_start,
             "estimate_bytes_per_process": train.device if cuda else train.ram,
             "measured": "max_memory_allocated" if cuda else "VmHWM over the timed steps (libraries included)",
         }
@@ -186,14 +188,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for kind in args.kinds:
         for fsdp in (False, True):
             rows.append(launch(args, model, data, kind, fsdp))
-    print("| kind | sharding | processes | step s | vs DDP | peak per process | estimate per process |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| kind | sharding | processes | step s | vs DDP | before the steps | peak per process | estimate per process |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         ddp = next(r for r in rows if r["kind"] == row["kind"] and r["sharding"] == "ddp")
         peak = max(row["peak_bytes_per_process"])
         print(
             f"| {row['kind']} | {row['sharding']} | {row['processes']} | {row['step_s']:.3f} | "
-            f"{row['step_s'] / ddp['step_s']:.2f}x | {gib(peak)} | {gib(row['estimate_bytes_per_process'])} |"
+            f"{row['step_s'] / ddp['step_s']:.2f}x | {gib(row['resident_before_steps_bytes'])} | {gib(peak)} | "
+            f"{gib(row['estimate_bytes_per_process'])} |"
         )
     print(f"peak: {rows[0]['measured']}")
     return rows
