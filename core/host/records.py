@@ -90,6 +90,10 @@ class FamilyInfo:
     # longest prompt): each cached row keeps only its ``attention_mask``'s tokens, and a training
     # batch is right-padded with zeros (mask 0) to its longest; otherwise rows are cached as encoded
     text_lengths_vary: bool = False
+    # some trainable weights never get a gradient (Qwen-Image's last block: its text stream's
+    # outputs are dropped): DDP must look for them every step (find_unused_parameters) or it stops
+    # on the second step waiting for their gradients
+    unused_weights: bool = False
     # keys offered by the core or a shared module that this family accepts but does not use
     # (a warning when set), and keys it refuses when set to anything but their default: key -> why
     ignored_keys: dict[str, str] = field(default_factory=dict)

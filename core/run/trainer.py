@@ -87,7 +87,7 @@ class Trainer:
 
     def __init__(self, host: PluginHost, config: Config, warn: Callable[[str], None] = warn_user):
         # cpu=True without an accelerator (gloo)
-        accelerator = new_accelerator(config.mixed_precision, config.process_group_timeout)
+        accelerator = new_accelerator(config.mixed_precision, config.process_group_timeout, host.family.unused_weights)
         check_launch(accelerator, config)
         self.ctx = RunContext(host, config, accelerator, weight_dtype(config), warn)
         self.fsdp = bool(config.fsdp_enable) and accelerator.num_processes > 1
@@ -352,6 +352,8 @@ class Trainer:
         transformer.train()
         if self.fsdp:  # before the optimizer (it steps the shards); each process moves only its shards to the device
             blocks = shard(transformer, ctx.weight_dtype, config.fsdp_reshard_after_forward)
+            if not blocks:
+                ctx.warn("fsdp_enable: the denoiser lists no blocks (_repeated_blocks): one unit, gathered whole")
             turns = " (each machine's processes load it in turns)" if config.fsdp_cpu_ram_efficient_loading else ""
             ctx.log(
                 f"FSDP2: {blocks} blocks and the rest sharded across {ctx.accelerator.num_processes} processes{turns}"

@@ -56,7 +56,7 @@ def device_type() -> str:
     return "cpu"
 
 
-def new_accelerator(mixed_precision: str, timeout_s: int | None = None) -> Any:
+def new_accelerator(mixed_precision: str, timeout_s: int | None = None, unused_weights: bool = False) -> Any:
     """An ``accelerate.Accelerator`` for one run (``cpu=True`` on a machine without an accelerator,
     so ``torchrun``/``accelerate launch`` start gloo processes there too).
 
@@ -64,7 +64,8 @@ def new_accelerator(mixed_precision: str, timeout_s: int | None = None) -> Any:
     mixed precision ("AcceleratorState has already been initialized"); a process that runs several
     trainings or samples (tests, a notebook, the web UI's tests) gets a fresh state each time. A
     launched multi-process run trains once per process and keeps its state as it is. ``timeout_s``:
-    how long a collective waits for the other processes (``process_group_timeout``)."""
+    how long a collective waits for the other processes (``process_group_timeout``);
+    ``unused_weights``: the family's ``FamilyInfo.unused_weights`` (DDP looks for them each step)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -75,6 +76,10 @@ def new_accelerator(mixed_precision: str, timeout_s: int | None = None) -> Any:
         from tuner.core.training.sharding import process_group_timeout
 
         handlers.append(process_group_timeout(timeout_s))
+    if unused_weights:
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator(), kwargs_handlers=handlers)
 
 

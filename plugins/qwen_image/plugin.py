@@ -56,6 +56,7 @@ FAMILY = FamilyInfo(
     text_cache_keys=("tokenizer_max_length", "reference_pixels"),
     text_encoding="qwen-image-pipeline-encode-prompt-v1",
     text_lengths_vary=True,  # the pipelines cut each prompt's padding and pad a batch to its longest
+    unused_weights=True,  # the last block's text queries, text out projection and text MLP feed nothing
     lora_target_key="qwen_image_lora_target",
     lora_presets=PRESETS,
     high_precision=("img_in", "txt_in", "txt_norm", "proj_out", "norm_out", "time_text_embed"),
