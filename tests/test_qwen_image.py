@@ -288,12 +288,7 @@ def test_resume_is_bit_exact(shapes_dir, tmp_path):
             hooks.trainer = trainer
         return trainer.train()
 
-    run(tmp_path / "a")
-    with pytest.raises(Interrupted):
-        run(tmp_path / "b", ("stop", StopAt(2)))
-    run(tmp_path / "b", resume_from_checkpoint="latest")
-    straight = load_file(tmp_path / "a" / "out" / "pytorch_lora_weights.safetensors")
-    resumed = load_file(tmp_path / "b" / "out" / "pytorch_lora_weights.safetensors")
+    straight, resumed = straight_and_resumed(run, tmp_path)
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
@@ -525,12 +520,7 @@ def test_edit_pairs_resume_bit_exact_and_their_reference_tokens_are_estimated(tm
             hooks.trainer = trainer
         return trainer.train()
 
-    run(tmp_path / "a")
-    with pytest.raises(Interrupted):
-        run(tmp_path / "b", ("stop", StopAt(2)))
-    run(tmp_path / "b", resume_from_checkpoint="latest")
-    straight = load_file(tmp_path / "a" / "out" / "pytorch_lora_weights.safetensors")
-    resumed = load_file(tmp_path / "b" / "out" / "pytorch_lora_weights.safetensors")
+    straight, resumed = straight_and_resumed(run, tmp_path)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
     def activations(model, **extra):
@@ -538,3 +528,13 @@ def test_edit_pairs_resume_bit_exact_and_their_reference_tokens_are_estimated(tm
         return estimate(host, config, "cpu").phase("train").parts["batch, gradients, activations"]
 
     assert activations(EDIT, reference_pixels=64 * 64) > activations(TINY)  # the same transformer config
+
+
+def straight_and_resumed(run, tmp_path) -> tuple[dict, dict]:
+    """``run`` straight through in ``a``; in ``b`` stopped at step 2 (Ctrl-C's path) and resumed:
+    the two final LoRA files."""
+    run(tmp_path / "a")
+    with pytest.raises(Interrupted):
+        run(tmp_path / "b", ("stop", StopAt(2)))
+    run(tmp_path / "b", resume_from_checkpoint="latest")
+    return tuple(load_file(tmp_path / folder / "out" / "pytorch_lora_weights.safetensors") for folder in "ab")

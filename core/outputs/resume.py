@@ -68,13 +68,30 @@ class Checkpoints:
         ctx.accelerator.wait_for_everyone()
         shards = is_sharded(state.model)
         files: dict[str, Any] = {}
+        record: dict[str, Any] = {}
         with gathered(state.model, trainable_only=True, keep=ctx.is_main):  # the LoRA files: whole tensors
-            if ctx.is_main:
-                files = {
-                    name: content
-                    for per_format in lora_files(ctx, state.model, state.targets, position.step).values()
-                    for name, content in per_format.items()
-                }
+            if ctx.is_main:  # what the main process writes (under FSDP2 every process writes its shards too)
+                files, record = self.contents(state, shards)
+        if shards:
+            sharded.write(ctx, folder, state, files, record, lambda: self.last_good(folder))
+        elif ctx.is_main:
+            checkpoint.write_checkpoint(folder, files, record, lambda: self.last_good(folder))
+        if ctx.is_main:
+            checkpoint.prune(ctx.output_dir, ctx.config.checkpoints_total_limit or 0)
+            ctx.emit(events.Save, position.step, files=[str(folder / name) for name in files], checkpoint=str(folder))
+            ctx.log(f"step {position.step}: checkpoint saved to {folder}")
+        ctx.accelerator.wait_for_everyone()
+        return folder
+
+    def contents(self, state: TrainState, shards: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The checkpoint's safetensors files and ``state.json`` record, as the main process writes
+        them (sharded: without the tensors DCP writes)."""
+        ctx, position = self.ctx, state.position
+        files = {
+            name: content
+            for per_format in lora_files(ctx, state.model, state.targets, position.step).values()
+            for name, content in per_format.items()
+        }
         opt_tensors, opt_state = checkpoint.optimizer_state(state.optimizer)
         rng_tensors, rng_scalars = checkpoint.rng_state()
         files["rng.safetensors"] = (rng_tensors, None)
@@ -95,16 +112,7 @@ class Checkpoints:
             "resume_settings": checkpoint.resume_settings(ctx.config, state.targets),
             "config": ctx.config.to_dict(),
         }
-        if shards:
-            sharded.write(ctx, folder, state, files, record, lambda: self.last_good(folder))
-        elif ctx.is_main:
-            checkpoint.write_checkpoint(folder, files, record, lambda: self.last_good(folder))
-        if ctx.is_main:
-            checkpoint.prune(ctx.output_dir, ctx.config.checkpoints_total_limit or 0)
-            ctx.emit(events.Save, position.step, files=[str(folder / name) for name in files], checkpoint=str(folder))
-            ctx.log(f"step {position.step}: checkpoint saved to {folder}")
-        ctx.accelerator.wait_for_everyone()
-        return folder
+        return files, record
 
     def last_good(self, writing: Path | None = None) -> str:
         """The newest intact checkpoint's name (other than the one being written), for messages."""
@@ -258,12 +266,12 @@ def _load(state: TrainState, adapter, optimizer_state, scheduler_state) -> None:
             target.copy_(value)
     tensors, scalars = optimizer_state
     by_index = [p for group in state.optimizer.param_groups for p in group["params"]]
-    tensors = {
-        key: place_like(value, by_index[int(key.split(".")[0])])
-        if not is_dtensor(value) and value.shape == by_index[int(key.split(".")[0])].shape
-        else value
-        for key, value in tensors.items()
-    }
+
+    def laid_out(key: str, value: torch.Tensor) -> torch.Tensor:  # a parameter's whole state: its shards
+        param = by_index[int(key.split(".")[0])]
+        return place_like(value, param) if not is_dtensor(value) and value.shape == param.shape else value
+
+    tensors = {key: laid_out(key, value) for key, value in tensors.items()}
     checkpoint.restore_optimizer(state.optimizer, tensors, scalars)
     state.lr_scheduler.load_state_dict(scheduler_state)
 
